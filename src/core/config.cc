@@ -1,0 +1,459 @@
+#include "keel/core/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <charconv>
+#include <set>
+#include <stdexcept>
+
+#include "keel/core/template.h"
+
+namespace keel {
+
+std::string_view StepKindName(StepKind kind) {
+  switch (kind) {
+    case StepKind::kLlm: return "llm";
+    case StepKind::kTransform: return "transform";
+  }
+  return "unknown";
+}
+
+Result<Duration> ParseDuration(std::string_view text) {
+  auto bad = [&] {
+    return Error(ErrorCode::kInvalidRequest,
+                 "\"" + std::string(text) + "\" is not a duration; write e.g. 500ms, 2s, 5m, 1h");
+  };
+  std::size_t i = 0;
+  while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) ++i;
+  if (i == 0 || i == text.size()) return bad();
+  double n = 0;
+  const auto [p, ec] = std::from_chars(text.data(), text.data() + i, n);
+  if (ec != std::errc() || p != text.data() + i || n < 0) return bad();
+  const std::string_view unit = text.substr(i);
+  double ms_per = 0;
+  if (unit == "ms") ms_per = 1;
+  else if (unit == "s") ms_per = 1000;
+  else if (unit == "m") ms_per = 60'000;
+  else if (unit == "h") ms_per = 3'600'000;
+  else if (unit == "d") ms_per = 86'400'000;
+  else return bad();
+  const double ms = n * ms_per;
+  if (ms > 365.0 * 86'400'000) return bad();
+  return Duration(static_cast<int64_t>(ms));
+}
+
+Result<std::size_t> ParseByteSize(std::string_view text) {
+  std::size_t i = 0;
+  while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) ++i;
+  uint64_t n = 0;
+  const auto [p, ec] = std::from_chars(text.data(), text.data() + i, n);
+  const std::string_view unit = text.substr(i);
+  uint64_t mul = 0;
+  if (unit.empty() || unit == "B") mul = 1;
+  else if (unit == "KiB") mul = 1024;
+  else if (unit == "MiB") mul = 1024 * 1024;
+  if (i == 0 || ec != std::errc() || mul == 0 || n > (uint64_t{1} << 40)) {
+    return Error(ErrorCode::kInvalidRequest,
+                 "\"" + std::string(text) + "\" is not a size; write e.g. 65536, 64KiB, 1MiB");
+  }
+  return static_cast<std::size_t>(n * mul);
+}
+
+namespace {
+
+// Thrown inside the parser only; ParseConfig turns it into an Error.
+struct ConfigError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+int LineOf(const YAML::Node& n) { return n.Mark().line + 1; }
+
+[[noreturn]] void Fail(const YAML::Node& n, const std::string& msg) {
+  throw ConfigError("line " + std::to_string(LineOf(n)) + ": " + msg);
+}
+
+class Reader {
+ public:
+  explicit Reader(const EnvLookup& env) : env_(env) {}
+
+  // Checks that `n` is a map whose keys are all in `allowed`.
+  void Keys(const YAML::Node& n, const std::string& what, std::initializer_list<const char*> allowed) {
+    if (!n.IsMap()) Fail(n, what + " must be a mapping");
+    for (const auto& kv : n) {
+      const auto key = kv.first.as<std::string>();
+      bool ok = false;
+      for (const char* a : allowed) ok = ok || key == a;
+      if (!ok) {
+        std::string list;
+        for (const char* a : allowed) list += std::string(list.empty() ? "" : ", ") + a;
+        Fail(kv.first, "unknown key \"" + key + "\" in " + what + " (allowed: " + list + ")");
+      }
+    }
+  }
+
+  std::string Str(const YAML::Node& n, const std::string& what) {
+    if (!n.IsScalar()) Fail(n, what + " must be a string");
+    return Interpolate(n, n.Scalar());
+  }
+
+  int64_t Int(const YAML::Node& n, const std::string& what, int64_t lo, int64_t hi) {
+    if (!n.IsScalar()) Fail(n, what + " must be a whole number");
+    const std::string s = Interpolate(n, n.Scalar());
+    int64_t v = 0;
+    const auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+    if (ec != std::errc() || p != s.data() + s.size()) Fail(n, what + " must be a whole number, not \"" + s + "\"");
+    if (v < lo || v > hi) {
+      Fail(n, what + " must be between " + std::to_string(lo) + " and " + std::to_string(hi) +
+                  ", not " + s);
+    }
+    return v;
+  }
+
+  double Double(const YAML::Node& n, const std::string& what, double lo, double hi) {
+    if (!n.IsScalar()) Fail(n, what + " must be a number");
+    const std::string s = Interpolate(n, n.Scalar());
+    double v = 0;
+    const auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+    if (ec != std::errc() || p != s.data() + s.size()) Fail(n, what + " must be a number, not \"" + s + "\"");
+    if (v < lo || v > hi) Fail(n, what + " must be between " + Fmt(lo) + " and " + Fmt(hi));
+    return v;
+  }
+
+  Duration Dur(const YAML::Node& n, const std::string& what) {
+    if (!n.IsScalar()) Fail(n, what + " must be a duration such as 2s");
+    auto d = ParseDuration(Interpolate(n, n.Scalar()));
+    if (!d.ok()) Fail(n, what + ": " + d.error().message);
+    return *d;
+  }
+
+  // A YAML subtree as JSON. Quoted scalars stay strings; plain ones become null, booleans
+  // or numbers when they read as such.
+  json::value ToJson(const YAML::Node& n) {
+    switch (n.Type()) {
+      case YAML::NodeType::Null:
+      case YAML::NodeType::Undefined:
+        return nullptr;
+      case YAML::NodeType::Sequence: {
+        json::array arr;
+        for (const auto& e : n) arr.push_back(ToJson(e));
+        return arr;
+      }
+      case YAML::NodeType::Map: {
+        json::object obj;
+        for (const auto& kv : n) obj[kv.first.as<std::string>()] = ToJson(kv.second);
+        return obj;
+      }
+      case YAML::NodeType::Scalar:
+        break;
+    }
+    const std::string s = Interpolate(n, n.Scalar());
+    if (n.Tag() == "!") return json::value(s);  // quoted
+    if (s == "null" || s == "~") return nullptr;
+    if (s == "true") return true;
+    if (s == "false") return false;
+    int64_t i = 0;
+    auto [pi, eci] = std::from_chars(s.data(), s.data() + s.size(), i);
+    if (!s.empty() && eci == std::errc() && pi == s.data() + s.size()) return i;
+    double d = 0;
+    auto [pd, ecd] = std::from_chars(s.data(), s.data() + s.size(), d);
+    if (!s.empty() && ecd == std::errc() && pd == s.data() + s.size()) return d;
+    return json::value(s);
+  }
+
+ private:
+  static std::string Fmt(double v) {
+    std::string s = std::to_string(v);
+    while (!s.empty() && s.back() == '0') s.pop_back();
+    if (!s.empty() && s.back() == '.') s.pop_back();
+    return s;
+  }
+
+  // Replaces ${NAME} by the environment's value. An unset variable is an error.
+  std::string Interpolate(const YAML::Node& n, const std::string& s) {
+    if (s.find("${") == std::string::npos) return s;
+    std::string out;
+    std::size_t pos = 0;
+    while (true) {
+      const auto open = s.find("${", pos);
+      if (open == std::string::npos) break;
+      const auto close = s.find('}', open);
+      if (close == std::string::npos) Fail(n, "\"${\" without a closing \"}\"");
+      const std::string name = s.substr(open + 2, close - open - 2);
+      const auto value = env_ ? env_(name) : std::nullopt;
+      if (!value) Fail(n, "environment variable " + name + " is not set");
+      out += s.substr(pos, open - pos);
+      out += *value;
+      pos = close + 1;
+    }
+    out += s.substr(pos);
+    return out;
+  }
+
+  const EnvLookup& env_;
+};
+
+RetryConfig ReadRetry(Reader& r, const YAML::Node& n, RetryConfig base, const std::string& what) {
+  r.Keys(n, what, {"max_attempts", "initial_backoff", "multiplier", "max_backoff", "jitter"});
+  if (n["max_attempts"]) base.max_attempts = static_cast<int>(r.Int(n["max_attempts"], what + ".max_attempts", 1, 100));
+  if (n["initial_backoff"]) base.backoff.initial = r.Dur(n["initial_backoff"], what + ".initial_backoff");
+  if (n["multiplier"]) base.backoff.multiplier = r.Double(n["multiplier"], what + ".multiplier", 1.0, 100.0);
+  if (n["max_backoff"]) base.backoff.max = r.Dur(n["max_backoff"], what + ".max_backoff");
+  if (n["jitter"]) {
+    base.backoff.jitter_fraction = r.Double(n["jitter"], what + ".jitter", 0.0, 1.0);
+    base.backoff.jitter = base.backoff.jitter_fraction == 0 ? JitterMode::kNone : JitterMode::kProportional;
+  }
+  if (base.backoff.max < base.backoff.initial) {
+    Fail(n, what + ".max_backoff must not be shorter than initial_backoff");
+  }
+  return base;
+}
+
+ProviderConfig ReadProvider(Reader& r, const std::string& name, const YAML::Node& n) {
+  const std::string what = "provider \"" + name + "\"";
+  r.Keys(n, what, {"type", "base_url", "api_key", "model", "context_window", "timeout", "headers"});
+  ProviderConfig p;
+  p.name = name;
+  p.line = LineOf(n);
+  if (!n["type"]) Fail(n, what + " needs a type (openai or mock)");
+  p.type = r.Str(n["type"], what + ".type");
+  if (p.type != "openai" && p.type != "mock") {
+    Fail(n["type"], what + ".type must be openai or mock, not \"" + p.type + "\"");
+  }
+  if (n["base_url"]) p.base_url = r.Str(n["base_url"], what + ".base_url");
+  if (p.type == "openai") {
+    if (p.base_url.rfind("http://", 0) != 0 && p.base_url.rfind("https://", 0) != 0) {
+      Fail(n["base_url"] ? n["base_url"] : n, what + ".base_url must be an http:// or https:// URL");
+    }
+    while (!p.base_url.empty() && p.base_url.back() == '/') p.base_url.pop_back();
+  }
+  if (n["api_key"]) p.api_key = r.Str(n["api_key"], what + ".api_key");
+  p.model = n["model"] ? r.Str(n["model"], what + ".model") : name;
+  if (n["context_window"]) p.context_window = r.Int(n["context_window"], what + ".context_window", 1, 100'000'000);
+  if (const auto t = n["timeout"]) {
+    r.Keys(t, what + ".timeout", {"connect", "total"});
+    if (t["connect"]) p.timeout.connect = r.Dur(t["connect"], what + ".timeout.connect");
+    if (t["total"]) p.timeout.total = r.Dur(t["total"], what + ".timeout.total");
+  }
+  if (const auto h = n["headers"]) {
+    if (!h.IsMap()) Fail(h, what + ".headers must be a mapping of header names to values");
+    for (const auto& kv : h) p.headers[kv.first.as<std::string>()] = r.Str(kv.second, what + ".headers");
+  }
+  return p;
+}
+
+RouteConfig ReadRoute(Reader& r, const std::string& name, const YAML::Node& n) {
+  const std::string what = "route \"" + name + "\"";
+  r.Keys(n, what, {"strategy", "targets"});
+  RouteConfig route;
+  route.name = name;
+  route.line = LineOf(n);
+  if (n["strategy"]) {
+    route.strategy = r.Str(n["strategy"], what + ".strategy");
+    if (route.strategy != "priority") {
+      Fail(n["strategy"], what + ".strategy: only \"priority\" is supported in this release");
+    }
+  }
+  const auto targets = n["targets"];
+  if (!targets || !targets.IsSequence() || targets.size() == 0) {
+    Fail(targets ? targets : n, what + " needs targets: a list of {provider: NAME}");
+  }
+  for (const auto& t : targets) {
+    r.Keys(t, what + " target", {"provider"});
+    if (!t["provider"]) Fail(t, what + " target needs a provider");
+    route.targets.push_back(r.Str(t["provider"], what + " target provider"));
+  }
+  return route;
+}
+
+StepConfig ReadStep(Reader& r, const YAML::Node& n, const RetryConfig& pipeline_retry,
+                    const std::string& pipeline) {
+  const std::string what = "a step of pipeline \"" + pipeline + "\"";
+  r.Keys(n, what, {"id", "llm", "transform", "retry", "timeout"});
+  StepConfig s;
+  s.line = LineOf(n);
+  if (!n["id"]) Fail(n, what + " needs an id");
+  s.id = r.Str(n["id"], "step id");
+  if (s.id.empty() || s.id.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") != std::string::npos) {
+    Fail(n["id"], "step id \"" + s.id + "\" may hold only letters, digits, _ and -");
+  }
+  const bool llm = static_cast<bool>(n["llm"]);
+  const bool transform = static_cast<bool>(n["transform"]);
+  if (llm == transform) {
+    Fail(n, "step \"" + s.id + "\" must have exactly one kind: llm or transform");
+  }
+  if (llm) {
+    s.kind = StepKind::kLlm;
+    const auto body = n["llm"];
+    r.Keys(body, "step \"" + s.id + "\" llm", {"route", "messages", "temperature", "max_tokens", "model"});
+    if (!body["route"]) Fail(body, "step \"" + s.id + "\" llm needs a route");
+    const auto msgs = body["messages"];
+    if (!msgs || !msgs.IsSequence() || msgs.size() == 0) {
+      Fail(msgs ? msgs : body, "step \"" + s.id + "\" llm needs messages: a list of {role, content}");
+    }
+    for (const auto& m : msgs) {
+      r.Keys(m, "a message of step \"" + s.id + "\"", {"role", "content"});
+      if (!m["role"] || !m["content"]) Fail(m, "a message of step \"" + s.id + "\" needs role and content");
+      const auto role = r.Str(m["role"], "role");
+      if (role != "system" && role != "user" && role != "assistant") {
+        Fail(m["role"], "role must be system, user or assistant, not \"" + role + "\"");
+      }
+    }
+    s.spec = r.ToJson(body);
+  } else {
+    s.kind = StepKind::kTransform;
+    s.spec = r.ToJson(n["transform"]);
+  }
+  s.retry = n["retry"] ? ReadRetry(r, n["retry"], pipeline_retry, "step \"" + s.id + "\" retry") : pipeline_retry;
+  if (n["timeout"]) s.timeout = r.Dur(n["timeout"], "step \"" + s.id + "\" timeout");
+  return s;
+}
+
+PipelineConfig ReadPipeline(Reader& r, const std::string& name, const YAML::Node& n) {
+  const std::string what = "pipeline \"" + name + "\"";
+  r.Keys(n, what, {"description", "steps", "retry"});
+  PipelineConfig p;
+  p.name = name;
+  p.line = LineOf(n);
+  if (n["description"]) p.description = r.Str(n["description"], what + ".description");
+  RetryConfig retry;
+  if (n["retry"]) retry = ReadRetry(r, n["retry"], retry, what + ".retry");
+  const auto steps = n["steps"];
+  if (!steps || !steps.IsSequence() || steps.size() == 0) {
+    Fail(steps ? steps : n, what + " needs steps: a non-empty list");
+  }
+  std::set<std::string> seen;
+  std::size_t index = 0;
+  for (const auto& sn : steps) {
+    StepConfig s = ReadStep(r, sn, retry, name);
+    if (!seen.insert(s.id).second) Fail(sn["id"], "step id \"" + s.id + "\" is used twice in " + what);
+    // Every reference must name the input or a step that runs before this one.
+    auto refs = TemplateReferences(s.spec);
+    if (!refs.ok()) Fail(sn, "step \"" + s.id + "\": " + refs.error().message);
+    for (const auto& ref : *refs) {
+      if (ref == "input" || ref.rfind("input.", 0) == 0) continue;
+      if (ref.rfind("steps.", 0) == 0) {
+        const auto rest = ref.substr(6);
+        const auto id = rest.substr(0, rest.find('.'));
+        if (id == s.id) Fail(sn, "step \"" + s.id + "\" references its own result {{" + ref + "}}");
+        bool earlier = false;
+        for (std::size_t i = 0; i < index; ++i) earlier = earlier || p.steps[i].id == id;
+        if (!earlier) {
+          Fail(sn, "step \"" + s.id + "\" references {{" + ref + "}}, but \"" + id +
+                       "\" is not an earlier step of " + what);
+        }
+        continue;
+      }
+      Fail(sn, "step \"" + s.id + "\" references {{" + ref +
+                   "}}: a reference starts with input. or steps.ID.");
+    }
+    p.steps.push_back(std::move(s));
+    ++index;
+  }
+  return p;
+}
+
+Config ReadConfig(Reader& r, const YAML::Node& root) {
+  Config c;
+  if (!root || root.IsNull()) return c;
+  r.Keys(root, "the top level", {"listen", "storage", "log_level", "server", "engine", "providers", "routes", "pipelines"});
+  if (root["listen"]) c.listen = r.Str(root["listen"], "listen");
+  if (root["storage"]) {
+    c.storage = r.Str(root["storage"], "storage");
+    if (c.storage.rfind("sqlite://", 0) != 0 || c.storage.size() == 9) {
+      Fail(root["storage"], "storage must be sqlite://PATH (postgres:// comes in a later release), not \"" + c.storage + "\"");
+    }
+  }
+  if (root["log_level"]) {
+    c.log_level = r.Str(root["log_level"], "log_level");
+    if (c.log_level != "debug" && c.log_level != "info" && c.log_level != "warn" && c.log_level != "error") {
+      Fail(root["log_level"], "log_level must be debug, info, warn or error");
+    }
+  }
+  if (const auto s = root["server"]) {
+    r.Keys(s, "server", {"max_body_bytes", "max_connections", "handler_threads", "idle_timeout"});
+    if (s["max_body_bytes"]) {
+      if (!s["max_body_bytes"].IsScalar()) Fail(s["max_body_bytes"], "server.max_body_bytes must be a size");
+      auto v = ParseByteSize(s["max_body_bytes"].Scalar());
+      if (!v.ok()) Fail(s["max_body_bytes"], "server.max_body_bytes: " + v.error().message);
+      if (*v < 1024 || *v > (64u << 20)) Fail(s["max_body_bytes"], "server.max_body_bytes must be between 1KiB and 64MiB");
+      c.server.max_body_bytes = *v;
+    }
+    if (s["max_connections"]) c.server.max_connections = static_cast<int>(r.Int(s["max_connections"], "server.max_connections", 1, 65536));
+    if (s["handler_threads"]) c.server.handler_threads = static_cast<int>(r.Int(s["handler_threads"], "server.handler_threads", 1, 1024));
+    if (s["idle_timeout"]) c.server.idle_timeout = r.Dur(s["idle_timeout"], "server.idle_timeout");
+  }
+  if (const auto e = root["engine"]) {
+    r.Keys(e, "engine", {"workers", "lease_timeout", "heartbeat_interval", "poll_interval", "max_queue_depth"});
+    if (e["workers"]) c.engine.workers = static_cast<int>(r.Int(e["workers"], "engine.workers", 0, 1024));
+    if (e["lease_timeout"]) {
+      c.engine.lease_timeout = r.Dur(e["lease_timeout"], "engine.lease_timeout");
+      if (c.engine.lease_timeout < Duration(1000)) Fail(e["lease_timeout"], "engine.lease_timeout must be at least 1s");
+    }
+    c.engine.heartbeat_interval = e["heartbeat_interval"]
+                                      ? r.Dur(e["heartbeat_interval"], "engine.heartbeat_interval")
+                                      : c.engine.lease_timeout / 3;
+    if (c.engine.heartbeat_interval >= c.engine.lease_timeout || c.engine.heartbeat_interval.count() <= 0) {
+      Fail(e, "engine.heartbeat_interval must be shorter than engine.lease_timeout");
+    }
+    if (e["poll_interval"]) c.engine.poll_interval = r.Dur(e["poll_interval"], "engine.poll_interval");
+    if (e["max_queue_depth"]) c.engine.max_queue_depth = r.Int(e["max_queue_depth"], "engine.max_queue_depth", 1, 1'000'000'000);
+  }
+  if (const auto ps = root["providers"]) {
+    if (!ps.IsMap()) Fail(ps, "providers must be a mapping of names to providers");
+    for (const auto& kv : ps) {
+      const auto name = kv.first.as<std::string>();
+      c.providers[name] = ReadProvider(r, name, kv.second);
+    }
+  }
+  if (const auto rs = root["routes"]) {
+    if (!rs.IsMap()) Fail(rs, "routes must be a mapping of names to routes");
+    for (const auto& kv : rs) {
+      const auto name = kv.first.as<std::string>();
+      RouteConfig route = ReadRoute(r, name, kv.second);
+      for (std::size_t i = 0; i < route.targets.size(); ++i) {
+        if (!c.providers.count(route.targets[i])) {
+          Fail(kv.second["targets"][i], "route \"" + name + "\" names provider \"" + route.targets[i] +
+                                            "\", which is not defined under providers");
+        }
+      }
+      c.routes[name] = std::move(route);
+    }
+  }
+  if (const auto ps = root["pipelines"]) {
+    if (!ps.IsMap()) Fail(ps, "pipelines must be a mapping of names to pipelines");
+    for (const auto& kv : ps) {
+      const auto name = kv.first.as<std::string>();
+      PipelineConfig p = ReadPipeline(r, name, kv.second);
+      for (const auto& s : p.steps) {
+        if (s.kind != StepKind::kLlm) continue;
+        const std::string route = json::value_to<std::string>(s.spec.at("route"));
+        if (!c.routes.count(route) && !c.providers.count(route)) {
+          throw ConfigError("line " + std::to_string(s.line) + ": step \"" + s.id + "\" uses route \"" +
+                            route + "\", which is not defined under routes or providers");
+        }
+      }
+      c.pipelines[name] = std::move(p);
+    }
+  }
+  return c;
+}
+
+}  // namespace
+
+Result<Config> ParseConfig(std::string_view yaml, const EnvLookup& env, std::string_view source) {
+  const std::string prefix = std::string(source) + ": ";
+  try {
+    const YAML::Node root = YAML::Load(std::string(yaml));
+    Reader reader(env);
+    return ReadConfig(reader, root);
+  } catch (const ConfigError& e) {
+    return Error(ErrorCode::kInvalidRequest, prefix + e.what());
+  } catch (const YAML::Exception& e) {
+    return Error(ErrorCode::kInvalidRequest, prefix + "line " + std::to_string(e.mark.line + 1) +
+                                                 ": " + e.msg);
+  } catch (const std::exception& e) {
+    return Error(ErrorCode::kInvalidRequest, prefix + e.what());
+  }
+}
+
+}  // namespace keel

@@ -1,0 +1,133 @@
+#pragma once
+// The typed model of keel.yaml (docs/configuration.md), validated once at load: unknown
+// keys, wrong types, out-of-range values and dangling references are refused with the
+// line that holds them. Each field below states its default and range.
+
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "keel/core/backoff.h"
+#include "keel/core/clock.h"
+#include "keel/core/json.h"
+#include "keel/core/result.h"
+
+namespace keel {
+
+struct RetryConfig {
+  /// Attempts in all, the first included. Default: 3. Range: 1..100.
+  int max_attempts = 3;
+  BackoffPolicy backoff;
+};
+
+struct TimeoutConfig {
+  /// TCP (and TLS) connect. Default: 2s.
+  Duration connect{2000};
+  /// The whole call. Default: 60s.
+  Duration total{60000};
+};
+
+struct ProviderConfig {
+  std::string name;
+  /// "openai" (the chat-completions wire format) or "mock" (the built-in fault-injecting
+  /// mock, answered in-process).
+  std::string type;
+  /// For openai: e.g. "https://api.openai.com/v1". Required for openai.
+  std::string base_url;
+  /// Sent as "Authorization: Bearer ..."; never logged. Default: none.
+  std::string api_key;
+  /// The upstream model name. Default: the provider's name.
+  std::string model;
+  /// Tokens. Default: 128000. Range: >= 1.
+  int64_t context_window = 128000;
+  TimeoutConfig timeout;
+  /// Extra request headers (e.g. an Azure api-key). Values are never logged.
+  std::map<std::string, std::string> headers;
+  int line = 0;
+};
+
+struct RouteConfig {
+  std::string name;
+  /// Only "priority" in this release: targets in order, the next on a retryable failure.
+  std::string strategy = "priority";
+  std::vector<std::string> targets;  // provider names, in order
+  int line = 0;
+};
+
+enum class StepKind { kLlm, kTransform };
+std::string_view StepKindName(StepKind kind);
+
+struct StepConfig {
+  std::string id;
+  StepKind kind = StepKind::kTransform;
+  /// The kind's body as JSON, templates unrendered (llm: {route, messages, ...}).
+  json::value spec;
+  /// The step's retry policy; default: the pipeline's.
+  RetryConfig retry;
+  /// Bound on one attempt of the step. Default: 60s.
+  Duration timeout{60000};
+  int line = 0;
+};
+
+struct PipelineConfig {
+  std::string name;
+  std::string description;
+  std::vector<StepConfig> steps;
+  int line = 0;
+};
+
+struct ServerConfig {
+  /// Largest request body accepted. Default: 1 MiB. Range: 1 KiB..64 MiB.
+  std::size_t max_body_bytes = 1 << 20;
+  /// Open connections at most; more are refused. Default: 1024. Range: 1..65536.
+  int max_connections = 1024;
+  /// Threads that run request handlers (storage calls block them). Default: 64.
+  int handler_threads = 64;
+  /// An idle keep-alive connection is closed after this. Default: 60s.
+  Duration idle_timeout{60000};
+};
+
+struct EngineConfig {
+  /// Runs executed at once by this node. Default: 32. Range: 0..1024 (0: no workers).
+  int workers = 32;
+  /// How long a lease lasts without a heartbeat. Default: 30s. Range: >= 1s.
+  Duration lease_timeout{30000};
+  /// How often leases in flight are extended. Default: lease_timeout / 3.
+  Duration heartbeat_interval{10000};
+  /// Longest wait between two looks at the queue when idle. Default: 200ms.
+  Duration poll_interval{200};
+  /// Runs queued at most; a submit beyond answers 429. Default: 100000.
+  int64_t max_queue_depth = 100000;
+};
+
+struct Config {
+  /// Default: 127.0.0.1:7420.
+  std::string listen = "127.0.0.1:7420";
+  /// "sqlite://PATH" (relative to the working directory). Default: sqlite://keel-data/keel.db
+  std::string storage = "sqlite://keel-data/keel.db";
+  /// debug | info | warn | error. Default: info.
+  std::string log_level = "info";
+  ServerConfig server;
+  EngineConfig engine;
+  std::map<std::string, ProviderConfig> providers;
+  std::map<std::string, RouteConfig> routes;
+  std::map<std::string, PipelineConfig> pipelines;
+};
+
+/// Looks up environment variables for ${NAME} interpolation; nullopt when unset.
+using EnvLookup = std::function<std::optional<std::string>(const std::string&)>;
+
+/// Parses and validates a keel.yaml document. Errors read "line N: what is wrong".
+/// `source` names the file in messages.
+Result<Config> ParseConfig(std::string_view yaml, const EnvLookup& env,
+                           std::string_view source = "keel.yaml");
+
+/// Parses "250ms", "2s", "5m", "1h", "1d".
+Result<Duration> ParseDuration(std::string_view text);
+
+/// Parses a byte size: "1048576", "64KiB", "1MiB".
+Result<std::size_t> ParseByteSize(std::string_view text);
+
+}  // namespace keel

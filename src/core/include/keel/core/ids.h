@@ -1,0 +1,22 @@
+#pragma once
+// Identifiers: time-ordered, random, URL-safe. A run id is "run_" followed by a 26-char
+// ULID (48 bits of milliseconds, 80 random bits, Crockford base32), so that ids sort by
+// creation time and serve as pagination cursors.
+
+#include <string>
+
+#include "keel/core/clock.h"
+#include "keel/core/random.h"
+
+namespace keel {
+
+/// A ULID for time `t`, random part from `random`.
+std::string NewUlid(Timestamp t, Random& random);
+
+/// "run_" + NewUlid.
+std::string NewRunId(Timestamp t, Random& random);
+
+/// 32 lowercase hex characters of randomness; for lease tokens.
+std::string NewToken(Random& random);
+
+}  // namespace keel

@@ -1,0 +1,43 @@
+#pragma once
+// Plain HTTP message types shared by keel's server and client. No Beast or curl types
+// leak through this header.
+
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace keel::net {
+
+using Headers = std::vector<std::pair<std::string, std::string>>;
+
+/// Case-insensitive lookup; empty when absent.
+std::string_view FindHeader(const Headers& headers, std::string_view name);
+
+struct HttpRequest {
+  std::string method;  // "GET", "POST", ...
+  std::string target;  // path and query as sent: "/v1/runs?limit=10"
+  std::string path;    // percent-decoded path without the query: "/v1/runs"
+  std::string query;   // raw query without '?': "limit=10"
+  Headers headers;
+  std::string body;
+  std::string remote;  // "127.0.0.1:50412"
+
+  std::string_view Header(std::string_view name) const { return FindHeader(headers, name); }
+  /// The decoded value of a query parameter; empty when absent.
+  std::string QueryParam(std::string_view name) const;
+  bool HasQueryParam(std::string_view name) const;
+};
+
+struct HttpResponse {
+  int status = 200;
+  std::string content_type = "application/json";
+  Headers headers;
+  std::string body;
+  /// Close the connection after this response.
+  bool close = false;
+  /// Do not answer: reset the TCP connection (RST). For fault injection only.
+  bool reset_connection = false;
+};
+
+}  // namespace keel::net

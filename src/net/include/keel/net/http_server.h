@@ -1,0 +1,57 @@
+#pragma once
+// An HTTP/1.1 server (Boost.Beast) with keep-alive, bounded request sizes, a bound on
+// open connections, and idle timeouts. Request handlers answer asynchronously, so a
+// handler may hand work to another thread (or a timer) and answer from there.
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "keel/core/result.h"
+#include "keel/net/http.h"
+
+namespace keel::net {
+
+/// Sends the answer to one request. Call it exactly once, from any thread. If every copy
+/// is destroyed without a call, the client gets a 500.
+using Responder = std::function<void(HttpResponse)>;
+
+/// Runs on an I/O thread; must not block. Answers through `respond`.
+using Handler = std::function<void(HttpRequest&& request, Responder respond)>;
+
+struct ServerOptions {
+  /// Address to bind. Default: 127.0.0.1.
+  std::string host = "127.0.0.1";
+  /// Port; 0 picks a free ephemeral port (see HttpServer::port()). Default: 0.
+  uint16_t port = 0;
+  /// Threads running the I/O loop. Default: 2. Range: 1..64.
+  int io_threads = 2;
+  /// Largest body accepted; a larger one is answered 413. Default: 1 MiB.
+  std::size_t max_body_bytes = 1 << 20;
+  /// Largest header block; a larger one is answered 431. Default: 16 KiB.
+  std::size_t max_header_bytes = 16 << 10;
+  /// Connections open at once; more are answered 503 and closed. Default: 1024.
+  int max_connections = 1024;
+  /// A connection with no request in flight is closed after this. Default: 60s.
+  std::chrono::milliseconds idle_timeout{60000};
+};
+
+class HttpServer {
+ public:
+  /// Binds and starts serving. Fails (kUnavailable) when the address cannot be bound.
+  static Result<std::unique_ptr<HttpServer>> Create(const ServerOptions& options, Handler handler);
+
+  virtual ~HttpServer() = default;
+  /// The bound port (useful with port 0).
+  virtual uint16_t port() const = 0;
+  /// Runs `fn` on an I/O thread after `delay`, unless the server stops first. Thread-safe.
+  virtual void After(std::chrono::milliseconds delay, std::function<void()> fn) = 0;
+  /// Stops accepting, closes every connection and joins the I/O threads. Idempotent.
+  virtual void Stop() = 0;
+  /// Connections open now.
+  virtual int open_connections() const = 0;
+};
+
+}  // namespace keel::net

@@ -1,0 +1,209 @@
+#pragma once
+// The Store: everything keel must not lose. Runs, their step checkpoints, the append-only
+// event log, the run queue with leases, idempotency keys and the dead-letter queue.
+// docs/storage.md describes the schema and the lease protocol.
+//
+// Contract shared by every implementation (tests/conformance/ checks it):
+//  - Every mutating call returns only after its effect is durably committed.
+//  - Calls are thread-safe; implementations may group concurrent commits.
+//  - Calls bound to a Lease fail with kLeaseLost when the lease expired (by the store's
+//    clock), was superseded, or the run was cancelled; they then change nothing.
+//  - Records returned are copies owned by the caller.
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "keel/core/clock.h"
+#include "keel/core/json.h"
+#include "keel/core/result.h"
+
+namespace keel::store {
+
+enum class RunStatus { kQueued, kRunning, kWaiting, kSucceeded, kFailed, kCancelled, kDeadLettered };
+std::string_view RunStatusName(RunStatus s);
+std::optional<RunStatus> RunStatusFromName(std::string_view name);
+bool IsTerminal(RunStatus s);
+inline constexpr RunStatus kAllRunStatuses[] = {RunStatus::kQueued,    RunStatus::kRunning,
+                                                RunStatus::kWaiting,   RunStatus::kSucceeded,
+                                                RunStatus::kFailed,    RunStatus::kCancelled,
+                                                RunStatus::kDeadLettered};
+
+enum class StepStatus {
+  kRunning,    // an attempt is in flight (or was, at a crash)
+  kRetrying,   // the last attempt failed; the next waits for its backoff
+  kSucceeded,  // checkpointed: never executed again for this run
+  kFailed,     // the run ended on this step's error
+};
+std::string_view StepStatusName(StepStatus s);
+
+struct StepRecord {
+  std::string step_id;
+  StepStatus status = StepStatus::kRunning;
+  int attempts = 0;  // attempts started, the current one included
+  std::optional<Timestamp> started_at;   // of the first attempt
+  std::optional<Timestamp> finished_at;  // when it succeeded or failed for good
+  json::value output;                    // null until succeeded
+  std::optional<Error> error;            // the last attempt's error, if it failed
+};
+
+struct RunRecord {
+  std::string id;
+  std::string pipeline;
+  RunStatus status = RunStatus::kQueued;
+  json::value input;
+  json::value output;          // null until succeeded
+  std::optional<Error> error;  // the error the run ended with (failed, dead_lettered)
+  json::value definition;      // the pipeline as it was when the run was submitted
+  std::string idempotency_key;
+  Timestamp created_at{};
+  Timestamp updated_at{};
+  std::optional<Timestamp> started_at;
+  std::optional<Timestamp> finished_at;
+  /// Filled by GetRun and LeaseRun (in the order steps first started); empty in lists.
+  std::vector<StepRecord> steps;
+};
+
+struct NewRun {
+  std::string id;  // unique, chosen by the caller (NewRunId)
+  std::string pipeline;
+  json::value input;
+  json::value definition;
+  /// Empty: no idempotency. Otherwise the same key returns the same run.
+  std::string idempotency_key;
+  /// Identifies the request body; the same key with another fingerprint is a kConflict.
+  std::string fingerprint;
+  /// A submit while this many runs are queued or in flight is refused (kQueueFull).
+  int64_t max_queue_depth = 100000;
+};
+
+struct SubmitResult {
+  RunRecord run;
+  bool created = false;  // false: an existing run returned for its idempotency key
+};
+
+struct Lease {
+  std::string run_id;
+  std::string token;
+  Timestamp expires_at{};
+  int delivery = 0;  // how many times the run has been leased, this lease included
+};
+
+struct LeasedRun {
+  Lease lease;
+  RunRecord run;  // with steps
+};
+
+struct Event {
+  int64_t seq = 0;  // increasing across the whole log
+  std::string run_id;
+  std::string type;  // RunSubmitted, RunStarted, StepStarted, StepSucceeded, AttemptFailed, ...
+  std::string step_id;
+  int attempt = 0;
+  Timestamp at{};
+  json::value data;
+};
+
+struct RunFilter {
+  std::optional<RunStatus> status;
+  std::string pipeline;  // empty: any
+  int limit = 50;        // 1..1000
+  std::string cursor;    // a run id from a previous page's next_cursor; empty: first page
+};
+
+struct RunPage {
+  std::vector<RunRecord> runs;  // newest first
+  std::string next_cursor;      // empty on the last page
+};
+
+struct StoreStats {
+  std::map<RunStatus, int64_t> runs_by_status;
+  int64_t queue_ready = 0;   // due now and not leased
+  int64_t queue_leased = 0;  // held under a valid lease
+  int64_t queue_delayed = 0; // waiting for a backoff
+};
+
+/// What happens to a run whose step attempt failed.
+struct FailureDisposition {
+  enum class Kind {
+    kRetry,         // the step is retried after `delay`; the lease is given up
+    kFail,          // the run ends `failed` (a non-retryable error)
+    kDeadLetter,    // the run ends `dead_lettered` (retries exhausted)
+  };
+  Kind kind = Kind::kRetry;
+  Duration delay{0};
+};
+
+class Store {
+ public:
+  virtual ~Store() = default;
+
+  /// Creates a queued run, or returns the existing run of its idempotency key
+  /// (created=false). Errors: kConflict (key reused with another fingerprint),
+  /// kQueueFull (max_queue_depth reached).
+  virtual Result<SubmitResult> SubmitRun(const NewRun& run) = 0;
+
+  /// The run with its steps. kNotFound for an unknown id.
+  virtual Result<RunRecord> GetRun(const std::string& run_id) = 0;
+
+  /// Runs, newest first, filtered; without steps.
+  virtual Result<RunPage> ListRuns(const RunFilter& filter) = 0;
+
+  /// A run's events with seq > after_seq, oldest first, at most `limit`.
+  /// kNotFound for an unknown run.
+  virtual Result<std::vector<Event>> ListEvents(const std::string& run_id, int64_t after_seq,
+                                                int limit) = 0;
+
+  /// Leases the queued run that has been due longest: one never leased, one whose backoff
+  /// has passed, or one whose lease expired. Empty when none is due.
+  virtual Result<std::optional<LeasedRun>> LeaseRun(const std::string& worker_id,
+                                                    Duration lease_for) = 0;
+
+  /// Extends a lease to now + lease_for; returns the new expiry.
+  virtual Result<Timestamp> Heartbeat(const Lease& lease, Duration lease_for) = 0;
+
+  /// Records the start of an attempt of `step_id`; returns its attempt number (1-based).
+  virtual Result<int> StartStep(const Lease& lease, const std::string& step_id) = 0;
+
+  /// Checkpoints `step_id` as succeeded with `output`. Then, in the same commit: when
+  /// `run_output` is given the run succeeds with it and leaves the queue; otherwise, when
+  /// `next_step` is given, that step's next attempt starts and its number is returned.
+  virtual Result<int> CompleteStep(const Lease& lease, const std::string& step_id,
+                                   const json::value& output,
+                                   const std::optional<std::string>& next_step,
+                                   const std::optional<json::value>& run_output) = 0;
+
+  /// Records a failed attempt of `step_id` with `error`, then retries or ends the run as
+  /// `disposition` says. The lease is given up in every case.
+  virtual Result<void> FailStep(const Lease& lease, const std::string& step_id, const Error& error,
+                                const FailureDisposition& disposition) = 0;
+
+  /// Ends a run `failed` without a step to blame (e.g. its definition cannot execute).
+  virtual Result<void> FailRun(const Lease& lease, const Error& error) = 0;
+
+  /// Gives the lease up so that another worker may take the run at once (drain).
+  virtual Result<void> ReleaseLease(const Lease& lease) = 0;
+
+  /// Cancels a run that has not ended. kConflict when it already ended.
+  virtual Result<RunRecord> CancelRun(const std::string& run_id) = 0;
+
+  /// Queues a dead-lettered or failed run again. Its succeeded steps stay checkpointed;
+  /// the others start afresh. kConflict for a run in any other state.
+  virtual Result<RunRecord> RedriveRun(const std::string& run_id) = 0;
+
+  /// Counts for metrics.
+  virtual Result<StoreStats> GetStats() = 0;
+
+  /// When the next queued run becomes due (now if one is due); empty when the queue is
+  /// empty. Lets idle workers sleep exactly as long as needed.
+  virtual Result<std::optional<Timestamp>> NextDueAt() = 0;
+};
+
+/// JSON of an error in the stored shape {"type","message"[,"param"]}.
+json::value ErrorToJson(const Error& error);
+/// Inverse of ErrorToJson; unknown types read as kInternal.
+Error ErrorFromJson(const json::value& v);
+
+}  // namespace keel::store

@@ -1,0 +1,875 @@
+#include "keel/store/sqlite_store.h"
+
+#include <sqlite3.h>
+
+#include <condition_variable>
+#include <deque>
+#include <filesystem>
+#include <functional>
+#include <future>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <unordered_map>
+
+#include "keel/core/ids.h"
+#include "keel/obs/log.h"
+
+namespace keel::store {
+namespace {
+
+constexpr int kSchemaVersion = 1;
+
+// SQLite failures inside this file travel as SqlError and become a Result at the edge of
+// each Store call (Write/Read below); no exception leaves this translation unit.
+struct SqlError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+constexpr const char* kSchema = R"sql(
+CREATE TABLE IF NOT EXISTS runs (
+  id              TEXT PRIMARY KEY,
+  pipeline        TEXT NOT NULL,
+  status          TEXT NOT NULL,
+  input           TEXT NOT NULL,
+  output          TEXT,
+  error           TEXT,
+  definition      TEXT NOT NULL,
+  idempotency_key TEXT UNIQUE,
+  fingerprint     TEXT,
+  created_at      INTEGER NOT NULL,
+  updated_at      INTEGER NOT NULL,
+  started_at      INTEGER,
+  finished_at     INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status, id);
+CREATE INDEX IF NOT EXISTS runs_by_pipeline ON runs(pipeline, id);
+CREATE TABLE IF NOT EXISTS steps (
+  run_id      TEXT NOT NULL,
+  step_id     TEXT NOT NULL,
+  seq         INTEGER NOT NULL,
+  status      TEXT NOT NULL,
+  attempts    INTEGER NOT NULL,
+  output      TEXT,
+  error       TEXT,
+  started_at  INTEGER,
+  finished_at INTEGER,
+  PRIMARY KEY (run_id, step_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+  seq     INTEGER PRIMARY KEY,
+  run_id  TEXT NOT NULL,
+  type    TEXT NOT NULL,
+  step_id TEXT,
+  attempt INTEGER,
+  at      INTEGER NOT NULL,
+  data    TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_run ON events(run_id, seq);
+CREATE TABLE IF NOT EXISTS queue (
+  run_id      TEXT PRIMARY KEY,
+  due_at      INTEGER NOT NULL,
+  lease_token TEXT,
+  lease_owner TEXT,
+  deliveries  INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS queue_by_due ON queue(due_at);
+)sql";
+
+// A prepared statement in use; resets itself when it goes out of scope.
+class Stmt {
+ public:
+  Stmt(sqlite3* db, sqlite3_stmt* s) : db_(db), s_(s) {}
+  ~Stmt() {
+    sqlite3_reset(s_);
+    sqlite3_clear_bindings(s_);
+  }
+  Stmt(const Stmt&) = delete;
+  Stmt& operator=(const Stmt&) = delete;
+
+  Stmt& Bind(int i, int64_t v) { return Check(sqlite3_bind_int64(s_, i, v)); }
+  Stmt& Bind(int i, int v) { return Check(sqlite3_bind_int64(s_, i, v)); }
+  Stmt& Bind(int i, std::string_view v) {
+    return Check(sqlite3_bind_text(s_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT));
+  }
+  Stmt& Bind(int i, const std::string& v) { return Bind(i, std::string_view(v)); }
+  Stmt& Bind(int i, const char* v) { return Bind(i, std::string_view(v)); }
+  Stmt& BindNull(int i) { return Check(sqlite3_bind_null(s_, i)); }
+  Stmt& BindJson(int i, const json::value& v) {
+    if (v.is_null()) return BindNull(i);
+    return Bind(i, json::serialize(v));
+  }
+  Stmt& BindOptText(int i, std::string_view v) { return v.empty() ? BindNull(i) : Bind(i, v); }
+
+  // Steps once; true when a row is available.
+  bool Step() {
+    const int rc = sqlite3_step(s_);
+    if (rc == SQLITE_ROW) return true;
+    if (rc == SQLITE_DONE) return false;
+    throw SqlError(std::string("sqlite: ") + sqlite3_errmsg(db_));
+  }
+  void Run() {
+    while (Step()) {
+    }
+  }
+
+  bool IsNull(int c) const { return sqlite3_column_type(s_, c) == SQLITE_NULL; }
+  int64_t Int(int c) const { return sqlite3_column_int64(s_, c); }
+  std::string Text(int c) const {
+    const auto* p = reinterpret_cast<const char*>(sqlite3_column_text(s_, c));
+    return p ? std::string(p, static_cast<std::size_t>(sqlite3_column_bytes(s_, c))) : std::string();
+  }
+  json::value Json(int c) const {
+    if (IsNull(c)) return nullptr;
+    const auto* p = reinterpret_cast<const char*>(sqlite3_column_text(s_, c));
+    return json::parse(std::string_view(p, static_cast<std::size_t>(sqlite3_column_bytes(s_, c))));
+  }
+  std::optional<Timestamp> OptTime(int c) const {
+    if (IsNull(c)) return std::nullopt;
+    return FromMillis(Int(c));
+  }
+
+ private:
+  Stmt& Check(int rc) {
+    if (rc != SQLITE_OK) throw SqlError(std::string("sqlite bind: ") + sqlite3_errmsg(db_));
+    return *this;
+  }
+  sqlite3* db_;
+  sqlite3_stmt* s_;
+};
+
+// One connection with its cache of prepared statements. Used by one thread at a time.
+class Db {
+ public:
+  static std::unique_ptr<Db> Open(const std::string& path, bool read_only) {
+    sqlite3* raw = nullptr;
+    const int flags = (read_only ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE) |
+                      SQLITE_OPEN_NOMUTEX;
+    const int rc = sqlite3_open_v2(path.c_str(), &raw, flags, nullptr);
+    auto db = std::unique_ptr<Db>(new Db(raw));
+    if (rc != SQLITE_OK) {
+      throw SqlError("cannot open " + path + ": " + (raw ? sqlite3_errmsg(raw) : sqlite3_errstr(rc)));
+    }
+    sqlite3_busy_timeout(raw, 5000);
+    return db;
+  }
+  ~Db() {
+    for (auto& [sql, s] : cache_) sqlite3_finalize(s);
+    sqlite3_close_v2(db_);
+  }
+
+  Stmt Prepare(const std::string& sql) {
+    auto it = cache_.find(sql);
+    if (it == cache_.end()) {
+      sqlite3_stmt* s = nullptr;
+      if (sqlite3_prepare_v3(db_, sql.c_str(), -1, SQLITE_PREPARE_PERSISTENT, &s, nullptr) != SQLITE_OK) {
+        throw SqlError(std::string("sqlite prepare: ") + sqlite3_errmsg(db_) + " in: " + sql);
+      }
+      it = cache_.emplace(sql, s).first;
+    }
+    return Stmt(db_, it->second);
+  }
+
+  void Exec(const char* sql) {
+    char* err = nullptr;
+    if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
+      std::string msg = err ? err : sqlite3_errmsg(db_);
+      sqlite3_free(err);
+      throw SqlError("sqlite: " + msg);
+    }
+  }
+
+  int Changes() const { return sqlite3_changes(db_); }
+
+ private:
+  explicit Db(sqlite3* db) : db_(db) {}
+  sqlite3* db_;
+  std::unordered_map<std::string, sqlite3_stmt*> cache_;
+};
+
+// What one write sees of the batch it is committed in.
+struct Txn {
+  Timestamp now;
+  int64_t queue_rows = 0;   // queue rows as of this op (earlier ops of the batch included)
+  int64_t queue_delta = 0;  // this op's change to the queue row count
+};
+
+struct WriteOp {
+  // Runs inside a savepoint; false rolls the op back.
+  std::function<bool(Db&, Txn&)> run;
+  // Called after the batch committed (commit_error null) or failed.
+  std::function<void(const Error* commit_error)> done;
+};
+
+constexpr const char* kRunColumns =
+    "id, pipeline, status, input, output, error, idempotency_key, created_at, updated_at, "
+    "started_at, finished_at, definition";
+constexpr const char* kRunListColumns =
+    "id, pipeline, status, input, output, error, idempotency_key, created_at, updated_at, "
+    "started_at, finished_at";
+
+RunRecord ReadRunRow(const Stmt& s, bool with_definition) {
+  RunRecord r;
+  r.id = s.Text(0);
+  r.pipeline = s.Text(1);
+  r.status = RunStatusFromName(s.Text(2)).value_or(RunStatus::kQueued);
+  r.input = s.Json(3);
+  r.output = s.Json(4);
+  if (!s.IsNull(5)) r.error = ErrorFromJson(s.Json(5));
+  r.idempotency_key = s.Text(6);
+  r.created_at = FromMillis(s.Int(7));
+  r.updated_at = FromMillis(s.Int(8));
+  r.started_at = s.OptTime(9);
+  r.finished_at = s.OptTime(10);
+  if (with_definition) r.definition = s.Json(11);
+  return r;
+}
+
+std::optional<RunRecord> LoadRun(Db& db, const std::string& id, bool with_steps) {
+  std::optional<RunRecord> run;
+  {
+    auto s = db.Prepare(std::string("SELECT ") + kRunColumns + " FROM runs WHERE id = ?1");
+    s.Bind(1, id);
+    if (!s.Step()) return std::nullopt;
+    run = ReadRunRow(s, true);
+  }
+  if (with_steps) {
+    auto s = db.Prepare(
+        "SELECT step_id, status, attempts, output, error, started_at, finished_at FROM steps "
+        "WHERE run_id = ?1 ORDER BY seq");
+    s.Bind(1, id);
+    while (s.Step()) {
+      StepRecord st;
+      st.step_id = s.Text(0);
+      const std::string status = s.Text(1);
+      st.status = status == "succeeded" ? StepStatus::kSucceeded
+                  : status == "retrying" ? StepStatus::kRetrying
+                  : status == "failed"   ? StepStatus::kFailed
+                                         : StepStatus::kRunning;
+      st.attempts = static_cast<int>(s.Int(2));
+      st.output = s.Json(3);
+      if (!s.IsNull(4)) st.error = ErrorFromJson(s.Json(4));
+      st.started_at = s.OptTime(5);
+      st.finished_at = s.OptTime(6);
+      run->steps.push_back(std::move(st));
+    }
+  }
+  return run;
+}
+
+void AppendEvent(Db& db, Timestamp now, const std::string& run_id, std::string_view type,
+                 std::string_view step_id = {}, int attempt = 0, const json::value& data = nullptr) {
+  auto s = db.Prepare("INSERT INTO events(run_id, type, step_id, attempt, at, data) VALUES(?1, ?2, ?3, ?4, ?5, ?6)");
+  s.Bind(1, run_id).Bind(2, type).BindOptText(3, step_id).Bind(5, ToMillis(now)).BindJson(6, data);
+  if (attempt > 0) s.Bind(4, attempt); else s.BindNull(4);
+  s.Run();
+}
+
+// kLeaseLost unless `lease` is the run's current, unexpired lease.
+std::optional<Error> CheckLease(Db& db, const Lease& lease, Timestamp now) {
+  auto s = db.Prepare("SELECT lease_token, due_at FROM queue WHERE run_id = ?1");
+  s.Bind(1, lease.run_id);
+  if (!s.Step()) {
+    return Error(ErrorCode::kLeaseLost, "run " + lease.run_id + " is no longer queued (ended or cancelled)");
+  }
+  if (s.IsNull(0) || s.Text(0) != lease.token) {
+    return Error(ErrorCode::kLeaseLost, "the lease on run " + lease.run_id + " was taken over");
+  }
+  if (FromMillis(s.Int(1)) <= now) {
+    return Error(ErrorCode::kLeaseLost, "the lease on run " + lease.run_id + " expired");
+  }
+  return std::nullopt;
+}
+
+int StartStepRow(Db& db, Timestamp now, const std::string& run_id, const std::string& step_id) {
+  int attempt = 0;
+  {
+    auto s = db.Prepare(
+        "INSERT INTO steps(run_id, step_id, seq, status, attempts, started_at) "
+        "VALUES(?1, ?2, (SELECT count(*) FROM steps WHERE run_id = ?1), 'running', 1, ?3) "
+        "ON CONFLICT(run_id, step_id) DO UPDATE SET status = 'running', attempts = attempts + 1 "
+        "RETURNING attempts");
+    s.Bind(1, run_id).Bind(2, step_id).Bind(3, ToMillis(now));
+    if (s.Step()) attempt = static_cast<int>(s.Int(0));
+    while (s.Step()) {
+    }
+  }
+  {
+    auto s = db.Prepare("UPDATE runs SET updated_at = ?2 WHERE id = ?1");
+    s.Bind(1, run_id).Bind(2, ToMillis(now)).Run();
+  }
+  AppendEvent(db, now, run_id, "StepStarted", step_id, attempt);
+  return attempt;
+}
+
+void EndRun(Db& db, Txn& txn, const std::string& run_id, RunStatus status, const json::value& output,
+            const std::optional<Error>& error) {
+  {
+    auto s = db.Prepare(
+        "UPDATE runs SET status = ?2, output = ?3, error = ?4, finished_at = ?5, updated_at = ?5 WHERE id = ?1");
+    s.Bind(1, run_id).Bind(2, RunStatusName(status)).BindJson(3, output).Bind(5, ToMillis(txn.now));
+    if (error) s.BindJson(4, ErrorToJson(*error)); else s.BindNull(4);
+    s.Run();
+  }
+  {
+    auto s = db.Prepare("DELETE FROM queue WHERE run_id = ?1");
+    s.Bind(1, run_id).Run();
+    txn.queue_delta -= db.Changes();
+  }
+  const char* type = status == RunStatus::kSucceeded   ? "RunSucceeded"
+                     : status == RunStatus::kFailed    ? "RunFailed"
+                     : status == RunStatus::kCancelled ? "RunCancelled"
+                                                       : "RunDeadLettered";
+  json::value data = nullptr;
+  if (error) data = json::object{{"error", ErrorToJson(*error)}};
+  AppendEvent(db, txn.now, run_id, type, {}, 0, data);
+}
+
+class SqliteStore final : public Store {
+ public:
+  SqliteStore(SqliteOptions options, const Clock& clock, Random& random)
+      : options_(std::move(options)), clock_(clock), random_(random) {}
+
+  ~SqliteStore() override {
+    {
+      std::lock_guard lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    if (writer_thread_.joinable()) writer_thread_.join();
+  }
+
+  Result<void> Open() {
+    try {
+      const auto parent = std::filesystem::path(options_.path).parent_path();
+      if (!parent.empty()) {
+        std::error_code ec;
+        std::filesystem::create_directories(parent, ec);
+        if (ec) {
+          return Error(ErrorCode::kUnavailable, "cannot create directory " + parent.string() + ": " + ec.message());
+        }
+      }
+      writer_ = Db::Open(options_.path, false);
+      writer_->Exec("PRAGMA journal_mode=WAL");
+      writer_->Exec("PRAGMA synchronous=FULL");
+      writer_->Exec("PRAGMA foreign_keys=OFF");
+      int version = 0;
+      {
+        auto s = writer_->Prepare("PRAGMA user_version");
+        if (s.Step()) version = static_cast<int>(s.Int(0));
+      }
+      if (version > kSchemaVersion) {
+        return Error(ErrorCode::kUnavailable,
+                     "the database " + options_.path + " has schema version " + std::to_string(version) +
+                         ", newer than this keel understands (" + std::to_string(kSchemaVersion) +
+                         "); run a newer keel");
+      }
+      writer_->Exec("BEGIN IMMEDIATE");
+      writer_->Exec(kSchema);
+      writer_->Exec(("PRAGMA user_version=" + std::to_string(kSchemaVersion)).c_str());
+      writer_->Exec("COMMIT");
+      {
+        auto s = writer_->Prepare("SELECT count(*) FROM queue");
+        if (s.Step()) queue_rows_ = s.Int(0);
+      }
+      for (int i = 0; i < std::max(1, options_.read_connections); ++i) {
+        auto db = Db::Open(options_.path, true);
+        readers_.push_back(std::move(db));
+      }
+    } catch (const SqlError& e) {
+      return Error(ErrorCode::kUnavailable, e.what());
+    }
+    writer_thread_ = std::thread([this] { WriterLoop(); });
+    return Ok();
+  }
+
+  Result<SubmitResult> SubmitRun(const NewRun& run) override {
+    return Write<SubmitResult>([&](Db& db, Txn& txn) -> Result<SubmitResult> {
+      if (!run.idempotency_key.empty()) {
+        std::string existing_id, fingerprint;
+        {
+          auto s = db.Prepare("SELECT id, fingerprint FROM runs WHERE idempotency_key = ?1");
+          s.Bind(1, run.idempotency_key);
+          if (s.Step()) {
+            existing_id = s.Text(0);
+            fingerprint = s.Text(1);
+          }
+        }
+        if (!existing_id.empty()) {
+          if (fingerprint != run.fingerprint) {
+            return Error(ErrorCode::kConflict, "Idempotency-Key \"" + run.idempotency_key +
+                                                   "\" was already used with a different request (run " +
+                                                   existing_id + "); use a new key for a new request");
+          }
+          return SubmitResult{*LoadRun(db, existing_id, true), false};
+        }
+      }
+      if (txn.queue_rows >= run.max_queue_depth) {
+        Error e(ErrorCode::kQueueFull, "the run queue is full (" + std::to_string(txn.queue_rows) +
+                                           " runs queued or in flight); retry later");
+        e.retry_after = Duration(1000);
+        return e;
+      }
+      const int64_t now = ToMillis(txn.now);
+      {
+        auto s = db.Prepare(
+            "INSERT INTO runs(id, pipeline, status, input, definition, idempotency_key, fingerprint, "
+            "created_at, updated_at) VALUES(?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?7)");
+        s.Bind(1, run.id).Bind(2, run.pipeline).Bind(3, json::serialize(run.input))
+            .Bind(4, json::serialize(run.definition)).BindOptText(5, run.idempotency_key)
+            .BindOptText(6, run.fingerprint).Bind(7, now);
+        s.Run();
+      }
+      {
+        auto s = db.Prepare("INSERT INTO queue(run_id, due_at) VALUES(?1, ?2)");
+        s.Bind(1, run.id).Bind(2, now).Run();
+        txn.queue_delta += 1;
+      }
+      AppendEvent(db, txn.now, run.id, "RunSubmitted", {}, 0, json::object{{"pipeline", run.pipeline}});
+      RunRecord r;
+      r.id = run.id;
+      r.pipeline = run.pipeline;
+      r.status = RunStatus::kQueued;
+      r.input = run.input;
+      r.definition = run.definition;
+      r.idempotency_key = run.idempotency_key;
+      r.created_at = r.updated_at = txn.now;
+      return SubmitResult{std::move(r), true};
+    });
+  }
+
+  Result<RunRecord> GetRun(const std::string& run_id) override {
+    return Read<RunRecord>([&](Db& db) -> Result<RunRecord> {
+      auto run = LoadRun(db, run_id, true);
+      if (!run) return Error(ErrorCode::kNotFound, "no run with id \"" + run_id + "\"", "run_id");
+      return std::move(*run);
+    });
+  }
+
+  Result<RunPage> ListRuns(const RunFilter& filter) override {
+    const int limit = std::clamp(filter.limit, 1, 1000);
+    std::string sql = std::string("SELECT ") + kRunListColumns + " FROM runs";
+    std::vector<std::string> where;
+    if (filter.status) where.push_back("status = ?1");
+    if (!filter.pipeline.empty()) where.push_back("pipeline = ?2");
+    if (!filter.cursor.empty()) where.push_back("id < ?3");
+    for (std::size_t i = 0; i < where.size(); ++i) sql += (i == 0 ? " WHERE " : " AND ") + where[i];
+    sql += " ORDER BY id DESC LIMIT ?4";
+    return Read<RunPage>([&](Db& db) -> Result<RunPage> {
+      RunPage page;
+      auto s = db.Prepare(sql);
+      if (filter.status) s.Bind(1, RunStatusName(*filter.status));
+      if (!filter.pipeline.empty()) s.Bind(2, filter.pipeline);
+      if (!filter.cursor.empty()) s.Bind(3, filter.cursor);
+      s.Bind(4, limit + 1);
+      while (s.Step()) page.runs.push_back(ReadRunRow(s, false));
+      if (static_cast<int>(page.runs.size()) > limit) {
+        page.runs.pop_back();
+        page.next_cursor = page.runs.back().id;
+      }
+      return page;
+    });
+  }
+
+  Result<std::vector<Event>> ListEvents(const std::string& run_id, int64_t after_seq, int limit) override {
+    return Read<std::vector<Event>>([&](Db& db) -> Result<std::vector<Event>> {
+      {
+        auto s = db.Prepare("SELECT 1 FROM runs WHERE id = ?1");
+        s.Bind(1, run_id);
+        if (!s.Step()) return Error(ErrorCode::kNotFound, "no run with id \"" + run_id + "\"", "run_id");
+      }
+      std::vector<Event> out;
+      auto s = db.Prepare(
+          "SELECT seq, type, step_id, attempt, at, data FROM events WHERE run_id = ?1 AND seq > ?2 "
+          "ORDER BY seq LIMIT ?3");
+      s.Bind(1, run_id).Bind(2, after_seq).Bind(3, std::clamp(limit, 1, 10000));
+      while (s.Step()) {
+        Event e;
+        e.seq = s.Int(0);
+        e.run_id = run_id;
+        e.type = s.Text(1);
+        e.step_id = s.Text(2);
+        e.attempt = static_cast<int>(s.Int(3));
+        e.at = FromMillis(s.Int(4));
+        e.data = s.Json(5);
+        out.push_back(std::move(e));
+      }
+      return out;
+    });
+  }
+
+  Result<std::optional<LeasedRun>> LeaseRun(const std::string& worker_id, Duration lease_for) override {
+    return Write<std::optional<LeasedRun>>([&](Db& db, Txn& txn) -> Result<std::optional<LeasedRun>> {
+      const int64_t now = ToMillis(txn.now);
+      // A terminal run left in the queue (not expected) is removed and the next one tried.
+      for (int tries = 0; tries < 8; ++tries) {
+        std::string run_id;
+        bool was_leased = false;
+        int deliveries = 0;
+        {
+          auto s = db.Prepare(
+              "SELECT run_id, lease_token IS NOT NULL, deliveries FROM queue WHERE due_at <= ?1 "
+              "ORDER BY due_at LIMIT 1");
+          s.Bind(1, now);
+          if (!s.Step()) return std::optional<LeasedRun>();
+          run_id = s.Text(0);
+          was_leased = s.Int(1) != 0;
+          deliveries = static_cast<int>(s.Int(2));
+        }
+        auto run = LoadRun(db, run_id, true);
+        if (!run || IsTerminal(run->status)) {
+          auto s = db.Prepare("DELETE FROM queue WHERE run_id = ?1");
+          s.Bind(1, run_id).Run();
+          txn.queue_delta -= db.Changes();
+          continue;
+        }
+        Lease lease{run_id, NewToken(random_), txn.now + lease_for, deliveries + 1};
+        {
+          auto s = db.Prepare(
+              "UPDATE queue SET due_at = ?2, lease_token = ?3, lease_owner = ?4, deliveries = deliveries + 1 "
+              "WHERE run_id = ?1");
+          s.Bind(1, run_id).Bind(2, ToMillis(lease.expires_at)).Bind(3, lease.token).Bind(4, worker_id).Run();
+        }
+        if (was_leased) {
+          AppendEvent(db, txn.now, run_id, "LeaseExpired", {}, 0, json::object{{"delivery", deliveries}});
+        }
+        if (run->status == RunStatus::kQueued) {
+          auto s = db.Prepare(
+              "UPDATE runs SET status = 'running', started_at = coalesce(started_at, ?2), updated_at = ?2 "
+              "WHERE id = ?1");
+          s.Bind(1, run_id).Bind(2, now).Run();
+          run->status = RunStatus::kRunning;
+          if (!run->started_at) run->started_at = txn.now;
+        }
+        AppendEvent(db, txn.now, run_id, "RunLeased", {}, 0,
+                    json::object{{"worker", worker_id}, {"delivery", lease.delivery}});
+        return std::optional<LeasedRun>(LeasedRun{std::move(lease), std::move(*run)});
+      }
+      return std::optional<LeasedRun>();
+    });
+  }
+
+  Result<Timestamp> Heartbeat(const Lease& lease, Duration lease_for) override {
+    return Write<Timestamp>([&](Db& db, Txn& txn) -> Result<Timestamp> {
+      if (auto e = CheckLease(db, lease, txn.now)) return *e;
+      const Timestamp expires = txn.now + lease_for;
+      auto s = db.Prepare("UPDATE queue SET due_at = ?2 WHERE run_id = ?1");
+      s.Bind(1, lease.run_id).Bind(2, ToMillis(expires)).Run();
+      return expires;
+    });
+  }
+
+  Result<int> StartStep(const Lease& lease, const std::string& step_id) override {
+    return Write<int>([&](Db& db, Txn& txn) -> Result<int> {
+      if (auto e = CheckLease(db, lease, txn.now)) return *e;
+      return StartStepRow(db, txn.now, lease.run_id, step_id);
+    });
+  }
+
+  Result<int> CompleteStep(const Lease& lease, const std::string& step_id, const json::value& output,
+                           const std::optional<std::string>& next_step,
+                           const std::optional<json::value>& run_output) override {
+    return Write<int>([&](Db& db, Txn& txn) -> Result<int> {
+      if (auto e = CheckLease(db, lease, txn.now)) return *e;
+      int attempt = 0;
+      {
+        auto s = db.Prepare(
+            "UPDATE steps SET status = 'succeeded', output = ?3, error = NULL, finished_at = ?4 "
+            "WHERE run_id = ?1 AND step_id = ?2 AND status = 'running' RETURNING attempts");
+        s.Bind(1, lease.run_id).Bind(2, step_id).Bind(3, json::serialize(output)).Bind(4, ToMillis(txn.now));
+        if (!s.Step()) {
+          return Error(ErrorCode::kConflict, "step \"" + step_id + "\" of run " + lease.run_id + " is not running");
+        }
+        attempt = static_cast<int>(s.Int(0));
+        while (s.Step()) {
+        }
+      }
+      AppendEvent(db, txn.now, lease.run_id, "StepSucceeded", step_id, attempt);
+      if (run_output) {
+        EndRun(db, txn, lease.run_id, RunStatus::kSucceeded, *run_output, std::nullopt);
+        return 0;
+      }
+      if (next_step) return StartStepRow(db, txn.now, lease.run_id, *next_step);
+      return 0;
+    });
+  }
+
+  Result<void> FailStep(const Lease& lease, const std::string& step_id, const Error& error,
+                        const FailureDisposition& disposition) override {
+    return Write<Unit>([&](Db& db, Txn& txn) -> Result<Unit> {
+      if (auto e = CheckLease(db, lease, txn.now)) return *e;
+      const bool retry = disposition.kind == FailureDisposition::Kind::kRetry;
+      int attempt = 0;
+      {
+        auto s = db.Prepare(
+            "UPDATE steps SET status = ?3, error = ?4, finished_at = ?5 WHERE run_id = ?1 AND step_id = ?2 "
+            "RETURNING attempts");
+        s.Bind(1, lease.run_id).Bind(2, step_id).Bind(3, retry ? "retrying" : "failed")
+            .BindJson(4, ErrorToJson(error));
+        if (retry) s.BindNull(5); else s.Bind(5, ToMillis(txn.now));
+        if (s.Step()) attempt = static_cast<int>(s.Int(0));
+        while (s.Step()) {
+        }
+      }
+      json::object data{{"error", ErrorToJson(error)}};
+      if (retry) data["retry_in_ms"] = disposition.delay.count();
+      AppendEvent(db, txn.now, lease.run_id, "AttemptFailed", step_id, attempt, data);
+      if (retry) {
+        auto s = db.Prepare("UPDATE queue SET due_at = ?2, lease_token = NULL, lease_owner = NULL WHERE run_id = ?1");
+        s.Bind(1, lease.run_id).Bind(2, ToMillis(txn.now + disposition.delay)).Run();
+        auto r = db.Prepare("UPDATE runs SET updated_at = ?2 WHERE id = ?1");
+        r.Bind(1, lease.run_id).Bind(2, ToMillis(txn.now)).Run();
+      } else {
+        EndRun(db, txn, lease.run_id,
+               disposition.kind == FailureDisposition::Kind::kFail ? RunStatus::kFailed : RunStatus::kDeadLettered,
+               nullptr, error);
+      }
+      return Unit{};
+    });
+  }
+
+  Result<void> FailRun(const Lease& lease, const Error& error) override {
+    return Write<Unit>([&](Db& db, Txn& txn) -> Result<Unit> {
+      if (auto e = CheckLease(db, lease, txn.now)) return *e;
+      EndRun(db, txn, lease.run_id, RunStatus::kFailed, nullptr, error);
+      return Unit{};
+    });
+  }
+
+  Result<void> ReleaseLease(const Lease& lease) override {
+    return Write<Unit>([&](Db& db, Txn& txn) -> Result<Unit> {
+      if (auto e = CheckLease(db, lease, txn.now)) return *e;
+      auto s = db.Prepare("UPDATE queue SET due_at = ?2, lease_token = NULL, lease_owner = NULL WHERE run_id = ?1");
+      s.Bind(1, lease.run_id).Bind(2, ToMillis(txn.now)).Run();
+      AppendEvent(db, txn.now, lease.run_id, "LeaseReleased");
+      return Unit{};
+    });
+  }
+
+  Result<RunRecord> CancelRun(const std::string& run_id) override {
+    return Write<RunRecord>([&](Db& db, Txn& txn) -> Result<RunRecord> {
+      auto run = LoadRun(db, run_id, false);
+      if (!run) return Error(ErrorCode::kNotFound, "no run with id \"" + run_id + "\"", "run_id");
+      if (IsTerminal(run->status)) {
+        return Error(ErrorCode::kConflict, "run " + run_id + " already ended (" +
+                                               std::string(RunStatusName(run->status)) + "); nothing to cancel");
+      }
+      EndRun(db, txn, run_id, RunStatus::kCancelled, nullptr, std::nullopt);
+      return *LoadRun(db, run_id, true);
+    });
+  }
+
+  Result<RunRecord> RedriveRun(const std::string& run_id) override {
+    return Write<RunRecord>([&](Db& db, Txn& txn) -> Result<RunRecord> {
+      auto run = LoadRun(db, run_id, false);
+      if (!run) return Error(ErrorCode::kNotFound, "no run with id \"" + run_id + "\"", "run_id");
+      if (run->status != RunStatus::kDeadLettered && run->status != RunStatus::kFailed) {
+        return Error(ErrorCode::kConflict, "run " + run_id + " is " + std::string(RunStatusName(run->status)) +
+                                               "; only dead_lettered or failed runs can be redriven");
+      }
+      const int64_t now = ToMillis(txn.now);
+      {
+        auto s = db.Prepare("DELETE FROM steps WHERE run_id = ?1 AND status != 'succeeded'");
+        s.Bind(1, run_id).Run();
+      }
+      {
+        auto s = db.Prepare(
+            "UPDATE runs SET status = 'queued', error = NULL, output = NULL, finished_at = NULL, updated_at = ?2 "
+            "WHERE id = ?1");
+        s.Bind(1, run_id).Bind(2, now).Run();
+      }
+      {
+        auto s = db.Prepare(
+            "INSERT INTO queue(run_id, due_at) VALUES(?1, ?2) ON CONFLICT(run_id) DO UPDATE SET "
+            "due_at = ?2, lease_token = NULL, lease_owner = NULL");
+        s.Bind(1, run_id).Bind(2, now).Run();
+        txn.queue_delta += 1;
+      }
+      json::object data;
+      if (run->error) data["previous_error"] = ErrorToJson(*run->error);
+      AppendEvent(db, txn.now, run_id, "RunRedriven", {}, 0, data);
+      return *LoadRun(db, run_id, true);
+    });
+  }
+
+  Result<StoreStats> GetStats() override {
+    const int64_t now = ToMillis(clock_.Now());
+    return Read<StoreStats>([&](Db& db) -> Result<StoreStats> {
+      StoreStats stats;
+      for (auto st : kAllRunStatuses) stats.runs_by_status[st] = 0;
+      {
+        auto s = db.Prepare("SELECT status, count(*) FROM runs GROUP BY status");
+        while (s.Step()) {
+          if (auto st = RunStatusFromName(s.Text(0))) stats.runs_by_status[*st] = s.Int(1);
+        }
+      }
+      {
+        auto s = db.Prepare(
+            "SELECT coalesce(sum(lease_token IS NULL AND due_at <= ?1), 0), "
+            "coalesce(sum(lease_token IS NOT NULL AND due_at > ?1), 0), "
+            "coalesce(sum(lease_token IS NULL AND due_at > ?1), 0), "
+            "coalesce(sum(lease_token IS NOT NULL AND due_at <= ?1), 0) FROM queue");
+        s.Bind(1, now);
+        if (s.Step()) {
+          stats.queue_ready = s.Int(0) + s.Int(3);  // expired leases are ready again
+          stats.queue_leased = s.Int(1);
+          stats.queue_delayed = s.Int(2);
+        }
+      }
+      return stats;
+    });
+  }
+
+  Result<std::optional<Timestamp>> NextDueAt() override {
+    return Read<std::optional<Timestamp>>([&](Db& db) -> Result<std::optional<Timestamp>> {
+      auto s = db.Prepare("SELECT min(due_at) FROM queue");
+      if (!s.Step() || s.IsNull(0)) return std::optional<Timestamp>();
+      return std::optional<Timestamp>(FromMillis(s.Int(0)));
+    });
+  }
+
+ private:
+  struct Unit {};
+
+  // Queues `fn` for the writer and waits until its batch committed.
+  template <typename T, typename R = std::conditional_t<std::is_same_v<T, Unit>, void, T>>
+  Result<R> Write(const std::function<Result<T>(Db&, Txn&)>& fn) {
+    std::optional<Result<T>> out;
+    std::promise<void> finished;
+    WriteOp op;
+    op.run = [&](Db& db, Txn& txn) {
+      try {
+        out.emplace(fn(db, txn));
+      } catch (const SqlError& e) {
+        out.emplace(Error(ErrorCode::kUnavailable, e.what()));
+      } catch (const std::exception& e) {
+        out.emplace(Error(ErrorCode::kInternal, e.what()));
+      }
+      return out->ok();
+    };
+    op.done = [&](const Error* commit_error) {
+      if (commit_error) out.emplace(*commit_error);
+      finished.set_value();
+    };
+    {
+      std::lock_guard lock(mu_);
+      if (stopping_) return Error(ErrorCode::kUnavailable, "the store is closing");
+      pending_.push_back(std::move(op));
+    }
+    cv_.notify_one();
+    finished.get_future().wait();
+    if constexpr (std::is_same_v<T, Unit>) {
+      if (!out->ok()) return std::move(*out).error();
+      return Ok();
+    } else {
+      return std::move(*out);
+    }
+  }
+
+  // Runs `fn` on a read connection in one read transaction (a consistent snapshot).
+  template <typename T>
+  Result<T> Read(const std::function<Result<T>(Db&)>& fn) {
+    std::unique_ptr<Db> db;
+    {
+      std::unique_lock lock(readers_mu_);
+      readers_cv_.wait(lock, [this] { return !readers_.empty(); });
+      db = std::move(readers_.back());
+      readers_.pop_back();
+    }
+    std::optional<Result<T>> out;
+    try {
+      db->Exec("BEGIN");
+      out.emplace(fn(*db));
+      db->Exec("COMMIT");
+    } catch (const SqlError& e) {
+      try { db->Exec("ROLLBACK"); } catch (const SqlError&) {}
+      out.emplace(Error(ErrorCode::kUnavailable, e.what()));
+    } catch (const std::exception& e) {
+      try { db->Exec("ROLLBACK"); } catch (const SqlError&) {}
+      out.emplace(Error(ErrorCode::kInternal, e.what()));
+    }
+    {
+      std::lock_guard lock(readers_mu_);
+      readers_.push_back(std::move(db));
+    }
+    readers_cv_.notify_one();
+    return std::move(*out);
+  }
+
+  void WriterLoop() {
+    std::vector<WriteOp> batch;
+    while (true) {
+      {
+        std::unique_lock lock(mu_);
+        cv_.wait(lock, [this] { return stopping_ || !pending_.empty(); });
+        if (pending_.empty()) return;
+        const std::size_t n = std::min<std::size_t>(pending_.size(), std::max(1, options_.max_batch));
+        batch.clear();
+        for (std::size_t i = 0; i < n; ++i) {
+          batch.push_back(std::move(pending_.front()));
+          pending_.pop_front();
+        }
+      }
+      CommitBatch(batch);
+    }
+  }
+
+  void CommitBatch(std::vector<WriteOp>& batch) {
+    int64_t delta = 0;
+    std::optional<Error> commit_error;
+    try {
+      writer_->Exec("BEGIN IMMEDIATE");
+      const Timestamp now = clock_.Now();
+      for (auto& op : batch) {
+        writer_->Exec("SAVEPOINT op");
+        Txn txn{now, queue_rows_ + delta, 0};
+        bool ok = op.run(*writer_, txn);
+        if (ok) {
+          writer_->Exec("RELEASE op");
+          delta += txn.queue_delta;
+        } else {
+          writer_->Exec("ROLLBACK TO op");
+          writer_->Exec("RELEASE op");
+        }
+      }
+      writer_->Exec("COMMIT");
+    } catch (const SqlError& e) {
+      try { writer_->Exec("ROLLBACK"); } catch (const SqlError&) {}
+      commit_error = Error(ErrorCode::kUnavailable, std::string("commit failed: ") + e.what());
+      obs::LogError("sqlite commit failed", {{"error", e.what()}, {"writes", batch.size()}});
+    }
+    if (!commit_error) queue_rows_ += delta;
+    for (auto& op : batch) op.done(commit_error ? &*commit_error : nullptr);
+  }
+
+  SqliteOptions options_;
+  const Clock& clock_;
+  Random& random_;
+
+  std::unique_ptr<Db> writer_;  // used by the writer thread only (after Open)
+  int64_t queue_rows_ = 0;      // writer thread only
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<WriteOp> pending_;  // GUARDED_BY(mu_)
+  bool stopping_ = false;        // GUARDED_BY(mu_)
+  std::thread writer_thread_;
+
+  std::mutex readers_mu_;
+  std::condition_variable readers_cv_;
+  std::vector<std::unique_ptr<Db>> readers_;  // GUARDED_BY(readers_mu_)
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Store>> OpenSqliteStore(const SqliteOptions& options, const Clock& clock,
+                                               Random& random) {
+  if (options.path.empty() || options.path == ":memory:") {
+    return Error(ErrorCode::kInvalidRequest, "the SQLite store needs a file path");
+  }
+  auto store = std::make_unique<SqliteStore>(options, clock, random);
+  auto opened = store->Open();
+  if (!opened.ok()) return std::move(opened).error();
+  return std::unique_ptr<Store>(std::move(store));
+}
+
+}  // namespace keel::store
