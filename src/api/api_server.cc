@@ -1,0 +1,432 @@
+#include "keel/api/api_server.h"
+
+#include <atomic>
+#include <charconv>
+#include <prometheus/counter.h>
+#include <prometheus/gauge.h>
+
+#include "keel/core/ids.h"
+#include "keel/engine/pipeline.h"
+#include "keel/net/worker_pool.h"
+#include "keel/obs/log.h"
+#include "keel/obs/metrics.h"
+#include "responses.h"
+
+namespace keel::api {
+
+namespace {
+json::value TimeOrNull(const std::optional<Timestamp>& t) {
+  return t ? json::value(FormatRfc3339(*t)) : json::value(nullptr);
+}
+json::value ErrorOrNull(const std::optional<Error>& e) {
+  if (!e) return nullptr;
+  return json::object{{"type", ErrorCodeName(e->code)}, {"message", e->message}};
+}
+}  // namespace
+
+json::value RunToJson(const store::RunRecord& run, bool with_steps) {
+  json::object o{{"id", run.id},
+                 {"object", "run"},
+                 {"pipeline", run.pipeline},
+                 {"status", store::RunStatusName(run.status)},
+                 {"input", run.input},
+                 {"output", run.output},
+                 {"error", ErrorOrNull(run.error)},
+                 {"idempotency_key", run.idempotency_key.empty() ? json::value(nullptr) : json::value(run.idempotency_key)},
+                 {"created_at", FormatRfc3339(run.created_at)},
+                 {"updated_at", FormatRfc3339(run.updated_at)},
+                 {"started_at", TimeOrNull(run.started_at)},
+                 {"finished_at", TimeOrNull(run.finished_at)}};
+  if (run.started_at && run.finished_at) o["duration_ms"] = (*run.finished_at - *run.started_at).count();
+  if (with_steps) {
+    json::array steps;
+    for (const auto& s : run.steps) {
+      json::object so{{"id", s.step_id},
+                      {"status", store::StepStatusName(s.status)},
+                      {"attempts", s.attempts},
+                      {"started_at", TimeOrNull(s.started_at)},
+                      {"finished_at", TimeOrNull(s.finished_at)},
+                      {"output", nullptr},
+                      {"error", ErrorOrNull(s.error)}};
+      if (s.started_at && s.finished_at) so["duration_ms"] = (*s.finished_at - *s.started_at).count();
+      if (s.output.is_object()) {
+        for (const auto& kv : s.output.get_object()) so[kv.key()] = kv.value();
+      }
+      steps.push_back(std::move(so));
+    }
+    o["steps"] = std::move(steps);
+  }
+  return o;
+}
+
+json::value EventToJson(const store::Event& e) {
+  return json::object{{"seq", e.seq},
+                      {"type", e.type},
+                      {"step_id", e.step_id.empty() ? json::value(nullptr) : json::value(e.step_id)},
+                      {"attempt", e.attempt > 0 ? json::value(e.attempt) : json::value(nullptr)},
+                      {"at", FormatRfc3339(e.at)},
+                      {"data", e.data}};
+}
+
+namespace {
+
+using net::HttpRequest;
+using net::HttpResponse;
+
+Error BadRequest(std::string message, std::string param = {}) {
+  return Error(ErrorCode::kInvalidRequest, std::move(message), std::move(param));
+}
+
+// Splits "/v1/runs/ID/cancel" into {"v1","runs","ID","cancel"}.
+std::vector<std::string_view> Segments(std::string_view path) {
+  std::vector<std::string_view> out;
+  std::size_t pos = 0;
+  while (pos < path.size()) {
+    if (path[pos] == '/') {
+      ++pos;
+      continue;
+    }
+    auto end = path.find('/', pos);
+    if (end == std::string_view::npos) end = path.size();
+    out.push_back(path.substr(pos, end - pos));
+    pos = end;
+  }
+  return out;
+}
+
+Result<int> ParseIntParam(const HttpRequest& req, std::string_view name, int def, int lo, int hi) {
+  if (!req.HasQueryParam(name)) return def;
+  const std::string v = req.QueryParam(name);
+  int n = 0;
+  const auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
+  if (ec != std::errc() || p != v.data() + v.size() || n < lo || n > hi) {
+    return BadRequest(std::string(name) + " must be a whole number from " + std::to_string(lo) + " to " +
+                          std::to_string(hi) + ", not \"" + v + "\"",
+                      std::string(name));
+  }
+  return n;
+}
+
+class ApiServerImpl final : public ApiServer {
+ public:
+  ApiServerImpl(const Config& config, store::Store& store, engine::Engine* engine, const Clock& clock,
+                Random& random, prometheus::Registry& registry)
+      : config_(config),
+        store_(store),
+        engine_(engine),
+        clock_(clock),
+        random_(random),
+        registry_(registry),
+        pool_(config.server.handler_threads, 10000),
+        http_requests_(prometheus::BuildCounter()
+                           .Name("keel_http_requests_total")
+                           .Help("HTTP requests answered, by handler and status code")
+                           .Register(registry)),
+        runs_gauge_(prometheus::BuildGauge().Name("keel_runs").Help("Runs by status").Register(registry)),
+        queue_gauge_(prometheus::BuildGauge()
+                         .Name("keel_queue_depth")
+                         .Help("Queued runs by state: ready (due), leased (in flight), delayed (backoff)")
+                         .Register(registry)),
+        dlq_gauge_(prometheus::BuildGauge()
+                       .Name("keel_dlq_size")
+                       .Help("Runs in the dead-letter queue")
+                       .Register(registry)
+                       .Add({})),
+        submitted_(prometheus::BuildCounter()
+                       .Name("keel_runs_submitted_total")
+                       .Help("Runs accepted by POST /v1/runs, by pipeline")
+                       .Register(registry)) {
+    for (const auto& [name, p] : config_.pipelines) definitions_[name] = engine::DefinitionToJson(p);
+  }
+
+  ~ApiServerImpl() override { Stop(); }
+
+  Result<void> Listen(net::ServerOptions options) {
+    auto server = net::HttpServer::Create(options, [this](HttpRequest&& req, net::Responder respond) {
+      Dispatch(std::move(req), std::move(respond));
+    });
+    if (!server.ok()) return std::move(server).error();
+    server_ = std::move(server).value();
+    return Ok();
+  }
+
+  uint16_t port() const override { return server_->port(); }
+  void SetDraining() override { draining_.store(true); }
+
+  void Stop() override {
+    if (stopped_.exchange(true)) return;
+    draining_.store(true);
+    if (server_) server_->Stop();
+    pool_.Stop();
+  }
+
+ private:
+  using Handler = HttpResponse (ApiServerImpl::*)(const HttpRequest&, const std::vector<std::string_view>&);
+
+  void Dispatch(HttpRequest&& req, net::Responder respond) {
+    const auto segs = Segments(req.path);
+    std::string name;
+    Handler h = Route(req, segs, name);
+    if (h == nullptr) {
+      respond(Answer(req, name, HttpResponse(NotFoundOrMethod(req, segs))));
+      return;
+    }
+    auto shared = std::make_shared<HttpRequest>(std::move(req));
+    const bool queued = pool_.Submit([this, h, shared, name, respond]() mutable {
+      const auto segs2 = Segments(shared->path);
+      respond(Answer(*shared, name, (this->*h)(*shared, segs2)));
+    });
+    if (!queued) {
+      Error e(ErrorCode::kOverloaded, "keel is overloaded (too many requests waiting); retry later");
+      e.retry_after = Duration(1000);
+      respond(Answer(*shared, name, ErrorResponse(e)));
+    }
+  }
+
+  HttpResponse Answer(const HttpRequest&, const std::string& name, HttpResponse r) {
+    http_requests_.Add({{"handler", name.empty() ? "unknown" : name}, {"code", std::to_string(r.status)}}).Increment();
+    return r;
+  }
+
+  Handler Route(const HttpRequest& req, const std::vector<std::string_view>& s, std::string& name) {
+    const auto& m = req.method;
+    if (s.size() == 1 && s[0] == "healthz" && m == "GET") return name = "healthz", &ApiServerImpl::Healthz;
+    if (s.size() == 1 && s[0] == "readyz" && m == "GET") return name = "readyz", &ApiServerImpl::Readyz;
+    if (s.size() == 1 && s[0] == "metrics" && m == "GET") return name = "metrics", &ApiServerImpl::Metrics;
+    if (s.size() < 2 || s[0] != "v1") return nullptr;
+    if (s[1] == "runs") {
+      if (s.size() == 2 && m == "POST") return name = "submit_run", &ApiServerImpl::SubmitRun;
+      if (s.size() == 2 && m == "GET") return name = "list_runs", &ApiServerImpl::ListRuns;
+      if (s.size() == 3 && m == "GET") return name = "get_run", &ApiServerImpl::GetRun;
+      if (s.size() == 4 && s[3] == "events" && m == "GET") return name = "run_events", &ApiServerImpl::RunEvents;
+      if (s.size() == 4 && s[3] == "cancel" && m == "POST") return name = "cancel_run", &ApiServerImpl::CancelRun;
+      if (s.size() == 4 && s[3] == "redrive" && m == "POST") return name = "redrive_run", &ApiServerImpl::RedriveRun;
+    }
+    if (s.size() == 2 && s[1] == "dlq" && m == "GET") return name = "list_dlq", &ApiServerImpl::ListDlq;
+    if (s.size() == 2 && s[1] == "pipelines" && m == "GET") return name = "list_pipelines", &ApiServerImpl::ListPipelines;
+    return nullptr;
+  }
+
+  static HttpResponse NotFoundOrMethod(const HttpRequest& req, const std::vector<std::string_view>& s) {
+    // A known path with another method is a 405 naming the allowed ones.
+    std::string allow;
+    const bool v1 = s.size() >= 2 && s[0] == "v1";
+    if (s.size() == 1 && (s[0] == "healthz" || s[0] == "readyz" || s[0] == "metrics")) allow = "GET";
+    else if (v1 && s[1] == "runs" && s.size() == 2) allow = "GET, POST";
+    else if (v1 && s[1] == "runs" && s.size() == 3) allow = "GET";
+    else if (v1 && s[1] == "runs" && s.size() == 4 && s[3] == "events") allow = "GET";
+    else if (v1 && s[1] == "runs" && s.size() == 4 && (s[3] == "cancel" || s[3] == "redrive")) allow = "POST";
+    else if (v1 && (s[1] == "dlq" || s[1] == "pipelines") && s.size() == 2) allow = "GET";
+    if (!allow.empty()) {
+      auto r = ErrorResponse(Error(ErrorCode::kInvalidRequest, req.method + " is not allowed on " + req.path +
+                                                                  "; use " + allow),
+                             405);
+      r.headers.emplace_back("Allow", allow);
+      return r;
+    }
+    return ErrorResponse(Error(ErrorCode::kNotFound, "no such endpoint: " + req.method + " " + req.path));
+  }
+
+  HttpResponse Healthz(const HttpRequest&, const std::vector<std::string_view>&) {
+    return JsonResponse(200, json::object{{"status", "ok"}});
+  }
+
+  HttpResponse Readyz(const HttpRequest&, const std::vector<std::string_view>&) {
+    if (draining_.load()) return JsonResponse(503, json::object{{"status", "draining"}});
+    auto next = store_.NextDueAt();
+    if (!next.ok()) {
+      return JsonResponse(503, json::object{{"status", "unavailable"}, {"storage", next.error().message}});
+    }
+    return JsonResponse(200, json::object{{"status", "ready"}});
+  }
+
+  HttpResponse Metrics(const HttpRequest&, const std::vector<std::string_view>&) {
+    if (auto stats = store_.GetStats(); stats.ok()) {
+      for (const auto& [status, n] : stats->runs_by_status) {
+        runs_gauge_.Add({{"status", std::string(store::RunStatusName(status))}}).Set(static_cast<double>(n));
+      }
+      queue_gauge_.Add({{"state", "ready"}}).Set(static_cast<double>(stats->queue_ready));
+      queue_gauge_.Add({{"state", "leased"}}).Set(static_cast<double>(stats->queue_leased));
+      queue_gauge_.Add({{"state", "delayed"}}).Set(static_cast<double>(stats->queue_delayed));
+      dlq_gauge_.Set(static_cast<double>(stats->runs_by_status[store::RunStatus::kDeadLettered]));
+    }
+    HttpResponse r;
+    r.content_type = "text/plain; version=0.0.4; charset=utf-8";
+    r.body = obs::RenderPrometheus(registry_);
+    return r;
+  }
+
+  HttpResponse SubmitRun(const HttpRequest& req, const std::vector<std::string_view>&) {
+    const auto ct = req.Header("content-type");
+    if (!ct.empty() && ct.find("json") == std::string_view::npos) {
+      return ErrorResponse(BadRequest("Content-Type must be application/json, not \"" + std::string(ct) + "\""));
+    }
+    auto body = ParseJson(req.body);
+    if (!body.ok()) return ErrorResponse(body.error());
+    if (!body->is_object()) {
+      return ErrorResponse(BadRequest("the body must be a JSON object such as {\"pipeline\": \"...\", \"input\": {...}}"));
+    }
+    const auto& o = body->get_object();
+    for (const auto& kv : o) {
+      if (kv.key() != "pipeline" && kv.key() != "input") {
+        return ErrorResponse(BadRequest("unknown field \"" + std::string(kv.key()) + "\"; a run takes pipeline and input",
+                                        std::string(kv.key())));
+      }
+    }
+    const auto* pipeline = o.if_contains("pipeline");
+    if (pipeline == nullptr) return ErrorResponse(BadRequest("missing field \"pipeline\": the name of the pipeline to run", "pipeline"));
+    if (!pipeline->is_string()) {
+      return ErrorResponse(BadRequest("\"pipeline\" must be a string, not " + std::string(JsonKindName(*pipeline)), "pipeline"));
+    }
+    const std::string name(pipeline->get_string());
+    const auto def = definitions_.find(name);
+    if (def == definitions_.end()) {
+      std::string known;
+      for (const auto& [n, _] : definitions_) known += (known.empty() ? "" : ", ") + n;
+      return ErrorResponse(Error(ErrorCode::kNotFound, "unknown pipeline \"" + name + "\"; known pipelines: " +
+                                                           (known.empty() ? "(none)" : known),
+                                 "pipeline"));
+    }
+    json::value input = json::object();
+    if (const auto* in = o.if_contains("input")) {
+      if (!in->is_object()) {
+        return ErrorResponse(BadRequest("\"input\" must be a JSON object, not " + std::string(JsonKindName(*in)), "input"));
+      }
+      input = *in;
+    }
+    const std::string key(req.Header("idempotency-key"));
+    if (key.size() > 255) return ErrorResponse(BadRequest("Idempotency-Key is longer than 255 characters", "Idempotency-Key"));
+    for (unsigned char c : key) {
+      if (c < 0x20 || c > 0x7e) {
+        return ErrorResponse(BadRequest("Idempotency-Key must be printable ASCII", "Idempotency-Key"));
+      }
+    }
+    store::NewRun run;
+    run.id = NewRunId(clock_.Now(), random_);
+    run.pipeline = name;
+    run.input = std::move(input);
+    run.definition = def->second;
+    run.idempotency_key = key;
+    if (!key.empty()) run.fingerprint = Sha256Hex(CanonicalJson(json::object{{"pipeline", name}, {"input", run.input}}));
+    run.max_queue_depth = config_.engine.max_queue_depth;
+    auto submitted = store_.SubmitRun(run);
+    if (!submitted.ok()) return ErrorResponse(submitted.error());
+    if (submitted->created) {
+      submitted_.Add({{"pipeline", name}}).Increment();
+      if (engine_) engine_->Notify();
+    }
+    auto r = JsonResponse(submitted->created ? 201 : 200, RunToJson(submitted->run, true));
+    r.headers.emplace_back("Location", "/v1/runs/" + submitted->run.id);
+    if (!submitted->created) r.headers.emplace_back("Idempotent-Replayed", "true");
+    return r;
+  }
+
+  HttpResponse GetRun(const HttpRequest&, const std::vector<std::string_view>& s) {
+    auto run = store_.GetRun(std::string(s[2]));
+    if (!run.ok()) return ErrorResponse(run.error());
+    return JsonResponse(200, RunToJson(*run, true));
+  }
+
+  HttpResponse ListWith(const HttpRequest& req, std::optional<store::RunStatus> forced) {
+    store::RunFilter f;
+    if (forced) {
+      f.status = forced;
+    } else if (req.HasQueryParam("status")) {
+      const auto st = req.QueryParam("status");
+      f.status = store::RunStatusFromName(st);
+      if (!f.status) {
+        return ErrorResponse(BadRequest("unknown status \"" + st + "\"; use one of queued, running, waiting, succeeded, "
+                                        "failed, cancelled, dead_lettered", "status"));
+      }
+    }
+    f.pipeline = req.QueryParam("pipeline");
+    auto limit = ParseIntParam(req, "limit", 50, 1, 1000);
+    if (!limit.ok()) return ErrorResponse(limit.error());
+    f.limit = *limit;
+    f.cursor = req.QueryParam("cursor");
+    if (!f.cursor.empty() && f.cursor.rfind("run_", 0) != 0) {
+      return ErrorResponse(BadRequest("cursor must be the next_cursor of a previous page", "cursor"));
+    }
+    auto page = store_.ListRuns(f);
+    if (!page.ok()) return ErrorResponse(page.error());
+    json::array data;
+    for (const auto& r : page->runs) data.push_back(RunToJson(r, false));
+    return JsonResponse(200, json::object{{"object", "list"},
+                                          {"data", std::move(data)},
+                                          {"has_more", !page->next_cursor.empty()},
+                                          {"next_cursor", page->next_cursor.empty() ? json::value(nullptr)
+                                                                                    : json::value(page->next_cursor)}});
+  }
+
+  HttpResponse ListRuns(const HttpRequest& req, const std::vector<std::string_view>&) { return ListWith(req, std::nullopt); }
+  HttpResponse ListDlq(const HttpRequest& req, const std::vector<std::string_view>&) {
+    return ListWith(req, store::RunStatus::kDeadLettered);
+  }
+
+  HttpResponse RunEvents(const HttpRequest& req, const std::vector<std::string_view>& s) {
+    auto limit = ParseIntParam(req, "limit", 1000, 1, 10000);
+    if (!limit.ok()) return ErrorResponse(limit.error());
+    auto after = ParseIntParam(req, "after", 0, 0, std::numeric_limits<int>::max());
+    if (!after.ok()) return ErrorResponse(after.error());
+    auto events = store_.ListEvents(std::string(s[2]), *after, *limit);
+    if (!events.ok()) return ErrorResponse(events.error());
+    json::array data;
+    for (const auto& e : *events) data.push_back(EventToJson(e));
+    const int64_t last = events->empty() ? *after : events->back().seq;
+    return JsonResponse(200, json::object{{"object", "list"}, {"data", std::move(data)}, {"next_after", last}});
+  }
+
+  HttpResponse CancelRun(const HttpRequest&, const std::vector<std::string_view>& s) {
+    auto run = store_.CancelRun(std::string(s[2]));
+    if (!run.ok()) return ErrorResponse(run.error());
+    obs::LogInfo("run cancelled", {{"run_id", run->id}});
+    return JsonResponse(200, RunToJson(*run, true));
+  }
+
+  HttpResponse RedriveRun(const HttpRequest&, const std::vector<std::string_view>& s) {
+    auto run = store_.RedriveRun(std::string(s[2]));
+    if (!run.ok()) return ErrorResponse(run.error());
+    if (engine_) engine_->Notify();
+    obs::LogInfo("run redriven", {{"run_id", run->id}});
+    return JsonResponse(200, RunToJson(*run, true));
+  }
+
+  HttpResponse ListPipelines(const HttpRequest&, const std::vector<std::string_view>&) {
+    json::array data;
+    for (const auto& [name, p] : config_.pipelines) {
+      json::array steps;
+      for (const auto& st : p.steps) steps.push_back(json::object{{"id", st.id}, {"kind", StepKindName(st.kind)}});
+      data.push_back(json::object{{"name", name}, {"description", p.description}, {"steps", std::move(steps)}});
+    }
+    return JsonResponse(200, json::object{{"object", "list"}, {"data", std::move(data)}});
+  }
+
+  const Config& config_;
+  store::Store& store_;
+  engine::Engine* engine_;
+  const Clock& clock_;
+  Random& random_;
+  prometheus::Registry& registry_;
+  std::map<std::string, json::value> definitions_;
+  net::WorkerPool pool_;
+  std::unique_ptr<net::HttpServer> server_;
+  std::atomic<bool> draining_{false};
+  std::atomic<bool> stopped_{false};
+  prometheus::Family<prometheus::Counter>& http_requests_;
+  prometheus::Family<prometheus::Gauge>& runs_gauge_;
+  prometheus::Family<prometheus::Gauge>& queue_gauge_;
+  prometheus::Gauge& dlq_gauge_;
+  prometheus::Family<prometheus::Counter>& submitted_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<ApiServer>> ApiServer::Create(const Config& config, net::ServerOptions server,
+                                                     store::Store& store, engine::Engine* engine, const Clock& clock,
+                                                     Random& random, prometheus::Registry& registry) {
+  auto api = std::make_unique<ApiServerImpl>(config, store, engine, clock, random, registry);
+  KEEL_RETURN_IF_ERROR(api->Listen(std::move(server)));
+  return std::unique_ptr<ApiServer>(std::move(api));
+}
+
+}  // namespace keel::api

@@ -1,0 +1,43 @@
+#pragma once
+// The engine: a pool of workers that lease queued runs from the Store and execute their
+// pipelines step by step, checkpointing each finished step before the next starts.
+//
+// Per step attempt: a success is committed together with the start of the next step; a
+// retryable failure gives the lease back with a backoff delay (the run waits in the
+// queue, holding no worker); a non-retryable failure ends the run `failed`; a retryable
+// failure on the last allowed attempt ends it `dead_lettered`. Leases in flight are
+// extended by a heartbeat thread. A crash leaves the lease to expire; the run is then
+// leased again and resumes at the step that was running (docs/guarantees.md).
+
+#include <memory>
+#include <prometheus/registry.h>
+#include <string>
+
+#include "keel/core/clock.h"
+#include "keel/core/config.h"
+#include "keel/core/random.h"
+#include "keel/gateway/gateway.h"
+#include "keel/store/store.h"
+
+namespace keel::engine {
+
+class Engine {
+ public:
+  /// `store`, `gateway`, `clock`, `random` and `registry` must outlive the engine.
+  static std::unique_ptr<Engine> Create(const EngineConfig& config, store::Store& store,
+                                        gateway::Gateway& gateway, const Clock& clock,
+                                        Random& random, prometheus::Registry& registry);
+  virtual ~Engine() = default;
+
+  /// Starts the workers and the heartbeat thread.
+  virtual void Start() = 0;
+  /// Says that a run was queued, so an idle worker looks at once. Thread-safe.
+  virtual void Notify() = 0;
+  /// Drains: no new leases; runs in flight finish the step they are in, then give their
+  /// lease back. Returns when every worker has stopped. Idempotent.
+  virtual void Stop() = 0;
+  /// Whether Stop() has begun.
+  virtual bool draining() const = 0;
+};
+
+}  // namespace keel::engine

@@ -1,0 +1,17 @@
+#pragma once
+// A pipeline definition as it is stored with each run: a run keeps the definition it was
+// submitted with, so that changing the config never changes a run in flight.
+
+#include "keel/core/config.h"
+#include "keel/core/json.h"
+#include "keel/core/result.h"
+
+namespace keel::engine {
+
+/// The JSON stored in runs.definition.
+json::value DefinitionToJson(const PipelineConfig& pipeline);
+
+/// Reads a stored definition back. Fails (kInvalidRequest) on a shape this keel cannot run.
+Result<PipelineConfig> DefinitionFromJson(const json::value& v);
+
+}  // namespace keel::engine
