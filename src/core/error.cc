@@ -107,8 +107,6 @@ ErrorCode ClassifyHttpStatus(int status) {
     case 503:
     case 529:
       return ErrorCode::kOverloaded;
-    case 504:
-      return ErrorCode::kTimeout;
     default:
       break;
   }
