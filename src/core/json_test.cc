@@ -1,1 +1,156 @@
+#include "keel/core/json.h"
+
 #include <gtest/gtest.h>
+
+#include <string>
+
+#include "keel/testing/assert.h"
+
+namespace keel {
+namespace {
+
+TEST(ParseJsonTest, ParsesValidDocuments) {
+  auto obj = ParseJson(R"({"a": [1, 2.5, "x", true, null], "b": {"c": -3}})");
+  ASSERT_OK(obj);
+  ASSERT_TRUE(obj->is_object());
+  EXPECT_EQ(obj->at("a").at(1).as_double(), 2.5);
+  EXPECT_EQ(obj->at("b").at("c").as_int64(), -3);
+
+  auto num = ParseJson("123");
+  ASSERT_OK(num);
+  EXPECT_EQ(*num, json::value(123));
+
+  auto str = ParseJson(R"("h\u00e9")");
+  ASSERT_OK(str);
+  EXPECT_EQ(str->as_string(), "h\xc3\xa9");
+}
+
+TEST(ParseJsonTest, TrailingWhitespaceIsAccepted) {
+  auto r = ParseJson("{\"a\":1} \n\t\r ");
+  ASSERT_OK(r);
+  EXPECT_EQ(*r, json::parse(R"({"a":1})"));
+}
+
+TEST(ParseJsonTest, EmptyInputIsAnError) {
+  auto r = ParseJson("");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kInvalidRequest);
+  EXPECT_NE(r.error().message.find("empty"), std::string::npos) << r.error().message;
+}
+
+TEST(ParseJsonTest, WhitespaceOnlyIsAnError) {
+  auto r = ParseJson("   ");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kInvalidRequest);
+}
+
+TEST(ParseJsonTest, TrailingGarbageNamesItsByte) {
+  auto r = ParseJson(R"({"a":1} x)");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kInvalidRequest);
+  EXPECT_NE(r.error().message.find("byte 8"), std::string::npos) << r.error().message;
+
+  auto glued = ParseJson(R"({"a":1}x)");
+  ASSERT_FALSE(glued.ok());
+  EXPECT_NE(glued.error().message.find("byte 7"), std::string::npos) << glued.error().message;
+
+  auto two = ParseJson("1 2");
+  ASSERT_FALSE(two.ok());
+  EXPECT_NE(two.error().message.find("byte 2"), std::string::npos) << two.error().message;
+
+  EXPECT_FALSE(ParseJson("{} {}").ok());
+}
+
+TEST(ParseJsonTest, TruncatedDocumentNamesTheEnd) {
+  for (const std::string text : {R"({"a": 1)", "[1,2", R"("abc)", "nul"}) {
+    auto r = ParseJson(text);
+    ASSERT_FALSE(r.ok()) << text;
+    EXPECT_EQ(r.error().code, ErrorCode::kInvalidRequest);
+    EXPECT_NE(r.error().message.find("byte " + std::to_string(text.size())), std::string::npos)
+        << text << ": " << r.error().message;
+  }
+}
+
+TEST(ParseJsonTest, SyntaxErrorNamesTheOffendingByte) {
+  auto r = ParseJson(R"({"a" 1})");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kInvalidRequest);
+  EXPECT_NE(r.error().message.find("byte 5"), std::string::npos) << r.error().message;
+  EXPECT_FALSE(ParseJson("{'a': 1}").ok());
+  EXPECT_FALSE(ParseJson("[1,]").ok());
+}
+
+TEST(CanonicalJsonTest, KeyOrderDoesNotMatter) {
+  const auto a = json::parse(R"({"b": 1, "a": 2, "c": {"z": 1, "y": [3, {"q": 1, "p": 2}]}})");
+  const auto b = json::parse(R"({"c": {"y": [3, {"p": 2, "q": 1}], "z": 1}, "a": 2, "b": 1})");
+  EXPECT_EQ(CanonicalJson(a), CanonicalJson(b));
+  EXPECT_EQ(CanonicalJson(a), R"({"a":2,"b":1,"c":{"y":[3,{"p":2,"q":1}],"z":1}})");
+}
+
+TEST(CanonicalJsonTest, DifferentValuesDiffer) {
+  EXPECT_NE(CanonicalJson(json::parse(R"({"a": 1})")), CanonicalJson(json::parse(R"({"a": 2})")));
+  // Array order is significant.
+  EXPECT_NE(CanonicalJson(json::parse("[1, 2]")), CanonicalJson(json::parse("[2, 1]")));
+  EXPECT_NE(CanonicalJson(json::parse(R"({"a": "1"})")),
+            CanonicalJson(json::parse(R"({"a": 1})")));
+}
+
+TEST(CanonicalJsonTest, EscapesKeysAndScalars) {
+  const auto v = json::parse(R"({"k\"ey": "v\nal", "n": null, "t": true, "e": [], "o": {}})");
+  EXPECT_EQ(CanonicalJson(v), R"({"e":[],"k\"ey":"v\nal","n":null,"o":{},"t":true})");
+  // The canonical form is itself valid JSON equal to the input.
+  EXPECT_EQ(json::parse(CanonicalJson(v)), v);
+}
+
+TEST(FindPathTest, WalksObjectsAndArrays) {
+  const auto root = json::parse(R"({"a": {"b": [10, {"c": "deep"}], "n": null}, "x.y": 1})");
+  const json::value* v = FindPath(root, "a.b.1.c");
+  ASSERT_NE(v, nullptr);
+  EXPECT_EQ(*v, json::value("deep"));
+  v = FindPath(root, "a.b.0");
+  ASSERT_NE(v, nullptr);
+  EXPECT_EQ(*v, json::value(10));
+  v = FindPath(root, "a.n");
+  ASSERT_NE(v, nullptr);
+  EXPECT_TRUE(v->is_null());
+  // The empty path is the root itself.
+  EXPECT_EQ(FindPath(root, ""), &root);
+  // The result points into `root`, not at a copy.
+  EXPECT_EQ(FindPath(root, "a"), &root.at("a"));
+}
+
+TEST(FindPathTest, MissingSegmentsAreNull) {
+  const auto root = json::parse(R"({"a": {"b": [10, 20]}})");
+  EXPECT_EQ(FindPath(root, "z"), nullptr);
+  EXPECT_EQ(FindPath(root, "a.z"), nullptr);
+  EXPECT_EQ(FindPath(root, "a.b.2"), nullptr);
+  EXPECT_EQ(FindPath(root, "a.b.0.c"), nullptr);
+}
+
+TEST(FindPathTest, WrongKindIsNull) {
+  const auto root = json::parse(R"({"s": "text", "n": 5, "arr": [1, 2], "obj": {"0": "zero"}})");
+  EXPECT_EQ(FindPath(root, "s.length"), nullptr);  // no keys in a string
+  EXPECT_EQ(FindPath(root, "s.0"), nullptr);
+  EXPECT_EQ(FindPath(root, "n.x"), nullptr);
+  EXPECT_EQ(FindPath(root, "arr.first"), nullptr);  // an array takes only indices
+  EXPECT_EQ(FindPath(root, "arr.-1"), nullptr);
+  EXPECT_EQ(FindPath(root, "arr.1x"), nullptr);
+  // An object key that looks like an index is still a key.
+  const json::value* zero = FindPath(root, "obj.0");
+  ASSERT_NE(zero, nullptr);
+  EXPECT_EQ(*zero, json::value("zero"));
+}
+
+TEST(JsonKindNameTest, NamesEveryKind) {
+  EXPECT_EQ(JsonKindName(json::value(nullptr)), "null");
+  EXPECT_EQ(JsonKindName(json::value(true)), "boolean");
+  EXPECT_EQ(JsonKindName(json::value(1)), "number");
+  EXPECT_EQ(JsonKindName(json::value(1u)), "number");
+  EXPECT_EQ(JsonKindName(json::value(1.5)), "number");
+  EXPECT_EQ(JsonKindName(json::value("s")), "string");
+  EXPECT_EQ(JsonKindName(json::value(json::array{})), "array");
+  EXPECT_EQ(JsonKindName(json::value(json::object{})), "object");
+}
+
+}  // namespace
+}  // namespace keel

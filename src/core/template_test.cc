@@ -1,1 +1,171 @@
+#include "keel/core/template.h"
+
 #include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "keel/testing/assert.h"
+
+namespace keel {
+namespace {
+
+json::value Context() {
+  return json::parse(R"({
+    "input": {"ticket": "printer on fire", "count": 3, "ratio": 0.5, "ok": true,
+              "nothing": null, "tags": ["a", "b"], "who": {"name": "Ada"}},
+    "steps": {"plan": {"output": {"items": ["first", {"x": 1}], "n": 2},
+                       "text": "the plan"}}
+  })");
+}
+
+Result<json::value> Render(std::string_view tmpl_json) {
+  return RenderTemplate(json::parse(tmpl_json), Context());
+}
+
+TEST(TemplateTest, WholeStringReferenceKeepsTheJsonType) {
+  auto r = Render(R"({"n": "{{input.count}}", "r": "{{input.ratio}}", "b": "{{input.ok}}",
+                      "z": "{{input.nothing}}", "arr": "{{input.tags}}",
+                      "obj": "{{input.who}}", "s": "{{input.ticket}}"})");
+  ASSERT_OK(r);
+  EXPECT_EQ(*r, json::parse(R"({"n": 3, "r": 0.5, "b": true, "z": null, "arr": ["a", "b"],
+                                "obj": {"name": "Ada"}, "s": "printer on fire"})"));
+}
+
+TEST(TemplateTest, SpacesInsideTheBracesAreIgnored) {
+  auto r = Render(R"("{{  input.count }}")");
+  ASSERT_OK(r);
+  EXPECT_EQ(*r, json::value(3));
+}
+
+TEST(TemplateTest, ArrayIndicesInPaths) {
+  auto r = Render(R"(["{{steps.plan.output.items.0}}", "{{steps.plan.output.items.1.x}}"])");
+  ASSERT_OK(r);
+  EXPECT_EQ(*r, json::parse(R"(["first", 1])"));
+}
+
+TEST(TemplateTest, EmbeddedReferencesAreInterpolated) {
+  auto r = Render(
+      R"("Ticket: {{input.ticket}} ({{input.count}} times, {{input.ok}}, {{input.nothing}})")");
+  ASSERT_OK(r);
+  EXPECT_EQ(*r, json::value("Ticket: printer on fire (3 times, true, null)"));
+}
+
+TEST(TemplateTest, EmbeddedNonStringValuesAreCompactJson) {
+  auto r = Render(R"("tags={{input.tags}} who={{input.who}}")");
+  ASSERT_OK(r);
+  EXPECT_EQ(*r, json::value(R"(tags=["a","b"] who={"name":"Ada"})"));
+}
+
+TEST(TemplateTest, TwoAdjacentReferencesAreInterpolatedNotTyped) {
+  auto r = Render(R"("{{input.count}}{{input.count}}")");
+  ASSERT_OK(r);
+  EXPECT_EQ(*r, json::value("33"));
+}
+
+TEST(TemplateTest, NestedObjectsAndArraysAreRenderedThroughout) {
+  auto r = Render(R"({"a": {"b": ["{{input.who.name}}", {"c": "x{{steps.plan.output.n}}y"}]},
+                      "keep": 7, "flag": false, "none": null, "plain": "no refs"})");
+  ASSERT_OK(r);
+  EXPECT_EQ(*r, json::parse(R"({"a": {"b": ["Ada", {"c": "x2y"}]},
+                                "keep": 7, "flag": false, "none": null, "plain": "no refs"})"));
+}
+
+TEST(TemplateTest, NonStringTemplatesAreReturnedAsIs) {
+  for (const char* t : {"1", "true", "null", "2.5", "[]", "{}"}) {
+    auto r = Render(t);
+    ASSERT_OK(r);
+    EXPECT_EQ(*r, json::parse(t)) << t;
+  }
+}
+
+TEST(TemplateTest, MissingReferenceIsAnErrorNamingIt) {
+  for (const char* t : {R"("{{input.missing}}")", R"("x {{input.missing}} y")",
+                        R"({"deep": ["{{input.missing}}"]})"}) {
+    auto r = Render(t);
+    ASSERT_FALSE(r.ok()) << t;
+    EXPECT_EQ(r.error().code, ErrorCode::kInvalidRequest);
+    EXPECT_NE(r.error().message.find("input.missing"), std::string::npos) << r.error().message;
+  }
+}
+
+TEST(TemplateTest, IndexPastTheEndAndWrongKindAreMissing) {
+  auto past = Render(R"("{{input.tags.2}}")");
+  ASSERT_FALSE(past.ok());
+  EXPECT_NE(past.error().message.find("input.tags.2"), std::string::npos);
+  // A key into a string, an index into an object.
+  EXPECT_FALSE(Render(R"("{{input.ticket.length}}")").ok());
+  EXPECT_FALSE(Render(R"("{{input.who.0}}")").ok());
+}
+
+TEST(TemplateTest, UnclosedBracesAreAnError) {
+  auto r = Render(R"("hello {{input.ticket")");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kInvalidRequest);
+  EXPECT_NE(r.error().message.find("{{"), std::string::npos) << r.error().message;
+  EXPECT_NE(r.error().message.find("}}"), std::string::npos) << r.error().message;
+}
+
+TEST(TemplateTest, InvalidPathsAreErrors) {
+  for (const char* t : {R"("{{}}")", R"("{{  }}")", R"("{{.input}}")", R"("{{input.}}")",
+                        R"("{{input..ticket}}")", R"("{{input ticket}}")",
+                        R"("{{input.$x}}")", R"("a {{input/ticket}} b")"}) {
+    auto r = Render(t);
+    ASSERT_FALSE(r.ok()) << t;
+    EXPECT_EQ(r.error().code, ErrorCode::kInvalidRequest) << t;
+    EXPECT_NE(r.error().message.find("not a dotted path"), std::string::npos)
+        << t << ": " << r.error().message;
+  }
+}
+
+TEST(TemplateTest, ClosingBracesWithoutOpeningAreLiteral) {
+  auto r = Render(R"("a }} b { c }")");
+  ASSERT_OK(r);
+  EXPECT_EQ(*r, json::value("a }} b { c }"));
+}
+
+TEST(TemplateTest, RenderTemplateStringAlwaysGivesAString) {
+  const auto ctx = Context();
+  auto s = RenderTemplateString("{{input.ticket}}", ctx);
+  ASSERT_OK(s);
+  EXPECT_EQ(*s, "printer on fire");
+  auto n = RenderTemplateString("{{input.count}}", ctx);
+  ASSERT_OK(n);
+  EXPECT_EQ(*n, "3");
+  auto o = RenderTemplateString("{{input.who}}", ctx);
+  ASSERT_OK(o);
+  EXPECT_EQ(*o, R"({"name":"Ada"})");
+  auto mixed = RenderTemplateString("Dear {{input.who.name}}, about {{steps.plan.text}}.", ctx);
+  ASSERT_OK(mixed);
+  EXPECT_EQ(*mixed, "Dear Ada, about the plan.");
+  auto empty = RenderTemplateString("", ctx);
+  ASSERT_OK(empty);
+  EXPECT_EQ(*empty, "");
+  auto missing = RenderTemplateString("{{steps.nope.output}}", ctx);
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.error().message.find("steps.nope.output"), std::string::npos);
+}
+
+TEST(TemplateTest, ReferencesAreListedInOrder) {
+  auto refs = TemplateReferences(json::parse(
+      R"({"a": "{{input.x}} and {{ steps.one.output }}", "b": ["{{steps.two.output.0}}", 5],
+          "c": {"d": "no refs", "e": "{{input}}"}})"));
+  ASSERT_OK(refs);
+  EXPECT_EQ(*refs, (std::vector<std::string>{"input.x", "steps.one.output",
+                                             "steps.two.output.0", "input"}));
+}
+
+TEST(TemplateTest, ReferencesOfAPlainValueAreEmpty) {
+  auto refs = TemplateReferences(json::parse(R"({"a": 1, "b": [true, null, "text"]})"));
+  ASSERT_OK(refs);
+  EXPECT_TRUE(refs->empty());
+}
+
+TEST(TemplateTest, ReferencesOfAMalformedTemplateAreAnError) {
+  EXPECT_FALSE(TemplateReferences(json::value("{{input.x")).ok());
+  EXPECT_FALSE(TemplateReferences(json::parse(R"({"a": ["{{}}"]})")).ok());
+  EXPECT_FALSE(TemplateReferences(json::value("{{a..b}}")).ok());
+}
+
+}  // namespace
+}  // namespace keel

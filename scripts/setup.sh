@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs every Debian package keel needs to build, test and benchmark. Idempotent; runs
+# as root (or through sudo) on a fresh Debian 12 after `apt-get update`.
+set -euo pipefail
+
+PACKAGES=(
+  build-essential cmake ninja-build ccache pkg-config git
+  libboost1.81-dev            # Asio, Beast, JSON, URL (header-only use)
+  libsqlite3-dev sqlite3      # the embedded store
+  libyaml-cpp-dev             # keel.yaml
+  libcli11-dev                # subcommands and flags
+  libspdlog-dev libfmt-dev    # JSON log lines
+  libcurl4-openssl-dev        # outbound HTTP (TLS, proxies)
+  libssl-dev                  # SHA-256 of request bodies
+  prometheus-cpp-dev          # metrics registry and text format
+  libgtest-dev libgmock-dev   # tests
+  libbenchmark-dev wrk curl   # benchmarks
+  python3
+)
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -eq 0 ]; then
+  echo "setup: all ${#PACKAGES[@]} packages present"
+  exit 0
+fi
+echo "setup: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "setup: done"
