@@ -72,6 +72,16 @@ int LineOf(const YAML::Node& n) { return n.Mark().line + 1; }
   throw ConfigError("line " + std::to_string(LineOf(n)) + ": " + msg);
 }
 
+// yaml-cpp keeps both entries of a repeated key and lookups see only the first, so a
+// repeated key would be silently ignored: refuse it.
+void NoDuplicateKeys(const YAML::Node& n, const std::string& what) {
+  std::set<std::string> seen;
+  for (const auto& kv : n) {
+    const auto key = kv.first.as<std::string>();
+    if (!seen.insert(key).second) Fail(kv.first, "key \"" + key + "\" appears twice in " + what);
+  }
+}
+
 class Reader {
  public:
   explicit Reader(const EnvLookup& env) : env_(env) {}
@@ -79,6 +89,7 @@ class Reader {
   // Checks that `n` is a map whose keys are all in `allowed`.
   void Keys(const YAML::Node& n, const std::string& what, std::initializer_list<const char*> allowed) {
     if (!n.IsMap()) Fail(n, what + " must be a mapping");
+    NoDuplicateKeys(n, what);
     for (const auto& kv : n) {
       const auto key = kv.first.as<std::string>();
       bool ok = false;
@@ -119,10 +130,12 @@ class Reader {
     return v;
   }
 
-  Duration Dur(const YAML::Node& n, const std::string& what) {
+  // A duration of at least `min` (default 0: any).
+  Duration Dur(const YAML::Node& n, const std::string& what, Duration min = Duration(0)) {
     if (!n.IsScalar()) Fail(n, what + " must be a duration such as 2s");
     auto d = ParseDuration(Interpolate(n, n.Scalar()));
     if (!d.ok()) Fail(n, what + ": " + d.error().message);
+    if (*d < min) Fail(n, what + " must be at least " + std::to_string(min.count()) + "ms");
     return *d;
   }
 
@@ -231,8 +244,8 @@ ProviderConfig ReadProvider(Reader& r, const std::string& name, const YAML::Node
   if (n["context_window"]) p.context_window = r.Int(n["context_window"], what + ".context_window", 1, 100'000'000);
   if (const auto t = n["timeout"]) {
     r.Keys(t, what + ".timeout", {"connect", "total"});
-    if (t["connect"]) p.timeout.connect = r.Dur(t["connect"], what + ".timeout.connect");
-    if (t["total"]) p.timeout.total = r.Dur(t["total"], what + ".timeout.total");
+    if (t["connect"]) p.timeout.connect = r.Dur(t["connect"], what + ".timeout.connect", Duration(1));
+    if (t["total"]) p.timeout.total = r.Dur(t["total"], what + ".timeout.total", Duration(1));
   }
   if (const auto h = n["headers"]) {
     if (!h.IsMap()) Fail(h, what + ".headers must be a mapping of header names to values");
@@ -299,12 +312,14 @@ StepConfig ReadStep(Reader& r, const YAML::Node& n, const RetryConfig& pipeline_
       }
     }
     s.spec = r.ToJson(body);
+    // A route is a name even when it reads as a number ("route: 5").
+    s.spec.as_object()["route"] = r.Str(body["route"], "step \"" + s.id + "\" llm route");
   } else {
     s.kind = StepKind::kTransform;
     s.spec = r.ToJson(n["transform"]);
   }
   s.retry = n["retry"] ? ReadRetry(r, n["retry"], pipeline_retry, "step \"" + s.id + "\" retry") : pipeline_retry;
-  if (n["timeout"]) s.timeout = r.Dur(n["timeout"], "step \"" + s.id + "\" timeout");
+  if (n["timeout"]) s.timeout = r.Dur(n["timeout"], "step \"" + s.id + "\" timeout", Duration(1));
   return s;
 }
 
@@ -380,7 +395,7 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
     }
     if (s["max_connections"]) c.server.max_connections = static_cast<int>(r.Int(s["max_connections"], "server.max_connections", 1, 65536));
     if (s["handler_threads"]) c.server.handler_threads = static_cast<int>(r.Int(s["handler_threads"], "server.handler_threads", 1, 1024));
-    if (s["idle_timeout"]) c.server.idle_timeout = r.Dur(s["idle_timeout"], "server.idle_timeout");
+    if (s["idle_timeout"]) c.server.idle_timeout = r.Dur(s["idle_timeout"], "server.idle_timeout", Duration(1000));
   }
   if (const auto e = root["engine"]) {
     r.Keys(e, "engine", {"workers", "lease_timeout", "heartbeat_interval", "poll_interval", "max_queue_depth"});
@@ -395,11 +410,12 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
     if (c.engine.heartbeat_interval >= c.engine.lease_timeout || c.engine.heartbeat_interval.count() <= 0) {
       Fail(e, "engine.heartbeat_interval must be shorter than engine.lease_timeout");
     }
-    if (e["poll_interval"]) c.engine.poll_interval = r.Dur(e["poll_interval"], "engine.poll_interval");
+    if (e["poll_interval"]) c.engine.poll_interval = r.Dur(e["poll_interval"], "engine.poll_interval", Duration(1));
     if (e["max_queue_depth"]) c.engine.max_queue_depth = r.Int(e["max_queue_depth"], "engine.max_queue_depth", 1, 1'000'000'000);
   }
   if (const auto ps = root["providers"]) {
     if (!ps.IsMap()) Fail(ps, "providers must be a mapping of names to providers");
+    NoDuplicateKeys(ps, "providers");
     for (const auto& kv : ps) {
       const auto name = kv.first.as<std::string>();
       c.providers[name] = ReadProvider(r, name, kv.second);
@@ -407,6 +423,7 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
   }
   if (const auto rs = root["routes"]) {
     if (!rs.IsMap()) Fail(rs, "routes must be a mapping of names to routes");
+    NoDuplicateKeys(rs, "routes");
     for (const auto& kv : rs) {
       const auto name = kv.first.as<std::string>();
       RouteConfig route = ReadRoute(r, name, kv.second);
@@ -421,6 +438,7 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
   }
   if (const auto ps = root["pipelines"]) {
     if (!ps.IsMap()) Fail(ps, "pipelines must be a mapping of names to pipelines");
+    NoDuplicateKeys(ps, "pipelines");
     for (const auto& kv : ps) {
       const auto name = kv.first.as<std::string>();
       PipelineConfig p = ReadPipeline(r, name, kv.second);

@@ -1,1 +1,666 @@
+#include "keel/core/config.h"
+
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <fstream>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+
+#include "keel/testing/assert.h"
+
+namespace keel {
+namespace {
+
+using std::chrono::milliseconds;
+using ::testing::HasSubstr;
+
+// An environment with a fixed set of variables.
+EnvLookup Env(std::map<std::string, std::string> vars = {}) {
+  return [vars = std::move(vars)](const std::string& name) -> std::optional<std::string> {
+    const auto it = vars.find(name);
+    if (it == vars.end()) return std::nullopt;
+    return it->second;
+  };
+}
+
+// Parses `yaml` and expects a failure whose message holds every one of `parts`.
+void ExpectConfigError(std::string_view yaml, std::initializer_list<std::string_view> parts,
+                       const EnvLookup& env = Env()) {
+  auto r = ParseConfig(yaml, env);
+  ASSERT_FALSE(r.ok()) << "parsed unexpectedly:\n" << yaml;
+  EXPECT_EQ(r.error().code, ErrorCode::kInvalidRequest);
+  for (const auto part : parts) {
+    EXPECT_THAT(r.error().message, HasSubstr(std::string(part))) << yaml;
+  }
+}
+
+// A provider and a route, for pipelines with llm steps. 5 lines.
+constexpr std::string_view kProviders = R"(providers:
+  mock: {type: mock}
+routes:
+  default:
+    targets: [{provider: mock}]
+)";
+
+std::string WithProviders(std::string_view rest) {
+  return std::string(kProviders) + std::string(rest);
+}
+
+void ExpectDefaultRetry(const RetryConfig& r) {
+  EXPECT_EQ(r.max_attempts, 3);
+  EXPECT_EQ(r.backoff.initial, milliseconds(1000));
+  EXPECT_EQ(r.backoff.multiplier, 2.0);
+  EXPECT_EQ(r.backoff.max, milliseconds(30000));
+  EXPECT_EQ(r.backoff.jitter, JitterMode::kProportional);
+  EXPECT_EQ(r.backoff.jitter_fraction, 0.2);
+}
+
+TEST(ConfigTest, EmptyDocumentGivesDefaults) {
+  for (std::string_view yaml : {"", "# only a comment\n", "~"}) {
+    auto c = ParseConfig(yaml, Env());
+    ASSERT_OK(c);
+    EXPECT_EQ(c->listen, "127.0.0.1:7420");
+    EXPECT_EQ(c->storage, "sqlite://keel-data/keel.db");
+    EXPECT_EQ(c->log_level, "info");
+    EXPECT_EQ(c->server.max_body_bytes, 1u << 20);
+    EXPECT_EQ(c->server.max_connections, 1024);
+    EXPECT_EQ(c->server.handler_threads, 64);
+    EXPECT_EQ(c->server.idle_timeout, milliseconds(60000));
+    EXPECT_EQ(c->engine.workers, 32);
+    EXPECT_EQ(c->engine.lease_timeout, milliseconds(30000));
+    EXPECT_EQ(c->engine.heartbeat_interval, milliseconds(10000));
+    EXPECT_EQ(c->engine.poll_interval, milliseconds(200));
+    EXPECT_EQ(c->engine.max_queue_depth, 100000);
+    EXPECT_TRUE(c->providers.empty());
+    EXPECT_TRUE(c->routes.empty());
+    EXPECT_TRUE(c->pipelines.empty());
+  }
+}
+
+TEST(ConfigTest, ExplicitValuesAreRead) {
+  auto c = ParseConfig(R"(listen: 0.0.0.0:8080
+storage: sqlite:///var/lib/keel.db
+log_level: debug
+server: {max_body_bytes: 64KiB, max_connections: 10, handler_threads: 4, idle_timeout: 5s}
+engine: {workers: 0, lease_timeout: 10s, heartbeat_interval: 2s, poll_interval: 50ms,
+         max_queue_depth: 7}
+)",
+                       Env());
+  ASSERT_OK(c);
+  EXPECT_EQ(c->listen, "0.0.0.0:8080");
+  EXPECT_EQ(c->storage, "sqlite:///var/lib/keel.db");
+  EXPECT_EQ(c->log_level, "debug");
+  EXPECT_EQ(c->server.max_body_bytes, 64u * 1024);
+  EXPECT_EQ(c->server.max_connections, 10);
+  EXPECT_EQ(c->server.handler_threads, 4);
+  EXPECT_EQ(c->server.idle_timeout, milliseconds(5000));
+  EXPECT_EQ(c->engine.workers, 0);
+  EXPECT_EQ(c->engine.lease_timeout, milliseconds(10000));
+  EXPECT_EQ(c->engine.heartbeat_interval, milliseconds(2000));
+  EXPECT_EQ(c->engine.poll_interval, milliseconds(50));
+  EXPECT_EQ(c->engine.max_queue_depth, 7);
+}
+
+TEST(ConfigTest, HeartbeatDefaultsToAThirdOfTheLease) {
+  auto c = ParseConfig("engine:\n  lease_timeout: 9s\n", Env());
+  ASSERT_OK(c);
+  EXPECT_EQ(c->engine.lease_timeout, milliseconds(9000));
+  EXPECT_EQ(c->engine.heartbeat_interval, milliseconds(3000));
+
+  auto other = ParseConfig("engine: {workers: 4}\n", Env());
+  ASSERT_OK(other);
+  EXPECT_EQ(other->engine.heartbeat_interval, milliseconds(10000));
+}
+
+TEST(ConfigTest, HeartbeatMustBeShorterThanTheLease) {
+  ExpectConfigError("engine:\n  lease_timeout: 5s\n  heartbeat_interval: 5s\n",
+                    {"line 2", "heartbeat_interval"});
+  ExpectConfigError("engine:\n  lease_timeout: 500ms\n", {"line 2", "at least 1s"});
+}
+
+TEST(ConfigTest, RetryDefaultsApplyToEverySteps) {
+  auto c = ParseConfig(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: a
+        transform: {x: 1}
+)"),
+                       Env());
+  ASSERT_OK(c);
+  const auto& p = c->pipelines.at("p");
+  ASSERT_EQ(p.steps.size(), 1u);
+  ExpectDefaultRetry(p.steps[0].retry);
+  EXPECT_EQ(p.steps[0].timeout, milliseconds(60000));
+  EXPECT_EQ(p.steps[0].kind, StepKind::kTransform);
+}
+
+TEST(ConfigTest, StepRetryOverridesThePipelines) {
+  auto c = ParseConfig(WithProviders(R"(pipelines:
+  p:
+    retry: {max_attempts: 4, initial_backoff: 100ms, multiplier: 3, max_backoff: 2s, jitter: 0}
+    steps:
+      - id: a
+        transform: {x: 1}
+      - id: b
+        transform: {x: 2}
+        retry: {max_attempts: 9}
+        timeout: 1500ms
+)"),
+                       Env());
+  ASSERT_OK(c);
+  const auto& steps = c->pipelines.at("p").steps;
+  ASSERT_EQ(steps.size(), 2u);
+  EXPECT_EQ(steps[0].retry.max_attempts, 4);
+  EXPECT_EQ(steps[0].retry.backoff.initial, milliseconds(100));
+  EXPECT_EQ(steps[0].retry.backoff.multiplier, 3.0);
+  EXPECT_EQ(steps[0].retry.backoff.max, milliseconds(2000));
+  EXPECT_EQ(steps[0].retry.backoff.jitter, JitterMode::kNone);
+  // Only max_attempts is overridden; the rest comes from the pipeline.
+  EXPECT_EQ(steps[1].retry.max_attempts, 9);
+  EXPECT_EQ(steps[1].retry.backoff.initial, milliseconds(100));
+  EXPECT_EQ(steps[1].retry.backoff.max, milliseconds(2000));
+  EXPECT_EQ(steps[1].timeout, milliseconds(1500));
+}
+
+TEST(ConfigTest, RetryBackoffMaxMustNotBeShorterThanInitial) {
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    retry: {initial_backoff: 5s, max_backoff: 1s}
+    steps:
+      - id: a
+        transform: {x: 1}
+)"),
+                    {"line 8", "max_backoff"});
+}
+
+TEST(ConfigTest, EnvironmentVariablesAreInterpolated) {
+  auto c = ParseConfig(R"(listen: ${HOST}:${PORT}
+engine: {workers: "${WORKERS}"}
+providers:
+  up:
+    type: openai
+    base_url: http://${HOST}:9000/v1/
+    api_key: ${API_KEY}
+    headers: {x-tenant: "t-${TENANT}"}
+)",
+                       Env({{"HOST", "10.0.0.1"},
+                            {"PORT", "7000"},
+                            {"WORKERS", "5"},
+                            {"API_KEY", "sk-secret"},
+                            {"TENANT", "acme"}}));
+  ASSERT_OK(c);
+  EXPECT_EQ(c->listen, "10.0.0.1:7000");
+  EXPECT_EQ(c->engine.workers, 5);
+  const auto& up = c->providers.at("up");
+  EXPECT_EQ(up.base_url, "http://10.0.0.1:9000/v1");  // trailing slash dropped
+  EXPECT_EQ(up.api_key, "sk-secret");
+  EXPECT_EQ(up.headers.at("x-tenant"), "t-acme");
+  EXPECT_EQ(up.model, "up");  // defaults to the provider's name
+  EXPECT_EQ(up.context_window, 128000);
+  EXPECT_EQ(up.timeout.connect, milliseconds(2000));
+  EXPECT_EQ(up.timeout.total, milliseconds(60000));
+}
+
+TEST(ConfigTest, UnsetEnvironmentVariableIsAnErrorNamingTheLine) {
+  ExpectConfigError(R"(listen: 127.0.0.1:1
+providers:
+  up:
+    type: openai
+    base_url: https://api.example.com/v1
+    api_key: ${OPENAI_API_KEY}
+)",
+                    {"keel.yaml: line 6", "OPENAI_API_KEY", "not set"}, Env({{"OTHER", "x"}}));
+  // No lookup at all: every variable is unset.
+  auto r = ParseConfig("listen: ${LISTEN}\n", EnvLookup());
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.error().message, HasSubstr("line 1"));
+  EXPECT_THAT(r.error().message, HasSubstr("LISTEN"));
+}
+
+TEST(ConfigTest, UnclosedInterpolationIsAnError) {
+  ExpectConfigError("log_level: info\nlisten: ${HOST\n", {"line 2", "${"}, Env({{"HOST", "h"}}));
+}
+
+TEST(ConfigTest, SourceNamesTheFileInMessages) {
+  auto r = ParseConfig("bogus: 1\n", Env(), "/etc/keel/prod.yaml");
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.error().message, ::testing::StartsWith("/etc/keel/prod.yaml: line 1: "));
+}
+
+TEST(ConfigTest, UnknownKeysAreRefusedWithTheirLine) {
+  ExpectConfigError("listen: 127.0.0.1:1\nlisen: 127.0.0.1:2\n",
+                    {"line 2", "unknown key \"lisen\"", "the top level", "listen"});
+  ExpectConfigError("engine:\n  workers: 2\n  wrokers: 3\n", {"line 3", "\"wrokers\"", "engine"});
+  ExpectConfigError("server:\n  max_body: 1KiB\n", {"line 2", "\"max_body\"", "server"});
+  ExpectConfigError(R"(providers:
+  mock:
+    type: mock
+    temperature: 1
+)",
+                    {"line 4", "\"temperature\"", "provider \"mock\""});
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: a
+        transform: {x: 1}
+        retries: 3
+)"),
+                    {"line 11", "\"retries\""});
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: a
+        llm:
+          route: default
+          prompt: hi
+          messages: [{role: user, content: hi}]
+)"),
+                    {"line 12", "\"prompt\""});
+}
+
+TEST(ConfigTest, WrongTypesAreRefused) {
+  ExpectConfigError("engine:\n  workers: many\n", {"line 2", "engine.workers", "whole number"});
+  ExpectConfigError("engine:\n  workers: 2.5\n", {"line 2", "whole number"});
+  ExpectConfigError("engine:\n  workers: [1]\n", {"line 2", "whole number"});
+  ExpectConfigError("listen: [a, b]\n", {"line 1", "listen must be a string"});
+  ExpectConfigError("engine: 5\n", {"line 1", "engine must be a mapping"});
+  ExpectConfigError("engine:\n  lease_timeout: 30\n", {"line 2", "not a duration"});
+  ExpectConfigError("server:\n  max_body_bytes: lots\n", {"line 2", "not a size"});
+  ExpectConfigError("providers: [mock]\n", {"line 1", "providers must be a mapping"});
+  ExpectConfigError("log_level: loud\n", {"line 1", "log_level"});
+  ExpectConfigError("storage: postgres://db/keel\n", {"line 1", "storage must be sqlite://"});
+  ExpectConfigError("storage: sqlite://\n", {"line 1", "storage"});
+}
+
+TEST(ConfigTest, OutOfRangeValuesAreRefused) {
+  ExpectConfigError("engine:\n  workers: 2000\n", {"line 2", "between 0 and 1024"});
+  ExpectConfigError("engine:\n  workers: -1\n", {"line 2", "between 0 and 1024"});
+  ExpectConfigError("server:\n  max_connections: 0\n", {"line 2", "max_connections"});
+  ExpectConfigError("server:\n  max_body_bytes: 100\n", {"line 2", "1KiB and 64MiB"});
+  ExpectConfigError("server:\n  max_body_bytes: 65MiB\n", {"line 2", "1KiB and 64MiB"});
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    retry: {max_attempts: 0}
+    steps: [{id: a, transform: {x: 1}}]
+)"),
+                    {"line 8", "max_attempts", "between 1 and 100"});
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    retry: {jitter: 1.5}
+    steps: [{id: a, transform: {x: 1}}]
+)"),
+                    {"line 8", "jitter"});
+  ExpectConfigError("providers:\n  m: {type: mock, context_window: 0}\n",
+                    {"line 2", "context_window"});
+}
+
+TEST(ConfigTest, BoundaryValuesAreAccepted) {
+  auto c = ParseConfig(
+      "server: {max_body_bytes: 1KiB, max_connections: 65536}\nengine: {workers: 1024, "
+      "lease_timeout: 1s}\n",
+      Env());
+  ASSERT_OK(c);
+  EXPECT_EQ(c->server.max_body_bytes, 1024u);
+  EXPECT_EQ(c->server.max_connections, 65536);
+  EXPECT_EQ(c->engine.workers, 1024);
+  EXPECT_EQ(c->engine.heartbeat_interval, milliseconds(333));
+}
+
+TEST(ConfigTest, ProvidersAreValidated) {
+  ExpectConfigError("providers:\n  x: {model: m}\n", {"line 2", "needs a type"});
+  ExpectConfigError("providers:\n  x: {type: anthropic}\n", {"line 2", "openai or mock"});
+  ExpectConfigError("providers:\n  x:\n    type: openai\n", {"line 3", "base_url"});
+  ExpectConfigError("providers:\n  x:\n    type: openai\n    base_url: ftp://h\n",
+                    {"line 4", "base_url"});
+}
+
+TEST(ConfigTest, DuplicateStepIdsAreRefused) {
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: a
+        transform: {x: 1}
+      - id: a
+        transform: {x: 2}
+)"),
+                    {"line 11", "\"a\"", "used twice", "pipeline \"p\""});
+}
+
+TEST(ConfigTest, StepIdsAreValidated) {
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: "has space"
+        transform: {x: 1}
+)"),
+                    {"line 9", "has space"});
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - transform: {x: 1}
+)"),
+                    {"line 9", "needs an id"});
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: a
+        transform: {x: 1}
+        llm: {route: default, messages: [{role: user, content: hi}]}
+)"),
+                    {"line 9", "exactly one kind"});
+  ExpectConfigError(WithProviders("pipelines:\n  p:\n    steps: []\n"), {"line 8", "steps"});
+}
+
+TEST(ConfigTest, ReferenceToALaterStepIsRefused) {
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: first
+        transform: {x: "{{steps.second.output}}"}
+      - id: second
+        transform: {y: 1}
+)"),
+                    {"line 9", "\"first\"", "steps.second.output", "not an earlier step"});
+}
+
+TEST(ConfigTest, ReferenceToAnUnknownStepIsRefused) {
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: first
+        transform: {x: 1}
+      - id: second
+        transform: {y: "{{steps.ghost.output}}"}
+)"),
+                    {"line 11", "ghost", "not an earlier step"});
+}
+
+TEST(ConfigTest, ReferenceToItselfIsRefused) {
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: first
+        transform: {x: 1}
+      - id: loop
+        llm:
+          route: default
+          messages:
+            - {role: user, content: "again: {{steps.loop.text}}"}
+)"),
+                    {"line 11", "\"loop\"", "its own result"});
+}
+
+TEST(ConfigTest, ReferenceOutsideInputAndStepsIsRefused) {
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: a
+        transform: {x: "{{env.HOME}}"}
+)"),
+                    {"line 9", "env.HOME"});
+}
+
+TEST(ConfigTest, MalformedTemplateIsRefusedWithTheStepLine) {
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: a
+        transform: {x: "{{input.name"}
+)"),
+                    {"line 9", "step \"a\"", "}}"});
+}
+
+TEST(ConfigTest, ReferencesToInputAndEarlierStepsAreAccepted) {
+  auto c = ParseConfig(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: a
+        transform: {x: "{{input.name}}", all: "{{input}}"}
+      - id: b
+        transform: {y: "{{steps.a.output.x}}", n: 2, s: "2", t: true, z: null}
+)"),
+                       Env());
+  ASSERT_OK(c);
+  const auto& steps = c->pipelines.at("p").steps;
+  ASSERT_EQ(steps.size(), 2u);
+  EXPECT_EQ(steps[0].line, 9);
+  EXPECT_EQ(steps[1].line, 11);
+  // Plain scalars take their JSON type; quoted ones stay strings.
+  EXPECT_EQ(steps[1].spec, json::parse(R"({"y": "{{steps.a.output.x}}", "n": 2, "s": "2",
+                                            "t": true, "z": null})"));
+}
+
+TEST(ConfigTest, LlmStepWithUnknownRouteIsRefused) {
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: ask
+        llm:
+          route: nowhere
+          messages: [{role: user, content: hi}]
+)"),
+                    {"line 9", "\"ask\"", "\"nowhere\"", "not defined"});
+}
+
+TEST(ConfigTest, LlmStepMayNameAProviderAsItsRoute) {
+  auto c = ParseConfig(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: ask
+        llm:
+          route: mock
+          temperature: 0.5
+          messages: [{role: system, content: be brief}, {role: user, content: hi}]
+)"),
+                       Env());
+  ASSERT_OK(c);
+  const auto& step = c->pipelines.at("p").steps.at(0);
+  EXPECT_EQ(step.kind, StepKind::kLlm);
+  EXPECT_EQ(step.spec.at("route"), json::value("mock"));
+  EXPECT_EQ(step.spec.at("temperature"), json::value(0.5));
+  EXPECT_EQ(step.spec.at("messages").as_array().size(), 2u);
+}
+
+TEST(ConfigTest, LlmStepMessagesAreValidated) {
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: ask
+        llm:
+          route: default
+          messages: [{role: robot, content: hi}]
+)"),
+                    {"line 12", "robot"});
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: ask
+        llm:
+          messages: [{role: user, content: hi}]
+)"),
+                    {"line 11", "needs a route"});
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: ask
+        llm:
+          route: default
+)"),
+                    {"line 11", "messages"});
+}
+
+TEST(ConfigTest, LlmRouteIsAlwaysAName) {
+  // A route that reads as a number is still a name, and a wrong-kind route is an error
+  // with its line (not an exception text from the JSON library).
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: ask
+        llm:
+          route: 5
+          messages: [{role: user, content: hi}]
+)"),
+                    {"line 9", "\"5\"", "not defined"});
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps:
+      - id: ask
+        llm:
+          route: [mock]
+          messages: [{role: user, content: hi}]
+)"),
+                    {"line 11", "route must be a string"});
+  auto c = ParseConfig(R"(providers:
+  "7": {type: mock}
+pipelines:
+  p:
+    steps:
+      - id: ask
+        llm: {route: 7, messages: [{role: user, content: hi}]}
+)",
+                       Env());
+  ASSERT_OK(c);
+  EXPECT_EQ(c->pipelines.at("p").steps[0].spec.at("route"), json::value("7"));
+}
+
+TEST(ConfigTest, RepeatedKeysAreRefused) {
+  // yaml-cpp would keep the first and silently drop the second.
+  ExpectConfigError("listen: 127.0.0.1:1\nlisten: 127.0.0.1:2\n",
+                    {"line 2", "\"listen\"", "twice"});
+  ExpectConfigError("engine:\n  workers: 1\n  workers: 2\n", {"line 3", "\"workers\"", "twice"});
+  ExpectConfigError("providers:\n  m: {type: mock}\n  m: {type: mock}\n",
+                    {"line 3", "\"m\"", "twice", "providers"});
+  ExpectConfigError(WithProviders(R"(pipelines:
+  p:
+    steps: [{id: a, transform: {x: 1}}]
+  p:
+    steps: [{id: b, transform: {x: 1}}]
+)"),
+                    {"line 9", "\"p\"", "twice", "pipelines"});
+}
+
+TEST(ConfigTest, RouteNamingAnUnknownProviderIsRefused) {
+  ExpectConfigError(R"(providers:
+  mock: {type: mock}
+routes:
+  main:
+    targets:
+      - provider: mock
+      - provider: missing
+)",
+                    {"line 7", "route \"main\"", "\"missing\"", "not defined under providers"});
+}
+
+TEST(ConfigTest, RoutesAreValidated) {
+  ExpectConfigError("providers:\n  m: {type: mock}\nroutes:\n  r: {targets: []}\n",
+                    {"line 4", "targets"});
+  ExpectConfigError(
+      "providers:\n  m: {type: mock}\nroutes:\n  r:\n    strategy: random\n    targets: "
+      "[{provider: m}]\n",
+      {"line 5", "priority"});
+  auto c = ParseConfig(std::string(kProviders), Env());
+  ASSERT_OK(c);
+  const auto& route = c->routes.at("default");
+  EXPECT_EQ(route.strategy, "priority");
+  EXPECT_EQ(route.targets, std::vector<std::string>{"mock"});
+  EXPECT_EQ(route.line, 5);
+}
+
+TEST(ConfigTest, YamlSyntaxErrorNamesTheLine) {
+  auto r = ParseConfig("listen: 127.0.0.1:1\nengine: {workers: 3\nstorage: x\n", Env());
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kInvalidRequest);
+  EXPECT_THAT(r.error().message, ::testing::ContainsRegex("line [0-9]+"));
+}
+
+TEST(ConfigTest, ExampleFileParses) {
+  std::ifstream in(KEEL_SOURCE_DIR "/examples/keel.yaml");
+  ASSERT_TRUE(in) << "cannot open " KEEL_SOURCE_DIR "/examples/keel.yaml";
+  std::stringstream text;
+  text << in.rdbuf();
+  auto c = ParseConfig(text.str(), Env(), "examples/keel.yaml");
+  ASSERT_OK(c);
+  EXPECT_EQ(c->listen, "127.0.0.1:7420");
+  EXPECT_EQ(c->storage, "sqlite://keel-data/keel.db");
+  ASSERT_EQ(c->providers.size(), 1u);
+  EXPECT_EQ(c->providers.at("mock").type, "mock");
+  EXPECT_EQ(c->providers.at("mock").model, "mock-1");
+  ASSERT_EQ(c->routes.count("default"), 1u);
+  EXPECT_EQ(c->routes.at("default").targets, std::vector<std::string>{"mock"});
+
+  ASSERT_EQ(c->pipelines.size(), 3u);
+  ASSERT_EQ(c->pipelines.count("summarize"), 1u);
+  ASSERT_EQ(c->pipelines.count("triage"), 1u);
+  ASSERT_EQ(c->pipelines.count("echo"), 1u);
+
+  const auto& summarize = c->pipelines.at("summarize");
+  ASSERT_EQ(summarize.steps.size(), 3u);
+  EXPECT_EQ(summarize.steps[0].id, "outline");
+  EXPECT_EQ(summarize.steps[0].kind, StepKind::kLlm);
+  EXPECT_EQ(summarize.steps[2].kind, StepKind::kTransform);
+  EXPECT_EQ(summarize.steps[1].retry.backoff.initial, milliseconds(500));
+  EXPECT_EQ(summarize.steps[1].retry.backoff.max, milliseconds(10000));
+  EXPECT_EQ(summarize.steps[1].retry.backoff.jitter_fraction, 0.2);
+
+  const auto& triage = c->pipelines.at("triage");
+  ASSERT_EQ(triage.steps.size(), 3u);
+  EXPECT_EQ(triage.steps[0].retry.max_attempts, 3);
+  EXPECT_EQ(triage.steps[1].id, "draft");
+  EXPECT_EQ(triage.steps[1].retry.max_attempts, 5);
+  EXPECT_EQ(triage.steps[1].timeout, milliseconds(30000));
+
+  const auto& echo = c->pipelines.at("echo");
+  ASSERT_EQ(echo.steps.size(), 1u);
+  EXPECT_EQ(echo.steps[0].spec, json::parse(R"({"echo": "{{input}}"})"));
+}
+
+TEST(ParseDurationTest, GoodInputs) {
+  const std::pair<std::string_view, int64_t> cases[] = {
+      {"250ms", 250},   {"0ms", 0},     {"2s", 2000},
+      {"1.5s", 1500},   {"5m", 300000}, {"1h", 3600000},
+      {"1d", 86400000}, {"0.25s", 250}, {"365d", 365LL * 86400000},
+  };
+  for (const auto& [text, ms] : cases) {
+    auto d = ParseDuration(text);
+    ASSERT_OK(d);
+    EXPECT_EQ(d->count(), ms) << text;
+  }
+}
+
+TEST(ParseDurationTest, BadInputs) {
+  for (std::string_view text : {"", "s", "10", "-1s", "1x", "1 s", " 1s", "2S", "1.2.3s", "1sec",
+                                "ms", "366d", "1e3ms", ".s"}) {
+    auto d = ParseDuration(text);
+    ASSERT_FALSE(d.ok()) << "\"" << text << "\" parsed as " << d->count();
+    EXPECT_EQ(d.error().code, ErrorCode::kInvalidRequest);
+    EXPECT_THAT(d.error().message, HasSubstr("\"" + std::string(text) + "\""));
+  }
+}
+
+TEST(ParseByteSizeTest, GoodInputs) {
+  const std::pair<std::string_view, std::size_t> cases[] = {
+      {"1048576", 1048576}, {"0", 0},          {"10B", 10},
+      {"64KiB", 65536},     {"1MiB", 1048576}, {"64MiB", 64u << 20},
+  };
+  for (const auto& [text, bytes] : cases) {
+    auto n = ParseByteSize(text);
+    ASSERT_OK(n);
+    EXPECT_EQ(*n, bytes) << text;
+  }
+}
+
+TEST(ParseByteSizeTest, BadInputs) {
+  for (std::string_view text : {"", "KiB", "1GiB", "1.5MiB", "-1", "1 MiB", "1kb", "1KB", "1mib",
+                                "99999999999999999999999", "0x10"}) {
+    auto n = ParseByteSize(text);
+    ASSERT_FALSE(n.ok()) << "\"" << text << "\" parsed as " << *n;
+    EXPECT_EQ(n.error().code, ErrorCode::kInvalidRequest);
+    EXPECT_THAT(n.error().message, HasSubstr("not a size"));
+  }
+}
+
+}  // namespace
+}  // namespace keel

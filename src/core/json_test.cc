@@ -91,8 +91,7 @@ TEST(CanonicalJsonTest, DifferentValuesDiffer) {
   EXPECT_NE(CanonicalJson(json::parse(R"({"a": 1})")), CanonicalJson(json::parse(R"({"a": 2})")));
   // Array order is significant.
   EXPECT_NE(CanonicalJson(json::parse("[1, 2]")), CanonicalJson(json::parse("[2, 1]")));
-  EXPECT_NE(CanonicalJson(json::parse(R"({"a": "1"})")),
-            CanonicalJson(json::parse(R"({"a": 1})")));
+  EXPECT_NE(CanonicalJson(json::parse(R"({"a": "1"})")), CanonicalJson(json::parse(R"({"a": 1})")));
 }
 
 TEST(CanonicalJsonTest, EscapesKeysAndScalars) {

@@ -46,7 +46,7 @@ TEST(TemplateTest, ArrayIndicesInPaths) {
 
 TEST(TemplateTest, EmbeddedReferencesAreInterpolated) {
   auto r = Render(
-      R"("Ticket: {{input.ticket}} ({{input.count}} times, {{input.ok}}, {{input.nothing}})")");
+      R"j("Ticket: {{input.ticket}} ({{input.count}} times, {{input.ok}}, {{input.nothing}})")j");
   ASSERT_OK(r);
   EXPECT_EQ(*r, json::value("Ticket: printer on fire (3 times, true, null)"));
 }
@@ -107,9 +107,9 @@ TEST(TemplateTest, UnclosedBracesAreAnError) {
 }
 
 TEST(TemplateTest, InvalidPathsAreErrors) {
-  for (const char* t : {R"("{{}}")", R"("{{  }}")", R"("{{.input}}")", R"("{{input.}}")",
-                        R"("{{input..ticket}}")", R"("{{input ticket}}")",
-                        R"("{{input.$x}}")", R"("a {{input/ticket}} b")"}) {
+  for (const char* t :
+       {R"("{{}}")", R"("{{  }}")", R"("{{.input}}")", R"("{{input.}}")", R"("{{input..ticket}}")",
+        R"("{{input ticket}}")", R"("{{input.$x}}")", R"("a {{input/ticket}} b")"}) {
     auto r = Render(t);
     ASSERT_FALSE(r.ok()) << t;
     EXPECT_EQ(r.error().code, ErrorCode::kInvalidRequest) << t;
@@ -151,8 +151,8 @@ TEST(TemplateTest, ReferencesAreListedInOrder) {
       R"({"a": "{{input.x}} and {{ steps.one.output }}", "b": ["{{steps.two.output.0}}", 5],
           "c": {"d": "no refs", "e": "{{input}}"}})"));
   ASSERT_OK(refs);
-  EXPECT_EQ(*refs, (std::vector<std::string>{"input.x", "steps.one.output",
-                                             "steps.two.output.0", "input"}));
+  EXPECT_EQ(*refs, (std::vector<std::string>{"input.x", "steps.one.output", "steps.two.output.0",
+                                             "input"}));
 }
 
 TEST(TemplateTest, ReferencesOfAPlainValueAreEmpty) {

@@ -31,7 +31,7 @@ Directives ParseDirectives(std::string_view prompt) {
     std::string_view line = prompt.substr(pos, end - pos);
     pos = end + 1;
     while (!line.empty() && (line.front() == ' ' || line.front() == '\t')) line.remove_prefix(1);
-    if (line.rfind("#mock", 0) != 0) continue;
+    if (line.rfind("#mock", 0) != 0 || (line.size() > 5 && line[5] != ' ' && line[5] != '\t')) continue;
     line.remove_prefix(5);
     // reply= takes the rest of the line.
     if (const auto r = line.find("reply="); r != std::string_view::npos) {
@@ -222,6 +222,9 @@ void MockLlm::Reset() {
   std::lock_guard lock(mu_);
   total_ = 0;
   by_prompt_.clear();
+  window_start_ = {};
+  window_requests_ = 0;
+  window_tokens_ = 0;
 }
 
 }  // namespace keel::gateway

@@ -64,8 +64,11 @@ Result<ClientResponse> SendHttp(const ClientRequest& request) {
   curl_easy_setopt(c, CURLOPT_URL, request.url.c_str());
   curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(c, CURLOPT_TCP_NODELAY, 1L);
-  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(request.connect_timeout.count()));
-  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(request.total_timeout.count()));
+  // curl reads 0 as "no timeout" (300s for connect): a spent budget must not become none.
+  const long connect_ms = std::max(1L, static_cast<long>(request.connect_timeout.count()));
+  const long total_ms = std::max(1L, static_cast<long>(request.total_timeout.count()));
+  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, connect_ms);
+  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, total_ms);
   curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers);
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, OnBody);
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &response.body);

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -20,6 +21,8 @@ Process::Process(std::vector<std::string> argv, std::string cwd, std::vector<std
   pid_ = fork();
   if (pid_ < 0) std::abort();
   if (pid_ == 0) {
+    // The child dies with the test, even when the test crashes.
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
     dup2(fds[1], STDERR_FILENO);
     const int devnull = open("/dev/null", O_RDWR);
     if (devnull >= 0) {
