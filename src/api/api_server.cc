@@ -136,7 +136,11 @@ class ApiServerImpl final : public ApiServer {
                        .Name("keel_runs_submitted_total")
                        .Help("Runs accepted by POST /v1/runs, by pipeline")
                        .Register(registry)) {
-    for (const auto& [name, p] : config_.pipelines) definitions_[name] = engine::DefinitionToJson(p);
+    for (const auto& [name, p] : config_.pipelines) {
+      definitions_[name] = engine::DefinitionToJson(p);
+      // Content-addressed: the same definition always has the same id, across restarts.
+      definition_ids_[name] = "sha256-" + Sha256Hex(CanonicalJson(definitions_[name])).substr(0, 32);
+    }
   }
 
   ~ApiServerImpl() override { Stop(); }
@@ -306,6 +310,7 @@ class ApiServerImpl final : public ApiServer {
     run.pipeline = name;
     run.input = std::move(input);
     run.definition = def->second;
+    run.definition_id = definition_ids_.at(name);
     run.idempotency_key = key;
     if (!key.empty()) run.fingerprint = Sha256Hex(CanonicalJson(json::object{{"pipeline", name}, {"input", run.input}}));
     run.max_queue_depth = config_.engine.max_queue_depth;
@@ -408,6 +413,7 @@ class ApiServerImpl final : public ApiServer {
   Random& random_;
   prometheus::Registry& registry_;
   std::map<std::string, json::value> definitions_;
+  std::map<std::string, std::string> definition_ids_;
   net::WorkerPool pool_;
   std::unique_ptr<net::HttpServer> server_;
   std::atomic<bool> draining_{false};

@@ -175,23 +175,24 @@ class EngineImpl final : public Engine {
       ~Untracker() { self->Untrack(id); }
     } untracker{this, active_id};
 
-    auto def = DefinitionFromJson(run.definition);
+    auto def = Definition(run);
     if (!def.ok()) {
       obs::LogError("run cannot execute", {{"run_id", run.id}, {"error", def.error().message}});
       if (store_.FailRun(lease, def.error()).ok()) Finished(run.pipeline, "failed");
       return;
     }
+    const PipelineConfig& pipeline = **def;
     // Rebuild what the finished steps left, and find where to resume.
     json::object steps_scope;
     std::map<std::string, const store::StepRecord*> records;
     for (const auto& s : run.steps) records[s.step_id] = &s;
     std::size_t index = 0;
-    for (; index < def->steps.size(); ++index) {
-      const auto it = records.find(def->steps[index].id);
+    for (; index < pipeline.steps.size(); ++index) {
+      const auto it = records.find(pipeline.steps[index].id);
       if (it == records.end() || it->second->status != StepStatus::kSucceeded) break;
-      steps_scope[def->steps[index].id] = it->second->output;
+      steps_scope[pipeline.steps[index].id] = it->second->output;
     }
-    if (index == def->steps.size()) {
+    if (index == pipeline.steps.size()) {
       // Every step is checkpointed but the run did not end: not reachable through the
       // Store's contract (the last checkpoint ends the run in the same commit).
       if (store_.FailRun(lease, Error(ErrorCode::kInternal, "all steps finished but the run did not end")).ok()) {
@@ -199,7 +200,7 @@ class EngineImpl final : public Engine {
       }
       return;
     }
-    const StepConfig* step = &def->steps[index];
+    const StepConfig* step = &pipeline.steps[index];
     // An attempt that was in flight when its worker died counts as used.
     if (const auto it = records.find(step->id); it != records.end()) {
       const auto* rec = it->second;
@@ -242,12 +243,12 @@ class EngineImpl final : public Engine {
         HandleFailure(lease, run, *step, attempt, std::move(result).error());
         return;
       }
-      const bool last = index + 1 == def->steps.size();
+      const bool last = index + 1 == pipeline.steps.size();
       json::value record = std::move(result).value();
       std::optional<json::value> run_output;
       std::optional<std::string> next;
       if (last) run_output = record.as_object()["output"];
-      else next = def->steps[index + 1].id;
+      else next = pipeline.steps[index + 1].id;
       // Draining: checkpoint this step and hand the run back rather than start another.
       const bool hand_back = !last && Stopping();
       if (hand_back) next.reset();
@@ -268,7 +269,7 @@ class EngineImpl final : public Engine {
       }
       scope.as_object()["steps"].as_object()[step->id] = std::move(record);
       ++index;
-      step = &def->steps[index];
+      step = &pipeline.steps[index];
       attempt = *committed;
     }
   }
@@ -307,6 +308,23 @@ class EngineImpl final : public Engine {
     }
   }
 
+  // Parsed definitions by id: runs of one pipeline version share one.
+  Result<std::shared_ptr<const PipelineConfig>> Definition(const store::RunRecord& run) {
+    if (!run.definition_id.empty()) {
+      std::lock_guard lock(definitions_mu_);
+      if (auto it = definitions_.find(run.definition_id); it != definitions_.end()) return it->second;
+    }
+    auto parsed = DefinitionFromJson(run.definition);
+    if (!parsed.ok()) return std::move(parsed).error();
+    auto shared = std::make_shared<const PipelineConfig>(std::move(parsed).value());
+    if (!run.definition_id.empty()) {
+      std::lock_guard lock(definitions_mu_);
+      if (definitions_.size() > 10000) definitions_.clear();  // bound: ids are per version
+      definitions_[run.definition_id] = shared;
+    }
+    return shared;
+  }
+
   void LogAbandon(const std::string& run_id, const std::string& step_id, const Error& e) {
     obs::LogWarn("run abandoned by this worker", {{"run_id", run_id}, {"step_id", step_id},
                                                   {"error_type", ErrorCodeName(e.code)}, {"error", e.message}});
@@ -322,6 +340,8 @@ class EngineImpl final : public Engine {
   prometheus::Family<prometheus::Counter>& retries_;
   prometheus::Family<prometheus::Counter>& runs_finished_;
   std::string node_id_;
+  std::mutex definitions_mu_;
+  std::map<std::string, std::shared_ptr<const PipelineConfig>> definitions_;  // GUARDED_BY(definitions_mu_)
 
   mutable std::mutex mu_;
   std::condition_variable cv_;            // workers wait here for work

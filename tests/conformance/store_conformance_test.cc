@@ -1,1 +1,1617 @@
+// The Store conformance suite (STYLE.md rule 8): one parameterised suite, written against
+// keel/store/store.h alone, that every implementation must pass. To run it against a new
+// implementation, add one StoreFactory to AllStores() below.
+//
+// Each test gets a fresh temporary directory, a ManualClock (time moves only when a test
+// advances it: no sleeps) and a SeededRandom. Reopen() destroys the store and opens it
+// again on the same directory, to prove that what was acknowledged is durable.
+
 #include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <ostream>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "keel/core/clock.h"
+#include "keel/core/ids.h"
+#include "keel/core/json.h"
+#include "keel/core/random.h"
+#include "keel/core/result.h"
+#include "keel/store/sqlite_store.h"
+#include "keel/store/store.h"
+#include "keel/testing/assert.h"
+#include "keel/testing/process.h"
+
+namespace keel::store {
+namespace {
+
+using namespace std::chrono_literals;
+using Kind = FailureDisposition::Kind;
+
+// ---------------------------------------------------------------------------------------
+// The implementations under test.
+
+struct StoreFactory {
+  std::string name;
+  std::function<Result<std::unique_ptr<Store>>(const std::string& dir, const Clock&, Random&)> open;
+};
+
+void PrintTo(const StoreFactory& f, std::ostream* os) { *os << f.name; }
+
+std::vector<StoreFactory> AllStores() {
+  return {
+      {"sqlite",
+       [](const std::string& dir, const Clock& clock, Random& random) {
+         SqliteOptions options;
+         options.path = dir + "/keel.db";
+         return OpenSqliteStore(options, clock, random);
+       }},
+      // {"postgres", ...}: a fresh schema per test directory, skipped without a server.
+  };
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers.
+
+std::string Describe(const Error& e) { return std::string(ErrorCodeName(e.code)) + ": " + e.message; }
+
+// The value of a Result that must succeed; otherwise the test fails (gtest reports the
+// exception) without going on with a missing value.
+template <typename T>
+T Must(Result<T> r, const std::string& what) {
+  if (!r.ok()) throw std::runtime_error(what + " failed: " + Describe(r.error()));
+  return std::move(r).value();
+}
+void Must(Result<void> r, const std::string& what) {
+  if (!r.ok()) throw std::runtime_error(what + " failed: " + Describe(r.error()));
+}
+
+template <typename R>
+::testing::AssertionResult FailsWith(const R& r, ErrorCode code) {
+  if (r.ok()) return ::testing::AssertionFailure() << "succeeded; expected " << ErrorCodeName(code);
+  if (r.error().code != code) {
+    return ::testing::AssertionFailure() << "failed with " << Describe(r.error()) << "; expected "
+                                         << ErrorCodeName(code);
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// Timestamps as milliseconds, so that failures print readably (-1: none).
+int64_t Ms(Timestamp t) { return ToMillis(t); }
+int64_t Ms(const std::optional<Timestamp>& t) { return t ? ToMillis(*t) : -1; }
+
+std::vector<std::string> Types(const std::vector<Event>& events) {
+  std::vector<std::string> out;
+  for (const auto& e : events) out.push_back(e.type);
+  return out;
+}
+
+std::vector<std::string> Ids(const std::vector<RunRecord>& runs) {
+  std::vector<std::string> out;
+  for (const auto& r : runs) out.push_back(r.id);
+  return out;
+}
+
+void ExpectSameError(const std::optional<Error>& got, const std::optional<Error>& want) {
+  ASSERT_EQ(got.has_value(), want.has_value());
+  if (!got) return;
+  EXPECT_EQ(ErrorCodeName(got->code), ErrorCodeName(want->code));
+  EXPECT_EQ(got->message, want->message);
+}
+
+void ExpectSameRun(const RunRecord& got, const RunRecord& want, bool with_steps = true) {
+  EXPECT_EQ(got.id, want.id);
+  EXPECT_EQ(got.pipeline, want.pipeline);
+  EXPECT_EQ(RunStatusName(got.status), RunStatusName(want.status));
+  EXPECT_EQ(got.input, want.input);
+  EXPECT_EQ(got.output, want.output);
+  ExpectSameError(got.error, want.error);
+  EXPECT_EQ(got.idempotency_key, want.idempotency_key);
+  EXPECT_EQ(Ms(got.created_at), Ms(want.created_at));
+  EXPECT_EQ(Ms(got.updated_at), Ms(want.updated_at));
+  EXPECT_EQ(Ms(got.started_at), Ms(want.started_at));
+  EXPECT_EQ(Ms(got.finished_at), Ms(want.finished_at));
+  if (!with_steps) return;
+  EXPECT_EQ(got.definition, want.definition);
+  ASSERT_EQ(got.steps.size(), want.steps.size());
+  for (std::size_t i = 0; i < got.steps.size(); ++i) {
+    const auto& g = got.steps[i];
+    const auto& w = want.steps[i];
+    EXPECT_EQ(g.step_id, w.step_id);
+    EXPECT_EQ(StepStatusName(g.status), StepStatusName(w.status));
+    EXPECT_EQ(g.attempts, w.attempts);
+    EXPECT_EQ(Ms(g.started_at), Ms(w.started_at));
+    EXPECT_EQ(Ms(g.finished_at), Ms(w.finished_at));
+    EXPECT_EQ(g.output, w.output);
+    ExpectSameError(g.error, w.error);
+  }
+}
+
+void ExpectSameEvents(const std::vector<Event>& got, const std::vector<Event>& want) {
+  ASSERT_EQ(got.size(), want.size());
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].seq, want[i].seq);
+    EXPECT_EQ(got[i].run_id, want[i].run_id);
+    EXPECT_EQ(got[i].type, want[i].type);
+    EXPECT_EQ(got[i].step_id, want[i].step_id);
+    EXPECT_EQ(got[i].attempt, want[i].attempt);
+    EXPECT_EQ(Ms(got[i].at), Ms(want[i].at));
+    EXPECT_EQ(got[i].data, want[i].data);
+  }
+}
+
+constexpr Duration kLeaseFor = 30s;
+
+// ---------------------------------------------------------------------------------------
+// The fixture.
+
+class StoreConformance : public ::testing::TestWithParam<StoreFactory> {
+ protected:
+  void SetUp() override { Open(); }
+
+  void Open() {
+    auto opened = GetParam().open(dir_.path(), clock_, random_);
+    if (!opened.ok()) throw std::runtime_error("opening the store failed: " + Describe(opened.error()));
+    store_ = std::move(opened).value();
+  }
+  // Destroys the store and opens it again on the same directory.
+  void Reopen() {
+    store_.reset();
+    Open();
+  }
+
+  Store& store() { return *store_; }
+
+  NewRun MakeRun(const std::string& pipeline = "pipe") {
+    NewRun r;
+    r.id = NewRunId(clock_.Now(), random_);
+    r.pipeline = pipeline;
+    r.input = json::object{{"n", ++runs_made_}};
+    r.definition = json::object{{"name", pipeline}, {"steps", json::array{"a", "b"}}};
+    return r;
+  }
+  std::string Submit(const std::string& pipeline = "pipe") {
+    const NewRun r = MakeRun(pipeline);
+    auto result = Must(store().SubmitRun(r), "SubmitRun");
+    if (!result.created || result.run.id != r.id) throw std::runtime_error("SubmitRun did not create " + r.id);
+    return r.id;
+  }
+
+  std::optional<LeasedRun> TryLease(const std::string& worker = "w1", Duration lease_for = kLeaseFor) {
+    return Must(store().LeaseRun(worker, lease_for), "LeaseRun");
+  }
+  LeasedRun LeaseNext(const std::string& worker = "w1", Duration lease_for = kLeaseFor) {
+    auto leased = TryLease(worker, lease_for);
+    if (!leased) throw std::runtime_error("LeaseRun returned nothing");
+    return std::move(*leased);
+  }
+  // Leases `run_id`, which must be the one run due.
+  Lease LeaseOnly(const std::string& run_id, Duration lease_for = kLeaseFor) {
+    auto leased = LeaseNext("w1", lease_for);
+    if (leased.run.id != run_id) throw std::runtime_error("leased " + leased.run.id + ", expected " + run_id);
+    return leased.lease;
+  }
+
+  RunRecord Get(const std::string& id) { return Must(store().GetRun(id), "GetRun " + id); }
+  std::vector<Event> Events(const std::string& id, int64_t after_seq = 0, int limit = 1000) {
+    return Must(store().ListEvents(id, after_seq, limit), "ListEvents " + id);
+  }
+  // Every run matching `filter`, following the cursor to the last page.
+  std::vector<RunRecord> ListAll(RunFilter filter) {
+    std::vector<RunRecord> out;
+    for (int pages = 0; pages < 10000; ++pages) {
+      auto page = Must(store().ListRuns(filter), "ListRuns");
+      for (auto& r : page.runs) out.push_back(std::move(r));
+      if (page.next_cursor.empty()) return out;
+      filter.cursor = page.next_cursor;
+    }
+    throw std::runtime_error("ListRuns never reached its last page");
+  }
+  StoreStats Stats() { return Must(store().GetStats(), "GetStats"); }
+  std::optional<Timestamp> NextDue() { return Must(store().NextDueAt(), "NextDueAt"); }
+  // A run is due: NextDueAt says now.
+  void ExpectDueNow() { EXPECT_EQ(Ms(NextDue()), Ms(clock_.Now())); }
+
+  // A run that has ended `succeeded` after one step.
+  std::string SucceededRun() {
+    const std::string id = Submit();
+    const Lease l = LeaseOnly(id);
+    Must(store().StartStep(l, "a"), "StartStep");
+    Must(store().CompleteStep(l, "a", json::object{{"a", 1}}, std::nullopt, json::value("done")), "CompleteStep");
+    return id;
+  }
+  // A run that has ended with `kind` (kFail or kDeadLetter) on step "a".
+  std::string EndedRun(Kind kind) {
+    const std::string id = Submit();
+    const Lease l = LeaseOnly(id);
+    Must(store().StartStep(l, "a"), "StartStep");
+    Must(store().FailStep(l, "a", Error(ErrorCode::kServerError, "boom"), {kind}), "FailStep");
+    return id;
+  }
+
+  // Declared first: destroyed after the store that lives in it.
+  keel::testing::TempDir dir_;
+  ManualClock clock_;
+  SeededRandom random_{20240917};
+  std::unique_ptr<Store> store_;
+  int runs_made_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------
+// Submission.
+
+TEST_P(StoreConformance, SubmitThenGetReturnsTheQueuedRunAndItsSubmittedEvent) {
+  NewRun nr = MakeRun("summarize");
+  nr.input = json::parse(R"({"text":"hello","numbers":[1,2,3],"nested":{"ok":true}})");
+  nr.definition = json::parse(R"({"name":"summarize","steps":[{"id":"a","kind":"llm"}]})");
+  const Timestamp t0 = clock_.Now();
+  auto submitted = Must(store().SubmitRun(nr), "SubmitRun");
+  EXPECT_TRUE(submitted.created);
+  EXPECT_EQ(submitted.run.id, nr.id);
+  EXPECT_EQ(submitted.run.pipeline, "summarize");
+  EXPECT_EQ(RunStatusName(submitted.run.status), "queued");
+  EXPECT_EQ(submitted.run.input, nr.input);
+  EXPECT_EQ(Ms(submitted.run.created_at), Ms(t0));
+
+  clock_.Advance(5s);
+  const RunRecord got = Get(nr.id);
+  EXPECT_EQ(got.id, nr.id);
+  EXPECT_EQ(got.pipeline, "summarize");
+  EXPECT_EQ(RunStatusName(got.status), "queued");
+  EXPECT_EQ(got.input, nr.input);
+  EXPECT_EQ(got.definition, nr.definition);
+  EXPECT_TRUE(got.output.is_null());
+  EXPECT_FALSE(got.error.has_value());
+  EXPECT_EQ(got.idempotency_key, "");
+  EXPECT_EQ(Ms(got.created_at), Ms(t0));
+  EXPECT_EQ(Ms(got.updated_at), Ms(t0));
+  EXPECT_FALSE(got.started_at.has_value());
+  EXPECT_FALSE(got.finished_at.has_value());
+  EXPECT_TRUE(got.steps.empty());
+
+  const auto events = Events(nr.id);
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].type, "RunSubmitted");
+  EXPECT_EQ(events[0].run_id, nr.id);
+  EXPECT_GT(events[0].seq, 0);
+  EXPECT_EQ(Ms(events[0].at), Ms(t0));
+  EXPECT_EQ(events[0].step_id, "");
+}
+
+TEST_P(StoreConformance, SameIdempotencyKeyAndFingerprintReturnsTheSameRun) {
+  NewRun first = MakeRun();
+  first.idempotency_key = "key-1";
+  first.fingerprint = "fp-1";
+  auto created = Must(store().SubmitRun(first), "SubmitRun");
+  EXPECT_TRUE(created.created);
+  EXPECT_EQ(created.run.idempotency_key, "key-1");
+
+  // The run moves on; a replay returns it as it is now.
+  clock_.Advance(1s);
+  EXPECT_EQ(LeaseNext().run.id, first.id);
+
+  NewRun replay = MakeRun();  // another id and another input, same key and fingerprint
+  replay.idempotency_key = "key-1";
+  replay.fingerprint = "fp-1";
+  auto again = Must(store().SubmitRun(replay), "SubmitRun replay");
+  EXPECT_FALSE(again.created);
+  EXPECT_EQ(again.run.id, first.id);
+  EXPECT_EQ(again.run.input, first.input);
+  EXPECT_EQ(RunStatusName(again.run.status), "running");
+  EXPECT_EQ(again.run.idempotency_key, "key-1");
+
+  EXPECT_TRUE(FailsWith(store().GetRun(replay.id), ErrorCode::kNotFound));
+  EXPECT_EQ(ListAll({}).size(), 1u);
+  const auto types = Types(Events(first.id));
+  EXPECT_EQ(std::count(types.begin(), types.end(), "RunSubmitted"), 1);
+
+  // Keys are durable.
+  Reopen();
+  NewRun later = MakeRun();
+  later.idempotency_key = "key-1";
+  later.fingerprint = "fp-1";
+  auto after_reopen = Must(store().SubmitRun(later), "SubmitRun after reopen");
+  EXPECT_FALSE(after_reopen.created);
+  EXPECT_EQ(after_reopen.run.id, first.id);
+  EXPECT_EQ(ListAll({}).size(), 1u);
+}
+
+TEST_P(StoreConformance, SameIdempotencyKeyWithAnotherFingerprintConflicts) {
+  NewRun first = MakeRun();
+  first.idempotency_key = "key-2";
+  first.fingerprint = "body-A";
+  Must(store().SubmitRun(first), "SubmitRun");
+
+  NewRun other = MakeRun();
+  other.idempotency_key = "key-2";
+  other.fingerprint = "body-B";
+  EXPECT_TRUE(FailsWith(store().SubmitRun(other), ErrorCode::kConflict));
+  EXPECT_TRUE(FailsWith(store().GetRun(other.id), ErrorCode::kNotFound));
+  EXPECT_EQ(Get(first.id).input, first.input);
+  EXPECT_EQ(ListAll({}).size(), 1u);
+
+  // Another key with the same fingerprint is another run: keys dedup, not bodies.
+  NewRun third = MakeRun();
+  third.idempotency_key = "key-3";
+  third.fingerprint = "body-A";
+  EXPECT_TRUE(Must(store().SubmitRun(third), "SubmitRun key-3").created);
+
+  Reopen();
+  other.id = NewRunId(clock_.Now(), random_);
+  EXPECT_TRUE(FailsWith(store().SubmitRun(other), ErrorCode::kConflict));
+  EXPECT_EQ(ListAll({}).size(), 2u);
+}
+
+TEST_P(StoreConformance, WithoutIdempotencyKeyEverySubmitCreatesARun) {
+  NewRun a = MakeRun();
+  NewRun b = MakeRun();
+  b.input = a.input;
+  a.fingerprint = b.fingerprint = "same-body";
+  auto ra = Must(store().SubmitRun(a), "SubmitRun a");
+  auto rb = Must(store().SubmitRun(b), "SubmitRun b");
+  EXPECT_TRUE(ra.created);
+  EXPECT_TRUE(rb.created);
+  EXPECT_NE(ra.run.id, rb.run.id);
+  EXPECT_EQ(rb.run.id, b.id);
+  EXPECT_EQ(ListAll({}).size(), 2u);
+}
+
+TEST_P(StoreConformance, MaxQueueDepthRefusesAndARunEndingFreesRoom) {
+  auto bounded = [&](const std::string& key = {}) {
+    NewRun r = MakeRun();
+    r.max_queue_depth = 3;
+    r.idempotency_key = key;
+    r.fingerprint = key.empty() ? "" : "fp";
+    return r;
+  };
+  std::vector<std::string> ids;
+  for (int i = 0; i < 3; ++i) {
+    const NewRun r = bounded(i == 0 ? "depth-key" : "");
+    ids.push_back(Must(store().SubmitRun(r), "SubmitRun").run.id);
+  }
+  const NewRun refused = bounded();
+  EXPECT_TRUE(FailsWith(store().SubmitRun(refused), ErrorCode::kQueueFull));
+  EXPECT_TRUE(FailsWith(store().GetRun(refused.id), ErrorCode::kNotFound));
+
+  // Runs in flight count too.
+  const LeasedRun leased = LeaseNext();
+  EXPECT_EQ(leased.run.id, ids[0]);
+  EXPECT_TRUE(FailsWith(store().SubmitRun(bounded()), ErrorCode::kQueueFull));
+
+  // A replay of an existing key is not a new run: it is answered even when full.
+  auto replay = Must(store().SubmitRun(bounded("depth-key")), "SubmitRun replay");
+  EXPECT_FALSE(replay.created);
+  EXPECT_EQ(replay.run.id, ids[0]);
+
+  // A run that succeeds frees room for exactly one.
+  Must(store().StartStep(leased.lease, "a"), "StartStep");
+  Must(store().CompleteStep(leased.lease, "a", json::object{}, std::nullopt, json::value(1)), "CompleteStep");
+  EXPECT_TRUE(Must(store().SubmitRun(bounded()), "SubmitRun after success").created);
+  EXPECT_TRUE(FailsWith(store().SubmitRun(bounded()), ErrorCode::kQueueFull));
+
+  // So does a cancelled one.
+  Must(store().CancelRun(ids[1]), "CancelRun");
+  EXPECT_TRUE(Must(store().SubmitRun(bounded()), "SubmitRun after cancel").created);
+  EXPECT_TRUE(FailsWith(store().SubmitRun(bounded()), ErrorCode::kQueueFull));
+
+  // The depth is counted from the durable queue after a restart.
+  Reopen();
+  EXPECT_TRUE(FailsWith(store().SubmitRun(bounded()), ErrorCode::kQueueFull));
+  NewRun roomy = MakeRun();
+  roomy.max_queue_depth = 4;
+  EXPECT_TRUE(Must(store().SubmitRun(roomy), "SubmitRun depth 4").created);
+}
+
+TEST_P(StoreConformance, RedrivenRunCountsTowardsQueueDepth) {
+  auto bounded = [&] {
+    NewRun r = MakeRun();
+    r.max_queue_depth = 2;
+    return r;
+  };
+  const std::string dead = EndedRun(Kind::kDeadLetter);
+  Must(store().SubmitRun(bounded()), "SubmitRun");  // 1 in the queue
+  Must(store().RedriveRun(dead), "RedriveRun");     // 2
+  EXPECT_TRUE(FailsWith(store().SubmitRun(bounded()), ErrorCode::kQueueFull));
+}
+
+TEST_P(StoreConformance, ValuesRoundTripExactly) {
+  const json::value input = json::parse(
+      R"({"text":"h\u00e9llo \"quoted\" \\ \n\u0000 \ud83d\ude00","big":18446744073709551615,)"
+      R"("neg":-9223372036854775808,"pi":3.141592653589793,"tiny":1e-300,"empty":{},"list":[[],null,true,false,""]})");
+  const json::value step_output = json::parse(R"([{"a":[1,2,{"b":null}]},"x",0.1])");
+  const json::value run_output = json::value("just a string");
+  Error error(ErrorCode::kRateLimited, "429 from upstream: \"slow down\"", "messages[0]");
+  error.retry_after = 1500ms;
+
+  NewRun nr = MakeRun();
+  nr.input = input;
+  nr.definition = input;
+  Must(store().SubmitRun(nr), "SubmitRun");
+  const Lease l = LeaseOnly(nr.id);
+  Must(store().StartStep(l, "s\u00e9p/1"), "StartStep");  // any string is a step id
+  Must(store().CompleteStep(l, "s\u00e9p/1", step_output, std::string("two"), std::nullopt), "CompleteStep");
+  Must(store().FailStep(l, "two", error, {Kind::kDeadLetter}), "FailStep");
+  const std::string other = Submit();
+  const Lease lo = LeaseOnly(other);
+  Must(store().StartStep(lo, "a"), "StartStep");
+  Must(store().CompleteStep(lo, "a", json::value(nullptr), std::nullopt, run_output), "CompleteStep");
+
+  auto check = [&] {
+    const RunRecord run = Get(nr.id);
+    EXPECT_EQ(run.input, input);
+    EXPECT_EQ(run.definition, input);
+    ASSERT_EQ(run.steps.size(), 2u);
+    EXPECT_EQ(run.steps[0].step_id, "s\u00e9p/1");
+    EXPECT_EQ(run.steps[0].output, step_output);
+    for (const auto& e : {run.error, run.steps[1].error}) {
+      ASSERT_TRUE(e.has_value());
+      EXPECT_EQ(e->code, ErrorCode::kRateLimited);
+      EXPECT_EQ(e->message, error.message);
+      EXPECT_EQ(e->param, "messages[0]");
+      ASSERT_TRUE(e->retry_after.has_value());
+      EXPECT_EQ(e->retry_after->count(), 1500);
+    }
+    const RunRecord done = Get(other);
+    EXPECT_EQ(done.output, run_output);
+    EXPECT_TRUE(done.steps.at(0).output.is_null());
+  };
+  check();
+  Reopen();
+  check();
+}
+
+TEST_P(StoreConformance, UnknownRunIsNotFound) {
+  Submit();
+  const std::string unknown = NewRunId(clock_.Now(), random_);
+  EXPECT_TRUE(FailsWith(store().GetRun(unknown), ErrorCode::kNotFound));
+  EXPECT_TRUE(FailsWith(store().ListEvents(unknown, 0, 100), ErrorCode::kNotFound));
+  EXPECT_TRUE(FailsWith(store().CancelRun(unknown), ErrorCode::kNotFound));
+  EXPECT_TRUE(FailsWith(store().RedriveRun(unknown), ErrorCode::kNotFound));
+}
+
+// ---------------------------------------------------------------------------------------
+// Leases.
+
+TEST_P(StoreConformance, LeaseOnAnEmptyQueueReturnsNothing) {
+  EXPECT_FALSE(TryLease().has_value());
+  EXPECT_FALSE(NextDue().has_value());
+  // Ended runs are not in the queue either.
+  SucceededRun();
+  Must(store().CancelRun(Submit()), "CancelRun");
+  clock_.Advance(1h);
+  EXPECT_FALSE(TryLease().has_value());
+  EXPECT_FALSE(NextDue().has_value());
+}
+
+TEST_P(StoreConformance, LeaseMarksTheRunRunningAndHandsItOut) {
+  NewRun nr = MakeRun();
+  Must(store().SubmitRun(nr), "SubmitRun");
+  clock_.Advance(2s);
+  const Timestamp t1 = clock_.Now();
+  const LeasedRun leased = LeaseNext("worker-7", 45s);
+  EXPECT_EQ(leased.lease.run_id, nr.id);
+  EXPECT_FALSE(leased.lease.token.empty());
+  EXPECT_EQ(Ms(leased.lease.expires_at), Ms(t1 + 45s));
+  EXPECT_EQ(leased.lease.delivery, 1);
+  EXPECT_EQ(leased.run.id, nr.id);
+  EXPECT_EQ(RunStatusName(leased.run.status), "running");
+  EXPECT_EQ(Ms(leased.run.started_at), Ms(t1));
+  EXPECT_EQ(leased.run.input, nr.input);
+  EXPECT_EQ(leased.run.definition, nr.definition);
+  EXPECT_TRUE(leased.run.steps.empty());
+
+  const RunRecord got = Get(nr.id);
+  EXPECT_EQ(RunStatusName(got.status), "running");
+  EXPECT_EQ(Ms(got.started_at), Ms(t1));
+  EXPECT_FALSE(got.finished_at.has_value());
+
+  // Nobody else gets it while the lease is valid.
+  EXPECT_FALSE(TryLease("worker-8").has_value());
+  clock_.Advance(45s - 1ms);
+  EXPECT_FALSE(TryLease("worker-8").has_value());
+}
+
+TEST_P(StoreConformance, LeasesTheRunDueLongestFirst) {
+  const std::string a = Submit();
+  clock_.Advance(1ms);
+  const std::string b = Submit();
+  clock_.Advance(1ms);
+  const std::string c = Submit();
+  clock_.Advance(1ms);
+
+  // In submission order while nothing else differs...
+  const Lease la = LeaseOnly(a);
+  EXPECT_EQ(LeaseNext().run.id, b);
+  const Lease lb = Must(store().LeaseRun("w1", kLeaseFor), "LeaseRun").value().lease;
+  ASSERT_EQ(lb.run_id, c);
+  // ...and by when they became due, not when they were submitted: a retries after
+  // 100 ms, c after 50 ms, b stays leased until its lease expires.
+  Must(store().StartStep(la, "a"), "StartStep a");
+  Must(store().FailStep(la, "a", Error(ErrorCode::kTimeout, "t"), {Kind::kRetry, 100ms}), "FailStep a");
+  Must(store().StartStep(lb, "a"), "StartStep c");
+  Must(store().FailStep(lb, "a", Error(ErrorCode::kTimeout, "t"), {Kind::kRetry, 50ms}), "FailStep c");
+  EXPECT_FALSE(TryLease().has_value());
+  const std::string d = Submit();  // due now: before a's and c's backoffs end
+  clock_.Advance(200ms);
+  EXPECT_EQ(LeaseNext().run.id, d);
+  EXPECT_EQ(LeaseNext().run.id, c);
+  EXPECT_EQ(LeaseNext().run.id, a);
+  EXPECT_FALSE(TryLease().has_value());
+  clock_.Advance(kLeaseFor);  // b's lease, taken 200 ms before the others, expires first
+  EXPECT_EQ(LeaseNext().run.id, b);
+}
+
+TEST_P(StoreConformance, ExpiredLeaseRedeliversAndTheOldLeaseIsLost) {
+  const std::string id = Submit();
+  const Timestamp t_first = clock_.Now();
+  const LeasedRun first = LeaseNext("w1", 30s);
+  EXPECT_EQ(Must(store().StartStep(first.lease, "a"), "StartStep"), 1);
+
+  clock_.Advance(30s - 1ms);
+  EXPECT_FALSE(TryLease("w2").has_value());
+  clock_.Advance(1ms);
+  // Expired by the store's clock, even before anyone else took the run.
+  EXPECT_TRUE(FailsWith(store().Heartbeat(first.lease, 30s), ErrorCode::kLeaseLost));
+  EXPECT_EQ(Stats().queue_leased, 0);
+  EXPECT_EQ(Stats().queue_ready, 1);
+
+  const LeasedRun second = LeaseNext("w2", 30s);
+  EXPECT_EQ(second.lease.run_id, id);
+  EXPECT_EQ(second.lease.delivery, 2);
+  EXPECT_NE(second.lease.token, first.lease.token);
+  ASSERT_EQ(second.run.steps.size(), 1u);
+  EXPECT_EQ(second.run.steps[0].step_id, "a");
+  EXPECT_EQ(StepStatusName(second.run.steps[0].status), "running");
+  EXPECT_EQ(second.run.steps[0].attempts, 1);
+  EXPECT_EQ(Ms(second.run.started_at), Ms(t_first));  // the run started at its first lease
+  EXPECT_EQ(Ms(Get(id).started_at), Ms(t_first));
+
+  // Every call with the superseded lease fails and changes nothing.
+  const auto events_before = Events(id);
+  const RunRecord run_before = Get(id);
+  const Lease& old = first.lease;
+  EXPECT_TRUE(FailsWith(store().Heartbeat(old, 30s), ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().StartStep(old, "b"), ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().CompleteStep(old, "a", json::object{}, std::nullopt, json::value(1)),
+                        ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().FailStep(old, "a", Error(ErrorCode::kTimeout, "x"), {Kind::kFail}),
+                        ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().FailRun(old, Error(ErrorCode::kInternal, "x")), ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().ReleaseLease(old), ErrorCode::kLeaseLost));
+  EXPECT_EQ(Events(id).size(), events_before.size());
+  ExpectSameRun(Get(id), run_before);
+  EXPECT_FALSE(TryLease("w3").has_value());  // the release above did not free it
+
+  // The current lease works: the interrupted attempt counts.
+  EXPECT_EQ(Must(store().StartStep(second.lease, "a"), "StartStep"), 2);
+  EXPECT_EQ(Must(store().CompleteStep(second.lease, "a", json::object{{"v", 1}}, std::nullopt, json::value(7)),
+                 "CompleteStep"),
+            0);
+  EXPECT_EQ(RunStatusName(Get(id).status), "succeeded");
+}
+
+TEST_P(StoreConformance, HeartbeatExtendsTheLease) {
+  const std::string id = Submit();
+  const Timestamp t0 = clock_.Now();
+  const Lease l = LeaseOnly(id, 10s);
+  clock_.Advance(8s);
+  EXPECT_EQ(Ms(Must(store().Heartbeat(l, 10s), "Heartbeat")), Ms(t0 + 18s));
+  EXPECT_EQ(Ms(NextDue()), Ms(t0 + 18s));
+
+  clock_.Advance(5s);  // past the first expiry, before the new one
+  EXPECT_FALSE(TryLease("w2").has_value());
+  EXPECT_EQ(Stats().queue_leased, 1);
+  EXPECT_EQ(Must(store().StartStep(l, "a"), "StartStep"), 1);
+
+  clock_.Advance(5s - 1ms);
+  EXPECT_FALSE(TryLease("w2").has_value());
+  clock_.Advance(1ms);
+  EXPECT_TRUE(FailsWith(store().Heartbeat(l, 10s), ErrorCode::kLeaseLost));
+  const LeasedRun again = LeaseNext("w2");
+  EXPECT_EQ(again.run.id, id);
+  EXPECT_EQ(again.lease.delivery, 2);
+}
+
+TEST_P(StoreConformance, ReleaseLeaseMakesTheRunLeasableAtOnce) {
+  const std::string id = Submit();
+  const LeasedRun first = LeaseNext("w1", 1h);
+  Must(store().StartStep(first.lease, "a"), "StartStep");
+  Must(store().CompleteStep(first.lease, "a", json::object{{"kept", true}}, std::nullopt, std::nullopt),
+       "CompleteStep");
+  Must(store().ReleaseLease(first.lease), "ReleaseLease");
+  ExpectDueNow();
+
+  const LeasedRun second = LeaseNext("w2", 1h);  // no time has passed
+  EXPECT_EQ(second.run.id, id);
+  EXPECT_EQ(second.lease.delivery, 2);
+  ASSERT_EQ(second.run.steps.size(), 1u);
+  EXPECT_EQ(StepStatusName(second.run.steps[0].status), "succeeded");
+  EXPECT_EQ(second.run.steps[0].output, json::value(json::object{{"kept", true}}));
+  EXPECT_TRUE(FailsWith(store().StartStep(first.lease, "b"), ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().ReleaseLease(first.lease), ErrorCode::kLeaseLost));
+  EXPECT_EQ(Must(store().StartStep(second.lease, "b"), "StartStep"), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Steps.
+
+TEST_P(StoreConformance, StepAttemptsAreNumberedAcrossRetries) {
+  const std::string id = Submit();
+  const Lease l1 = LeaseOnly(id);
+  EXPECT_EQ(Must(store().StartStep(l1, "a"), "StartStep"), 1);
+  Must(store().FailStep(l1, "a", Error(ErrorCode::kRateLimited, "slow down"), {Kind::kRetry, 0ms}), "FailStep");
+
+  const LeasedRun second = LeaseNext();
+  ASSERT_EQ(second.run.id, id);
+  ASSERT_EQ(second.run.steps.size(), 1u);
+  EXPECT_EQ(StepStatusName(second.run.steps[0].status), "retrying");
+  EXPECT_EQ(second.run.steps[0].attempts, 1);
+  EXPECT_EQ(Must(store().StartStep(second.lease, "a"), "StartStep"), 2);
+  const RunRecord run = Get(id);
+  ASSERT_EQ(run.steps.size(), 1u);
+  EXPECT_EQ(StepStatusName(run.steps[0].status), "running");
+  EXPECT_EQ(run.steps[0].attempts, 2);
+  // The next step starts at attempt 1.
+  EXPECT_EQ(Must(store().CompleteStep(second.lease, "a", json::object{}, std::string("b"), std::nullopt),
+                 "CompleteStep"),
+            1);
+  // The step succeeded: no error is left on it.
+  const RunRecord after = Get(id);
+  ASSERT_EQ(after.steps.size(), 2u);
+  EXPECT_EQ(StepStatusName(after.steps[0].status), "succeeded");
+  EXPECT_EQ(after.steps[0].attempts, 2);
+  EXPECT_FALSE(after.steps[0].error.has_value());
+}
+
+TEST_P(StoreConformance, CompleteStepWithNextStepStartsIt) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  const Timestamp t_start = clock_.Now();
+  EXPECT_EQ(Must(store().StartStep(l, "retrieve"), "StartStep"), 1);
+  clock_.Advance(1500ms);
+  const Timestamp t_done = clock_.Now();
+  EXPECT_EQ(Must(store().CompleteStep(l, "retrieve", json::object{{"x", 1}}, std::string("generate"), std::nullopt),
+                 "CompleteStep"),
+            1);
+
+  const RunRecord run = Get(id);
+  EXPECT_EQ(RunStatusName(run.status), "running");
+  ASSERT_EQ(run.steps.size(), 2u);
+  EXPECT_EQ(run.steps[0].step_id, "retrieve");
+  EXPECT_EQ(StepStatusName(run.steps[0].status), "succeeded");
+  EXPECT_EQ(run.steps[0].attempts, 1);
+  EXPECT_EQ(run.steps[0].output, json::value(json::object{{"x", 1}}));
+  EXPECT_FALSE(run.steps[0].error.has_value());
+  EXPECT_EQ(Ms(run.steps[0].started_at), Ms(t_start));
+  EXPECT_EQ(Ms(run.steps[0].finished_at), Ms(t_done));
+  EXPECT_EQ(run.steps[1].step_id, "generate");
+  EXPECT_EQ(StepStatusName(run.steps[1].status), "running");
+  EXPECT_EQ(run.steps[1].attempts, 1);
+  EXPECT_TRUE(run.steps[1].output.is_null());
+  EXPECT_EQ(Ms(run.steps[1].started_at), Ms(t_done));
+  EXPECT_FALSE(run.steps[1].finished_at.has_value());
+
+  const auto events = Events(id);
+  ASSERT_GE(events.size(), 3u);
+  const auto tail = std::vector<Event>(events.end() - 3, events.end());
+  EXPECT_EQ(Types(tail), (std::vector<std::string>{"StepStarted", "StepSucceeded", "StepStarted"}));
+  EXPECT_EQ(tail[1].step_id, "retrieve");
+  EXPECT_EQ(tail[1].attempt, 1);
+  EXPECT_EQ(tail[2].step_id, "generate");
+  EXPECT_EQ(tail[2].attempt, 1);
+
+  // Steps are listed in the order they first started, also after more attempts and a
+  // restart.
+  Must(store().FailStep(l, "generate", Error(ErrorCode::kTimeout, "t"), {Kind::kRetry, 0ms}), "FailStep");
+  Reopen();
+  const Lease l2 = LeaseOnly(id);
+  EXPECT_EQ(Must(store().StartStep(l2, "generate"), "StartStep"), 2);
+  Must(store().CompleteStep(l2, "generate", json::object{}, std::string("check"), std::nullopt), "CompleteStep");
+  std::vector<std::string> order;
+  for (const auto& st : Get(id).steps) order.push_back(st.step_id);
+  EXPECT_EQ(order, (std::vector<std::string>{"retrieve", "generate", "check"}));
+
+  // The lease is kept.
+  EXPECT_FALSE(TryLease("w2").has_value());
+  EXPECT_OK(store().Heartbeat(l2, kLeaseFor));
+}
+
+TEST_P(StoreConformance, CompleteStepWithRunOutputSucceedsTheRun) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  Must(store().StartStep(l, "a"), "StartStep");
+  clock_.Advance(3s);
+  const Timestamp t_done = clock_.Now();
+  // run_output wins over next_step: the run ends, "b" never starts.
+  Must(store().CompleteStep(l, "a", json::object{{"y", 2}}, std::string("b"), json::object{{"answer", 42}}),
+       "CompleteStep");
+
+  const RunRecord run = Get(id);
+  EXPECT_EQ(RunStatusName(run.status), "succeeded");
+  EXPECT_EQ(run.output, json::value(json::object{{"answer", 42}}));
+  EXPECT_FALSE(run.error.has_value());
+  EXPECT_EQ(Ms(run.finished_at), Ms(t_done));
+  ASSERT_EQ(run.steps.size(), 1u);
+  EXPECT_EQ(StepStatusName(run.steps[0].status), "succeeded");
+  EXPECT_EQ(run.steps[0].output, json::value(json::object{{"y", 2}}));
+  const auto events = Events(id);
+  ASSERT_GE(events.size(), 2u);
+  EXPECT_EQ(events[events.size() - 2].type, "StepSucceeded");
+  EXPECT_EQ(events.back().type, "RunSucceeded");
+
+  // It left the queue: nothing to lease, ever; the lease is gone.
+  EXPECT_FALSE(NextDue().has_value());
+  EXPECT_TRUE(FailsWith(store().Heartbeat(l, kLeaseFor), ErrorCode::kLeaseLost));
+  clock_.Advance(1h);
+  EXPECT_FALSE(TryLease().has_value());
+  const StoreStats stats = Stats();
+  EXPECT_EQ(stats.runs_by_status.at(RunStatus::kSucceeded), 1);
+  EXPECT_EQ(stats.queue_ready + stats.queue_leased + stats.queue_delayed, 0);
+}
+
+TEST_P(StoreConformance, CompleteStepOfAStepNotRunningConflicts) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  const size_t n_events = Events(id).size();
+  EXPECT_TRUE(FailsWith(store().CompleteStep(l, "a", json::object{}, std::nullopt, json::value(1)),
+                        ErrorCode::kConflict));  // never started
+  EXPECT_EQ(Events(id).size(), n_events);
+  EXPECT_EQ(RunStatusName(Get(id).status), "running");  // and the run did not end
+
+  Must(store().StartStep(l, "a"), "StartStep");
+  Must(store().CompleteStep(l, "a", json::object{{"first", true}}, std::nullopt, std::nullopt), "CompleteStep");
+  EXPECT_TRUE(FailsWith(store().CompleteStep(l, "a", json::object{{"second", true}}, std::nullopt, std::nullopt),
+                        ErrorCode::kConflict));  // already succeeded
+  EXPECT_EQ(Get(id).steps.at(0).output, json::value(json::object{{"first", true}}));
+
+  Must(store().StartStep(l, "b"), "StartStep b");
+  Must(store().FailStep(l, "b", Error(ErrorCode::kTimeout, "t"), {Kind::kRetry, 0ms}), "FailStep");
+  const Lease l2 = LeaseOnly(id);
+  EXPECT_TRUE(FailsWith(store().CompleteStep(l2, "b", json::object{}, std::nullopt, json::value(1)),
+                        ErrorCode::kConflict));  // retrying, not running
+  EXPECT_EQ(StepStatusName(Get(id).steps.at(1).status), "retrying");
+}
+
+TEST_P(StoreConformance, ACheckpointedStepNeverStartsAgain) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  Must(store().StartStep(l, "a"), "StartStep");
+  Must(store().CompleteStep(l, "a", json::object{{"kept", true}}, std::nullopt, std::nullopt), "CompleteStep");
+  EXPECT_TRUE(FailsWith(store().StartStep(l, "a"), ErrorCode::kConflict));
+  // Naming it as the next step is refused too, and the whole call changes nothing.
+  Must(store().StartStep(l, "b"), "StartStep b");
+  EXPECT_TRUE(FailsWith(store().CompleteStep(l, "b", json::object{}, std::string("a"), std::nullopt),
+                        ErrorCode::kConflict));
+  const auto run = Get(id);
+  EXPECT_EQ(StepStatusName(run.steps.at(0).status), "succeeded");
+  EXPECT_EQ(run.steps.at(0).attempts, 1);
+  EXPECT_EQ(run.steps.at(0).output, json::value(json::object{{"kept", true}}));
+  EXPECT_EQ(StepStatusName(run.steps.at(1).status), "running");
+}
+
+TEST_P(StoreConformance, FailStepOfAStepNotRunningConflicts) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  EXPECT_TRUE(FailsWith(store().FailStep(l, "a", Error(ErrorCode::kTimeout, "t"), {Kind::kRetry, 0ms}),
+                        ErrorCode::kConflict));  // never started
+  Must(store().StartStep(l, "a"), "StartStep");
+  Must(store().CompleteStep(l, "a", json::object{{"kept", true}}, std::nullopt, std::nullopt), "CompleteStep");
+  EXPECT_TRUE(FailsWith(store().FailStep(l, "a", Error(ErrorCode::kTimeout, "t"), {Kind::kDeadLetter}),
+                        ErrorCode::kConflict));  // already succeeded
+  const auto run = Get(id);
+  EXPECT_EQ(RunStatusName(run.status), "running");
+  EXPECT_EQ(StepStatusName(run.steps.at(0).status), "succeeded");
+}
+
+TEST_P(StoreConformance, SubmittingATakenRunIdConflicts) {
+  NewRun r = MakeRun();
+  Must(store().SubmitRun(r), "SubmitRun");
+  r.input = json::object{{"other", true}};
+  EXPECT_TRUE(FailsWith(store().SubmitRun(r), ErrorCode::kConflict));
+  EXPECT_EQ(Get(r.id).input, json::value(json::object{{"n", runs_made_}}));
+}
+
+TEST_P(StoreConformance, FailStepRetryRequeuesAfterItsDelay) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  Must(store().StartStep(l, "a"), "StartStep");
+  clock_.Advance(1s);
+  const Timestamp t_fail = clock_.Now();
+  Must(store().FailStep(l, "a", Error(ErrorCode::kTimeout, "upstream timed out"), {Kind::kRetry, 5s}), "FailStep");
+
+  const RunRecord run = Get(id);
+  EXPECT_FALSE(IsTerminal(run.status));
+  ASSERT_EQ(run.steps.size(), 1u);
+  EXPECT_EQ(StepStatusName(run.steps[0].status), "retrying");
+  EXPECT_EQ(run.steps[0].attempts, 1);
+  ASSERT_TRUE(run.steps[0].error.has_value());
+  EXPECT_EQ(run.steps[0].error->code, ErrorCode::kTimeout);
+  EXPECT_EQ(run.steps[0].error->message, "upstream timed out");
+  EXPECT_FALSE(run.steps[0].finished_at.has_value());
+
+  const Event failed = Events(id).back();
+  EXPECT_EQ(failed.type, "AttemptFailed");
+  EXPECT_EQ(failed.step_id, "a");
+  EXPECT_EQ(failed.attempt, 1);
+  EXPECT_EQ(Ms(failed.at), Ms(t_fail));
+  ASSERT_TRUE(failed.data.is_object() && failed.data.as_object().contains("error")) << failed.data;
+  const Error logged = ErrorFromJson(failed.data.at("error"));
+  EXPECT_EQ(logged.code, ErrorCode::kTimeout);
+  EXPECT_EQ(logged.message, "upstream timed out");
+
+  // The lease was given up; the run waits for its backoff.
+  EXPECT_TRUE(FailsWith(store().Heartbeat(l, kLeaseFor), ErrorCode::kLeaseLost));
+  EXPECT_EQ(Ms(NextDue()), Ms(t_fail + 5s));
+  StoreStats stats = Stats();
+  EXPECT_EQ(stats.queue_delayed, 1);
+  EXPECT_EQ(stats.queue_ready, 0);
+  EXPECT_EQ(stats.queue_leased, 0);
+  clock_.Advance(5s - 1ms);
+  EXPECT_FALSE(TryLease().has_value());
+  clock_.Advance(1ms);
+  const LeasedRun again = LeaseNext();
+  EXPECT_EQ(again.run.id, id);
+  EXPECT_EQ(again.lease.delivery, 2);
+  EXPECT_EQ(RunStatusName(again.run.status), "running");
+}
+
+TEST_P(StoreConformance, FailStepFailEndsTheRunFailed) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  Must(store().StartStep(l, "a"), "StartStep");
+  clock_.Advance(2s);
+  const Timestamp t_fail = clock_.Now();
+  Must(store().FailStep(l, "a", Error(ErrorCode::kInvalidRequest, "bad prompt"), {Kind::kFail}), "FailStep");
+
+  const RunRecord run = Get(id);
+  EXPECT_EQ(RunStatusName(run.status), "failed");
+  ASSERT_TRUE(run.error.has_value());
+  EXPECT_EQ(run.error->code, ErrorCode::kInvalidRequest);
+  EXPECT_EQ(run.error->message, "bad prompt");
+  EXPECT_TRUE(run.output.is_null());
+  EXPECT_EQ(Ms(run.finished_at), Ms(t_fail));
+  ASSERT_EQ(run.steps.size(), 1u);
+  EXPECT_EQ(StepStatusName(run.steps[0].status), "failed");
+  EXPECT_EQ(Ms(run.steps[0].finished_at), Ms(t_fail));
+  ASSERT_TRUE(run.steps[0].error.has_value());
+  EXPECT_EQ(run.steps[0].error->message, "bad prompt");
+  const auto types = Types(Events(id));
+  ASSERT_GE(types.size(), 2u);
+  EXPECT_EQ(types[types.size() - 2], "AttemptFailed");
+  EXPECT_EQ(types.back(), "RunFailed");
+
+  EXPECT_TRUE(FailsWith(store().Heartbeat(l, kLeaseFor), ErrorCode::kLeaseLost));
+  EXPECT_FALSE(NextDue().has_value());
+  clock_.Advance(1h);
+  EXPECT_FALSE(TryLease().has_value());
+}
+
+TEST_P(StoreConformance, FailStepDeadLetterKeepsTheErrorAndListsTheRun) {
+  const std::string other = SucceededRun();
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  Must(store().StartStep(l, "a"), "StartStep");
+  Must(store().FailStep(l, "a", Error(ErrorCode::kServerError, "gave up after 3 attempts: 502"), {Kind::kDeadLetter}),
+       "FailStep");
+
+  auto check = [&] {
+    const RunRecord run = Get(id);
+    EXPECT_EQ(RunStatusName(run.status), "dead_lettered");
+    ASSERT_TRUE(run.error.has_value());
+    EXPECT_EQ(run.error->code, ErrorCode::kServerError);
+    EXPECT_EQ(run.error->message, "gave up after 3 attempts: 502");
+    EXPECT_TRUE(run.finished_at.has_value());
+    ASSERT_EQ(run.steps.size(), 1u);
+    EXPECT_EQ(StepStatusName(run.steps[0].status), "failed");
+    EXPECT_EQ(Events(id).back().type, "RunDeadLettered");
+
+    RunFilter dlq;
+    dlq.status = RunStatus::kDeadLettered;
+    const auto listed = ListAll(dlq);
+    ASSERT_EQ(listed.size(), 1u);
+    EXPECT_EQ(listed[0].id, id);
+    ASSERT_TRUE(listed[0].error.has_value());
+    EXPECT_EQ(listed[0].error->message, "gave up after 3 attempts: 502");
+    RunFilter failed;
+    failed.status = RunStatus::kFailed;
+    EXPECT_TRUE(ListAll(failed).empty());
+    EXPECT_FALSE(NextDue().has_value());
+  };
+  check();
+  Reopen();
+  check();
+  (void)other;
+}
+
+TEST_P(StoreConformance, FailRunEndsTheRunFailed) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  Must(store().FailRun(l, Error(ErrorCode::kInvalidRequest, "the definition cannot execute")), "FailRun");
+  const RunRecord run = Get(id);
+  EXPECT_EQ(RunStatusName(run.status), "failed");
+  ASSERT_TRUE(run.error.has_value());
+  EXPECT_EQ(run.error->code, ErrorCode::kInvalidRequest);
+  EXPECT_EQ(run.error->message, "the definition cannot execute");
+  EXPECT_TRUE(run.finished_at.has_value());
+  EXPECT_TRUE(run.steps.empty());
+  EXPECT_EQ(Events(id).back().type, "RunFailed");
+  EXPECT_TRUE(FailsWith(store().StartStep(l, "a"), ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().FailRun(l, Error(ErrorCode::kInternal, "again")), ErrorCode::kLeaseLost));
+  EXPECT_FALSE(NextDue().has_value());
+}
+
+// ---------------------------------------------------------------------------------------
+// Cancel and redrive.
+
+TEST_P(StoreConformance, CancelQueuedRun) {
+  const std::string id = Submit();
+  clock_.Advance(1s);
+  const RunRecord cancelled = Must(store().CancelRun(id), "CancelRun");
+  EXPECT_EQ(cancelled.id, id);
+  EXPECT_EQ(RunStatusName(cancelled.status), "cancelled");
+  EXPECT_EQ(Ms(cancelled.finished_at), Ms(clock_.Now()));
+  EXPECT_EQ(RunStatusName(Get(id).status), "cancelled");
+  EXPECT_EQ(Events(id).back().type, "RunCancelled");
+  EXPECT_FALSE(TryLease().has_value());
+  EXPECT_FALSE(NextDue().has_value());
+  EXPECT_TRUE(FailsWith(store().CancelRun(id), ErrorCode::kConflict));
+}
+
+TEST_P(StoreConformance, CancelLeasedRunTakesTheLeaseAway) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  Must(store().StartStep(l, "a"), "StartStep");
+  EXPECT_EQ(RunStatusName(Must(store().CancelRun(id), "CancelRun").status), "cancelled");
+
+  const size_t n_events = Events(id).size();
+  EXPECT_TRUE(FailsWith(store().Heartbeat(l, kLeaseFor), ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().StartStep(l, "b"), ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().CompleteStep(l, "a", json::object{}, std::nullopt, json::value("late")),
+                        ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().FailStep(l, "a", Error(ErrorCode::kTimeout, "t"), {Kind::kRetry, 0ms}),
+                        ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().FailRun(l, Error(ErrorCode::kInternal, "x")), ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().ReleaseLease(l), ErrorCode::kLeaseLost));
+  EXPECT_EQ(Events(id).size(), n_events);
+  const RunRecord run = Get(id);
+  EXPECT_EQ(RunStatusName(run.status), "cancelled");
+  EXPECT_TRUE(run.output.is_null());
+  clock_.Advance(1h);
+  EXPECT_FALSE(TryLease().has_value());
+}
+
+TEST_P(StoreConformance, CancelOfAnEndedRunConflicts) {
+  const std::string succeeded = SucceededRun();
+  const std::string failed = EndedRun(Kind::kFail);
+  const std::string dead = EndedRun(Kind::kDeadLetter);
+  const std::string cancelled = Submit();
+  Must(store().CancelRun(cancelled), "CancelRun");
+  for (const auto& [id, status] : std::vector<std::pair<std::string, std::string>>{
+           {succeeded, "succeeded"}, {failed, "failed"}, {dead, "dead_lettered"}, {cancelled, "cancelled"}}) {
+    EXPECT_TRUE(FailsWith(store().CancelRun(id), ErrorCode::kConflict)) << status;
+    EXPECT_EQ(RunStatusName(Get(id).status), status);
+  }
+}
+
+TEST_P(StoreConformance, RedriveKeepsSucceededStepsAndRestartsTheRest) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  Must(store().StartStep(l, "a"), "StartStep a");
+  Must(store().CompleteStep(l, "a", json::object{{"a", "out"}}, std::string("b"), std::nullopt), "CompleteStep a");
+  Must(store().FailStep(l, "b", Error(ErrorCode::kRateLimited, "quota"), {Kind::kRetry, 0ms}), "FailStep b 1");
+  const Lease l2 = LeaseOnly(id);
+  EXPECT_EQ(Must(store().StartStep(l2, "b"), "StartStep b"), 2);
+  Must(store().FailStep(l2, "b", Error(ErrorCode::kRateLimited, "quota"), {Kind::kDeadLetter}), "FailStep b 2");
+  ASSERT_EQ(RunStatusName(Get(id).status), "dead_lettered");
+
+  clock_.Advance(1min);
+  const RunRecord redriven = Must(store().RedriveRun(id), "RedriveRun");
+  auto check = [&](const RunRecord& run) {
+    EXPECT_EQ(RunStatusName(run.status), "queued");
+    EXPECT_FALSE(run.error.has_value());
+    EXPECT_FALSE(run.finished_at.has_value());
+    EXPECT_TRUE(run.output.is_null());
+    ASSERT_EQ(run.steps.size(), 1u);
+    EXPECT_EQ(run.steps[0].step_id, "a");
+    EXPECT_EQ(StepStatusName(run.steps[0].status), "succeeded");
+    EXPECT_EQ(run.steps[0].output, json::value(json::object{{"a", "out"}}));
+  };
+  check(redriven);
+  check(Get(id));
+  Reopen();
+  check(Get(id));
+  ExpectDueNow();
+
+  const LeasedRun again = LeaseNext();
+  ASSERT_EQ(again.run.id, id);
+  ASSERT_EQ(again.run.steps.size(), 1u);
+  EXPECT_EQ(again.run.steps[0].output, json::value(json::object{{"a", "out"}}));
+  EXPECT_EQ(Must(store().StartStep(again.lease, "b"), "StartStep b afresh"), 1);
+  Must(store().CompleteStep(again.lease, "b", json::object{{"b", "out"}}, std::nullopt, json::value("final")),
+       "CompleteStep b");
+  EXPECT_EQ(RunStatusName(Get(id).status), "succeeded");
+  EXPECT_EQ(Get(id).output, json::value("final"));
+  EXPECT_TRUE(FailsWith(store().RedriveRun(id), ErrorCode::kConflict));
+  EXPECT_EQ(RunStatusName(Get(id).status), "succeeded");
+}
+
+TEST_P(StoreConformance, RedriveAcceptsFailedRunsOnly) {
+  const std::string succeeded = SucceededRun();
+  const std::string failed = EndedRun(Kind::kFail);
+  const RunRecord redriven = Must(store().RedriveRun(failed), "RedriveRun failed");
+  EXPECT_EQ(RunStatusName(redriven.status), "queued");
+  EXPECT_TRUE(redriven.steps.empty());  // the failed step starts afresh
+  EXPECT_EQ(LeaseNext().run.id, failed);    // running now
+
+  const std::string queued = Submit();
+  const std::string cancelled = Submit();
+  Must(store().CancelRun(cancelled), "CancelRun");
+  for (const auto& id : {failed, queued, cancelled, succeeded}) {
+    const auto before = Get(id);
+    EXPECT_TRUE(FailsWith(store().RedriveRun(id), ErrorCode::kConflict)) << RunStatusName(before.status);
+    EXPECT_EQ(RunStatusName(Get(id).status), RunStatusName(before.status));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Listing.
+
+TEST_P(StoreConformance, ListRunsFiltersAndPagesNewestFirst) {
+  std::vector<std::string> all;  // oldest first
+  std::vector<std::string> alpha, beta;
+  for (int i = 0; i < 9; ++i) {
+    const std::string pipeline = i % 3 == 0 ? "beta" : "alpha";
+    const std::string id = Submit(pipeline);
+    all.push_back(id);
+    (pipeline == "alpha" ? alpha : beta).push_back(id);
+    clock_.Advance(1ms);
+  }
+  // Some states: cancel two (one per pipeline), run one with steps.
+  Must(store().CancelRun(all[1]), "CancelRun");
+  Must(store().CancelRun(all[3]), "CancelRun");
+  const Lease l = LeaseOnly(all[0]);
+  Must(store().StartStep(l, "a"), "StartStep");
+  auto newest_first = [](std::vector<std::string> v) {
+    std::reverse(v.begin(), v.end());
+    return v;
+  };
+
+  const auto everything = ListAll({});
+  EXPECT_EQ(Ids(everything), newest_first(all));
+  for (const auto& r : everything) EXPECT_TRUE(r.steps.empty()) << r.id;  // lists carry no steps
+  EXPECT_EQ(everything.back().pipeline, "beta");
+  EXPECT_EQ(everything.back().input, Get(all[0]).input);
+
+  RunFilter by_pipeline;
+  by_pipeline.pipeline = "alpha";
+  EXPECT_EQ(Ids(ListAll(by_pipeline)), newest_first(alpha));
+  by_pipeline.pipeline = "nope";
+  EXPECT_TRUE(ListAll(by_pipeline).empty());
+
+  RunFilter by_status;
+  by_status.status = RunStatus::kCancelled;
+  EXPECT_EQ(Ids(ListAll(by_status)), (std::vector<std::string>{all[3], all[1]}));
+  by_status.status = RunStatus::kRunning;
+  EXPECT_EQ(Ids(ListAll(by_status)), (std::vector<std::string>{all[0]}));
+
+  RunFilter both;
+  both.status = RunStatus::kQueued;
+  both.pipeline = "beta";
+  EXPECT_EQ(Ids(ListAll(both)), (std::vector<std::string>{all[6]}));  // beta: 0 running, 3 cancelled, 6
+  both.pipeline = "alpha";
+  both.limit = 2;
+  EXPECT_EQ(Ids(ListAll(both)), (std::vector<std::string>{all[8], all[7], all[5], all[4], all[2]}));
+
+  // Pages of 4: 4, 4, 1; the cursor is opaque, the last page has none.
+  RunFilter paged;
+  paged.limit = 4;
+  auto p1 = Must(store().ListRuns(paged), "ListRuns page 1");
+  ASSERT_EQ(p1.runs.size(), 4u);
+  ASSERT_FALSE(p1.next_cursor.empty());
+  // A run submitted meanwhile is newer: it does not shift the later pages.
+  const std::string newer = Submit();
+  paged.cursor = p1.next_cursor;
+  auto p2 = Must(store().ListRuns(paged), "ListRuns page 2");
+  ASSERT_EQ(p2.runs.size(), 4u);
+  ASSERT_FALSE(p2.next_cursor.empty());
+  paged.cursor = p2.next_cursor;
+  auto p3 = Must(store().ListRuns(paged), "ListRuns page 3");
+  ASSERT_EQ(p3.runs.size(), 1u);
+  EXPECT_TRUE(p3.next_cursor.empty());
+  std::vector<std::string> visited = Ids(p1.runs);
+  for (const auto& p : {p2, p3}) {
+    for (const auto& r : p.runs) visited.push_back(r.id);
+  }
+  EXPECT_EQ(visited, newest_first(all));
+  EXPECT_EQ(ListAll({}).front().id, newer);
+
+  // An exact multiple of the page size ends without an empty extra page... or with one;
+  // either way every run is visited once.
+  RunFilter exact;
+  exact.limit = 5;
+  EXPECT_EQ(ListAll(exact).size(), all.size() + 1);
+}
+
+TEST_P(StoreConformance, ListEventsIsOrderedAndResumesAfterASeq) {
+  const std::string id = Submit();
+  clock_.Advance(1s);
+  LeasedRun leased = LeaseNext();
+  Must(store().StartStep(leased.lease, "a"), "StartStep a");
+  clock_.Advance(1s);
+  Must(store().CompleteStep(leased.lease, "a", json::object{}, std::string("b"), std::nullopt), "CompleteStep a");
+  const std::string other = Submit();  // interleaves in the global log
+  Must(store().CancelRun(other), "CancelRun other");  // (and must not be leased below)
+  clock_.Advance(1s);
+  Must(store().FailStep(leased.lease, "b", Error(ErrorCode::kOverloaded, "529"), {Kind::kRetry, 0ms}), "FailStep b");
+  leased = LeaseNext();
+  ASSERT_EQ(leased.run.id, id);
+  Must(store().StartStep(leased.lease, "b"), "StartStep b");
+  clock_.Advance(1s);
+  Must(store().CompleteStep(leased.lease, "b", json::object{}, std::nullopt, json::value("out")), "CompleteStep b");
+
+  const auto events = Events(id);
+  EXPECT_EQ(Types(events), (std::vector<std::string>{"RunSubmitted", "RunLeased", "StepStarted", "StepSucceeded",
+                                                     "StepStarted", "AttemptFailed", "RunLeased", "StepStarted",
+                                                     "StepSucceeded", "RunSucceeded"}));
+  for (std::size_t i = 0; i < events.size(); ++i) {
+    EXPECT_EQ(events[i].run_id, id);
+    if (i > 0) {
+      EXPECT_GT(events[i].seq, events[i - 1].seq);
+      EXPECT_GE(Ms(events[i].at), Ms(events[i - 1].at));
+    }
+  }
+  ASSERT_EQ(events.size(), 10u);
+  EXPECT_EQ(events[2].step_id, "a");
+  EXPECT_EQ(events[5].step_id, "b");
+  EXPECT_EQ(events[5].attempt, 1);
+  EXPECT_EQ(events[7].step_id, "b");
+  EXPECT_EQ(events[7].attempt, 2);
+  EXPECT_EQ(events[8].attempt, 2);
+
+  // The seq is global: the other run's events sit between StepStarted(b) and the failure
+  // of b.
+  const auto other_events = Events(other);
+  EXPECT_EQ(Types(other_events), (std::vector<std::string>{"RunSubmitted", "RunCancelled"}));
+  ASSERT_EQ(other_events.size(), 2u);
+  EXPECT_GT(other_events.front().seq, events[4].seq);
+  EXPECT_LT(other_events.back().seq, events[5].seq);
+
+  // after_seq and limit.
+  const auto tail = Events(id, events[3].seq);
+  ASSERT_EQ(tail.size(), events.size() - 4);
+  EXPECT_EQ(tail.front().seq, events[4].seq);
+  EXPECT_TRUE(Events(id, events.back().seq).empty());
+  const auto two = Events(id, 0, 2);
+  ASSERT_EQ(two.size(), 2u);
+  EXPECT_EQ(two[1].seq, events[1].seq);
+  std::vector<Event> paged;
+  int64_t after = 0;
+  for (int i = 0; i < 100; ++i) {
+    const auto page = Events(id, after, 3);
+    if (page.empty()) break;
+    EXPECT_LE(page.size(), 3u);
+    paged.insert(paged.end(), page.begin(), page.end());
+    after = page.back().seq;
+  }
+  ExpectSameEvents(paged, events);
+}
+
+// ---------------------------------------------------------------------------------------
+// Stats and the queue clock.
+
+TEST_P(StoreConformance, GetStatsCountsRunsAndTheQueue) {
+  {
+    const StoreStats empty = Stats();
+    // Every status is present, zeros included (the metrics gauges are set from this map:
+    // a status left out would keep its last value).
+    for (auto s : kAllRunStatuses) {
+      ASSERT_EQ(empty.runs_by_status.count(s), 1u) << RunStatusName(s);
+      EXPECT_EQ(empty.runs_by_status.at(s), 0) << RunStatusName(s);
+    }
+    EXPECT_EQ(empty.queue_ready + empty.queue_leased + empty.queue_delayed, 0);
+  }
+  SucceededRun();
+  EndedRun(Kind::kFail);
+  EndedRun(Kind::kDeadLetter);
+  EndedRun(Kind::kDeadLetter);
+  Must(store().CancelRun(Submit()), "CancelRun");
+  const std::string delayed = Submit();
+  {
+    const Lease l = LeaseOnly(delayed);
+    Must(store().StartStep(l, "a"), "StartStep");
+    Must(store().FailStep(l, "a", Error(ErrorCode::kTimeout, "t"), {Kind::kRetry, 60s}), "FailStep");
+  }
+  const std::string leased = Submit();
+  LeaseOnly(leased, 1h);
+  const std::string expiring = Submit();
+  LeaseOnly(expiring, 1s);
+  const std::string queued = Submit();
+  clock_.Advance(2s);
+
+  auto count = [](const StoreStats& s, RunStatus st) {
+    return s.runs_by_status.count(st) ? s.runs_by_status.at(st) : 0;
+  };
+  auto check = [&](int64_t ready, int64_t leased_n, int64_t delayed_n) {
+    const StoreStats s = Stats();
+    EXPECT_EQ(count(s, RunStatus::kSucceeded), 1);
+    EXPECT_EQ(count(s, RunStatus::kFailed), 1);
+    EXPECT_EQ(count(s, RunStatus::kDeadLettered), 2);
+    EXPECT_EQ(count(s, RunStatus::kCancelled), 1);
+    EXPECT_EQ(count(s, RunStatus::kWaiting), 0);
+    // `queued` was never leased; `leased` is held. The others are in flight or waiting
+    // to be retried: either of the two non-terminal states.
+    EXPECT_GE(count(s, RunStatus::kQueued), 1);
+    EXPECT_GE(count(s, RunStatus::kRunning), 1);
+    EXPECT_EQ(count(s, RunStatus::kQueued) + count(s, RunStatus::kRunning), 4);
+    EXPECT_EQ(s.queue_ready, ready);
+    EXPECT_EQ(s.queue_leased, leased_n);
+    EXPECT_EQ(s.queue_delayed, delayed_n);
+  };
+  check(/*ready: queued + expired lease*/ 2, /*leased*/ 1, /*delayed*/ 1);
+  Reopen();
+  check(2, 1, 1);
+  clock_.Advance(1min);  // the backoff has passed; the 1 h lease holds
+  check(3, 1, 0);
+  (void)queued;
+}
+
+TEST_P(StoreConformance, NextDueAtTracksTheEarliestDueRun) {
+  EXPECT_FALSE(NextDue().has_value());
+  const Timestamp t0 = clock_.Now();
+  const std::string a = Submit();
+  EXPECT_EQ(Ms(NextDue()), Ms(t0));
+  clock_.Advance(5s);
+  ExpectDueNow();
+
+  const Lease la = LeaseOnly(a, 30s);
+  EXPECT_EQ(Ms(NextDue()), Ms(t0 + 35s));  // due again when the lease would expire
+  const std::string b = Submit();
+  ExpectDueNow();
+  const Lease lb = LeaseOnly(b);
+  Must(store().StartStep(lb, "a"), "StartStep");
+  Must(store().FailStep(lb, "a", Error(ErrorCode::kTimeout, "t"), {Kind::kRetry, 10s}), "FailStep");
+  EXPECT_EQ(Ms(NextDue()), Ms(t0 + 15s));  // b's backoff ends before a's lease
+  Must(store().StartStep(la, "a"), "StartStep");
+  Must(store().CompleteStep(la, "a", json::object{}, std::nullopt, json::value(1)), "CompleteStep");
+  EXPECT_EQ(Ms(NextDue()), Ms(t0 + 15s));
+  Must(store().CancelRun(b), "CancelRun");
+  EXPECT_FALSE(NextDue().has_value());
+}
+
+// ---------------------------------------------------------------------------------------
+// Durability.
+
+TEST_P(StoreConformance, EverythingSurvivesReopen) {
+  // r1: step a checkpointed, step b in flight under a valid lease.
+  const std::string r1 = Submit("durable");
+  const Timestamp t0 = clock_.Now();
+  const Lease l1 = LeaseOnly(r1, 1min);
+  Must(store().StartStep(l1, "a"), "StartStep");
+  Must(store().CompleteStep(l1, "a", json::parse(R"({"text":"checkpointed","n":[1,2]})"), std::string("b"),
+                            std::nullopt),
+       "CompleteStep");
+  // r2: dead-lettered with its error.
+  const std::string r2 = Submit("durable");
+  {
+    const Lease l = LeaseOnly(r2);
+    Must(store().StartStep(l, "a"), "StartStep");
+    Must(store().FailStep(l, "a", Error(ErrorCode::kAuth, "bad key"), {Kind::kDeadLetter}), "FailStep");
+  }
+  // r3: backing off for 30 s.
+  const std::string r3 = Submit("durable");
+  {
+    const Lease l = LeaseOnly(r3);
+    Must(store().StartStep(l, "a"), "StartStep");
+    Must(store().FailStep(l, "a", Error(ErrorCode::kTimeout, "slow"), {Kind::kRetry, 30s}), "FailStep");
+  }
+  // r4: queued, submitted with an idempotency key.
+  NewRun n4 = MakeRun("durable");
+  n4.idempotency_key = "durable-key";
+  n4.fingerprint = "fp";
+  Must(store().SubmitRun(n4), "SubmitRun");
+  const std::string r4 = n4.id;
+
+  std::vector<RunRecord> runs_before;
+  std::vector<std::vector<Event>> events_before;
+  for (const auto& id : {r1, r2, r3, r4}) {
+    runs_before.push_back(Get(id));
+    events_before.push_back(Events(id));
+  }
+  const StoreStats stats_before = Stats();
+  const auto next_before = NextDue();
+
+  Reopen();
+
+  int i = 0;
+  for (const auto& id : {r1, r2, r3, r4}) {
+    SCOPED_TRACE(id);
+    ExpectSameRun(Get(id), runs_before[i]);
+    ExpectSameEvents(Events(id), events_before[i]);
+    ++i;
+  }
+  const StoreStats stats_after = Stats();
+  EXPECT_EQ(stats_after.runs_by_status, stats_before.runs_by_status);
+  EXPECT_EQ(stats_after.queue_ready, stats_before.queue_ready);
+  EXPECT_EQ(stats_after.queue_leased, stats_before.queue_leased);
+  EXPECT_EQ(stats_after.queue_delayed, stats_before.queue_delayed);
+  EXPECT_EQ(Ms(NextDue()), Ms(next_before));
+  EXPECT_EQ(Get(r1).steps.at(0).output, json::parse(R"({"text":"checkpointed","n":[1,2]})"));
+
+  // The idempotency key still dedups and still guards its body.
+  NewRun replay = MakeRun("durable");
+  replay.idempotency_key = "durable-key";
+  replay.fingerprint = "fp";
+  auto again = Must(store().SubmitRun(replay), "SubmitRun replay");
+  EXPECT_FALSE(again.created);
+  EXPECT_EQ(again.run.id, r4);
+  replay.fingerprint = "other";
+  EXPECT_TRUE(FailsWith(store().SubmitRun(replay), ErrorCode::kConflict));
+
+  // The queue: r4 is the only run due; r1's lease is still held, r3 still backs off.
+  EXPECT_EQ(LeaseNext("w2", 1h).run.id, r4);
+  EXPECT_FALSE(TryLease("w2").has_value());
+  // r1's lease survived the restart and still works.
+  EXPECT_EQ(Ms(Must(store().Heartbeat(l1, 1min), "Heartbeat after reopen")), Ms(clock_.Now() + 1min));
+  EXPECT_EQ(Must(store().CompleteStep(l1, "b", json::object{}, std::nullopt, json::value("done")), "CompleteStep"),
+            0);
+  // r3's backoff ends on time, with the delivery count kept.
+  clock_.Advance(30s);
+  const LeasedRun r3_again = LeaseNext("w2");
+  EXPECT_EQ(r3_again.run.id, r3);
+  EXPECT_EQ(r3_again.lease.delivery, 2);
+  EXPECT_EQ(Ms(r3_again.run.created_at), Ms(t0));
+
+  // And what happened after the reopen survives the next one.
+  Reopen();
+  EXPECT_EQ(RunStatusName(Get(r1).status), "succeeded");
+  EXPECT_EQ(Get(r1).output, json::value("done"));
+  EXPECT_EQ(RunStatusName(Get(r2).status), "dead_lettered");
+  EXPECT_EQ(Get(r2).error.value_or(Error()).message, "bad key");
+  EXPECT_FALSE(TryLease("w3").has_value());  // r3 and r4 are leased
+}
+
+TEST_P(StoreConformance, ALeasedRunStaysLeasedAcrossReopenUntilItsLeaseExpires) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id, 20s);
+  Must(store().StartStep(l, "a"), "StartStep");
+  Reopen();
+  EXPECT_FALSE(TryLease("w2").has_value());
+  EXPECT_EQ(Stats().queue_leased, 1);
+  clock_.Advance(20s);
+  Reopen();
+  const LeasedRun again = LeaseNext("w2");
+  EXPECT_EQ(again.run.id, id);
+  EXPECT_EQ(again.lease.delivery, 2);
+  ASSERT_EQ(again.run.steps.size(), 1u);
+  EXPECT_EQ(again.run.steps[0].attempts, 1);
+  EXPECT_TRUE(FailsWith(store().StartStep(l, "a"), ErrorCode::kLeaseLost));
+}
+
+// ---------------------------------------------------------------------------------------
+// Concurrency.
+
+TEST_P(StoreConformance, ConcurrentSubmitsAllCommitAndConflictsDoNotSpoilTheirBatch) {
+  constexpr int kThreads = 8;
+  constexpr int kPerThread = 200;
+  std::vector<std::vector<std::string>> ids(kThreads);
+  std::atomic<int> failures{0};
+  std::atomic<int> conflicts{0};
+  std::vector<std::string> errors(kThreads);
+  {
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        for (int i = 0; i < kPerThread; ++i) {
+          NewRun r;
+          r.id = NewRunId(clock_.Now(), random_);
+          r.pipeline = "p" + std::to_string(t % 2);
+          r.input = json::object{{"thread", t}, {"i", i}};
+          r.definition = json::object{{"steps", json::array{"a"}}};
+          if (i % 10 == 0) {
+            r.idempotency_key = "k-" + std::to_string(t) + "-" + std::to_string(i);
+            r.fingerprint = "body";
+          }
+          auto res = store().SubmitRun(r);
+          if (!res.ok() || !res->created || res->run.id != r.id) {
+            ++failures;
+            if (!res.ok()) errors[t] = Describe(res.error());
+            continue;
+          }
+          ids[t].push_back(r.id);
+          if (!r.idempotency_key.empty()) {
+            // A failing write in the same batch as others must undo only itself.
+            r.id = NewRunId(clock_.Now(), random_);
+            r.fingerprint = "another body";
+            auto conflict = store().SubmitRun(r);
+            if (!conflict.ok() && conflict.error().code == ErrorCode::kConflict) ++conflicts;
+          }
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+  EXPECT_EQ(failures.load(), 0) << errors[0] << errors[1];
+  EXPECT_EQ(conflicts.load(), kThreads * kPerThread / 10);
+
+  std::set<std::string> submitted;
+  for (const auto& v : ids) submitted.insert(v.begin(), v.end());
+  ASSERT_EQ(submitted.size(), static_cast<size_t>(kThreads * kPerThread));
+  auto check_listed = [&] {
+    RunFilter f;
+    f.limit = 300;
+    const auto listed = ListAll(f);
+    std::set<std::string> unique;
+    for (const auto& r : listed) unique.insert(r.id);
+    EXPECT_EQ(listed.size(), submitted.size());  // each exactly once
+    EXPECT_EQ(unique, submitted);
+    EXPECT_EQ(Stats().runs_by_status.at(RunStatus::kQueued), kThreads * kPerThread);
+    EXPECT_EQ(Stats().queue_ready, kThreads * kPerThread);
+  };
+  check_listed();
+  Reopen();
+  check_listed();
+  RunFilter p0;
+  p0.pipeline = "p0";
+  p0.limit = 1000;
+  EXPECT_EQ(ListAll(p0).size(), static_cast<size_t>(kThreads / 2 * kPerThread));
+}
+
+TEST_P(StoreConformance, ConcurrentSubmitsWithOneKeyCreateOneRun) {
+  constexpr int kThreads = 8;
+  std::vector<std::optional<SubmitResult>> results(kThreads);
+  std::vector<std::optional<ErrorCode>> codes(kThreads);
+  {
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        NewRun r;
+        r.id = NewRunId(clock_.Now(), random_);
+        r.pipeline = "p";
+        r.input = json::object{{"t", t}};
+        r.definition = json::object{};
+        r.idempotency_key = "shared";
+        r.fingerprint = t < kThreads / 2 ? "A" : "B";
+        auto res = store().SubmitRun(r);
+        if (res.ok()) results[t] = std::move(res).value();
+        else codes[t] = res.error().code;
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+  int created = 0;
+  std::set<std::string> run_ids;
+  std::set<bool> winning_group;
+  for (int t = 0; t < kThreads; ++t) {
+    if (results[t]) {
+      created += results[t]->created;
+      run_ids.insert(results[t]->run.id);
+      winning_group.insert(t < kThreads / 2);
+    } else {
+      EXPECT_EQ(codes[t], ErrorCode::kConflict) << "thread " << t;
+    }
+  }
+  EXPECT_EQ(created, 1);
+  EXPECT_EQ(run_ids.size(), 1u);
+  // The fingerprint of the run created wins: its group all get the run, the other group
+  // all get kConflict.
+  ASSERT_EQ(winning_group.size(), 1u);
+  for (int t = 0; t < kThreads; ++t) {
+    EXPECT_EQ(results[t].has_value(), (t < kThreads / 2) == *winning_group.begin()) << "thread " << t;
+  }
+  EXPECT_EQ(ListAll({}).size(), 1u);
+}
+
+TEST_P(StoreConformance, ConcurrentSubmitsRespectTheQueueDepth) {
+  constexpr int kThreads = 8;
+  constexpr int kPerThread = 25;
+  constexpr int kDepth = 60;
+  std::atomic<int> created{0}, full{0}, other{0};
+  {
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        for (int i = 0; i < kPerThread; ++i) {
+          NewRun r;
+          r.id = NewRunId(clock_.Now(), random_);
+          r.pipeline = "p";
+          r.input = json::object{{"t", t}, {"i", i}};
+          r.definition = json::object{};
+          r.max_queue_depth = kDepth;
+          auto res = store().SubmitRun(r);
+          if (res.ok()) ++created;
+          else if (res.error().code == ErrorCode::kQueueFull) ++full;
+          else ++other;
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+  EXPECT_EQ(created.load(), kDepth);
+  EXPECT_EQ(full.load(), kThreads * kPerThread - kDepth);
+  EXPECT_EQ(other.load(), 0);
+  EXPECT_EQ(ListAll({}).size(), static_cast<size_t>(kDepth));
+}
+
+TEST_P(StoreConformance, ConcurrentLeasersLeaseEachRunExactlyOnce) {
+  constexpr int kRuns = 500;
+  constexpr int kSubmitters = 10;
+  constexpr int kLeasers = 8;
+  std::set<std::string> submitted;
+  {
+    std::vector<std::vector<std::string>> ids(kSubmitters);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kSubmitters; ++t) {
+      threads.emplace_back([&, t] {
+        for (int i = 0; i < kRuns / kSubmitters; ++i) {
+          NewRun r;
+          r.id = NewRunId(clock_.Now(), random_);
+          r.pipeline = "p";
+          r.input = json::object{{"i", i}};
+          r.definition = json::object{};
+          if (store().SubmitRun(r).ok()) ids[t].push_back(r.id);
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    for (const auto& v : ids) submitted.insert(v.begin(), v.end());
+  }
+  ASSERT_EQ(submitted.size(), static_cast<size_t>(kRuns));
+
+  std::vector<std::vector<LeasedRun>> leased(kLeasers);
+  std::atomic<int> errors{0};
+  std::atomic<int> total{0};  // bounds the loop should a store hand runs out forever
+  {
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kLeasers; ++t) {
+      threads.emplace_back([&, t] {
+        const std::string worker = "worker-" + std::to_string(t);
+        while (true) {
+          auto r = store().LeaseRun(worker, 1h);
+          if (!r.ok()) {
+            if (++errors > 100) return;
+            continue;
+          }
+          if (!r->has_value() || ++total > 2 * kRuns) return;
+          leased[t].push_back(std::move(**r));
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+  EXPECT_EQ(errors.load(), 0);
+  std::vector<std::string> all;
+  std::set<std::string> tokens;
+  for (const auto& v : leased) {
+    for (const auto& l : v) {
+      all.push_back(l.run.id);
+      tokens.insert(l.lease.token);
+      EXPECT_EQ(l.lease.delivery, 1) << l.run.id;
+      EXPECT_EQ(l.lease.run_id, l.run.id);
+    }
+  }
+  EXPECT_EQ(all.size(), static_cast<size_t>(kRuns));  // no run handed out twice
+  EXPECT_EQ(std::set<std::string>(all.begin(), all.end()), submitted);
+  EXPECT_EQ(tokens.size(), all.size());
+  const StoreStats stats = Stats();
+  EXPECT_EQ(stats.queue_leased, kRuns);
+  EXPECT_EQ(stats.queue_ready, 0);
+  EXPECT_EQ(stats.runs_by_status.at(RunStatus::kRunning), kRuns);
+  // Every lease is valid: each holder can use its own.
+  for (const auto& v : leased) {
+    if (!v.empty()) EXPECT_OK(store().Heartbeat(v.front().lease, 1h));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Stores, StoreConformance, ::testing::ValuesIn(AllStores()),
+                         [](const ::testing::TestParamInfo<StoreFactory>& info) { return info.param.name; });
+
+}  // namespace
+}  // namespace keel::store

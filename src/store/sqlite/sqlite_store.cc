@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "keel/core/ids.h"
 #include "keel/obs/log.h"
@@ -34,13 +35,17 @@ CREATE TABLE IF NOT EXISTS runs (
   input           TEXT NOT NULL,
   output          TEXT,
   error           TEXT,
-  definition      TEXT NOT NULL,
+  definition_id   TEXT NOT NULL,
   idempotency_key TEXT UNIQUE,
   fingerprint     TEXT,
   created_at      INTEGER NOT NULL,
   updated_at      INTEGER NOT NULL,
   started_at      INTEGER,
   finished_at     INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS definitions (
+  id   TEXT PRIMARY KEY,
+  body TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status, id);
 CREATE INDEX IF NOT EXISTS runs_by_pipeline ON runs(pipeline, id);
@@ -192,18 +197,29 @@ struct Txn {
   Timestamp now;
   int64_t queue_rows = 0;   // queue rows as of this op (earlier ops of the batch included)
   int64_t queue_delta = 0;  // this op's change to the queue row count
+  std::vector<std::string> new_definitions;  // definition ids this op inserted
 };
+
+// FNV-1a 64: a stable id for a definition submitted without one.
+uint64_t Fnv1a(std::string_view s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
 
 struct WriteOp {
   // Runs inside a savepoint; false rolls the op back.
   std::function<bool(Db&, Txn&)> run;
-  // Called after the batch committed (commit_error null) or failed.
+  // Called (by the notifier thread) after the batch committed (commit_error null) or failed.
   std::function<void(const Error* commit_error)> done;
 };
 
 constexpr const char* kRunColumns =
     "id, pipeline, status, input, output, error, idempotency_key, created_at, updated_at, "
-    "started_at, finished_at, definition";
+    "started_at, finished_at, definition_id";
 constexpr const char* kRunListColumns =
     "id, pipeline, status, input, output, error, idempotency_key, created_at, updated_at, "
     "started_at, finished_at";
@@ -221,7 +237,7 @@ RunRecord ReadRunRow(const Stmt& s, bool with_definition) {
   r.updated_at = FromMillis(s.Int(8));
   r.started_at = s.OptTime(9);
   r.finished_at = s.OptTime(10);
-  if (with_definition) r.definition = s.Json(11);
+  if (with_definition) r.definition_id = s.Text(11);
   return r;
 }
 
@@ -232,6 +248,11 @@ std::optional<RunRecord> LoadRun(Db& db, const std::string& id, bool with_steps)
     s.Bind(1, id);
     if (!s.Step()) return std::nullopt;
     run = ReadRunRow(s, true);
+  }
+  {
+    auto s = db.Prepare("SELECT body FROM definitions WHERE id = ?1");
+    s.Bind(1, run->definition_id);
+    if (s.Step()) run->definition = s.Json(0);
   }
   if (with_steps) {
     auto s = db.Prepare(
@@ -281,25 +302,33 @@ std::optional<Error> CheckLease(Db& db, const Lease& lease, Timestamp now) {
   return std::nullopt;
 }
 
-int StartStepRow(Db& db, Timestamp now, const std::string& run_id, const std::string& step_id) {
-  int attempt = 0;
+// Starts the next attempt of a step; nullopt when the step already succeeded (a
+// checkpointed step never runs again).
+std::optional<int> StartStepRow(Db& db, Timestamp now, const std::string& run_id, const std::string& step_id) {
+  std::optional<int> attempt;
   {
     auto s = db.Prepare(
         "INSERT INTO steps(run_id, step_id, seq, status, attempts, started_at) "
         "VALUES(?1, ?2, (SELECT count(*) FROM steps WHERE run_id = ?1), 'running', 1, ?3) "
         "ON CONFLICT(run_id, step_id) DO UPDATE SET status = 'running', attempts = attempts + 1 "
-        "RETURNING attempts");
+        "WHERE status != 'succeeded' RETURNING attempts");
     s.Bind(1, run_id).Bind(2, step_id).Bind(3, ToMillis(now));
     if (s.Step()) attempt = static_cast<int>(s.Int(0));
     while (s.Step()) {
     }
   }
+  if (!attempt) return std::nullopt;
   {
     auto s = db.Prepare("UPDATE runs SET updated_at = ?2 WHERE id = ?1");
     s.Bind(1, run_id).Bind(2, ToMillis(now)).Run();
   }
-  AppendEvent(db, now, run_id, "StepStarted", step_id, attempt);
+  AppendEvent(db, now, run_id, "StepStarted", step_id, *attempt);
   return attempt;
+}
+
+Error StepAlreadySucceeded(const std::string& run_id, const std::string& step_id) {
+  return Error(ErrorCode::kConflict, "step \"" + step_id + "\" of run " + run_id +
+                                         " already succeeded; a checkpointed step never runs again");
 }
 
 void EndRun(Db& db, Txn& txn, const std::string& run_id, RunStatus status, const json::value& output,
@@ -337,6 +366,18 @@ class SqliteStore final : public Store {
     }
     cv_.notify_all();
     if (writer_thread_.joinable()) writer_thread_.join();
+    {
+      std::lock_guard lock(notify_mu_);
+      notifier_stopping_ = true;
+    }
+    notify_cv_.notify_all();
+    if (notifier_thread_.joinable()) notifier_thread_.join();
+    {
+      std::lock_guard lock(checkpoint_mu_);
+      checkpoint_stopping_ = true;
+    }
+    checkpoint_cv_.notify_all();
+    if (checkpoint_thread_.joinable()) checkpoint_thread_.join();
   }
 
   Result<void> Open() {
@@ -352,6 +393,10 @@ class SqliteStore final : public Store {
       writer_ = Db::Open(options_.path, false);
       writer_->Exec("PRAGMA journal_mode=WAL");
       writer_->Exec("PRAGMA synchronous=FULL");
+      // Savepoint journals stay in memory (they spilled to temp files, one write per page).
+      writer_->Exec("PRAGMA temp_store=MEMORY");
+      // Checkpoints run on their own connection and thread, not inside group commits.
+      writer_->Exec("PRAGMA wal_autocheckpoint=0");
       writer_->Exec("PRAGMA foreign_keys=OFF");
       int version = 0;
       {
@@ -379,7 +424,14 @@ class SqliteStore final : public Store {
     } catch (const SqlError& e) {
       return Error(ErrorCode::kUnavailable, e.what());
     }
+    try {
+      checkpointer_ = Db::Open(options_.path, false);
+    } catch (const SqlError& e) {
+      return Error(ErrorCode::kUnavailable, e.what());
+    }
     writer_thread_ = std::thread([this] { WriterLoop(); });
+    notifier_thread_ = std::thread([this] { NotifierLoop(); });
+    checkpoint_thread_ = std::thread([this] { CheckpointLoop(); });
     return Ok();
   }
 
@@ -404,6 +456,11 @@ class SqliteStore final : public Store {
           return SubmitResult{*LoadRun(db, existing_id, true), false};
         }
       }
+      {
+        auto s = db.Prepare("SELECT 1 FROM runs WHERE id = ?1");
+        s.Bind(1, run.id);
+        if (s.Step()) return Error(ErrorCode::kConflict, "a run with id " + run.id + " already exists");
+      }
       if (txn.queue_rows >= run.max_queue_depth) {
         Error e(ErrorCode::kQueueFull, "the run queue is full (" + std::to_string(txn.queue_rows) +
                                            " runs queued or in flight); retry later");
@@ -411,12 +468,25 @@ class SqliteStore final : public Store {
         return e;
       }
       const int64_t now = ToMillis(txn.now);
+      // Definitions are stored once, by id; the writer remembers the ids it committed.
+      std::string definition_id = run.definition_id;
+      std::string definition_body;
+      if (definition_id.empty()) {
+        definition_body = json::serialize(run.definition);
+        definition_id = "fnv-" + std::to_string(Fnv1a(definition_body));
+      }
+      if (!known_definitions_.count(definition_id)) {
+        if (definition_body.empty()) definition_body = json::serialize(run.definition);
+        auto s = db.Prepare("INSERT OR IGNORE INTO definitions(id, body) VALUES(?1, ?2)");
+        s.Bind(1, definition_id).Bind(2, definition_body).Run();
+        txn.new_definitions.push_back(definition_id);
+      }
       {
         auto s = db.Prepare(
-            "INSERT INTO runs(id, pipeline, status, input, definition, idempotency_key, fingerprint, "
+            "INSERT INTO runs(id, pipeline, status, input, definition_id, idempotency_key, fingerprint, "
             "created_at, updated_at) VALUES(?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?7)");
         s.Bind(1, run.id).Bind(2, run.pipeline).Bind(3, json::serialize(run.input))
-            .Bind(4, json::serialize(run.definition)).BindOptText(5, run.idempotency_key)
+            .Bind(4, definition_id).BindOptText(5, run.idempotency_key)
             .BindOptText(6, run.fingerprint).Bind(7, now);
         s.Run();
       }
@@ -432,6 +502,7 @@ class SqliteStore final : public Store {
       r.status = RunStatus::kQueued;
       r.input = run.input;
       r.definition = run.definition;
+      r.definition_id = definition_id;
       r.idempotency_key = run.idempotency_key;
       r.created_at = r.updated_at = txn.now;
       return SubmitResult{std::move(r), true};
@@ -562,7 +633,9 @@ class SqliteStore final : public Store {
   Result<int> StartStep(const Lease& lease, const std::string& step_id) override {
     return Write<int>([&](Db& db, Txn& txn) -> Result<int> {
       if (auto e = CheckLease(db, lease, txn.now)) return *e;
-      return StartStepRow(db, txn.now, lease.run_id, step_id);
+      const auto attempt = StartStepRow(db, txn.now, lease.run_id, step_id);
+      if (!attempt) return StepAlreadySucceeded(lease.run_id, step_id);
+      return *attempt;
     });
   }
 
@@ -589,7 +662,11 @@ class SqliteStore final : public Store {
         EndRun(db, txn, lease.run_id, RunStatus::kSucceeded, *run_output, std::nullopt);
         return 0;
       }
-      if (next_step) return StartStepRow(db, txn.now, lease.run_id, *next_step);
+      if (next_step) {
+        const auto next = StartStepRow(db, txn.now, lease.run_id, *next_step);
+        if (!next) return StepAlreadySucceeded(lease.run_id, *next_step);
+        return *next;
+      }
       return 0;
     });
   }
@@ -603,11 +680,14 @@ class SqliteStore final : public Store {
       {
         auto s = db.Prepare(
             "UPDATE steps SET status = ?3, error = ?4, finished_at = ?5 WHERE run_id = ?1 AND step_id = ?2 "
-            "RETURNING attempts");
+            "AND status = 'running' RETURNING attempts");
         s.Bind(1, lease.run_id).Bind(2, step_id).Bind(3, retry ? "retrying" : "failed")
             .BindJson(4, ErrorToJson(error));
         if (retry) s.BindNull(5); else s.Bind(5, ToMillis(txn.now));
-        if (s.Step()) attempt = static_cast<int>(s.Int(0));
+        if (!s.Step()) {
+          return Error(ErrorCode::kConflict, "step \"" + step_id + "\" of run " + lease.run_id + " is not running");
+        }
+        attempt = static_cast<int>(s.Int(0));
         while (s.Step()) {
         }
       }
@@ -721,10 +801,12 @@ class SqliteStore final : public Store {
   }
 
   Result<std::optional<Timestamp>> NextDueAt() override {
+    const Timestamp now = clock_.Now();
     return Read<std::optional<Timestamp>>([&](Db& db) -> Result<std::optional<Timestamp>> {
       auto s = db.Prepare("SELECT min(due_at) FROM queue");
       if (!s.Step() || s.IsNull(0)) return std::optional<Timestamp>();
-      return std::optional<Timestamp>(FromMillis(s.Int(0)));
+      // "now if one is due", not the moment it became due.
+      return std::optional<Timestamp>(std::max(FromMillis(s.Int(0)), now));
     });
   }
 
@@ -810,36 +892,88 @@ class SqliteStore final : public Store {
           pending_.pop_front();
         }
       }
-      CommitBatch(batch);
+      const std::optional<Error> commit_error = CommitBatch(batch);
+      // Waking the callers is left to the notifier so the next batch can start at once.
+      {
+        std::lock_guard lock(notify_mu_);
+        for (auto& op : batch) {
+          to_notify_.push_back([done = std::move(op.done), commit_error] {
+            done(commit_error ? &*commit_error : nullptr);
+          });
+        }
+      }
+      notify_cv_.notify_one();
+      if (++commits_since_checkpoint_ >= 64) {
+        commits_since_checkpoint_ = 0;
+        checkpoint_cv_.notify_one();
+      }
     }
   }
 
-  void CommitBatch(std::vector<WriteOp>& batch) {
+  void NotifierLoop() {
+    std::vector<std::function<void()>> ready;
+    while (true) {
+      {
+        std::unique_lock lock(notify_mu_);
+        notify_cv_.wait(lock, [this] { return notifier_stopping_ || !to_notify_.empty(); });
+        if (to_notify_.empty()) return;
+        ready.swap(to_notify_);
+      }
+      for (auto& fn : ready) fn();
+      ready.clear();
+    }
+  }
+
+  // Copies the WAL into the database (PASSIVE: never blocks the writer or readers) after
+  // every 64 commits, and at least every second while there is traffic.
+  void CheckpointLoop() {
+    std::unique_lock lock(checkpoint_mu_);
+    while (!checkpoint_stopping_) {
+      checkpoint_cv_.wait_for(lock, std::chrono::seconds(1));
+      if (checkpoint_stopping_) break;
+      lock.unlock();
+      try {
+        checkpointer_->Exec("PRAGMA wal_checkpoint(PASSIVE)");
+      } catch (const SqlError& e) {
+        obs::LogWarn("sqlite checkpoint failed", {{"error", e.what()}});
+      }
+      lock.lock();
+    }
+  }
+
+  // Runs the batch in one transaction, a savepoint per write, and records the outcome in
+  // each op's `done` (called later by the notifier).
+  std::optional<Error> CommitBatch(std::vector<WriteOp>& batch) {
     int64_t delta = 0;
+    std::vector<std::string> new_definitions;
     std::optional<Error> commit_error;
     try {
-      writer_->Exec("BEGIN IMMEDIATE");
+      writer_->Prepare("BEGIN IMMEDIATE").Run();
       const Timestamp now = clock_.Now();
       for (auto& op : batch) {
-        writer_->Exec("SAVEPOINT op");
-        Txn txn{now, queue_rows_ + delta, 0};
+        writer_->Prepare("SAVEPOINT op").Run();
+        Txn txn{now, queue_rows_ + delta, 0, {}};
         bool ok = op.run(*writer_, txn);
         if (ok) {
-          writer_->Exec("RELEASE op");
+          writer_->Prepare("RELEASE op").Run();
           delta += txn.queue_delta;
+          for (auto& d : txn.new_definitions) new_definitions.push_back(std::move(d));
         } else {
-          writer_->Exec("ROLLBACK TO op");
-          writer_->Exec("RELEASE op");
+          writer_->Prepare("ROLLBACK TO op").Run();
+          writer_->Prepare("RELEASE op").Run();
         }
       }
-      writer_->Exec("COMMIT");
+      writer_->Prepare("COMMIT").Run();
     } catch (const SqlError& e) {
       try { writer_->Exec("ROLLBACK"); } catch (const SqlError&) {}
       commit_error = Error(ErrorCode::kUnavailable, std::string("commit failed: ") + e.what());
       obs::LogError("sqlite commit failed", {{"error", e.what()}, {"writes", batch.size()}});
     }
-    if (!commit_error) queue_rows_ += delta;
-    for (auto& op : batch) op.done(commit_error ? &*commit_error : nullptr);
+    if (!commit_error) {
+      queue_rows_ += delta;
+      for (auto& d : new_definitions) known_definitions_.insert(std::move(d));
+    }
+    return commit_error;
   }
 
   SqliteOptions options_;
@@ -848,11 +982,25 @@ class SqliteStore final : public Store {
 
   std::unique_ptr<Db> writer_;  // used by the writer thread only (after Open)
   int64_t queue_rows_ = 0;      // writer thread only
+  std::unordered_set<std::string> known_definitions_;  // writer thread only; committed ids
+  int commits_since_checkpoint_ = 0;                   // writer thread only
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<WriteOp> pending_;  // GUARDED_BY(mu_)
   bool stopping_ = false;        // GUARDED_BY(mu_)
   std::thread writer_thread_;
+
+  std::mutex notify_mu_;
+  std::condition_variable notify_cv_;
+  std::vector<std::function<void()>> to_notify_;  // GUARDED_BY(notify_mu_)
+  bool notifier_stopping_ = false;                // GUARDED_BY(notify_mu_)
+  std::thread notifier_thread_;
+
+  std::unique_ptr<Db> checkpointer_;  // checkpoint thread only
+  std::mutex checkpoint_mu_;
+  std::condition_variable checkpoint_cv_;
+  bool checkpoint_stopping_ = false;  // GUARDED_BY(checkpoint_mu_)
+  std::thread checkpoint_thread_;
 
   std::mutex readers_mu_;
   std::condition_variable readers_cv_;

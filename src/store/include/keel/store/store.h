@@ -57,6 +57,7 @@ struct RunRecord {
   json::value output;          // null until succeeded
   std::optional<Error> error;  // the error the run ended with (failed, dead_lettered)
   json::value definition;      // the pipeline as it was when the run was submitted
+  std::string definition_id;   // identifies `definition`; runs of one version share it
   std::string idempotency_key;
   Timestamp created_at{};
   Timestamp updated_at{};
@@ -71,6 +72,9 @@ struct NewRun {
   std::string pipeline;
   json::value input;
   json::value definition;
+  /// Identifies `definition` (the same id must always mean the same definition); stored
+  /// once per id. Empty: the store derives one from the definition's text.
+  std::string definition_id;
   /// Empty: no idempotency. Otherwise the same key returns the same run.
   std::string idempotency_key;
   /// Identifies the request body; the same key with another fingerprint is a kConflict.
@@ -99,7 +103,7 @@ struct LeasedRun {
 struct Event {
   int64_t seq = 0;  // increasing across the whole log
   std::string run_id;
-  std::string type;  // RunSubmitted, RunStarted, StepStarted, StepSucceeded, AttemptFailed, ...
+  std::string type;  // docs/storage.md lists them: RunSubmitted, RunLeased, StepStarted, ...
   std::string step_id;
   int attempt = 0;
   Timestamp at{};
@@ -141,7 +145,8 @@ class Store {
   virtual ~Store() = default;
 
   /// Creates a queued run, or returns the existing run of its idempotency key
-  /// (created=false). Errors: kConflict (key reused with another fingerprint),
+  /// (created=false). Errors: kConflict (key reused with another fingerprint, or the id
+  /// is taken),
   /// kQueueFull (max_queue_depth reached).
   virtual Result<SubmitResult> SubmitRun(const NewRun& run) = 0;
 
@@ -165,6 +170,7 @@ class Store {
   virtual Result<Timestamp> Heartbeat(const Lease& lease, Duration lease_for) = 0;
 
   /// Records the start of an attempt of `step_id`; returns its attempt number (1-based).
+  /// kConflict when the step already succeeded.
   virtual Result<int> StartStep(const Lease& lease, const std::string& step_id) = 0;
 
   /// Checkpoints `step_id` as succeeded with `output`. Then, in the same commit: when
@@ -175,8 +181,9 @@ class Store {
                                    const std::optional<std::string>& next_step,
                                    const std::optional<json::value>& run_output) = 0;
 
-  /// Records a failed attempt of `step_id` with `error`, then retries or ends the run as
-  /// `disposition` says. The lease is given up in every case.
+  /// Records a failed attempt of `step_id` (which must be running) with `error`, then
+  /// retries or ends the run as `disposition` says. The lease is given up in every case.
+  /// kConflict when the step is not running.
   virtual Result<void> FailStep(const Lease& lease, const std::string& step_id, const Error& error,
                                 const FailureDisposition& disposition) = 0;
 
