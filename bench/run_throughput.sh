@@ -15,7 +15,7 @@
 #   DURATION       wrk load duration (wrk syntax)    default: 10s
 #   CONNECTIONS    wrk connections (concurrency)     default: 64
 #   THREADS        wrk threads                       default: 1
-#   WORKERS        engine.workers of keel serve      default: 32
+#   WORKERS        engine.workers of keel serve      default: 64
 #   DRAIN_TIMEOUT  seconds to wait, after the load, for every submitted run to end  default: 300
 #   IDLE_WAIT      seconds between "listening" and the idle RSS reading             default: 2
 #   MAX_QUEUE_DEPTH  engine.max_queue_depth (unset: keel's default, 100000). A closed-loop
@@ -46,7 +46,7 @@ KEEL=${KEEL:-$root/build-bench/keel}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-1}
-WORKERS=${WORKERS:-32}
+WORKERS=${WORKERS:-64}
 DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-300}
 IDLE_WAIT=${IDLE_WAIT:-2}
 MAX_QUEUE_DEPTH=${MAX_QUEUE_DEPTH:-}

@@ -185,6 +185,7 @@ class Db {
   }
 
   int Changes() const { return sqlite3_changes(db_); }
+  sqlite3* raw() const { return db_; }
 
  private:
   explicit Db(sqlite3* db) : db_(db) {}
@@ -397,6 +398,15 @@ class SqliteStore final : public Store {
       writer_->Exec("PRAGMA temp_store=MEMORY");
       // Checkpoints run on their own connection and thread, not inside group commits.
       writer_->Exec("PRAGMA wal_autocheckpoint=0");
+      // After a checkpoint resets the WAL, its file is cut back to 64 MiB.
+      writer_->Exec("PRAGMA journal_size_limit=67108864");
+      sqlite3_wal_hook(
+          writer_->raw(),
+          [](void* self, sqlite3*, const char*, int frames) {
+            static_cast<SqliteStore*>(self)->wal_frames_ = frames;
+            return SQLITE_OK;
+          },
+          this);
       writer_->Exec("PRAGMA foreign_keys=OFF");
       int version = 0;
       {
@@ -907,6 +917,18 @@ class SqliteStore final : public Store {
         commits_since_checkpoint_ = 0;
         checkpoint_cv_.notify_one();
       }
+      // Under steady writes a passive checkpoint never catches up with the end of the
+      // WAL, so the WAL would grow without bound. Past kWalRestartFrames the writer
+      // finishes the checkpoint and restarts the WAL from its beginning; the passive
+      // checkpoints have already copied most of it.
+      if (wal_frames_ >= kWalRestartFrames) {
+        try {
+          writer_->Exec("PRAGMA wal_checkpoint(RESTART)");
+        } catch (const SqlError& e) {
+          obs::LogWarn("sqlite checkpoint failed", {{"error", e.what()}});
+        }
+        wal_frames_ = 0;
+      }
     }
   }
 
@@ -984,6 +1006,8 @@ class SqliteStore final : public Store {
   int64_t queue_rows_ = 0;      // writer thread only
   std::unordered_set<std::string> known_definitions_;  // writer thread only; committed ids
   int commits_since_checkpoint_ = 0;                   // writer thread only
+  int wal_frames_ = 0;                                 // writer thread only (WAL hook)
+  static constexpr int kWalRestartFrames = 16384;      // 64 MiB of 4 KiB pages
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<WriteOp> pending_;  // GUARDED_BY(mu_)

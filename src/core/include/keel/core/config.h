@@ -90,8 +90,8 @@ struct ServerConfig {
 };
 
 struct EngineConfig {
-  /// Runs executed at once by this node. Default: 32. Range: 0..1024 (0: no workers).
-  int workers = 32;
+  /// Runs executed at once by this node. Default: 64. Range: 0..1024 (0: no workers).
+  int workers = 64;
   /// How long a lease lasts without a heartbeat. Default: 30s. Range: >= 1s.
   Duration lease_timeout{30000};
   /// How often leases in flight are extended. Default: lease_timeout / 3.
