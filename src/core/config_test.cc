@@ -69,7 +69,7 @@ TEST(ConfigTest, EmptyDocumentGivesDefaults) {
     EXPECT_EQ(c->server.max_connections, 1024);
     EXPECT_EQ(c->server.handler_threads, 64);
     EXPECT_EQ(c->server.idle_timeout, milliseconds(60000));
-    EXPECT_EQ(c->engine.workers, 32);
+    EXPECT_EQ(c->engine.workers, 64);
     EXPECT_EQ(c->engine.lease_timeout, milliseconds(30000));
     EXPECT_EQ(c->engine.heartbeat_interval, milliseconds(10000));
     EXPECT_EQ(c->engine.poll_interval, milliseconds(200));
