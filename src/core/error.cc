@@ -59,6 +59,20 @@ bool IsRetryable(ErrorCode code) {
   }
 }
 
+bool FailsOver(ErrorCode code) {
+  switch (code) {
+    case ErrorCode::kRateLimited:
+    case ErrorCode::kOverloaded:
+    case ErrorCode::kServerError:
+    case ErrorCode::kTimeout:
+    case ErrorCode::kNetwork:
+    case ErrorCode::kInvalidOutput:
+      return true;
+    default:
+      return false;
+  }
+}
+
 int HttpStatusFor(ErrorCode code) {
   switch (code) {
     case ErrorCode::kRateLimited:

@@ -113,3 +113,21 @@ TEST(ErrorTest, ConstructorKeepsFields) {
 
 }  // namespace
 }  // namespace keel
+
+namespace keel {
+namespace {
+
+TEST(FailsOverTest, OnlyTheClassesThatAnotherTargetMayAnswerFailOver) {
+  for (ErrorCode c : {ErrorCode::kRateLimited, ErrorCode::kOverloaded, ErrorCode::kServerError,
+                      ErrorCode::kTimeout, ErrorCode::kNetwork, ErrorCode::kInvalidOutput}) {
+    EXPECT_TRUE(FailsOver(c)) << ErrorCodeName(c);
+  }
+  for (ErrorCode c : {ErrorCode::kInvalidRequest, ErrorCode::kAuth, ErrorCode::kContextLength,
+                      ErrorCode::kContentPolicy, ErrorCode::kNotFound, ErrorCode::kUnavailable,
+                      ErrorCode::kLeaseLost, ErrorCode::kInternal}) {
+    EXPECT_FALSE(FailsOver(c)) << ErrorCodeName(c);
+  }
+}
+
+}  // namespace
+}  // namespace keel

@@ -23,6 +23,15 @@ std::string NewUlid(Timestamp t, Random& random) {
   return out;
 }
 
+uint64_t Fnv1a64(std::string_view data) {
+  uint64_t h = 14695981039346656037ull;  // the offset basis
+  for (unsigned char c : data) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
 std::string NewRunId(Timestamp t, Random& random) { return "run_" + NewUlid(t, random); }
 
 std::string NewToken(Random& random) {

@@ -121,3 +121,16 @@ TEST(IdsTest, TokenIsThirtyTwoLowercaseHex) {
 
 }  // namespace
 }  // namespace keel
+
+namespace keel {
+namespace {
+
+TEST(Fnv1a64Test, MatchesTheReferenceValuesAndIsStable) {
+  EXPECT_EQ(Fnv1a64(""), 0xcbf29ce484222325ull);  // the FNV-1a 64 offset basis
+  EXPECT_EQ(Fnv1a64("a"), 0xaf63dc4c8601ec8cull);
+  EXPECT_EQ(Fnv1a64("foobar"), 0x85944171f73967e8ull);
+  EXPECT_NE(Fnv1a64("ab"), Fnv1a64("ba"));
+}
+
+}  // namespace
+}  // namespace keel

@@ -138,20 +138,6 @@ class MockProvider final : public Provider {
   MockLlm mock_;
 };
 
-bool FailsOver(ErrorCode code) {
-  switch (code) {
-    case ErrorCode::kRateLimited:
-    case ErrorCode::kOverloaded:
-    case ErrorCode::kServerError:
-    case ErrorCode::kTimeout:
-    case ErrorCode::kNetwork:
-    case ErrorCode::kInvalidOutput:
-      return true;
-    default:
-      return false;
-  }
-}
-
 class GatewayImpl final : public Gateway {
  public:
   GatewayImpl(prometheus::Registry& registry)

@@ -2,6 +2,8 @@
 
 #include <charconv>
 
+#include "keel/core/ids.h"
+
 namespace keel::gateway {
 namespace {
 
@@ -65,16 +67,6 @@ Directives ParseDirectives(std::string_view prompt) {
 std::string ErrorJson(std::string_view type, std::string_view code, std::string_view message) {
   json::object err{{"message", message}, {"type", type}, {"code", code.empty() ? json::value(nullptr) : json::value(code)}};
   return json::serialize(json::object{{"error", std::move(err)}});
-}
-
-// FNV-1a, for deterministic ids and answers.
-uint64_t Fnv(std::string_view s) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : s) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return h;
 }
 
 }  // namespace
@@ -192,12 +184,12 @@ MockDecision MockLlm::HandleChat(std::string_view body, std::chrono::steady_cloc
       if (c == '\n') c = ' ';
     }
     char hex[17];
-    std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(Fnv(prompt)));
+    std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(Fnv1a64(prompt)));
     text = "mock answer " + std::string(hex, 8) + ": " + gist;
   }
   const int64_t completion_tokens = EstimateTokens(text);
   json::object resp{
-      {"id", "chatcmpl-" + std::to_string(Fnv(prompt) ^ static_cast<uint64_t>(seen))},
+      {"id", "chatcmpl-" + std::to_string(Fnv1a64(prompt) ^ static_cast<uint64_t>(seen))},
       {"object", "chat.completion"},
       {"created", 1700000000},
       {"model", model},

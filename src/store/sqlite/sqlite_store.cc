@@ -201,15 +201,7 @@ struct Txn {
   std::vector<std::string> new_definitions;  // definition ids this op inserted
 };
 
-// FNV-1a 64: a stable id for a definition submitted without one.
-uint64_t Fnv1a(std::string_view s) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : s) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return h;
-}
+
 
 struct WriteOp {
   // Runs inside a savepoint; false rolls the op back.
@@ -483,7 +475,7 @@ class SqliteStore final : public Store {
       std::string definition_body;
       if (definition_id.empty()) {
         definition_body = json::serialize(run.definition);
-        definition_id = "fnv-" + std::to_string(Fnv1a(definition_body));
+        definition_id = "fnv-" + std::to_string(Fnv1a64(definition_body));
       }
       if (!known_definitions_.count(definition_id)) {
         if (definition_body.empty()) definition_body = json::serialize(run.definition);

@@ -41,6 +41,10 @@ std::optional<ErrorCode> ErrorCodeFromName(std::string_view name);
 /// Whether a failure of this class may succeed if tried again (after a backoff).
 bool IsRetryable(ErrorCode code);
 
+/// Whether a call that failed with this class should go to the next target of a route
+/// (DESIGN.md: rate_limited, overloaded, server_error, timeout, network, invalid_output).
+bool FailsOver(ErrorCode code);
+
 /// The HTTP status keel answers for an error of this class.
 int HttpStatusFor(ErrorCode code);
 
