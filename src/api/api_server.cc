@@ -109,11 +109,12 @@ Result<int> ParseIntParam(const HttpRequest& req, std::string_view name, int def
 
 class ApiServerImpl final : public ApiServer {
  public:
-  ApiServerImpl(const Config& config, store::Store& store, engine::Engine* engine, const Clock& clock,
-                Random& random, prometheus::Registry& registry)
+  ApiServerImpl(const Config& config, store::Store& store, engine::Engine* engine, gateway::Gateway& gateway,
+                const Clock& clock, Random& random, prometheus::Registry& registry)
       : config_(config),
         store_(store),
         engine_(engine),
+        gateway_(gateway),
         clock_(clock),
         random_(random),
         registry_(registry),
@@ -207,6 +208,10 @@ class ApiServerImpl final : public ApiServer {
       if (s.size() == 4 && s[3] == "redrive" && m == "POST") return name = "redrive_run", &ApiServerImpl::RedriveRun;
     }
     if (s.size() == 2 && s[1] == "dlq" && m == "GET") return name = "list_dlq", &ApiServerImpl::ListDlq;
+    if (s.size() == 3 && s[1] == "chat" && s[2] == "completions" && m == "POST") {
+      return name = "chat_completions", &ApiServerImpl::ChatCompletions;
+    }
+    if (s.size() == 2 && s[1] == "models" && m == "GET") return name = "list_models", &ApiServerImpl::ListModels;
     if (s.size() == 2 && s[1] == "pipelines" && m == "GET") return name = "list_pipelines", &ApiServerImpl::ListPipelines;
     return nullptr;
   }
@@ -220,7 +225,8 @@ class ApiServerImpl final : public ApiServer {
     else if (v1 && s[1] == "runs" && s.size() == 3) allow = "GET";
     else if (v1 && s[1] == "runs" && s.size() == 4 && s[3] == "events") allow = "GET";
     else if (v1 && s[1] == "runs" && s.size() == 4 && (s[3] == "cancel" || s[3] == "redrive")) allow = "POST";
-    else if (v1 && (s[1] == "dlq" || s[1] == "pipelines") && s.size() == 2) allow = "GET";
+    else if (v1 && (s[1] == "dlq" || s[1] == "pipelines" || s[1] == "models") && s.size() == 2) allow = "GET";
+    else if (v1 && s.size() == 3 && s[1] == "chat" && s[2] == "completions") allow = "POST";
     if (!allow.empty()) {
       auto r = ErrorResponse(Error(ErrorCode::kInvalidRequest, req.method + " is not allowed on " + req.path +
                                                                   "; use " + allow),
@@ -396,6 +402,86 @@ class ApiServerImpl final : public ApiServer {
     return JsonResponse(200, RunToJson(*run, true));
   }
 
+  // POST /v1/chat/completions: OpenAI-compatible; `model` names a route.
+  HttpResponse ChatCompletions(const HttpRequest& req, const std::vector<std::string_view>&) {
+    auto body = ParseJson(req.body);
+    if (!body.ok()) return ErrorResponse(body.error());
+    if (!body->is_object()) return ErrorResponse(BadRequest("the body must be a JSON object with model and messages"));
+    json::object o = std::move(body->as_object());
+    const auto* model = o.if_contains("model");
+    if (model == nullptr) return ErrorResponse(BadRequest("missing field \"model\": the route to call (GET /v1/models lists them)", "model"));
+    if (!model->is_string()) return ErrorResponse(BadRequest("\"model\" must be a string", "model"));
+    const auto* messages = o.if_contains("messages");
+    if (messages == nullptr) return ErrorResponse(BadRequest("missing field \"messages\": a non-empty array of {role, content}", "messages"));
+    if (!messages->is_array() || messages->get_array().empty()) {
+      return ErrorResponse(BadRequest("\"messages\" must be a non-empty array of {role, content}", "messages"));
+    }
+    std::size_t i = 0;
+    for (const auto& m : messages->get_array()) {
+      const std::string at = "messages[" + std::to_string(i++) + "]";
+      if (!m.is_object()) return ErrorResponse(BadRequest(at + " must be an object with role and content", at));
+      const auto* role = m.get_object().if_contains("role");
+      if (role == nullptr || !role->is_string()) return ErrorResponse(BadRequest(at + ".role must be a string", at + ".role"));
+    }
+    if (const auto* stream = o.if_contains("stream"); stream && stream->is_bool() && stream->get_bool()) {
+      return ErrorResponse(BadRequest("streaming (\"stream\": true) is not supported by this keel yet; send stream: false", "stream"));
+    }
+    gateway::ChatRequest call;
+    call.route = std::string(model->get_string());
+    if (const auto route = req.Header("x-keel-route"); !route.empty()) call.route = std::string(route);
+    o.erase("model");
+    o.erase("stream");
+    call.body = std::move(o);
+    call.idempotency_key = std::string(req.Header("idempotency-key"));
+    if (req.Header("x-keel-timeout-ms").size() > 0) {
+      const std::string v(req.Header("x-keel-timeout-ms"));
+      int64_t ms = 0;
+      const auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), ms);
+      if (ec != std::errc() || p != v.data() + v.size() || ms < 1 || ms > 3'600'000) {
+        return ErrorResponse(BadRequest("X-Keel-Timeout-Ms must be a whole number of milliseconds from 1 to 3600000", "X-Keel-Timeout-Ms"));
+      }
+      call.timeout = Duration(ms);
+    } else {
+      call.timeout = Duration(120000);
+    }
+    if (req.Header("x-keel-max-attempts").size() > 0) {
+      const std::string v(req.Header("x-keel-max-attempts"));
+      int n = 0;
+      const auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
+      if (ec != std::errc() || p != v.data() + v.size() || n < 1 || n > 10) {
+        return ErrorResponse(BadRequest("X-Keel-Max-Attempts must be a whole number from 1 to 10", "X-Keel-Max-Attempts"));
+      }
+      call.max_attempts = n;
+    }
+    auto r = gateway_.Chat(call);
+    if (!r.ok()) {
+      auto resp = ErrorResponse(r.error());
+      resp.headers.emplace_back("X-Keel-Route", call.route);
+      return resp;
+    }
+    json::object out = std::move(r->response);
+    out["model"] = r->model;
+    auto resp = JsonResponse(200, out);
+    resp.headers.emplace_back("X-Keel-Route", call.route);
+    resp.headers.emplace_back("X-Keel-Provider", r->provider);
+    resp.headers.emplace_back("X-Keel-Attempts", std::to_string(r->attempts));
+    resp.headers.emplace_back("X-Keel-Failovers", std::to_string(r->failovers));
+    resp.headers.emplace_back("X-Keel-Duration-Ms", std::to_string(r->duration.count()));
+    return resp;
+  }
+
+  // GET /v1/models: the routes, as OpenAI model objects.
+  HttpResponse ListModels(const HttpRequest&, const std::vector<std::string_view>&) {
+    json::array data;
+    for (const auto& route : gateway_.Routes()) {
+      json::array providers;
+      for (const auto& p : route.providers) providers.emplace_back(p);
+      data.push_back(json::object{{"id", route.name}, {"object", "model"}, {"created", 0}, {"owned_by", "keel"},
+                                  {"strategy", route.strategy}, {"providers", std::move(providers)}});
+    }
+    return JsonResponse(200, json::object{{"object", "list"}, {"data", std::move(data)}});
+  }
+
   HttpResponse ListPipelines(const HttpRequest&, const std::vector<std::string_view>&) {
     json::array data;
     for (const auto& [name, p] : config_.pipelines) {
@@ -409,6 +495,7 @@ class ApiServerImpl final : public ApiServer {
   const Config& config_;
   store::Store& store_;
   engine::Engine* engine_;
+  gateway::Gateway& gateway_;
   const Clock& clock_;
   Random& random_;
   prometheus::Registry& registry_;
@@ -428,9 +515,10 @@ class ApiServerImpl final : public ApiServer {
 }  // namespace
 
 Result<std::unique_ptr<ApiServer>> ApiServer::Create(const Config& config, net::ServerOptions server,
-                                                     store::Store& store, engine::Engine* engine, const Clock& clock,
-                                                     Random& random, prometheus::Registry& registry) {
-  auto api = std::make_unique<ApiServerImpl>(config, store, engine, clock, random, registry);
+                                                     store::Store& store, engine::Engine* engine,
+                                                     gateway::Gateway& gateway, const Clock& clock, Random& random,
+                                                     prometheus::Registry& registry) {
+  auto api = std::make_unique<ApiServerImpl>(config, store, engine, gateway, clock, random, registry);
   KEEL_RETURN_IF_ERROR(api->Listen(std::move(server)));
   return std::unique_ptr<ApiServer>(std::move(api));
 }

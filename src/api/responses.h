@@ -21,8 +21,10 @@ inline net::HttpResponse JsonResponse(int status, const json::value& body) {
 /// {"error": {"type", "message", "param"}} with the status of the error's class, and
 /// Retry-After when the error names a delay.
 inline net::HttpResponse ErrorResponse(const Error& e, int status = 0) {
+  // OpenAI's shape: type, message, param, code (the class again, for SDKs that read it).
   json::object err{{"type", ErrorCodeName(e.code)}, {"message", e.message},
-                   {"param", e.param.empty() ? json::value(nullptr) : json::value(e.param)}};
+                   {"param", e.param.empty() ? json::value(nullptr) : json::value(e.param)},
+                   {"code", ErrorCodeName(e.code)}};
   auto r = JsonResponse(status ? status : HttpStatusFor(e.code), json::object{{"error", std::move(err)}});
   if (e.retry_after) {
     r.headers.emplace_back("Retry-After", std::to_string(std::max<int64_t>(1, (e.retry_after->count() + 999) / 1000)));

@@ -57,13 +57,13 @@ int Serve(const std::string& config_path, const std::string& listen_flag) {
     std::cerr << "keel: storage: " << store.error().message << "\n";
     return 1;
   }
-  auto gateway = gateway::Gateway::Create(*config, registry);
+  auto gateway = gateway::Gateway::Create(*config, registry, clock, random);
   if (!gateway.ok()) {
     std::cerr << "keel: gateway: " << gateway.error().message << "\n";
     return 1;
   }
   auto engine = engine::Engine::Create(config->engine, **store, **gateway, clock, random, registry);
-  auto api = api::ApiServer::Create(*config, server, **store, engine.get(), clock, random, registry);
+  auto api = api::ApiServer::Create(*config, server, **store, engine.get(), **gateway, clock, random, registry);
   if (!api.ok()) {
     std::cerr << "keel: " << api.error().message << "\n";
     return 1;

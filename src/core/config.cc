@@ -223,7 +223,7 @@ RetryConfig ReadRetry(Reader& r, const YAML::Node& n, RetryConfig base, const st
 
 ProviderConfig ReadProvider(Reader& r, const std::string& name, const YAML::Node& n) {
   const std::string what = "provider \"" + name + "\"";
-  r.Keys(n, what, {"type", "base_url", "api_key", "model", "context_window", "timeout", "headers"});
+  r.Keys(n, what, {"type", "base_url", "api_key", "model", "context_window", "timeout", "headers", "limits", "cost"});
   ProviderConfig p;
   p.name = name;
   p.line = LineOf(n);
@@ -247,6 +247,17 @@ ProviderConfig ReadProvider(Reader& r, const std::string& name, const YAML::Node
     if (t["connect"]) p.timeout.connect = r.Dur(t["connect"], what + ".timeout.connect", Duration(1));
     if (t["total"]) p.timeout.total = r.Dur(t["total"], what + ".timeout.total", Duration(1));
   }
+  if (const auto l = n["limits"]) {
+    r.Keys(l, what + ".limits", {"rpm", "tpm", "max_concurrency"});
+    if (l["rpm"]) p.limits.rpm = r.Int(l["rpm"], what + ".limits.rpm", 0, 1'000'000'000);
+    if (l["tpm"]) p.limits.tpm = r.Int(l["tpm"], what + ".limits.tpm", 0, 1'000'000'000'000);
+    if (l["max_concurrency"]) p.limits.max_concurrency = r.Int(l["max_concurrency"], what + ".limits.max_concurrency", 0, 1'000'000);
+  }
+  if (const auto c = n["cost"]) {
+    r.Keys(c, what + ".cost", {"input_per_mtok", "output_per_mtok"});
+    if (c["input_per_mtok"]) p.cost.input_per_mtok = r.Double(c["input_per_mtok"], what + ".cost.input_per_mtok", 0, 1e6);
+    if (c["output_per_mtok"]) p.cost.output_per_mtok = r.Double(c["output_per_mtok"], what + ".cost.output_per_mtok", 0, 1e6);
+  }
   if (const auto h = n["headers"]) {
     if (!h.IsMap()) Fail(h, what + ".headers must be a mapping of header names to values");
     for (const auto& kv : h) p.headers[kv.first.as<std::string>()] = r.Str(kv.second, what + ".headers");
@@ -256,14 +267,16 @@ ProviderConfig ReadProvider(Reader& r, const std::string& name, const YAML::Node
 
 RouteConfig ReadRoute(Reader& r, const std::string& name, const YAML::Node& n) {
   const std::string what = "route \"" + name + "\"";
-  r.Keys(n, what, {"strategy", "targets"});
+  r.Keys(n, what, {"strategy", "targets", "retry", "retry_budget", "circuit_breaker", "max_failover", "timeout"});
   RouteConfig route;
   route.name = name;
   route.line = LineOf(n);
   if (n["strategy"]) {
     route.strategy = r.Str(n["strategy"], what + ".strategy");
-    if (route.strategy != "priority") {
-      Fail(n["strategy"], what + ".strategy: only \"priority\" is supported in this release");
+    if (route.strategy != "priority" && route.strategy != "round_robin" && route.strategy != "weighted" &&
+        route.strategy != "latency" && route.strategy != "least_busy") {
+      Fail(n["strategy"], what + ".strategy must be round_robin, weighted, latency, priority or least_busy, not \"" +
+                              route.strategy + "\"");
     }
   }
   const auto targets = n["targets"];
@@ -271,10 +284,33 @@ RouteConfig ReadRoute(Reader& r, const std::string& name, const YAML::Node& n) {
     Fail(targets ? targets : n, what + " needs targets: a list of {provider: NAME}");
   }
   for (const auto& t : targets) {
-    r.Keys(t, what + " target", {"provider"});
+    r.Keys(t, what + " target", {"provider", "weight", "tier"});
     if (!t["provider"]) Fail(t, what + " target needs a provider");
-    route.targets.push_back(r.Str(t["provider"], what + " target provider"));
+    RouteTarget target;
+    target.provider = r.Str(t["provider"], what + " target provider");
+    if (t["weight"]) target.weight = static_cast<int>(r.Int(t["weight"], what + " target weight", 0, 1'000'000));
+    if (t["tier"]) target.tier = static_cast<int>(r.Int(t["tier"], what + " target tier", 1, 100));
+    route.targets.push_back(std::move(target));
   }
+  if (n["retry"]) route.retry = ReadRetry(r, n["retry"], route.retry, what + ".retry");
+  if (route.retry.max_attempts > 10) Fail(n["retry"], what + ".retry.max_attempts must be at most 10");
+  if (const auto b = n["retry_budget"]) {
+    r.Keys(b, what + ".retry_budget", {"ratio", "min_per_second"});
+    if (b["ratio"]) route.retry_budget.ratio = r.Double(b["ratio"], what + ".retry_budget.ratio", 0, 10);
+    if (b["min_per_second"]) route.retry_budget.min_per_second = r.Double(b["min_per_second"], what + ".retry_budget.min_per_second", 0, 1e6);
+  }
+  if (const auto b = n["circuit_breaker"]) {
+    const std::string w = what + ".circuit_breaker";
+    r.Keys(b, w, {"failure_rate", "min_requests", "window", "consecutive_failures", "open_for"});
+    auto& cb = route.circuit_breaker;
+    if (b["failure_rate"]) cb.failure_rate = r.Double(b["failure_rate"], w + ".failure_rate", 0.01, 1);
+    if (b["min_requests"]) cb.min_requests = static_cast<int>(r.Int(b["min_requests"], w + ".min_requests", 1, 1'000'000));
+    if (b["window"]) cb.window = r.Dur(b["window"], w + ".window", Duration(10));
+    if (b["consecutive_failures"]) cb.consecutive_failures = static_cast<int>(r.Int(b["consecutive_failures"], w + ".consecutive_failures", 0, 1'000'000));
+    if (b["open_for"]) cb.open_for = r.Dur(b["open_for"], w + ".open_for", Duration(1));
+  }
+  if (n["max_failover"]) route.max_failover = static_cast<int>(r.Int(n["max_failover"], what + ".max_failover", 1, 10));
+  if (n["timeout"]) route.timeout = r.Dur(n["timeout"], what + ".timeout", Duration(1));
   return route;
 }
 
@@ -428,8 +464,8 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
       const auto name = kv.first.as<std::string>();
       RouteConfig route = ReadRoute(r, name, kv.second);
       for (std::size_t i = 0; i < route.targets.size(); ++i) {
-        if (!c.providers.count(route.targets[i])) {
-          Fail(kv.second["targets"][i], "route \"" + name + "\" names provider \"" + route.targets[i] +
+        if (!c.providers.count(route.targets[i].provider)) {
+          Fail(kv.second["targets"][i], "route \"" + name + "\" names provider \"" + route.targets[i].provider +
                                             "\", which is not defined under providers");
         }
       }

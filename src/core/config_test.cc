@@ -560,12 +560,19 @@ TEST(ConfigTest, RoutesAreValidated) {
   ExpectConfigError(
       "providers:\n  m: {type: mock}\nroutes:\n  r:\n    strategy: random\n    targets: "
       "[{provider: m}]\n",
-      {"line 5", "priority"});
+      {"line 5", "round_robin, weighted, latency, priority or least_busy"});
   auto c = ParseConfig(std::string(kProviders), Env());
   ASSERT_OK(c);
   const auto& route = c->routes.at("default");
   EXPECT_EQ(route.strategy, "priority");
-  EXPECT_EQ(route.targets, std::vector<std::string>{"mock"});
+  ASSERT_EQ(route.targets.size(), 1u);
+  EXPECT_EQ(route.targets[0].provider, "mock");
+  EXPECT_EQ(route.targets[0].weight, 1);
+  EXPECT_EQ(route.targets[0].tier, 1);
+  EXPECT_EQ(route.retry.max_attempts, 3);
+  EXPECT_EQ(route.max_failover, 3);
+  EXPECT_EQ(route.circuit_breaker.min_requests, 20);
+  EXPECT_DOUBLE_EQ(route.retry_budget.ratio, 0.2);
   EXPECT_EQ(route.line, 5);
 }
 
@@ -589,7 +596,8 @@ TEST(ConfigTest, ExampleFileParses) {
   EXPECT_EQ(c->providers.at("mock").type, "mock");
   EXPECT_EQ(c->providers.at("mock").model, "mock-1");
   ASSERT_EQ(c->routes.count("default"), 1u);
-  EXPECT_EQ(c->routes.at("default").targets, std::vector<std::string>{"mock"});
+  ASSERT_EQ(c->routes.at("default").targets.size(), 1u);
+  EXPECT_EQ(c->routes.at("default").targets[0].provider, "mock");
 
   ASSERT_EQ(c->pipelines.size(), 3u);
   ASSERT_EQ(c->pipelines.count("summarize"), 1u);
@@ -660,6 +668,48 @@ TEST(ParseByteSizeTest, BadInputs) {
     EXPECT_EQ(n.error().code, ErrorCode::kInvalidRequest);
     EXPECT_THAT(n.error().message, HasSubstr("not a size"));
   }
+}
+
+}  // namespace
+}  // namespace keel
+
+namespace keel {
+namespace {
+
+TEST(ConfigTest, RouteResilienceOptionsAreRead) {
+  auto c = ParseConfig(R"(providers:
+  a: {type: mock, limits: {rpm: 600, tpm: 100000, max_concurrency: 8}, cost: {input_per_mtok: 0.15, output_per_mtok: 0.6}}
+  b: {type: mock}
+routes:
+  r:
+    strategy: weighted
+    targets: [{provider: a, weight: 90}, {provider: b, weight: 10, tier: 2}]
+    retry: {max_attempts: 4, initial_backoff: 50ms}
+    retry_budget: {ratio: 0.1, min_per_second: 1}
+    circuit_breaker: {failure_rate: 0.25, min_requests: 4, window: 10s, consecutive_failures: 0, open_for: 2s}
+    max_failover: 2
+    timeout: 30s
+)",
+                       [](const std::string&) { return std::nullopt; });
+  ASSERT_TRUE(c.ok()) << c.error().message;
+  const auto& a = c->providers.at("a");
+  EXPECT_EQ(a.limits.rpm, 600);
+  EXPECT_EQ(a.limits.tpm, 100000);
+  EXPECT_EQ(a.limits.max_concurrency, 8);
+  EXPECT_DOUBLE_EQ(a.cost.output_per_mtok, 0.6);
+  const auto& r = c->routes.at("r");
+  EXPECT_EQ(r.strategy, "weighted");
+  EXPECT_EQ(r.targets[0].weight, 90);
+  EXPECT_EQ(r.targets[1].tier, 2);
+  EXPECT_EQ(r.retry.max_attempts, 4);
+  EXPECT_EQ(r.retry.backoff.initial, Duration(50));
+  EXPECT_DOUBLE_EQ(r.retry_budget.ratio, 0.1);
+  EXPECT_DOUBLE_EQ(r.circuit_breaker.failure_rate, 0.25);
+  EXPECT_EQ(r.circuit_breaker.min_requests, 4);
+  EXPECT_EQ(r.circuit_breaker.consecutive_failures, 0);
+  EXPECT_EQ(r.circuit_breaker.open_for, Duration(2000));
+  EXPECT_EQ(r.max_failover, 2);
+  EXPECT_EQ(r.timeout, Duration(30000));
 }
 
 }  // namespace

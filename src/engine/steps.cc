@@ -15,10 +15,11 @@ class LlmStep final : public StepRunner {
     if (!messages.ok()) return std::move(messages).error();
     gateway::ChatRequest req;
     req.route = json::value_to<std::string>(spec.at("route"));
-    req.messages = std::move(messages->as_array());
-    if (const auto* t = spec.if_contains("temperature"); t && t->is_number()) req.temperature = t->to_number<double>();
-    if (const auto* m = spec.if_contains("max_tokens"); m && m->is_int64()) req.max_tokens = m->get_int64();
+    req.body["messages"] = std::move(messages).value();
+    if (const auto* t = spec.if_contains("temperature"); t && t->is_number()) req.body["temperature"] = *t;
+    if (const auto* m = spec.if_contains("max_tokens"); m && m->is_int64()) req.body["max_tokens"] = *m;
     req.idempotency_key = ctx.idempotency_key;
+    req.failover_only = true;  // the step retries durably, with its own backoff
     req.timeout = ctx.step.timeout;
     auto r = gateway_.Chat(req);
     if (!r.ok()) return std::move(r).error();

@@ -2,12 +2,21 @@
 
 #include <charconv>
 #include <chrono>
+#include <algorithm>
+#include <atomic>
 #include <map>
+#include <mutex>
+#include <prometheus/gauge.h>
 #include <prometheus/counter.h>
 #include <prometheus/histogram.h>
 #include <thread>
 #include <vector>
 
+#include "keel/core/backoff.h"
+#include "keel/core/circuit_breaker.h"
+#include "keel/core/ewma.h"
+#include "keel/core/retry_budget.h"
+#include "keel/core/token_bucket.h"
 #include "keel/gateway/mock_llm.h"
 #include "keel/net/http_client.h"
 #include "keel/obs/log.h"
@@ -59,6 +68,7 @@ Result<ChatResult> ParseCompletion(std::string_view body, const std::string& pro
   const json::value* content = first.is_object() ? FindPath(first, "message.content") : nullptr;
   if (!content || !content->is_string()) return bad("choices[0].message.content is not a string");
   ChatResult r;
+  r.response = o;
   r.text = content->get_string();
   if (const auto* m = o.if_contains("model"); m && m->is_string()) r.model = m->get_string();
   if (const auto* u = o.if_contains("usage"); u && u->is_object()) r.usage = *u;
@@ -69,6 +79,7 @@ Result<ChatResult> ParseCompletion(std::string_view body, const std::string& pro
 class Provider {
  public:
   virtual ~Provider() = default;
+  /// One call, bounded by `timeout`. `body` already names this provider's model.
   virtual Result<ChatResult> Chat(const json::object& body, const ChatRequest& req, Duration timeout) = 0;
 };
 
@@ -84,9 +95,7 @@ class OpenAiProvider final : public Provider {
     if (!config_.api_key.empty()) http.headers.emplace_back("Authorization", "Bearer " + config_.api_key);
     if (!req.idempotency_key.empty()) http.headers.emplace_back("Idempotency-Key", req.idempotency_key);
     for (const auto& [k, v] : config_.headers) http.headers.emplace_back(k, v);
-    json::object b = body;
-    b["model"] = config_.model;
-    http.body = json::serialize(b);
+    http.body = json::serialize(body);
     http.connect_timeout = std::min(config_.timeout.connect, timeout);
     http.total_timeout = std::min(config_.timeout.total, timeout);
     auto resp = net::SendHttp(http);
@@ -111,9 +120,7 @@ class MockProvider final : public Provider {
   explicit MockProvider(ProviderConfig config) : config_(std::move(config)), mock_(MockOptions{}) {}
 
   Result<ChatResult> Chat(const json::object& body, const ChatRequest&, Duration timeout) override {
-    json::object b = body;
-    b["model"] = config_.model;
-    const auto d = mock_.HandleChat(json::serialize(b), std::chrono::steady_clock::now());
+    const auto d = mock_.HandleChat(json::serialize(body), std::chrono::steady_clock::now());
     const auto wait = std::min<Duration>(std::chrono::duration_cast<Duration>(d.delay), timeout);
     // Simulated provider latency, bounded by the call's timeout.
     if (wait.count() > 0) std::this_thread::sleep_for(wait);
@@ -138,94 +145,484 @@ class MockProvider final : public Provider {
   MockLlm mock_;
 };
 
+// Per provider: its limits, shared by every route that targets it.
+struct ProviderState {
+  ProviderConfig config;
+  std::unique_ptr<Provider> provider;
+  std::mutex mu;
+  std::optional<TokenBucket> rpm;  // GUARDED_BY(mu)
+  std::optional<TokenBucket> tpm;  // GUARDED_BY(mu)
+  std::atomic<int64_t> in_flight{0};
+};
+
+// Per target of a route: its health as seen by that route.
+struct TargetState {
+  ProviderState* provider;
+  RouteTarget target;
+  std::mutex mu;
+  CircuitBreaker breaker;  // GUARDED_BY(mu)
+  Ewma latency_ms;         // GUARDED_BY(mu)
+  TargetState(ProviderState* p, RouteTarget t, const CircuitBreakerOptions& o)
+      : provider(p), target(std::move(t)), breaker(o) {}
+};
+
+struct RouteState {
+  RouteConfig config;
+  std::vector<std::unique_ptr<TargetState>> targets;
+  std::mutex budget_mu;
+  RetryBudget budget;  // GUARDED_BY(budget_mu)
+  std::atomic<uint64_t> next{0};
+  RouteState(RouteConfig c, RetryBudgetOptions b) : config(std::move(c)), budget(b) {}
+};
+
+// Why a target did not take a call.
+enum class Refusal { kNone, kCircuitOpen, kConcurrency, kRateLimited, kWindow };
+
+double NumberOr(const json::value* v, double fallback) {
+  return v && v->is_number() ? v->to_number<double>() : fallback;
+}
+
+}  // namespace
+
+int64_t EstimatePromptTokens(const json::object& body) {
+  int64_t bytes = 0;
+  if (const auto* msgs = body.if_contains("messages"); msgs && msgs->is_array()) {
+    for (const auto& m : msgs->get_array()) {
+      if (!m.is_object()) continue;
+      if (const auto* c = m.get_object().if_contains("content")) {
+        bytes += c->is_string() ? static_cast<int64_t>(c->get_string().size())
+                                : static_cast<int64_t>(json::serialize(*c).size());
+      }
+    }
+  }
+  return (bytes + 3) / 4;
+}
+
+namespace {
+
 class GatewayImpl final : public Gateway {
  public:
-  GatewayImpl(prometheus::Registry& registry)
-      : requests_(prometheus::BuildCounter()
+  GatewayImpl(prometheus::Registry& registry, const Clock& clock, Random& random)
+      : clock_(clock),
+        random_(random),
+        calls_(prometheus::BuildCounter()
+                   .Name("keel_gateway_requests_total")
+                   .Help("Calls to routes, by route and outcome (ok or the error class returned)")
+                   .Register(registry)),
+        requests_(prometheus::BuildCounter()
                       .Name("keel_llm_requests_total")
                       .Help("Provider calls by route, provider and outcome (ok or an error class)")
                       .Register(registry)),
         latency_(prometheus::BuildHistogram()
                      .Name("keel_llm_request_duration_seconds")
-                     .Help("Latency of provider calls")
+                     .Help("Latency of provider calls, by provider")
                      .Register(registry)),
         tokens_(prometheus::BuildCounter()
                     .Name("keel_llm_tokens_total")
-                    .Help("Tokens reported by providers, by direction (input, output)")
-                    .Register(registry)) {}
+                    .Help("Tokens reported by providers, by provider and direction (input, output)")
+                    .Register(registry)),
+        cost_(prometheus::BuildCounter()
+                  .Name("keel_llm_cost_total")
+                  .Help("Cost of answered calls by the providers' prices, by provider")
+                  .Register(registry)),
+        retries_(prometheus::BuildCounter()
+                     .Name("keel_gateway_retries_total")
+                     .Help("Attempts after the first, by route")
+                     .Register(registry)),
+        failovers_(prometheus::BuildCounter()
+                       .Name("keel_gateway_failovers_total")
+                       .Help("Moves to another target after a failure, by route")
+                       .Register(registry)),
+        refusals_(prometheus::BuildCounter()
+                      .Name("keel_gateway_refusals_total")
+                      .Help("Times a target was passed over, by route, provider and reason "
+                            "(circuit_open, concurrency, rate_limited, context_window, retry_budget)")
+                      .Register(registry)),
+        breaker_state_(prometheus::BuildGauge()
+                           .Name("keel_gateway_circuit_state")
+                           .Help("Circuit breaker state by route and provider: 0 closed, 1 half-open, 2 open")
+                           .Register(registry)) {}
 
   Result<void> Init(const Config& config) {
+    const Timestamp now = clock_.Now();
     for (const auto& [name, p] : config.providers) {
-      if (p.type == "openai") providers_[name] = std::make_unique<OpenAiProvider>(p);
-      else providers_[name] = std::make_unique<MockProvider>(p);
+      auto st = std::make_unique<ProviderState>();
+      st->config = p;
+      if (p.type == "openai") st->provider = std::make_unique<OpenAiProvider>(p);
+      else st->provider = std::make_unique<MockProvider>(p);
+      if (p.limits.rpm > 0) st->rpm.emplace(static_cast<double>(p.limits.rpm), p.limits.rpm / 60.0, now);
+      if (p.limits.tpm > 0) st->tpm.emplace(static_cast<double>(p.limits.tpm), p.limits.tpm / 60.0, now);
+      providers_[name] = std::move(st);
     }
-    for (const auto& [name, r] : config.routes) routes_[name] = r.targets;
-    // A provider's name is also a route of one target.
+    auto add_route = [&](const RouteConfig& rc) {
+      RetryBudgetOptions b;
+      b.ratio = rc.retry_budget.ratio;
+      b.min_per_second = rc.retry_budget.min_per_second;
+      auto route = std::make_unique<RouteState>(rc, b);
+      CircuitBreakerOptions o;
+      o.failure_rate = rc.circuit_breaker.failure_rate;
+      o.min_requests = rc.circuit_breaker.min_requests;
+      o.window = rc.circuit_breaker.window;
+      o.consecutive_failures = rc.circuit_breaker.consecutive_failures;
+      o.open_for = rc.circuit_breaker.open_for;
+      for (const auto& t : rc.targets) {
+        route->targets.push_back(std::make_unique<TargetState>(providers_.at(t.provider).get(), t, o));
+      }
+      routes_[rc.name] = std::move(route);
+    };
+    for (const auto& [name, r] : config.routes) add_route(r);
     for (const auto& [name, p] : config.providers) {
-      if (!routes_.count(name)) routes_[name] = {name};
+      if (routes_.count(name)) continue;
+      RouteConfig rc;
+      rc.name = name;
+      rc.targets.push_back(RouteTarget{name, 1, 1});
+      add_route(rc);
     }
     return Ok();
+  }
+
+  std::vector<RouteInfo> Routes() const override {
+    std::vector<RouteInfo> out;
+    for (const auto& [name, r] : routes_) {
+      RouteInfo info{name, r->config.strategy, {}};
+      for (const auto& t : r->targets) info.providers.push_back(t->target.provider);
+      out.push_back(std::move(info));
+    }
+    return out;
   }
 
   Result<ChatResult> Chat(const ChatRequest& req) override {
     const auto it = routes_.find(req.route);
     if (it == routes_.end()) {
-      return Error(ErrorCode::kNotFound, "no route or provider named \"" + req.route + "\"", "model");
+      return Count(req.route, Error(ErrorCode::kNotFound, "no route or provider named \"" + req.route + "\"", "model"));
     }
-    json::object body;
-    body["messages"] = req.messages;
-    if (req.temperature) body["temperature"] = *req.temperature;
-    if (req.max_tokens) body["max_tokens"] = *req.max_tokens;
+    RouteState& route = *it->second;
     const auto start = std::chrono::steady_clock::now();
-    const auto deadline = start + req.timeout;
+    const auto deadline = start + std::min(req.timeout, route.config.timeout);
+    const int64_t prompt_tokens = EstimatePromptTokens(req.body);
+    const int64_t estimate = prompt_tokens + static_cast<int64_t>(NumberOr(req.body.if_contains("max_tokens"), 0));
+
+    int64_t largest = 0;
+    for (const auto& t : route.targets) largest = std::max(largest, t->provider->config.context_window);
+    if (prompt_tokens > largest) {
+      return Count(req.route, Error(ErrorCode::kContextLength,
+                                    "the prompt (about " + std::to_string(prompt_tokens) +
+                                        " tokens) is longer than the context window of every target of route \"" +
+                                        req.route + "\" (largest: " + std::to_string(largest) + ")",
+                                    "messages"));
+    }
+    {
+      std::lock_guard lock(route.budget_mu);
+      route.budget.OnRequest(clock_.Now());
+    }
+    int max_attempts = req.max_attempts > 0 ? std::min(req.max_attempts, 10) : route.config.retry.max_attempts;
+    if (req.failover_only) max_attempts = std::min<int>(route.config.max_failover, static_cast<int>(route.targets.size()));
+    std::vector<TargetState*> tried;
+    TargetState* previous = nullptr;
     std::optional<Error> last;
+    int64_t min_window = 0;  // after a context_length error: a larger window is needed
     int attempts = 0;
-    for (const auto& target : it->second) {
-      if (attempts >= kMaxFailoverChain) break;
-      const auto left = std::chrono::duration_cast<Duration>(deadline - std::chrono::steady_clock::now());
-      if (left.count() <= 0) break;
-      ++attempts;
-      auto& provider = *providers_.at(target);
-      const auto t0 = std::chrono::steady_clock::now();
-      auto r = provider.Chat(body, req, left);
-      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      latency_.Add({{"provider", target}}, obs::LatencyBuckets()).Observe(secs);
-      if (r.ok()) {
-        requests_.Add({{"route", req.route}, {"provider", target}, {"outcome", "ok"}}).Increment();
-        if (r->usage.is_object()) {
-          const auto& u = r->usage.get_object();
-          if (const auto* p = u.if_contains("prompt_tokens"); p && p->is_int64())
-            tokens_.Add({{"provider", target}, {"direction", "input"}}).Increment(static_cast<double>(p->get_int64()));
-          if (const auto* c = u.if_contains("completion_tokens"); c && c->is_int64())
-            tokens_.Add({{"provider", target}, {"direction", "output"}}).Increment(static_cast<double>(c->get_int64()));
+    int failovers = 0;
+
+    while (attempts < max_attempts) {
+      if (std::chrono::steady_clock::now() >= deadline) break;
+      Refusal why = Refusal::kNone;
+      Duration rate_wait = Duration::max();
+      TargetState* target = Pick(route, tried, !req.failover_only, min_window, std::max(prompt_tokens, min_window + 1),
+                                 estimate, why, rate_wait);
+      if (target == nullptr) {
+        if (last) break;  // the last failure says more than "nothing is available"
+        return Count(req.route, NoTarget(route, why, rate_wait));
+      }
+      if (attempts > 0) {
+        bool allowed;
+        {
+          std::lock_guard lock(route.budget_mu);
+          allowed = route.budget.TryRetry(clock_.Now());
         }
+        if (!allowed) {
+          Release(*target, estimate);
+          refusals_.Add({{"route", req.route}, {"provider", target->target.provider}, {"reason", "retry_budget"}}).Increment();
+          last->message += " (no retry: the route's retry budget is spent)";
+          break;
+        }
+        retries_.Add({{"route", req.route}}).Increment();
+        if (target == previous) {
+          // The same target again: back off first, honouring its Retry-After.
+          const Duration delay = ComputeBackoff(route.config.retry.backoff, attempts, last->retry_after, random_);
+          if (std::chrono::steady_clock::now() + delay >= deadline) {
+            Release(*target, estimate);
+            break;
+          }
+          std::this_thread::sleep_for(delay);  // real time: this is the outbound call path
+        } else {
+          ++failovers;
+          failovers_.Add({{"route", req.route}}).Increment();
+        }
+      }
+      if (std::find(tried.begin(), tried.end(), target) == tried.end()) tried.push_back(target);
+      previous = target;
+      ++attempts;
+      auto r = CallTarget(req, route, *target, deadline, estimate);
+      if (r.ok()) {
         r->attempts = attempts;
-        if (r->model.empty()) r->model = target;
+        r->failovers = failovers;
+        r->duration = std::chrono::duration_cast<Duration>(std::chrono::steady_clock::now() - start);
+        calls_.Add({{"route", req.route}, {"outcome", "ok"}}).Increment();
         return r;
       }
-      requests_.Add({{"route", req.route}, {"provider", target}, {"outcome", std::string(ErrorCodeName(r.error().code))}})
-          .Increment();
       last = std::move(r).error();
+      if (last->code == ErrorCode::kContextLength) {
+        min_window = std::max(min_window, target->provider->config.context_window);
+        continue;
+      }
       if (!FailsOver(last->code)) break;
     }
     if (!last) {
-      return Error(ErrorCode::kTimeout, "route \"" + req.route + "\": the deadline passed before any target answered");
+      return Count(req.route, Error(ErrorCode::kTimeout, "route \"" + req.route + "\": the deadline of " +
+                                                             std::to_string(std::min(req.timeout, route.config.timeout).count()) +
+                                                             "ms passed before any target answered"));
     }
-    return *last;
+    if (std::chrono::steady_clock::now() >= deadline && FailsOver(last->code)) {
+      last->code = ErrorCode::kTimeout;
+      last->message = "route \"" + req.route + "\": the deadline passed after " + std::to_string(attempts) +
+                      " attempts; last failure: " + last->message;
+    }
+    return Count(req.route, std::move(*last));
   }
 
  private:
+  Result<ChatResult> Count(const std::string& route, Error e) {
+    calls_.Add({{"route", route}, {"outcome", std::string(ErrorCodeName(e.code))}}).Increment();
+    return e;
+  }
+
+  // Orders the route's targets by its strategy.
+  std::vector<TargetState*> Order(RouteState& route) {
+    std::vector<TargetState*> order;
+    for (auto& t : route.targets) order.push_back(t.get());
+    const std::string& s = route.config.strategy;
+    if (s == "priority") {
+      std::stable_sort(order.begin(), order.end(),
+                       [](const TargetState* a, const TargetState* b) { return a->target.tier < b->target.tier; });
+    } else if (s == "round_robin") {
+      const std::size_t shift = route.next.fetch_add(1) % order.size();
+      std::rotate(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(shift), order.end());
+    } else if (s == "weighted") {
+      // Weighted random order: each next target is drawn with probability ~ its weight.
+      std::vector<TargetState*> out;
+      while (!order.empty()) {
+        double total = 0;
+        for (auto* t : order) total += t->target.weight;
+        std::size_t pick = 0;
+        if (total > 0) {
+          double x = random_.Uniform() * total;
+          for (; pick + 1 < order.size(); ++pick) {
+            x -= order[pick]->target.weight;
+            if (x < 0) break;
+          }
+        }
+        out.push_back(order[pick]);
+        order.erase(order.begin() + static_cast<std::ptrdiff_t>(pick));
+      }
+      order = std::move(out);
+    } else if (s == "latency") {
+      std::vector<std::pair<double, TargetState*>> keyed;
+      for (auto* t : order) {
+        std::lock_guard lock(t->mu);
+        keyed.emplace_back(t->latency_ms.value().value_or(0.0), t);  // unmeasured first
+      }
+      std::stable_sort(keyed.begin(), keyed.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+      for (std::size_t i = 0; i < keyed.size(); ++i) order[i] = keyed[i].second;
+    } else if (s == "least_busy") {
+      const Timestamp now = clock_.Now();
+      std::vector<std::pair<double, TargetState*>> keyed;
+      for (auto* t : order) {
+        auto& p = *t->provider;
+        const double cap = p.config.limits.max_concurrency > 0 ? static_cast<double>(p.config.limits.max_concurrency) : 1000.0;
+        double load = static_cast<double>(p.in_flight.load()) / cap;
+        {
+          std::lock_guard lock(p.mu);
+          if (p.rpm) load += 1.0 - std::max(0.0, p.rpm->Available(now)) / p.rpm->capacity();
+        }
+        keyed.emplace_back(load, t);
+      }
+      std::stable_sort(keyed.begin(), keyed.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+      for (std::size_t i = 0; i < keyed.size(); ++i) order[i] = keyed[i].second;
+    }
+    return order;
+  }
+
+  // The first target, in strategy order, that admits a call: untried targets before tried
+  // ones, and no new target once max_failover distinct targets were tried. Admission takes
+  // a concurrency slot and rate tokens; Release gives them back if the call is not made.
+  TargetState* Pick(RouteState& route, const std::vector<TargetState*>& tried, bool may_repeat, int64_t min_window,
+                    int64_t needed_window, int64_t estimate, Refusal& why, Duration& rate_wait) {
+    const auto order = Order(route);
+    const bool may_add = static_cast<int>(tried.size()) < route.config.max_failover;
+    for (int pass = 0; pass < (may_repeat ? 2 : 1); ++pass) {
+      for (auto* t : order) {
+        const bool was_tried = std::find(tried.begin(), tried.end(), t) != tried.end();
+        if (pass == 0 ? (was_tried || !may_add) : !was_tried) continue;
+        const Refusal r = Admit(*t, needed_window, min_window, estimate, rate_wait);
+        if (r == Refusal::kNone) return t;
+        if (why == Refusal::kNone || r == Refusal::kRateLimited) why = r;
+        refusals_.Add({{"route", route.config.name}, {"provider", t->target.provider}, {"reason", RefusalName(r)}}).Increment();
+      }
+    }
+    return nullptr;
+  }
+
+  static const char* RefusalName(Refusal r) {
+    switch (r) {
+      case Refusal::kCircuitOpen: return "circuit_open";
+      case Refusal::kConcurrency: return "concurrency";
+      case Refusal::kRateLimited: return "rate_limited";
+      case Refusal::kWindow: return "context_window";
+      case Refusal::kNone: break;
+    }
+    return "none";
+  }
+
+  Refusal Admit(TargetState& t, int64_t needed_window, int64_t min_window, int64_t estimate, Duration& rate_wait) {
+    auto& p = *t.provider;
+    if (p.config.context_window < needed_window || p.config.context_window <= min_window) return Refusal::kWindow;
+    const Timestamp now = clock_.Now();
+    if (p.config.limits.max_concurrency > 0 && p.in_flight.load() >= p.config.limits.max_concurrency) {
+      return Refusal::kConcurrency;
+    }
+    {
+      std::lock_guard lock(p.mu);
+      Duration wait{0};
+      if (p.rpm) wait = std::max(wait, p.rpm->TimeUntil(1, now));
+      if (p.tpm) wait = std::max(wait, p.tpm->TimeUntil(static_cast<double>(std::min<int64_t>(estimate, p.config.limits.tpm)), now));
+      if (wait.count() > 0) {
+        rate_wait = std::min(rate_wait, wait);
+        return Refusal::kRateLimited;
+      }
+    }
+    {
+      std::lock_guard lock(t.mu);
+      if (!t.breaker.Allow(now)) return Refusal::kCircuitOpen;
+    }
+    {
+      std::lock_guard lock(p.mu);
+      if (p.rpm) p.rpm->TryTake(1, now);
+      if (p.tpm) p.tpm->TryTake(static_cast<double>(std::min<int64_t>(estimate, p.config.limits.tpm)), now);
+    }
+    p.in_flight.fetch_add(1);
+    return Refusal::kNone;
+  }
+
+  // Undoes an admission whose call was not made (the breaker counts it as a success: the
+  // target did nothing wrong).
+  void Release(TargetState& t, int64_t estimate) {
+    auto& p = *t.provider;
+    p.in_flight.fetch_sub(1);
+    const Timestamp now = clock_.Now();
+    {
+      std::lock_guard lock(p.mu);
+      if (p.rpm) p.rpm->Adjust(1, now);
+      if (p.tpm) p.tpm->Adjust(static_cast<double>(std::min<int64_t>(estimate, p.config.limits.tpm)), now);
+    }
+    std::lock_guard lock(t.mu);
+    t.breaker.OnSuccess(now);
+  }
+
+  Error NoTarget(RouteState& route, Refusal why, Duration rate_wait) {
+    const std::string name = "route \"" + route.config.name + "\"";
+    switch (why) {
+      case Refusal::kRateLimited: {
+        Error e(ErrorCode::kRateLimited, name + ": every target is at its rate limit (rpm/tpm); retry later");
+        e.retry_after = rate_wait == Duration::max() ? Duration(1000) : std::max(Duration(1), rate_wait);
+        return e;
+      }
+      case Refusal::kConcurrency: {
+        Error e(ErrorCode::kOverloaded, name + ": every target is at its max_concurrency; retry later");
+        e.retry_after = Duration(1000);
+        return e;
+      }
+      case Refusal::kCircuitOpen: {
+        Error e(ErrorCode::kOverloaded, name + ": the circuit of every target is open (they have been failing); retry later");
+        Timestamp soonest = Timestamp::max();
+        for (auto& t : route.targets) {
+          std::lock_guard lock(t->mu);
+          soonest = std::min(soonest, t->breaker.open_until());
+        }
+        e.retry_after = std::max(Duration(1000), std::chrono::duration_cast<Duration>(soonest - clock_.Now()));
+        return e;
+      }
+      default:
+        return Error(ErrorCode::kContextLength, name + ": no target has a context window large enough", "messages");
+    }
+  }
+
+  Result<ChatResult> CallTarget(const ChatRequest& req, RouteState& route, TargetState& t,
+                                std::chrono::steady_clock::time_point deadline, int64_t estimate) {
+    auto& p = *t.provider;
+    json::object body = req.body;
+    body["model"] = p.config.model;
+    const auto left = std::max(Duration(1), std::chrono::duration_cast<Duration>(deadline - std::chrono::steady_clock::now()));
+    const auto t0 = std::chrono::steady_clock::now();
+    auto r = p.provider->Chat(body, req, left);
+    const auto elapsed = std::chrono::steady_clock::now() - t0;
+    p.in_flight.fetch_sub(1);
+    const Timestamp now = clock_.Now();
+    const double secs = std::chrono::duration<double>(elapsed).count();
+    latency_.Add({{"provider", t.target.provider}}, obs::LatencyBuckets()).Observe(secs);
+    const bool unhealthy = !r.ok() && FailsOver(r.error().code) && r.error().code != ErrorCode::kRateLimited;
+    {
+      std::lock_guard lock(t.mu);
+      if (unhealthy) t.breaker.OnFailure(now);
+      else t.breaker.OnSuccess(now);
+      if (r.ok()) t.latency_ms.Observe(secs * 1000.0, now);
+      breaker_state_.Add({{"route", route.config.name}, {"provider", t.target.provider}})
+          .Set(static_cast<double>(static_cast<int>(t.breaker.state(now) == BreakerState::kOpen ? 2
+                                                    : t.breaker.state(now) == BreakerState::kHalfOpen ? 1 : 0)));
+    }
+    requests_.Add({{"route", route.config.name}, {"provider", t.target.provider},
+                   {"outcome", r.ok() ? std::string("ok") : std::string(ErrorCodeName(r.error().code))}})
+        .Increment();
+    if (!r.ok()) return r;
+    // Charge the real usage instead of the estimate.
+    double in = 0, out = 0;
+    if (r->usage.is_object()) {
+      in = NumberOr(r->usage.get_object().if_contains("prompt_tokens"), 0);
+      out = NumberOr(r->usage.get_object().if_contains("completion_tokens"), 0);
+      tokens_.Add({{"provider", t.target.provider}, {"direction", "input"}}).Increment(in);
+      tokens_.Add({{"provider", t.target.provider}, {"direction", "output"}}).Increment(out);
+      if (p.tpm) {
+        std::lock_guard lock(p.mu);
+        p.tpm->Adjust(static_cast<double>(std::min<int64_t>(estimate, p.config.limits.tpm)) - (in + out), now);
+      }
+    }
+    r->cost = in / 1e6 * p.config.cost.input_per_mtok + out / 1e6 * p.config.cost.output_per_mtok;
+    if (r->cost > 0) cost_.Add({{"provider", t.target.provider}}).Increment(r->cost);
+    r->provider = t.target.provider;
+    if (r->model.empty()) r->model = p.config.model;
+    return r;
+  }
+
+  const Clock& clock_;
+  Random& random_;
+  prometheus::Family<prometheus::Counter>& calls_;
   prometheus::Family<prometheus::Counter>& requests_;
   prometheus::Family<prometheus::Histogram>& latency_;
   prometheus::Family<prometheus::Counter>& tokens_;
-  std::map<std::string, std::unique_ptr<Provider>> providers_;
-  std::map<std::string, std::vector<std::string>> routes_;
+  prometheus::Family<prometheus::Counter>& cost_;
+  prometheus::Family<prometheus::Counter>& retries_;
+  prometheus::Family<prometheus::Counter>& failovers_;
+  prometheus::Family<prometheus::Counter>& refusals_;
+  prometheus::Family<prometheus::Gauge>& breaker_state_;
+  std::map<std::string, std::unique_ptr<ProviderState>> providers_;
+  std::map<std::string, std::unique_ptr<RouteState>> routes_;
 };
 
 }  // namespace
 
-Result<std::unique_ptr<Gateway>> Gateway::Create(const Config& config, prometheus::Registry& registry) {
-  auto g = std::make_unique<GatewayImpl>(registry);
+Result<std::unique_ptr<Gateway>> Gateway::Create(const Config& config, prometheus::Registry& registry,
+                                                 const Clock& clock, Random& random) {
+  auto g = std::make_unique<GatewayImpl>(registry, clock, random);
   KEEL_RETURN_IF_ERROR(g->Init(config));
   return std::unique_ptr<Gateway>(std::move(g));
 }

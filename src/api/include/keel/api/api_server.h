@@ -10,6 +10,7 @@
 #include "keel/core/config.h"
 #include "keel/core/random.h"
 #include "keel/engine/engine.h"
+#include "keel/gateway/gateway.h"
 #include "keel/gateway/mock_llm.h"
 #include "keel/net/http_server.h"
 #include "keel/store/store.h"
@@ -23,6 +24,7 @@ class ApiServer {
   /// server.
   static Result<std::unique_ptr<ApiServer>> Create(const Config& config, net::ServerOptions server,
                                                    store::Store& store, engine::Engine* engine,
+                                                   gateway::Gateway& gateway,
                                                    const Clock& clock, Random& random,
                                                    prometheus::Registry& registry);
   virtual ~ApiServer() = default;

@@ -29,6 +29,22 @@ struct TimeoutConfig {
   Duration total{60000};
 };
 
+struct LimitsConfig {
+  /// Requests per minute (0: unlimited). Default: 0.
+  int64_t rpm = 0;
+  /// Tokens per minute, prompt and completion (0: unlimited). Default: 0.
+  int64_t tpm = 0;
+  /// Calls in flight at once (0: unlimited). Default: 0.
+  int64_t max_concurrency = 0;
+};
+
+struct CostConfig {
+  /// Price per million input (prompt) tokens. Default: 0.
+  double input_per_mtok = 0;
+  /// Price per million output (completion) tokens. Default: 0.
+  double output_per_mtok = 0;
+};
+
 struct ProviderConfig {
   std::string name;
   /// "openai" (the chat-completions wire format) or "mock" (the built-in fault-injecting
@@ -43,16 +59,47 @@ struct ProviderConfig {
   /// Tokens. Default: 128000. Range: >= 1.
   int64_t context_window = 128000;
   TimeoutConfig timeout;
+  LimitsConfig limits;
+  CostConfig cost;
   /// Extra request headers (e.g. an Azure api-key). Values are never logged.
   std::map<std::string, std::string> headers;
   int line = 0;
 };
 
+struct RouteTarget {
+  std::string provider;
+  /// Share of traffic under the weighted strategy. Default: 1. Range: 0..1000000.
+  int weight = 1;
+  /// Priority tier (1 first) under the priority strategy. Default: 1. Range: 1..100.
+  int tier = 1;
+};
+
+struct BreakerConfig {
+  double failure_rate = 0.5;      ///< Default: 0.5. Range: (0, 1].
+  int min_requests = 20;          ///< Default: 20. Range: >= 1.
+  Duration window{30000};         ///< Default: 30s.
+  int consecutive_failures = 5;   ///< Default: 5 (0: off).
+  Duration open_for{15000};       ///< Default: 15s.
+};
+
+struct RetryBudgetConfig {
+  double ratio = 0.2;             ///< Retries per request. Default: 0.2. Range: 0..10.
+  double min_per_second = 5;      ///< Floor. Default: 5.
+};
+
 struct RouteConfig {
   std::string name;
-  /// Only "priority" in this release: targets in order, the next on a retryable failure.
+  /// round_robin | weighted | latency | priority | least_busy. Default: priority.
   std::string strategy = "priority";
-  std::vector<std::string> targets;  // provider names, in order
+  std::vector<RouteTarget> targets;
+  /// Attempts in all per call, failovers included. Default: 3. Range: 1..10.
+  RetryConfig retry{3, BackoffPolicy{Duration(200), 2.0, Duration(5000), JitterMode::kProportional, 0.2}};
+  RetryBudgetConfig retry_budget;
+  BreakerConfig circuit_breaker;
+  /// Distinct targets one call may try. Default: 3. Range: 1..10.
+  int max_failover = 3;
+  /// Bound on a call, retries included. Default: 120s.
+  Duration timeout{120000};
   int line = 0;
 };
 

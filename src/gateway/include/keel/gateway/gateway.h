@@ -1,54 +1,85 @@
 #pragma once
-// The gateway: the one path for every model call. A call names a route (a virtual model
-// name); the route's targets are providers, tried in order: a failure whose class fails
-// over (rate_limited, overloaded, server_error, timeout, network, invalid_output) moves
-// to the next target, at most `kMaxFailoverChain` targets; any other class fails fast.
-// This first cut has the priority strategy only; issue #3 brings the full gateway.
+// The gateway: the one path for every model call, from the OpenAI-compatible endpoint and
+// from pipelines' llm steps alike. A call names a route (a virtual model name); the route
+// spreads calls over its targets (providers) by its strategy, through a resilience chain
+// per target: a circuit breaker, rpm/tpm token buckets (charged with an estimate, then
+// corrected with the usage the provider reports), and a concurrency limit. Failures are
+// classified (keel/core/error.h): a class that fails over moves to the next target at
+// once, a rate limit honours Retry-After, a context_length error moves to a target with a
+// larger window, and any other class fails fast. Retries are bounded three ways: the
+// route's max_attempts, its retry budget (a share of requests, so an outage does not
+// become a retry storm), and the call's deadline, which includes the retries.
 //
 // Thread-safe. A Gateway outlives every call made through it.
 
 #include <memory>
 #include <prometheus/registry.h>
 #include <string>
+#include <vector>
 
 #include "keel/core/clock.h"
 #include "keel/core/config.h"
 #include "keel/core/json.h"
+#include "keel/core/random.h"
 #include "keel/core/result.h"
 
 namespace keel::gateway {
 
-/// Targets tried for one call at most.
-inline constexpr int kMaxFailoverChain = 3;
-
 struct ChatRequest {
   std::string route;
-  json::array messages;  // [{role, content}]
-  std::optional<double> temperature;
-  std::optional<int64_t> max_tokens;
+  /// The OpenAI chat-completions body (messages, temperature, max_tokens, ...); `model`
+  /// is set per target and `stream` is not supported here.
+  json::object body;
   /// Passed to providers as the Idempotency-Key header. Default: none.
   std::string idempotency_key;
-  /// Bound on the whole call, failovers included. Default: 60s.
+  /// Bound on the whole call, retries and failovers included; the route's timeout also
+  /// bounds it. Default: 60s.
   Duration timeout{60000};
+  /// Overrides the route's retry.max_attempts when > 0 (1..10).
+  int max_attempts = 0;
+  /// Fail over to targets not yet tried, but never call a tried target again: for callers
+  /// that retry durably themselves (pipeline steps retry with backoff in the run queue,
+  /// holding no worker). Default: false.
+  bool failover_only = false;
 };
 
 struct ChatResult {
-  std::string text;      // the answer's content
-  std::string model;     // the model that really answered (from the provider's response)
-  std::string provider;  // the provider (target) that answered
-  json::value usage;     // {prompt_tokens, completion_tokens, total_tokens}, or null
-  int attempts = 0;      // provider calls made, failed ones included
+  json::object response;  // the provider's chat.completion, as it answered
+  std::string text;       // choices[0].message.content
+  std::string model;      // the model that really answered (the response's `model`)
+  std::string provider;   // the provider (target) that answered
+  json::value usage;      // {prompt_tokens, completion_tokens, total_tokens}, or null
+  double cost = 0;        // of this answer, by the provider's prices
+  int attempts = 0;       // provider calls made, failed ones included
+  int failovers = 0;      // times the call moved to another target
+  Duration duration{0};
+};
+
+struct RouteInfo {
+  std::string name;
+  std::string strategy;
+  std::vector<std::string> providers;
 };
 
 class Gateway {
  public:
-  /// Builds providers and routes from a validated config. `registry` must outlive the
-  /// gateway.
-  static Result<std::unique_ptr<Gateway>> Create(const Config& config, prometheus::Registry& registry);
+  /// Builds providers and routes from a validated config. `registry`, `clock` and
+  /// `random` must outlive the gateway.
+  static Result<std::unique_ptr<Gateway>> Create(const Config& config, prometheus::Registry& registry,
+                                                 const Clock& clock, Random& random);
   virtual ~Gateway() = default;
 
-  /// Calls the route. Errors carry the class of the last target's failure.
+  /// Calls the route. Errors carry the class of the deciding failure: kNotFound for an
+  /// unknown route, kContextLength when no target's window fits the prompt, kRateLimited
+  /// (with retry_after) when every target is rate-limited, kOverloaded when every circuit
+  /// is open, kTimeout when the deadline passed.
   virtual Result<ChatResult> Chat(const ChatRequest& request) = 0;
+
+  /// The routes, for GET /v1/models. A provider's name is also a route of one target.
+  virtual std::vector<RouteInfo> Routes() const = 0;
 };
+
+/// Rough token estimate: one token per 4 bytes of message content.
+int64_t EstimatePromptTokens(const json::object& body);
 
 }  // namespace keel::gateway

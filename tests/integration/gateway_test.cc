@@ -1,0 +1,215 @@
+// The OpenAI-compatible gateway against real keel mock-llm processes on loopback.
+
+#include <gtest/gtest.h>
+
+#include "helpers.h"
+
+namespace keel::testing {
+namespace {
+
+json::value Chat(const std::string& model, const std::string& content) {
+  return json::object{{"model", model}, {"messages", json::array{json::object{{"role", "user"}, {"content", content}}}}};
+}
+
+int64_t MockTotal(const std::string& url) {
+  auto r = HttpGet(url + "/mock/stats");
+  return r.status == 200 ? r.body.at("total").as_int64() : -1;
+}
+
+std::string Provider(const std::string& name, const std::string& url, const std::string& extra = "") {
+  return "  " + name + ": {type: openai, base_url: " + url + "/v1, model: " + name + "-model, timeout: {connect: 1s, total: 5s}" +
+         extra + "}\n";
+}
+
+class GatewayTest : public ::testing::Test {
+ protected:
+  void Start(const std::string& providers, const std::string& routes) {
+    server_ = std::make_unique<KeelServer>(dir_.path(), "storage: sqlite://data/keel.db\nproviders:\n" + providers +
+                                                            "routes:\n" + routes);
+    ASSERT_NE(server_->port(), 0) << "keel serve did not start";
+  }
+  JsonResponse Call(const std::string& model, const std::string& content, net::Headers h = {}) {
+    return HttpPostJson(server_->url() + "/v1/chat/completions", Chat(model, content), std::move(h));
+  }
+  TempDir dir_;
+  std::unique_ptr<KeelServer> server_;
+};
+
+TEST_F(GatewayTest, FailsOverOn503AndNamesTheModelThatAnswered) {
+  MockLlm down({"--fail-rate", "1", "--fail-status", "503"});
+  MockLlm up;
+  Start(Provider("down", down.url()) + Provider("up", up.url()),
+        "  smart: {strategy: priority, targets: [{provider: down}, {provider: up, tier: 2}]}\n");
+  auto r = Call("smart", "hello");
+  ASSERT_EQ(r.status, 200) << r.raw;
+  EXPECT_EQ(r.body.at("model").as_string(), "up-model");
+  EXPECT_EQ(r.body.at("object").as_string(), "chat.completion");
+  EXPECT_TRUE(r.body.at("choices").as_array()[0].at("message").at("content").is_string());
+  EXPECT_TRUE(r.body.at("usage").at("total_tokens").is_int64());
+  EXPECT_EQ(r.Header("x-keel-provider"), "up");
+  EXPECT_EQ(r.Header("x-keel-route"), "smart");
+  EXPECT_EQ(r.Header("x-keel-attempts"), "2");
+  EXPECT_EQ(r.Header("x-keel-failovers"), "1");
+  EXPECT_EQ(MockTotal(down.url()), 1);
+  EXPECT_EQ(MockTotal(up.url()), 1);
+}
+
+TEST_F(GatewayTest, RetryAfterIsHonouredOnTheSameTarget) {
+  MockLlm only;
+  Start(Provider("only", only.url()), "  r: {targets: [{provider: only}], retry: {max_attempts: 3, initial_backoff: 10ms}}\n");
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = Call("r", "#mock fail=429 retry_after=1 times=1");
+  ASSERT_EQ(r.status, 200) << r.raw;
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(1000));
+  EXPECT_EQ(r.Header("x-keel-attempts"), "2");
+  EXPECT_EQ(MockTotal(only.url()), 2);
+}
+
+TEST_F(GatewayTest, FourXxFailsFastAndIsNeverRetried) {
+  MockLlm a, b;
+  Start(Provider("a", a.url()) + Provider("b", b.url()), "  r: {targets: [{provider: a}, {provider: b}]}\n");
+  auto r = Call("r", "#mock fail=401");
+  EXPECT_EQ(r.status, 401) << r.raw;
+  EXPECT_EQ(r.body.at("error").at("type").as_string(), "auth");
+  EXPECT_EQ(MockTotal(a.url()) + MockTotal(b.url()), 1);
+}
+
+TEST_F(GatewayTest, BreakerOpensAtItsThresholdAndHalfOpensAfterOpenFor) {
+  MockLlm bad({"--fail-rate", "1", "--fail-status", "500"});
+  MockLlm good;
+  Start(Provider("bad", bad.url()) + Provider("good", good.url()),
+        "  r:\n    targets: [{provider: bad}, {provider: good, tier: 2}]\n"
+        "    circuit_breaker: {failure_rate: 0.5, min_requests: 4, consecutive_failures: 0, open_for: 1s}\n"
+        "    retry_budget: {ratio: 10, min_per_second: 1000}\n");
+  for (int i = 0; i < 4; ++i) ASSERT_EQ(Call("r", "x").status, 200);
+  EXPECT_EQ(MockTotal(bad.url()), 4);  // the 4th failure reaches min_requests: open
+  for (int i = 0; i < 10; ++i) ASSERT_EQ(Call("r", "y").status, 200);
+  EXPECT_EQ(MockTotal(bad.url()), 4) << "calls went to a target whose circuit is open";
+  auto m = HttpGet(server_->url() + "/metrics").raw;
+  EXPECT_NE(m.find("keel_gateway_circuit_state{provider=\"bad\",route=\"r\"} 2"), std::string::npos) << m;
+  // After open_for, one trial call goes through (and fails, so it opens again).
+  ASSERT_TRUE(Eventually([&] {
+    EXPECT_EQ(Call("r", "z").status, 200);
+    return MockTotal(bad.url()) == 5;
+  }, std::chrono::seconds(5)));
+  for (int i = 0; i < 5; ++i) ASSERT_EQ(Call("r", "w").status, 200);
+  EXPECT_EQ(MockTotal(bad.url()), 5);
+}
+
+TEST_F(GatewayTest, WeightedSplitIsWithinTolerance) {
+  MockLlm a, b;
+  Start(Provider("a", a.url()) + Provider("b", b.url()),
+        "  r: {strategy: weighted, targets: [{provider: a, weight: 80}, {provider: b, weight: 20}]}\n");
+  constexpr int kCalls = 300;
+  for (int i = 0; i < kCalls; ++i) ASSERT_EQ(Call("r", "w" + std::to_string(i)).status, 200);
+  const double share = static_cast<double>(MockTotal(a.url())) / kCalls;
+  EXPECT_GT(share, 0.70);
+  EXPECT_LT(share, 0.90);
+  EXPECT_EQ(MockTotal(a.url()) + MockTotal(b.url()), kCalls);
+}
+
+TEST_F(GatewayTest, LatencyStrategyMovesTrafficToTheFasterTarget) {
+  MockLlm slow({"--latency-ms", "60"});
+  MockLlm fast;
+  Start(Provider("slow", slow.url()) + Provider("fast", fast.url()),
+        "  r: {strategy: latency, targets: [{provider: slow}, {provider: fast}]}\n");
+  for (int i = 0; i < 40; ++i) ASSERT_EQ(Call("r", "l" + std::to_string(i)).status, 200);
+  EXPECT_GE(MockTotal(fast.url()), 36) << "slow served " << MockTotal(slow.url());
+}
+
+TEST_F(GatewayTest, RoundRobinAlternates) {
+  MockLlm a, b;
+  Start(Provider("a", a.url()) + Provider("b", b.url()),
+        "  r: {strategy: round_robin, targets: [{provider: a}, {provider: b}]}\n");
+  for (int i = 0; i < 10; ++i) ASSERT_EQ(Call("r", "x").status, 200);
+  EXPECT_EQ(MockTotal(a.url()), 5);
+  EXPECT_EQ(MockTotal(b.url()), 5);
+}
+
+TEST_F(GatewayTest, RetryBudgetCapsRetriesDuringAFullOutage) {
+  MockLlm down({"--fail-rate", "1", "--fail-status", "503"});
+  Start(Provider("down", down.url()),
+        "  r:\n    targets: [{provider: down}]\n    retry: {max_attempts: 5, initial_backoff: 1ms, max_backoff: 2ms}\n"
+        "    retry_budget: {ratio: 0.1, min_per_second: 0}\n"
+        "    circuit_breaker: {consecutive_failures: 0, min_requests: 1000000}\n");
+  constexpr int kCalls = 60;
+  for (int i = 0; i < kCalls; ++i) {
+    auto r = Call("r", "o" + std::to_string(i));
+    ASSERT_EQ(r.status, 503) << r.raw;
+  }
+  // Without a budget: 60 x 5 = 300 calls. With it: 60 first attempts + 10% retries.
+  EXPECT_LE(MockTotal(down.url()), kCalls + kCalls / 10 + 1);
+  EXPECT_GE(MockTotal(down.url()), kCalls);
+}
+
+TEST_F(GatewayTest, EveryTargetRateLimitedAnswers429WithRetryAfter) {
+  MockLlm a;
+  Start(Provider("a", a.url(), ", limits: {rpm: 2}"), "  r: {targets: [{provider: a}]}\n");
+  EXPECT_EQ(Call("r", "1").status, 200);
+  EXPECT_EQ(Call("r", "2").status, 200);
+  auto r = Call("r", "3");
+  EXPECT_EQ(r.status, 429) << r.raw;
+  EXPECT_FALSE(r.Header("retry-after").empty());
+  EXPECT_EQ(r.body.at("error").at("type").as_string(), "rate_limited");
+  EXPECT_EQ(MockTotal(a.url()), 2);
+}
+
+TEST_F(GatewayTest, ContextLengthGoesToALargerWindow) {
+  MockLlm small, large;
+  Start(Provider("small", small.url(), ", context_window: 1000") + Provider("large", large.url(), ", context_window: 100000"),
+        "  r: {targets: [{provider: small}, {provider: large}]}\n");
+  // About 2,000 tokens: too long for small's window, so only large is called.
+  auto r = Call("r", std::string(8000, 'y'));
+  ASSERT_EQ(r.status, 200) << r.raw;
+  EXPECT_EQ(r.Header("x-keel-provider"), "large");
+  EXPECT_EQ(MockTotal(small.url()), 0);
+  // A prompt larger than every window is refused before any provider is called.
+  auto big = Call("r", std::string(500000, 'x'));
+  EXPECT_EQ(big.status, 400) << big.raw;
+  EXPECT_EQ(big.body.at("error").at("type").as_string(), "context_length");
+  EXPECT_EQ(MockTotal(small.url()) + MockTotal(large.url()), 1);
+}
+
+TEST_F(GatewayTest, BadRequestsGetOpenAiShapedErrorsAndNoProviderIsCalled) {
+  MockLlm a;
+  Start(Provider("a", a.url()), "  r: {targets: [{provider: a}]}\n");
+  const std::string url = server_->url() + "/v1/chat/completions";
+  auto unknown = Call("nope", "x");
+  EXPECT_EQ(unknown.status, 404);
+  EXPECT_EQ(unknown.body.at("error").at("param").as_string(), "model");
+  EXPECT_TRUE(unknown.body.at("error").at("message").is_string());
+  EXPECT_TRUE(unknown.body.at("error").at("code").is_string());
+  EXPECT_EQ(HttpPost(url, "{not json").status, 400);
+  EXPECT_EQ(HttpPostJson(url, json::object{{"model", "r"}}).body.at("error").at("param").as_string(), "messages");
+  EXPECT_EQ(HttpPostJson(url, json::object{{"model", "r"}, {"messages", json::array{}}}).status, 400);
+  EXPECT_EQ(HttpPostJson(url, json::object{{"messages", json::array{json::object{{"role", "user"}, {"content", "x"}}}}})
+                .body.at("error").at("param").as_string(), "model");
+  EXPECT_EQ(HttpPostJson(url, json::object{{"model", "r"}, {"messages", json::array{json::object{{"content", "x"}}}}}).status,
+            400);
+  EXPECT_EQ(MockTotal(a.url()), 0);
+  auto models = HttpGet(server_->url() + "/v1/models");
+  ASSERT_EQ(models.status, 200);
+  bool listed = false;
+  for (const auto& m : models.body.at("data").as_array()) listed = listed || m.at("id").as_string() == "r";
+  EXPECT_TRUE(listed);
+}
+
+TEST_F(GatewayTest, ProviderGarbageIsClassifiedAndFailedOver) {
+  MockLlm a, b;
+  Start(Provider("a", a.url()) + Provider("b", b.url()), "  r: {targets: [{provider: a}, {provider: b}]}\n");
+  // Each mock garbles its first answer to this prompt: a, then b, then a again answers.
+  auto r = Call("r", "#mock malformed times=1");
+  ASSERT_EQ(r.status, 200) << r.raw;
+  EXPECT_EQ(r.Header("x-keel-attempts"), "3");
+  EXPECT_EQ(r.Header("x-keel-provider"), "a");
+  auto m = HttpGet(server_->url() + "/metrics").raw;
+  for (const char* p : {"a", "b"}) {
+    EXPECT_NE(m.find("keel_llm_requests_total{outcome=\"invalid_output\",provider=\"" + std::string(p) +
+                     "\",route=\"r\"} 1"),
+              std::string::npos)
+        << m;
+  }
+}
+
+}  // namespace
+}  // namespace keel::testing
