@@ -89,6 +89,16 @@ TEST(TokenBucketTest, TimeUntilIsTheFirstMillisecondATakeSucceeds) {
   EXPECT_EQ(empty.TimeUntil(10, kT0), milliseconds(60000));
 }
 
+TEST(TokenBucketTest, PollingDoesNotPushATakePastItsTime) {
+  // 10 requests a minute. Each refused take refills in a step; the steps' rounding must not
+  // leave the bucket a hair short of the token that TimeUntil promised at +6s.
+  TokenBucket b(10, 10.0 / 60.0, kT0);
+  ASSERT_TRUE(b.TryTake(10, kT0));
+  ASSERT_EQ(b.TimeUntil(1, kT0), milliseconds(6000));
+  for (int s = 1; s < 6; ++s) EXPECT_FALSE(b.TryTake(1, kT0 + milliseconds(1000 * s))) << s;
+  EXPECT_TRUE(b.TryTake(1, kT0 + milliseconds(6000)));
+}
+
 TEST(TokenBucketTest, TimeUntilIsNeverWhenMoreThanCapacity) {
   TokenBucket b(10, 2, kT0);
   EXPECT_EQ(b.TimeUntil(10.5, kT0), Duration::max());

@@ -5,6 +5,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/url/decode_view.hpp>
+#include <future>
 #include <mutex>
 #include <thread>
 #include <unordered_set>
@@ -43,11 +44,15 @@ class Session : public std::enable_shared_from_this<Session> {
   void Start() { ReadNext(); }
   void Close();
 
+  void Send(HttpResponse response);
+  // Streaming: WriteRaw blocks the calling (non-I/O) thread until the bytes are written.
+  bool WriteRaw(std::string bytes);
+  void EndStream(bool reset);
+
  private:
   friend class ServerImpl;
   void ReadNext();
   void OnRead(beast::error_code ec);
-  void Send(HttpResponse response);
   void Write(HttpResponse response, bool keep_alive);
 
   beast::tcp_stream stream_;
@@ -58,6 +63,18 @@ class Session : public std::enable_shared_from_this<Session> {
   unsigned version_ = 11;
   bool keep_alive_ = true;
 };
+
+}  // namespace
+
+// The responder's shared state owns a reference to the session; its destructor answers
+// 500 if no copy of the responder answered.
+struct Responder::State {
+  std::shared_ptr<Session> session;
+  std::atomic<bool> sent{false};
+  ~State();
+};
+
+namespace {
 
 class ServerImpl final : public HttpServer {
  public:
@@ -243,27 +260,110 @@ void Session::OnRead(beast::error_code ec) {
   if (!rec) req.remote = ep.address().to_string() + ":" + std::to_string(ep.port());
   stream_.expires_never();  // the handler may take its time (long polls)
 
-  // The responder owns a reference to the session; the guard answers 500 if every copy
-  // is dropped unanswered.
-  struct Slot {
-    std::shared_ptr<Session> session;
-    std::atomic<bool> sent{false};
-    ~Slot() {
-      if (!sent.load() && session) {
-        HttpResponse r;
-        r.status = 500;
-        r.body = ErrorBody("internal", "the handler returned no response");
-        session->Send(std::move(r));
-      }
+  auto state = std::make_shared<Responder::State>();
+  state->session = shared_from_this();
+  server_.handler()(std::move(req), Responder(std::move(state)));
+}
+
+}  // namespace
+
+Responder::State::~State() {
+  if (!sent.load() && session) {
+    HttpResponse r;
+    r.status = 500;
+    r.body = ErrorBody("internal", "the handler returned no response");
+    session->Send(std::move(r));
+  }
+}
+
+void Responder::operator()(HttpResponse r) const {
+  if (state_->sent.exchange(true)) return;
+  state_->session->Send(std::move(r));
+}
+
+namespace {
+
+std::string_view ReasonFor(int status) {
+  return http::obsolete_reason(static_cast<http::status>(status));
+}
+
+class SessionChunkedWriter final : public ChunkedWriter {
+ public:
+  explicit SessionChunkedWriter(std::shared_ptr<Session> s) : session_(std::move(s)) {}
+  ~SessionChunkedWriter() override { Finish(); }
+  bool Write(std::string_view data) override {
+    if (done_ || data.empty()) return !done_;
+    char size[20];
+    std::snprintf(size, sizeof size, "%zx\r\n", data.size());
+    std::string frame(size);
+    frame.append(data);
+    frame.append("\r\n");
+    if (!session_->WriteRaw(std::move(frame))) {
+      done_ = true;
+      session_->EndStream(true);
+      return false;
     }
-  };
-  auto slot = std::make_shared<Slot>();
-  slot->session = shared_from_this();
-  Responder respond = [slot](HttpResponse r) {
-    if (slot->sent.exchange(true)) return;
-    slot->session->Send(std::move(r));
-  };
-  server_.handler()(std::move(req), std::move(respond));
+    return true;
+  }
+  void Finish() override {
+    if (done_) return;
+    done_ = true;
+    if (session_->WriteRaw("0\r\n\r\n")) session_->EndStream(false);
+    else session_->EndStream(true);
+  }
+  void Reset() override {
+    if (done_) return;
+    done_ = true;
+    session_->EndStream(true);
+  }
+
+ private:
+  std::shared_ptr<Session> session_;
+  bool done_ = false;
+};
+
+}  // namespace
+
+std::unique_ptr<ChunkedWriter> Responder::StartStream(int status, std::string content_type, Headers headers) const {
+  if (state_->sent.exchange(true)) return nullptr;
+  std::string head = "HTTP/1.1 " + std::to_string(status) + " " + std::string(ReasonFor(status)) + "\r\n";
+  head += "Server: keel\r\nContent-Type: " + content_type + "\r\nTransfer-Encoding: chunked\r\n";
+  for (const auto& [k, v] : headers) head += k + ": " + v + "\r\n";
+  head += "\r\n";
+  if (!state_->session->WriteRaw(std::move(head))) {
+    state_->session->EndStream(true);
+    return nullptr;
+  }
+  return std::make_unique<SessionChunkedWriter>(state_->session);
+}
+
+namespace {
+
+bool Session::WriteRaw(std::string bytes) {
+  if (server_.stopping()) return false;
+  auto done = std::make_shared<std::promise<bool>>();
+  auto fut = done->get_future();
+  asio::post(stream_.get_executor(), [self = shared_from_this(), bytes = std::move(bytes), done]() mutable {
+    auto buf = std::make_shared<std::string>(std::move(bytes));
+    self->stream_.expires_after(std::chrono::seconds(30));
+    asio::async_write(self->stream_, asio::buffer(*buf), [buf, done, self](beast::error_code ec, std::size_t) {
+      self->stream_.expires_never();
+      done->set_value(!ec);
+    });
+  });
+  return fut.get();
+}
+
+void Session::EndStream(bool reset) {
+  asio::post(stream_.get_executor(), [self = shared_from_this(), reset] {
+    if (reset || !self->keep_alive_) {
+      beast::error_code ec;
+      if (reset) self->stream_.socket().set_option(asio::socket_base::linger(true, 0), ec);
+      self->stream_.socket().close(ec);
+      return;
+    }
+    self->ReadNext();
+  });
 }
 
 void Session::Send(HttpResponse response) {

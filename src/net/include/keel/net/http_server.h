@@ -14,9 +14,38 @@
 
 namespace keel::net {
 
-/// Sends the answer to one request. Call it exactly once, from any thread. If every copy
-/// is destroyed without a call, the client gets a 500.
-using Responder = std::function<void(HttpResponse)>;
+/// The body of a streamed answer (chunked transfer encoding), e.g. server-sent events.
+/// Used from one thread at a time; calls block until the bytes are handed to the socket,
+/// so never use it on an I/O thread.
+class ChunkedWriter {
+ public:
+  virtual ~ChunkedWriter() = default;
+  /// Sends one chunk. False when the client has gone (the caller should stop).
+  virtual bool Write(std::string_view data) = 0;
+  /// Ends the answer with the last chunk; the connection may serve the next request.
+  /// Idempotent; the destructor calls it.
+  virtual void Finish() = 0;
+  /// Resets the connection (RST) instead of finishing: for fault injection.
+  virtual void Reset() = 0;
+};
+
+/// Answers one request: either once with a whole response (operator()), or by
+/// StartStream and then chunks. Copyable; any thread. If every copy is destroyed without
+/// an answer, the client gets a 500.
+class Responder {
+ public:
+  struct State;
+  explicit Responder(std::shared_ptr<State> state) : state_(std::move(state)) {}
+  /// Sends a whole response. Only the first answer counts.
+  void operator()(HttpResponse response) const;
+  /// Sends the status line and headers of a chunked response (blocking until written)
+  /// and returns the writer for its body; null if an answer was already given or the
+  /// client is gone. Must not be called on an I/O thread.
+  std::unique_ptr<ChunkedWriter> StartStream(int status, std::string content_type, Headers headers = {}) const;
+
+ private:
+  std::shared_ptr<State> state_;
+};
 
 /// Runs on an I/O thread; must not block. Answers through `respond`.
 using Handler = std::function<void(HttpRequest&& request, Responder respond)>;
