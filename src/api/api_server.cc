@@ -6,6 +6,7 @@
 #include <prometheus/gauge.h>
 
 #include "keel/core/ids.h"
+#include "keel/core/sse.h"
 #include "keel/engine/pipeline.h"
 #include "keel/net/worker_pool.h"
 #include "keel/obs/log.h"
@@ -178,6 +179,11 @@ class ApiServerImpl final : public ApiServer {
     }
     auto shared = std::make_shared<HttpRequest>(std::move(req));
     const bool queued = pool_.Submit([this, h, shared, name, respond]() mutable {
+      if (h == &ApiServerImpl::ChatCompletions) {
+        // Answers by itself: a streamed answer is written as it arrives.
+        ChatCompletionsStreaming(*shared, respond);
+        return;
+      }
       const auto segs2 = Segments(shared->path);
       respond(Answer(*shared, name, (this->*h)(*shared, segs2)));
     });
@@ -402,72 +408,129 @@ class ApiServerImpl final : public ApiServer {
     return JsonResponse(200, RunToJson(*run, true));
   }
 
-  // POST /v1/chat/completions: OpenAI-compatible; `model` names a route.
-  HttpResponse ChatCompletions(const HttpRequest& req, const std::vector<std::string_view>&) {
+  // Only a marker for Route(): ChatCompletionsStreaming answers these requests.
+  HttpResponse ChatCompletions(const HttpRequest&, const std::vector<std::string_view>&) {
+    return ErrorResponse(Error(ErrorCode::kInternal, "unreachable"));
+  }
+
+  void ChatCompletionsStreaming(const HttpRequest& req, const net::Responder& respond) {
+    bool stream = false;
+    auto call = ParseChatRequest(req, stream);
+    if (!call.ok()) {
+      respond(Answer(req, "chat_completions", ErrorResponse(call.error())));
+      return;
+    }
+    if (!stream) {
+      auto r = gateway_.Chat(*call);
+      if (!r.ok()) {
+        auto resp = ErrorResponse(r.error());
+        resp.headers.emplace_back("X-Keel-Route", call->route);
+        respond(Answer(req, "chat_completions", std::move(resp)));
+        return;
+      }
+      json::object out = std::move(r->response);
+      out["model"] = r->model;
+      auto resp = JsonResponse(200, out);
+      AddKeelHeaders(resp.headers, call->route, *r);
+      respond(Answer(req, "chat_completions", std::move(resp)));
+      return;
+    }
+    // Streamed: the answer starts with the first chunk, so that every failure before it
+    // (failed over or not) is still a plain HTTP error with its status.
+    std::unique_ptr<net::ChunkedWriter> writer;
+    auto r = gateway_.ChatStream(*call, [&](const json::object& chunk) {
+      if (!writer) {
+        writer = respond.StartStream(200, "text/event-stream",
+                                     {{"Cache-Control", "no-cache"}, {"X-Keel-Route", call->route}});
+        if (!writer) return false;
+      }
+      return writer->Write(FormatSse(json::serialize(chunk)));
+    });
+    if (!writer) {
+      if (!r.ok()) {
+        auto resp = ErrorResponse(r.error());
+        resp.headers.emplace_back("X-Keel-Route", call->route);
+        respond(Answer(req, "chat_completions", std::move(resp)));
+        return;
+      }
+      writer = respond.StartStream(200, "text/event-stream", {{"Cache-Control", "no-cache"}});
+      if (!writer) return;
+    }
+    if (r.ok()) {
+      writer->Write("data: [DONE]\n\n");
+      Answer(req, "chat_completions", JsonResponse(200, nullptr));
+    } else {
+      // After the first token: end with an error event, never a silent truncation.
+      const Error& e = r.error();
+      writer->Write(FormatSse(json::serialize(json::object{
+          {"error", json::object{{"type", ErrorCodeName(e.code)}, {"message", e.message}, {"code", ErrorCodeName(e.code)}}}})));
+      Answer(req, "chat_completions", JsonResponse(502, nullptr));
+    }
+    writer->Finish();
+  }
+
+  static void AddKeelHeaders(net::Headers& h, const std::string& route, const gateway::ChatResult& r) {
+    h.emplace_back("X-Keel-Route", route);
+    h.emplace_back("X-Keel-Provider", r.provider);
+    h.emplace_back("X-Keel-Attempts", std::to_string(r.attempts));
+    h.emplace_back("X-Keel-Failovers", std::to_string(r.failovers));
+    h.emplace_back("X-Keel-Duration-Ms", std::to_string(r.duration.count()));
+  }
+
+  // Reads and checks an OpenAI chat-completions request; `stream` says whether the
+  // answer is to be streamed.
+  Result<gateway::ChatRequest> ParseChatRequest(const HttpRequest& req, bool& stream) {
     auto body = ParseJson(req.body);
-    if (!body.ok()) return ErrorResponse(body.error());
-    if (!body->is_object()) return ErrorResponse(BadRequest("the body must be a JSON object with model and messages"));
+    if (!body.ok()) return body.error();
+    if (!body->is_object()) return BadRequest("the body must be a JSON object with model and messages");
     json::object o = std::move(body->as_object());
     const auto* model = o.if_contains("model");
-    if (model == nullptr) return ErrorResponse(BadRequest("missing field \"model\": the route to call (GET /v1/models lists them)", "model"));
-    if (!model->is_string()) return ErrorResponse(BadRequest("\"model\" must be a string", "model"));
+    if (model == nullptr) return BadRequest("missing field \"model\": the route to call (GET /v1/models lists them)", "model");
+    if (!model->is_string()) return BadRequest("\"model\" must be a string", "model");
     const auto* messages = o.if_contains("messages");
-    if (messages == nullptr) return ErrorResponse(BadRequest("missing field \"messages\": a non-empty array of {role, content}", "messages"));
+    if (messages == nullptr) return BadRequest("missing field \"messages\": a non-empty array of {role, content}", "messages");
     if (!messages->is_array() || messages->get_array().empty()) {
-      return ErrorResponse(BadRequest("\"messages\" must be a non-empty array of {role, content}", "messages"));
+      return BadRequest("\"messages\" must be a non-empty array of {role, content}", "messages");
     }
     std::size_t i = 0;
     for (const auto& m : messages->get_array()) {
       const std::string at = "messages[" + std::to_string(i++) + "]";
-      if (!m.is_object()) return ErrorResponse(BadRequest(at + " must be an object with role and content", at));
+      if (!m.is_object()) return BadRequest(at + " must be an object with role and content", at);
       const auto* role = m.get_object().if_contains("role");
-      if (role == nullptr || !role->is_string()) return ErrorResponse(BadRequest(at + ".role must be a string", at + ".role"));
+      if (role == nullptr || !role->is_string()) return BadRequest(at + ".role must be a string", at + ".role");
     }
-    if (const auto* stream = o.if_contains("stream"); stream && stream->is_bool() && stream->get_bool()) {
-      return ErrorResponse(BadRequest("streaming (\"stream\": true) is not supported by this keel yet; send stream: false", "stream"));
+    if (const auto* st = o.if_contains("stream"); st != nullptr && !st->is_null()) {
+      if (!st->is_bool()) return BadRequest("\"stream\" must be true or false", "stream");
+      stream = st->get_bool();
     }
     gateway::ChatRequest call;
     call.route = std::string(model->get_string());
     if (const auto route = req.Header("x-keel-route"); !route.empty()) call.route = std::string(route);
     o.erase("model");
     o.erase("stream");
+    if (!stream) o.erase("stream_options");
     call.body = std::move(o);
     call.idempotency_key = std::string(req.Header("idempotency-key"));
+    call.timeout = Duration(120000);
     if (req.Header("x-keel-timeout-ms").size() > 0) {
       const std::string v(req.Header("x-keel-timeout-ms"));
       int64_t ms = 0;
       const auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), ms);
       if (ec != std::errc() || p != v.data() + v.size() || ms < 1 || ms > 3'600'000) {
-        return ErrorResponse(BadRequest("X-Keel-Timeout-Ms must be a whole number of milliseconds from 1 to 3600000", "X-Keel-Timeout-Ms"));
+        return BadRequest("X-Keel-Timeout-Ms must be a whole number of milliseconds from 1 to 3600000", "X-Keel-Timeout-Ms");
       }
       call.timeout = Duration(ms);
-    } else {
-      call.timeout = Duration(120000);
     }
     if (req.Header("x-keel-max-attempts").size() > 0) {
       const std::string v(req.Header("x-keel-max-attempts"));
       int n = 0;
       const auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
       if (ec != std::errc() || p != v.data() + v.size() || n < 1 || n > 10) {
-        return ErrorResponse(BadRequest("X-Keel-Max-Attempts must be a whole number from 1 to 10", "X-Keel-Max-Attempts"));
+        return BadRequest("X-Keel-Max-Attempts must be a whole number from 1 to 10", "X-Keel-Max-Attempts");
       }
       call.max_attempts = n;
     }
-    auto r = gateway_.Chat(call);
-    if (!r.ok()) {
-      auto resp = ErrorResponse(r.error());
-      resp.headers.emplace_back("X-Keel-Route", call.route);
-      return resp;
-    }
-    json::object out = std::move(r->response);
-    out["model"] = r->model;
-    auto resp = JsonResponse(200, out);
-    resp.headers.emplace_back("X-Keel-Route", call.route);
-    resp.headers.emplace_back("X-Keel-Provider", r->provider);
-    resp.headers.emplace_back("X-Keel-Attempts", std::to_string(r->attempts));
-    resp.headers.emplace_back("X-Keel-Failovers", std::to_string(r->failovers));
-    resp.headers.emplace_back("X-Keel-Duration-Ms", std::to_string(r->duration.count()));
-    return resp;
+    return call;
   }
 
   // GET /v1/models: the routes, as OpenAI model objects.

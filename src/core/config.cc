@@ -243,7 +243,9 @@ ProviderConfig ReadProvider(Reader& r, const std::string& name, const YAML::Node
   p.model = n["model"] ? r.Str(n["model"], what + ".model") : name;
   if (n["context_window"]) p.context_window = r.Int(n["context_window"], what + ".context_window", 1, 100'000'000);
   if (const auto t = n["timeout"]) {
-    r.Keys(t, what + ".timeout", {"connect", "total"});
+    r.Keys(t, what + ".timeout", {"connect", "total", "first_byte", "idle"});
+    if (t["first_byte"]) p.timeout.first_byte = r.Dur(t["first_byte"], what + ".timeout.first_byte", Duration(1));
+    if (t["idle"]) p.timeout.idle = r.Dur(t["idle"], what + ".timeout.idle", Duration(1));
     if (t["connect"]) p.timeout.connect = r.Dur(t["connect"], what + ".timeout.connect", Duration(1));
     if (t["total"]) p.timeout.total = r.Dur(t["total"], what + ".timeout.total", Duration(1));
   }

@@ -16,6 +16,7 @@
 #include "keel/core/circuit_breaker.h"
 #include "keel/core/ewma.h"
 #include "keel/core/retry_budget.h"
+#include "keel/core/sse.h"
 #include "keel/core/token_bucket.h"
 #include "keel/gateway/mock_llm.h"
 #include "keel/net/http_client.h"
@@ -81,7 +82,23 @@ class Provider {
   virtual ~Provider() = default;
   /// One call, bounded by `timeout`. `body` already names this provider's model.
   virtual Result<ChatResult> Chat(const json::object& body, const ChatRequest& req, Duration timeout) = 0;
+  /// One streamed call: every chunk goes to `on_chunk` as it arrives. The result carries
+  /// the whole text, the model and the usage.
+  virtual Result<ChatResult> ChatStream(const json::object& body, const ChatRequest& req, Duration timeout,
+                                        const Gateway::ChunkSink& on_chunk) = 0;
 };
+
+// Folds one chat.completion.chunk into the result being built.
+void Accumulate(const json::object& chunk, ChatResult& r) {
+  if (const auto* m = chunk.if_contains("model"); m && m->is_string() && r.model.empty()) r.model = m->get_string();
+  if (const auto* u = chunk.if_contains("usage"); u && u->is_object()) r.usage = *u;
+  if (const auto* choices = chunk.if_contains("choices"); choices && choices->is_array() && !choices->get_array().empty()) {
+    const auto& c0 = choices->get_array()[0];
+    if (const auto* content = c0.is_object() ? FindPath(c0, "delta.content") : nullptr; content && content->is_string()) {
+      r.text.append(content->get_string().data(), content->get_string().size());
+    }
+  }
+}
 
 class OpenAiProvider final : public Provider {
  public:
@@ -106,6 +123,81 @@ class OpenAiProvider final : public Provider {
     }
     if (resp->status < 200 || resp->status >= 300) return UpstreamError(resp->status, resp->headers, resp->body, config_.name);
     return ParseCompletion(resp->body, config_.name);
+  }
+
+  Result<ChatResult> ChatStream(const json::object& body, const ChatRequest& req, Duration timeout,
+                                const Gateway::ChunkSink& on_chunk) override {
+    net::ClientRequest http;
+    http.method = "POST";
+    http.url = url_;
+    http.headers = {{"Content-Type", "application/json"}, {"Accept", "text/event-stream"}};
+    if (!config_.api_key.empty()) http.headers.emplace_back("Authorization", "Bearer " + config_.api_key);
+    if (!req.idempotency_key.empty()) http.headers.emplace_back("Idempotency-Key", req.idempotency_key);
+    for (const auto& [k, v] : config_.headers) http.headers.emplace_back(k, v);
+    json::object b = body;
+    b["stream"] = true;
+    b["stream_options"] = json::object{{"include_usage", true}};  // always: for limits and cost
+    http.body = json::serialize(b);
+    http.connect_timeout = std::min(config_.timeout.connect, timeout);
+    http.total_timeout = std::min(config_.timeout.total, timeout);
+    net::StreamTimeouts st{std::min(config_.timeout.first_byte, timeout), config_.timeout.idle};
+
+    int status = 0;
+    net::Headers headers;
+    std::string error_body;
+    ChatResult result;
+    result.provider = config_.name;
+    bool done = false;
+    std::optional<Error> bad;
+    bool reader_gone = false;
+    SseParser parser([&](const SseEvent& ev) {
+      if (ev.data == "[DONE]") {
+        done = true;
+        return true;
+      }
+      boost::system::error_code ec;
+      json::value v = json::parse(ev.data, ec);
+      if (ec || !v.is_object()) {
+        bad = Error(ErrorCode::kInvalidOutput, "provider " + config_.name + " streamed a chunk that is not a JSON object");
+        return false;
+      }
+      if (const auto* err = v.get_object().if_contains("error"); err && err->is_object()) {
+        bad = UpstreamError(500, {}, ev.data, config_.name);
+        return false;
+      }
+      Accumulate(v.get_object(), result);
+      if (!on_chunk(v.get_object())) {
+        reader_gone = true;
+        return false;
+      }
+      return true;
+    });
+    auto r = net::SendHttpStreaming(
+        http, st,
+        [&](int s, const net::Headers& h) {
+          status = s;
+          headers = h;
+          return true;
+        },
+        [&](std::string_view data) {
+          if (status < 200 || status >= 300) {
+            if (error_body.size() < 65536) error_body.append(data);
+            return true;
+          }
+          return parser.Feed(data);
+        });
+    if (bad) return *bad;
+    if (reader_gone) return Error(ErrorCode::kCancelled, "the client went away");
+    if (!r.ok()) {
+      Error e = std::move(r).error();
+      e.message = "provider " + config_.name + ": " + e.message;
+      return e;
+    }
+    if (status < 200 || status >= 300) return UpstreamError(status, headers, error_body, config_.name);
+    if (!done) {
+      return Error(ErrorCode::kInvalidOutput, "provider " + config_.name + ": the stream ended before [DONE] (truncated)");
+    }
+    return result;
   }
 
  private:
@@ -138,6 +230,45 @@ class MockProvider final : public Provider {
       default:
         return ParseCompletion(d.body, config_.name);
     }
+  }
+
+  // The in-process mock streams its answer word by word, in OpenAI's chunk shape.
+  Result<ChatResult> ChatStream(const json::object& body, const ChatRequest& req, Duration timeout,
+                                const Gateway::ChunkSink& on_chunk) override {
+    json::object b = body;
+    b.erase("stream");
+    auto whole = Chat(b, req, timeout);
+    if (!whole.ok()) return whole;
+    ChatResult result;
+    result.provider = config_.name;
+    result.model = whole->model;
+    result.usage = whole->usage;
+    auto chunk = [&](json::object delta, json::value finish) {
+      return json::object{{"id", "chatcmpl-mock-stream"},
+                          {"object", "chat.completion.chunk"},
+                          {"created", 1700000000},
+                          {"model", whole->model},
+                          {"choices", json::array{json::object{{"index", 0}, {"delta", std::move(delta)}, {"finish_reason", finish}}}}};
+    };
+    if (!on_chunk(chunk(json::object{{"role", "assistant"}, {"content", ""}}, nullptr))) {
+      return Error(ErrorCode::kCancelled, "the client went away");
+    }
+    const std::string& text = whole->text;
+    std::size_t pos = 0;
+    while (pos < text.size()) {
+      std::size_t end = text.find(' ', pos);
+      end = end == std::string::npos ? text.size() : end + 1;
+      const std::string piece = text.substr(pos, end - pos);
+      result.text += piece;
+      if (!on_chunk(chunk(json::object{{"content", piece}}, nullptr))) return Error(ErrorCode::kCancelled, "the client went away");
+      pos = end;
+    }
+    if (!on_chunk(chunk(json::object{}, "stop"))) return Error(ErrorCode::kCancelled, "the client went away");
+    json::object usage_chunk = chunk(json::object{}, nullptr);
+    usage_chunk["choices"] = json::array{};
+    usage_chunk["usage"] = whole->usage;
+    if (!on_chunk(usage_chunk)) return Error(ErrorCode::kCancelled, "the client went away");
+    return result;
   }
 
  private:
@@ -217,6 +348,10 @@ class GatewayImpl final : public Gateway {
                      .Name("keel_llm_request_duration_seconds")
                      .Help("Latency of provider calls, by provider")
                      .Register(registry)),
+        ttft_(prometheus::BuildHistogram()
+                  .Name("keel_llm_time_to_first_token_seconds")
+                  .Help("Streamed provider calls: time until the first chunk, by provider")
+                  .Register(registry)),
         tokens_(prometheus::BuildCounter()
                     .Name("keel_llm_tokens_total")
                     .Help("Tokens reported by providers, by provider and direction (input, output)")
@@ -291,7 +426,16 @@ class GatewayImpl final : public Gateway {
     return out;
   }
 
-  Result<ChatResult> Chat(const ChatRequest& req) override {
+  Result<ChatResult> Chat(const ChatRequest& req) override { return Run(req, nullptr); }
+
+  Result<ChatResult> ChatStream(const ChatRequest& req, const ChunkSink& on_chunk) override {
+    return Run(req, &on_chunk);
+  }
+
+ private:
+  // One call through the route: the resilience loop shared by whole and streamed answers.
+  // `sink` is null for a whole answer.
+  Result<ChatResult> Run(const ChatRequest& req, const ChunkSink* sink) {
     const auto it = routes_.find(req.route);
     if (it == routes_.end()) {
       return Count(req.route, Error(ErrorCode::kNotFound, "no route or provider named \"" + req.route + "\"", "model"));
@@ -323,6 +467,8 @@ class GatewayImpl final : public Gateway {
     int64_t min_window = 0;  // after a context_length error: a larger window is needed
     int attempts = 0;
     int failovers = 0;
+    bool forwarded = false;  // a chunk reached the caller: no failover from here on
+    Duration ttft{0};
 
     while (attempts < max_attempts) {
       if (std::chrono::steady_clock::now() >= deadline) break;
@@ -363,15 +509,21 @@ class GatewayImpl final : public Gateway {
       if (std::find(tried.begin(), tried.end(), target) == tried.end()) tried.push_back(target);
       previous = target;
       ++attempts;
-      auto r = CallTarget(req, route, *target, deadline, estimate);
+      auto r = CallTarget(req, route, *target, deadline, estimate, sink, start, forwarded, ttft);
       if (r.ok()) {
         r->attempts = attempts;
         r->failovers = failovers;
         r->duration = std::chrono::duration_cast<Duration>(std::chrono::steady_clock::now() - start);
+        r->time_to_first_token = ttft;
         calls_.Add({{"route", req.route}, {"outcome", "ok"}}).Increment();
         return r;
       }
       last = std::move(r).error();
+      if (forwarded) {
+        // Part of the answer is out: it cannot be taken back or continued elsewhere.
+        last->message = "the stream failed after its first token: " + last->message;
+        return Count(req.route, std::move(*last));
+      }
       if (last->code == ErrorCode::kContextLength) {
         min_window = std::max(min_window, target->provider->config.context_window);
         continue;
@@ -391,7 +543,6 @@ class GatewayImpl final : public Gateway {
     return Count(req.route, std::move(*last));
   }
 
- private:
   Result<ChatResult> Count(const std::string& route, Error e) {
     calls_.Add({{"route", route}, {"outcome", std::string(ErrorCodeName(e.code))}}).Increment();
     return e;
@@ -558,13 +709,34 @@ class GatewayImpl final : public Gateway {
   }
 
   Result<ChatResult> CallTarget(const ChatRequest& req, RouteState& route, TargetState& t,
-                                std::chrono::steady_clock::time_point deadline, int64_t estimate) {
+                                std::chrono::steady_clock::time_point deadline, int64_t estimate,
+                                const ChunkSink* sink, std::chrono::steady_clock::time_point start, bool& forwarded,
+                                Duration& ttft) {
     auto& p = *t.provider;
     json::object body = req.body;
     body["model"] = p.config.model;
     const auto left = std::max(Duration(1), std::chrono::duration_cast<Duration>(deadline - std::chrono::steady_clock::now()));
     const auto t0 = std::chrono::steady_clock::now();
-    auto r = p.provider->Chat(body, req, left);
+    Result<ChatResult> r = Error(ErrorCode::kInternal, "not called");
+    if (sink == nullptr) {
+      r = p.provider->Chat(body, req, left);
+    } else {
+      const json::value* opts = req.body.if_contains("stream_options");
+      const json::value* wants = opts && opts->is_object() ? opts->get_object().if_contains("include_usage") : nullptr;
+      const bool include_usage = wants && wants->is_bool() && wants->get_bool();
+      r = p.provider->ChatStream(body, req, left, [&](const json::object& chunk) {
+        const auto* choices = chunk.if_contains("choices");
+        const bool usage_only = choices && choices->is_array() && choices->get_array().empty();
+        if (usage_only && !include_usage) return true;
+        if (!forwarded) {
+          forwarded = true;
+          ttft = std::chrono::duration_cast<Duration>(std::chrono::steady_clock::now() - start);
+          ttft_.Add({{"provider", t.target.provider}}, obs::LatencyBuckets())
+              .Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        }
+        return (*sink)(chunk);
+      });
+    }
     const auto elapsed = std::chrono::steady_clock::now() - t0;
     p.in_flight.fetch_sub(1);
     const Timestamp now = clock_.Now();
@@ -608,6 +780,7 @@ class GatewayImpl final : public Gateway {
   prometheus::Family<prometheus::Counter>& calls_;
   prometheus::Family<prometheus::Counter>& requests_;
   prometheus::Family<prometheus::Histogram>& latency_;
+  prometheus::Family<prometheus::Histogram>& ttft_;
   prometheus::Family<prometheus::Counter>& tokens_;
   prometheus::Family<prometheus::Counter>& cost_;
   prometheus::Family<prometheus::Counter>& retries_;

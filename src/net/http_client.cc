@@ -49,7 +49,107 @@ size_t OnHeader(char* data, size_t size, size_t n, void* user) {
   return size * n;
 }
 
+// State of one streaming exchange, shared by curl's callbacks.
+struct StreamState {
+  const OnHeaders* on_headers;
+  const OnData* on_data;
+  CURL* curl;
+  Headers headers;
+  bool headers_done = false;
+  bool aborted_by_callback = false;
+  bool timed_out = false;
+  std::string timeout_what;
+  std::chrono::steady_clock::time_point start;
+  std::chrono::steady_clock::time_point last_byte;
+  bool any_byte = false;
+  StreamTimeouts timeouts;
+};
+
+size_t OnStreamBody(char* data, size_t size, size_t n, void* user) {
+  auto* st = static_cast<StreamState*>(user);
+  if (!st->headers_done) {
+    st->headers_done = true;
+    long status = 0;
+    curl_easy_getinfo(st->curl, CURLINFO_RESPONSE_CODE, &status);
+    if (*st->on_headers && !(*st->on_headers)(static_cast<int>(status), st->headers)) {
+      st->aborted_by_callback = true;
+      return 0;
+    }
+  }
+  st->any_byte = true;
+  st->last_byte = std::chrono::steady_clock::now();
+  if (!(*st->on_data)(std::string_view(data, size * n))) {
+    st->aborted_by_callback = true;
+    return 0;
+  }
+  return size * n;
+}
+
+int OnStreamProgress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
+  auto* st = static_cast<StreamState*>(user);
+  const auto now = std::chrono::steady_clock::now();
+  if (!st->any_byte && now - st->start > st->timeouts.first_byte) {
+    st->timed_out = true;
+    st->timeout_what = "no first byte within " + std::to_string(st->timeouts.first_byte.count()) + "ms";
+    return 1;
+  }
+  if (st->any_byte && now - st->last_byte > st->timeouts.idle) {
+    st->timed_out = true;
+    st->timeout_what = "the stream stalled for over " + std::to_string(st->timeouts.idle.count()) + "ms";
+    return 1;
+  }
+  return 0;
+}
+
 }  // namespace
+
+Result<int> SendHttpStreaming(const ClientRequest& request, const StreamTimeouts& timeouts,
+                              const OnHeaders& on_headers, const OnData& on_data) {
+  // A dedicated handle: a stream may be abandoned mid-body, which must not poison the
+  // thread's keep-alive handle.
+  thread_local Handle handle;
+  CURL* c = handle.curl;
+  if (c == nullptr) return Error(ErrorCode::kInternal, "curl_easy_init failed");
+  curl_easy_reset(c);
+  StreamState st{&on_headers, &on_data, c};
+  st.start = st.last_byte = std::chrono::steady_clock::now();
+  st.timeouts = timeouts;
+  curl_slist* headers = nullptr;
+  for (const auto& [k, v] : request.headers) headers = curl_slist_append(headers, (k + ": " + v).c_str());
+  headers = curl_slist_append(headers, "Expect:");
+  curl_easy_setopt(c, CURLOPT_URL, request.url.c_str());
+  curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(c, CURLOPT_TCP_NODELAY, 1L);
+  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, std::max(1L, static_cast<long>(request.connect_timeout.count())));
+  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, std::max(1L, static_cast<long>(request.total_timeout.count())));
+  curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers);
+  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, OnStreamBody);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, &st);
+  curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, OnHeader);
+  curl_easy_setopt(c, CURLOPT_HEADERDATA, &st.headers);
+  curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
+  curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, OnStreamProgress);
+  curl_easy_setopt(c, CURLOPT_XFERINFODATA, &st);
+  curl_easy_setopt(c, CURLOPT_POST, 1L);
+  curl_easy_setopt(c, CURLOPT_POSTFIELDS, request.body.data());
+  curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(request.body.size()));
+  const CURLcode rc = curl_easy_perform(c);
+  curl_slist_free_all(headers);
+  long status = 0;
+  curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+  if (rc == CURLE_OK && !st.headers_done && on_headers) {
+    // An empty body: the headers callback has not run yet.
+    if (!on_headers(static_cast<int>(status), st.headers)) return Error(ErrorCode::kCancelled, "aborted");
+  }
+  if (rc != CURLE_OK) {
+    const std::string what = " (" + request.method + " " + request.url + ")";
+    if (st.timed_out) return Error(ErrorCode::kTimeout, "timed out: " + st.timeout_what + what);
+    if (st.aborted_by_callback) return Error(ErrorCode::kCancelled, "the stream was abandoned by its reader" + what);
+    if (rc == CURLE_OPERATION_TIMEDOUT) return Error(ErrorCode::kTimeout, std::string("timed out: ") + curl_easy_strerror(rc) + what);
+    return Error(ErrorCode::kNetwork, curl_easy_strerror(rc) + what);
+  }
+  return static_cast<int>(status);
+}
 
 Result<ClientResponse> SendHttp(const ClientRequest& request) {
   thread_local Handle handle;

@@ -27,6 +27,10 @@ struct TimeoutConfig {
   Duration connect{2000};
   /// The whole call. Default: 60s.
   Duration total{60000};
+  /// Streaming: from the request to the first byte of the answer. Default: 20s.
+  Duration first_byte{20000};
+  /// Streaming: between two chunks of the answer. Default: 10s.
+  Duration idle{10000};
 };
 
 struct LimitsConfig {

@@ -12,6 +12,7 @@
 //
 // Thread-safe. A Gateway outlives every call made through it.
 
+#include <functional>
 #include <memory>
 #include <prometheus/registry.h>
 #include <string>
@@ -53,6 +54,7 @@ struct ChatResult {
   int attempts = 0;       // provider calls made, failed ones included
   int failovers = 0;      // times the call moved to another target
   Duration duration{0};
+  Duration time_to_first_token{0};  // streamed calls: until the first chunk was passed on
 };
 
 struct RouteInfo {
@@ -74,6 +76,18 @@ class Gateway {
   /// (with retry_after) when every target is rate-limited, kOverloaded when every circuit
   /// is open, kTimeout when the deadline passed.
   virtual Result<ChatResult> Chat(const ChatRequest& request) = 0;
+
+  /// Receives one chat.completion.chunk of a streamed answer; false: stop (the client is
+  /// gone).
+  using ChunkSink = std::function<bool(const json::object& chunk)>;
+
+  /// Calls the route with a streamed answer. Until the first chunk reaches `on_chunk`,
+  /// failures fail over exactly as in Chat; after it, a failure ends the call with an
+  /// error (the caller has already sent part of an answer and must end it with an error
+  /// event, never silently). The usage chunk (choices: []) is passed on only when the
+  /// body asked for it with stream_options.include_usage; the result always carries the
+  /// usage when the provider reported it.
+  virtual Result<ChatResult> ChatStream(const ChatRequest& request, const ChunkSink& on_chunk) = 0;
 
   /// The routes, for GET /v1/models. A provider's name is also a route of one target.
   virtual std::vector<RouteInfo> Routes() const = 0;

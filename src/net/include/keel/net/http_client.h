@@ -4,6 +4,7 @@
 // no_proxy) honoured. Thread-safe: each thread uses its own curl handle.
 
 #include <chrono>
+#include <functional>
 #include <string>
 
 #include "keel/core/result.h"
@@ -28,6 +29,26 @@ struct ClientResponse {
   std::string body;
   std::string_view Header(std::string_view name) const { return FindHeader(headers, name); }
 };
+
+struct StreamTimeouts {
+  /// From sending the request to the first body byte. Default: 20s.
+  std::chrono::milliseconds first_byte{20000};
+  /// Between two body bytes once the body started. Default: 10s.
+  std::chrono::milliseconds idle{10000};
+};
+
+/// Called once the status and headers are in; return false to abort.
+using OnHeaders = std::function<bool(int status, const Headers& headers)>;
+/// Called with each piece of the body as it arrives; return false to abort.
+using OnData = std::function<bool(std::string_view data)>;
+
+/// Sends one request and delivers its body as it arrives (for server-sent events).
+/// Besides the request's connect and total timeouts, fails kTimeout when no body byte
+/// came within `timeouts.first_byte`, or none for `timeouts.idle` after the last one
+/// (checked at least once a second). An abort by a callback is kCancelled. Returns the
+/// status.
+Result<int> SendHttpStreaming(const ClientRequest& request, const StreamTimeouts& timeouts,
+                              const OnHeaders& on_headers, const OnData& on_data);
 
 /// Sends one request. Transport failures are classified: kTimeout (connect or total
 /// deadline passed), kNetwork (refused, reset, DNS). Any HTTP status is a success here;
