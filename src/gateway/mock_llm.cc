@@ -1,11 +1,18 @@
 #include "keel/gateway/mock_llm.h"
 
+#include <algorithm>
 #include <charconv>
+#include <cstdio>
+#include <iterator>
+#include <string>
+#include <vector>
 
 #include "keel/core/ids.h"
 
 namespace keel::gateway {
 namespace {
+
+constexpr int64_t kCreated = 1700000000;
 
 struct Directives {
   std::optional<int64_t> sleep_ms;
@@ -16,12 +23,22 @@ struct Directives {
   bool malformed = false;
   bool reset = false;
   std::optional<std::string> reply;
+  // Streams only.
+  std::optional<int64_t> first_byte_ms;
+  std::optional<int64_t> stall_ms;
+  bool truncate = false;
+  std::optional<int64_t> truncate_after;  // truncate=N
+  std::optional<int64_t> reset_after;
 };
 
 int64_t ToInt(std::string_view s, int64_t fallback) {
   int64_t v = 0;
   const auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
   return ec == std::errc() && p == s.data() + s.size() ? v : fallback;
+}
+
+int64_t NonNegative(std::string_view s, int64_t fallback) {
+  return std::max<int64_t>(0, ToInt(s, fallback));
 }
 
 Directives ParseDirectives(std::string_view prompt) {
@@ -51,6 +68,11 @@ Directives ParseDirectives(std::string_view prompt) {
       const auto eq = word.find('=');
       const std::string_view key = word.substr(0, eq);
       const std::string_view val = eq == std::string_view::npos ? std::string_view() : word.substr(eq + 1);
+      if (key == "truncate") {  // truncate or truncate=N
+        d.truncate = true;
+        if (!val.empty()) d.truncate_after = NonNegative(val, 0);
+        continue;
+      }
       if (key == "sleep") d.sleep_ms = ToInt(val, 0);
       else if (key == "fail") d.fail = std::string(val);
       else if (key == "retry_after") d.retry_after = static_cast<int>(ToInt(val, 1));
@@ -58,15 +80,332 @@ Directives ParseDirectives(std::string_view prompt) {
       else if (key == "hang") d.hang = true;
       else if (key == "malformed") d.malformed = true;
       else if (key == "reset") d.reset = true;
+      else if (key == "first_byte") d.first_byte_ms = NonNegative(val, 0);
+      else if (key == "stall") d.stall_ms = NonNegative(val, 0);
+      else if (key == "reset_after") d.reset_after = NonNegative(val, 0);
     }
     if (end == prompt.size()) break;
   }
   return d;
 }
 
-std::string ErrorJson(std::string_view type, std::string_view code, std::string_view message) {
-  json::object err{{"message", message}, {"type", type}, {"code", code.empty() ? json::value(nullptr) : json::value(code)}};
+// ---- Requests ---------------------------------------------------------------------------
+
+// A request of either API, reduced to what the mock needs.
+struct Request {
+  std::string prompt;        // the text of the last user message
+  int64_t prompt_chars = 0;  // all message (and system) text
+  std::string model = "mock-1";
+  bool stream = false;
+  bool include_usage = false;  // OpenAI: stream_options.include_usage
+};
+
+// The text of a message's content: a string, or the text parts / blocks
+// ([{"type": "text", "text": ...}]) joined by newlines. Other parts are ignored.
+std::optional<std::string> ContentText(const json::value& content) {
+  if (content.is_string()) return std::string(content.get_string());
+  if (!content.is_array()) return std::nullopt;
+  std::string text;
+  bool first = true;
+  for (const auto& part : content.get_array()) {
+    if (!part.is_object()) continue;
+    const auto* type = part.get_object().if_contains("type");
+    const auto* t = part.get_object().if_contains("text");
+    if (type == nullptr || !type->is_string() || type->get_string() != "text") continue;
+    if (t == nullptr || !t->is_string()) continue;
+    if (!first) text.push_back('\n');
+    first = false;
+    text.append(t->get_string());
+  }
+  return text;
+}
+
+// Reads model, messages and stream flags; an error message when the request is unusable.
+std::string ParseMessages(const json::object& req, Request& out) {
+  if (const auto* m = req.if_contains("model"); m != nullptr && m->is_string()) {
+    out.model = std::string(m->get_string());
+  }
+  if (const auto* s = req.if_contains("stream"); s != nullptr && s->is_bool())
+    out.stream = s->get_bool();
+  const auto* messages = req.if_contains("messages");
+  if (messages == nullptr || !messages->is_array() || messages->get_array().empty()) {
+    return "messages must be a non-empty array";
+  }
+  for (const auto& m : messages->get_array()) {
+    if (!m.is_object()) continue;
+    const auto* content = m.get_object().if_contains("content");
+    const auto* role = m.get_object().if_contains("role");
+    if (content == nullptr) continue;
+    auto text = ContentText(*content);
+    if (!text) continue;
+    out.prompt_chars += static_cast<int64_t>(text->size());
+    if (role != nullptr && role->is_string() && role->get_string() == "user")
+      out.prompt = std::move(*text);
+  }
+  return {};
+}
+
+std::string ParseOpenAi(const json::object& req, Request& out) {
+  if (const auto* o = req.if_contains("stream_options"); o != nullptr && o->is_object()) {
+    const auto* u = o->get_object().if_contains("include_usage");
+    out.include_usage = u != nullptr && u->is_bool() && u->get_bool();
+  }
+  return ParseMessages(req, out);
+}
+
+std::string ParseAnthropic(const json::object& req, Request& out) {
+  const auto* max_tokens = req.if_contains("max_tokens");
+  if (max_tokens == nullptr || !(max_tokens->is_int64() || max_tokens->is_uint64())) {
+    return "max_tokens: Field required (a positive integer)";
+  }
+  if (max_tokens->is_int64() && max_tokens->get_int64() < 1)
+    return "max_tokens: must be at least 1";
+  if (const auto* system = req.if_contains("system"); system != nullptr && !system->is_null()) {
+    const auto text = ContentText(*system);
+    if (!text) return "system: must be a string or a list of text blocks";
+    out.prompt_chars += static_cast<int64_t>(text->size());
+  }
+  return ParseMessages(req, out);
+}
+
+// ---- Errors -----------------------------------------------------------------------------
+
+std::string OpenAiError(std::string_view type, std::string_view code, std::string_view message) {
+  json::object err{{"message", message},
+                   {"type", type},
+                   {"code", code.empty() ? json::value(nullptr) : json::value(code)}};
   return json::serialize(json::object{{"error", std::move(err)}});
+}
+
+std::string_view AnthropicErrorType(int status) {
+  switch (status) {
+    case 401:
+      return "authentication_error";
+    case 402:
+      return "billing_error";
+    case 403:
+      return "permission_error";
+    case 404:
+      return "not_found_error";
+    case 413:
+      return "request_too_large";
+    case 429:
+      return "rate_limit_error";
+    case 504:
+      return "timeout_error";
+    case 529:
+      return "overloaded_error";
+    default:
+      return status >= 500 ? "api_error" : "invalid_request_error";
+  }
+}
+
+std::string AnthropicError(int status, std::string_view message) {
+  return json::serialize(json::object{
+      {"type", "error"},
+      {"error", json::object{{"type", AnthropicErrorType(status)}, {"message", message}}}});
+}
+
+// An error answer in the request's API: `openai_type` and `code` shape OpenAI's body,
+// Anthropic's type follows from the status.
+void SetError(MockDecision& out, bool anthropic, int status, std::string_view openai_type,
+              std::string_view code, std::string_view message) {
+  out.kind = MockDecision::Kind::kError;
+  out.status = status;
+  out.body = anthropic ? AnthropicError(status, message) : OpenAiError(openai_type, code, message);
+}
+
+// ---- Answers ----------------------------------------------------------------------------
+
+struct Answer {
+  std::string id;
+  std::string model;
+  std::string text;
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+};
+
+// The deterministic text: the same prompt always gets the same answer.
+std::string AnswerText(const std::string& prompt, const Directives& d) {
+  if (d.reply) return *d.reply;
+  std::string gist = prompt.substr(0, 200);
+  for (auto& c : gist) {
+    if (c == '\n') c = ' ';
+  }
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(Fnv1a64(prompt)));
+  return "mock answer " + std::string(hex, 8) + ": " + gist;
+}
+
+bool IsSpace(char c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r'; }
+
+// Splits `text` into the pieces of a stream, one word each with the blanks that follow it
+// (leading blanks go with the first word), so that the pieces concatenate to `text`.
+std::vector<std::string> StreamPieces(std::string_view text) {
+  std::vector<std::string> pieces;
+  std::size_t start = 0;
+  std::size_t i = 0;
+  while (i < text.size()) {
+    while (i < text.size() && IsSpace(text[i])) ++i;
+    while (i < text.size() && !IsSpace(text[i])) ++i;
+    while (i < text.size() && IsSpace(text[i])) ++i;
+    pieces.emplace_back(text.substr(start, i - start));
+    start = i;
+  }
+  return pieces;
+}
+
+std::string SseData(const json::value& v) { return "data: " + json::serialize(v) + "\n\n"; }
+
+std::string SseEvent(std::string_view name, const json::value& v) {
+  return "event: " + std::string(name) + "\ndata: " + json::serialize(v) + "\n\n";
+}
+
+// A stream in three parts: what precedes the content, one event per content piece, and
+// what ends the answer.
+struct StreamParts {
+  std::vector<std::string> prologue;
+  std::vector<std::string> content;
+  std::vector<std::string> epilogue;
+};
+
+json::object OpenAiChunk(const Answer& a, json::object delta, json::value finish_reason,
+                         bool include_usage) {
+  json::object chunk{
+      {"id", a.id},
+      {"object", "chat.completion.chunk"},
+      {"created", kCreated},
+      {"model", a.model},
+      {"choices", json::array{json::object{{"index", 0},
+                                           {"delta", std::move(delta)},
+                                           {"logprobs", nullptr},
+                                           {"finish_reason", std::move(finish_reason)}}}}};
+  // As OpenAI does: with include_usage, every chunk but the last has "usage": null.
+  if (include_usage) chunk["usage"] = nullptr;
+  return chunk;
+}
+
+json::object OpenAiUsage(const Answer& a) {
+  return json::object{{"prompt_tokens", a.prompt_tokens},
+                      {"completion_tokens", a.completion_tokens},
+                      {"total_tokens", a.prompt_tokens + a.completion_tokens}};
+}
+
+std::string OpenAiBody(const Answer& a) {
+  json::object resp{
+      {"id", a.id},
+      {"object", "chat.completion"},
+      {"created", kCreated},
+      {"model", a.model},
+      {"choices", json::array{json::object{
+                      {"index", 0},
+                      {"message", json::object{{"role", "assistant"}, {"content", a.text}}},
+                      {"finish_reason", "stop"}}}},
+      {"usage", OpenAiUsage(a)}};
+  return json::serialize(resp);
+}
+
+StreamParts OpenAiStream(const Answer& a, bool include_usage) {
+  StreamParts s;
+  s.prologue.push_back(
+      SseData(OpenAiChunk(a, json::object{{"role", "assistant"}}, nullptr, include_usage)));
+  for (const auto& piece : StreamPieces(a.text)) {
+    s.content.push_back(
+        SseData(OpenAiChunk(a, json::object{{"content", piece}}, nullptr, include_usage)));
+  }
+  s.epilogue.push_back(SseData(OpenAiChunk(a, json::object{}, "stop", include_usage)));
+  if (include_usage) {
+    s.epilogue.push_back(SseData(json::object{{"id", a.id},
+                                              {"object", "chat.completion.chunk"},
+                                              {"created", kCreated},
+                                              {"model", a.model},
+                                              {"choices", json::array{}},
+                                              {"usage", OpenAiUsage(a)}}));
+  }
+  s.epilogue.push_back("data: [DONE]\n\n");
+  return s;
+}
+
+std::string AnthropicBody(const Answer& a) {
+  json::object resp{{"id", a.id},
+                    {"type", "message"},
+                    {"role", "assistant"},
+                    {"model", a.model},
+                    {"content", json::array{json::object{{"type", "text"}, {"text", a.text}}}},
+                    {"stop_reason", "end_turn"},
+                    {"stop_sequence", nullptr},
+                    {"usage", json::object{{"input_tokens", a.prompt_tokens},
+                                           {"output_tokens", a.completion_tokens}}}};
+  return json::serialize(resp);
+}
+
+// message_start and content_block_start.
+std::vector<std::string> AnthropicPrologue(const Answer& a) {
+  json::object message{
+      {"id", a.id},
+      {"type", "message"},
+      {"role", "assistant"},
+      {"model", a.model},
+      {"content", json::array{}},
+      {"stop_reason", nullptr},
+      {"stop_sequence", nullptr},
+      {"usage", json::object{{"input_tokens", a.prompt_tokens}, {"output_tokens", 0}}}};
+  return {SseEvent("message_start",
+                   json::object{{"type", "message_start"}, {"message", std::move(message)}}),
+          SseEvent("content_block_start",
+                   json::object{{"type", "content_block_start"},
+                                {"index", 0},
+                                {"content_block", json::object{{"type", "text"}, {"text", ""}}}})};
+}
+
+std::string AnthropicStop() {
+  return SseEvent("message_stop", json::object{{"type", "message_stop"}});
+}
+
+StreamParts AnthropicStream(const Answer& a) {
+  StreamParts s;
+  s.prologue = AnthropicPrologue(a);
+  for (const auto& piece : StreamPieces(a.text)) {
+    s.content.push_back(
+        SseEvent("content_block_delta",
+                 json::object{{"type", "content_block_delta"},
+                              {"index", 0},
+                              {"delta", json::object{{"type", "text_delta"}, {"text", piece}}}}));
+  }
+  s.epilogue.push_back(
+      SseEvent("content_block_stop", json::object{{"type", "content_block_stop"}, {"index", 0}}));
+  s.epilogue.push_back(SseEvent(
+      "message_delta",
+      json::object{{"type", "message_delta"},
+                   {"delta", json::object{{"stop_reason", "end_turn"}, {"stop_sequence", nullptr}}},
+                   {"usage", json::object{{"output_tokens", a.completion_tokens}}}}));
+  s.epilogue.push_back(AnthropicStop());
+  return s;
+}
+
+constexpr std::string_view kMalformedOpenAi =
+    R"({"id":"chatcmpl-mock","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"trunc)";
+constexpr std::string_view kMalformedAnthropic =
+    R"({"id":"msg_mock","type":"message","role":"assistant","content":[{"type":"text","text":"trunc)";
+
+// A stream whose one content event does not parse, then its normal end.
+std::vector<std::string> MalformedStream(bool anthropic, const Answer& a) {
+  if (anthropic) {
+    auto events = AnthropicPrologue(a);
+    events.push_back(
+        R"(event: content_block_delta)"
+        "\n"
+        R"(data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"trunc)"
+        "\n\n");
+    events.push_back(AnthropicStop());
+    return events;
+  }
+  return {
+      SseData(OpenAiChunk(a, json::object{{"role", "assistant"}}, nullptr, false)),
+      R"(data: {"id":")" + a.id +
+          R"(","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"trunc)"
+          "\n\n",
+      "data: [DONE]\n\n"};
 }
 
 }  // namespace
@@ -76,39 +415,33 @@ int64_t EstimateTokens(std::string_view text) { return static_cast<int64_t>(text
 MockLlm::MockLlm(MockOptions options) : options_(options), rng_(options.seed) {}
 
 MockDecision MockLlm::HandleChat(std::string_view body, std::chrono::steady_clock::time_point now) {
+  return Handle(false, body, now);
+}
+
+MockDecision MockLlm::HandleMessages(std::string_view body,
+                                     std::chrono::steady_clock::time_point now) {
+  return Handle(true, body, now);
+}
+
+MockDecision MockLlm::Handle(bool anthropic, std::string_view body,
+                             std::chrono::steady_clock::time_point now) {
   MockDecision out;
   out.delay = options_.latency;
-  json::value req;
   boost::system::error_code ec;
-  req = json::parse(body, ec);
-  if (ec || !req.is_object()) {
-    out.kind = MockDecision::Kind::kError;
-    out.status = 400;
-    out.body = ErrorJson("invalid_request_error", "", "the body is not a JSON object");
+  const json::value parsed = json::parse(body, ec);
+  if (ec || !parsed.is_object()) {
+    SetError(out, anthropic, 400, "invalid_request_error", "", "the body is not a JSON object");
     return out;
   }
-  const auto* messages = req.get_object().if_contains("messages");
-  if (messages == nullptr || !messages->is_array() || messages->get_array().empty()) {
-    out.kind = MockDecision::Kind::kError;
-    out.status = 400;
-    out.body = ErrorJson("invalid_request_error", "", "messages must be a non-empty array");
+  Request req;
+  const std::string invalid =
+      anthropic ? ParseAnthropic(parsed.get_object(), req) : ParseOpenAi(parsed.get_object(), req);
+  if (!invalid.empty()) {
+    SetError(out, anthropic, 400, "invalid_request_error", "", invalid);
     return out;
   }
-  std::string prompt;
-  int64_t prompt_chars = 0;
-  for (const auto& m : messages->get_array()) {
-    if (!m.is_object()) continue;
-    const auto* content = m.get_object().if_contains("content");
-    const auto* role = m.get_object().if_contains("role");
-    if (content && content->is_string()) {
-      prompt_chars += static_cast<int64_t>(content->get_string().size());
-      if (role && role->is_string() && role->get_string() == "user") prompt = content->get_string();
-    }
-  }
-  std::string model = "mock-1";
-  if (const auto* mdl = req.get_object().if_contains("model"); mdl && mdl->is_string()) model = mdl->get_string();
-  const Directives d = ParseDirectives(prompt);
-  const int64_t prompt_tokens = (prompt_chars + 3) / 4;
+  const Directives d = ParseDirectives(req.prompt);
+  const int64_t prompt_tokens = (req.prompt_chars + 3) / 4;
 
   int64_t seen = 0;
   bool random_fail = false;
@@ -116,7 +449,7 @@ MockDecision MockLlm::HandleChat(std::string_view body, std::chrono::steady_cloc
   {
     std::lock_guard lock(mu_);
     ++total_;
-    seen = by_prompt_[prompt]++;  // calls with this prompt before this one
+    seen = by_prompt_[req.prompt]++;  // calls with this prompt before this one
     if (options_.fail_rate > 0) {
       random_fail = std::uniform_real_distribution<double>(0, 1)(rng_) < options_.fail_rate;
     }
@@ -137,69 +470,95 @@ MockDecision MockLlm::HandleChat(std::string_view body, std::chrono::steady_cloc
   }
   if (d.sleep_ms) out.delay = std::chrono::milliseconds(*d.sleep_ms);
   if (limited) {
-    out.kind = MockDecision::Kind::kError;
-    out.status = 429;
+    SetError(out, anthropic, 429, "rate_limit_error", "rate_limit_exceeded",
+             "mock rate limit reached (rpm/tpm)");
     out.retry_after_s = 1;
-    out.body = ErrorJson("rate_limit_error", "rate_limit_exceeded", "mock rate limit reached (rpm/tpm)");
     return out;
   }
   const bool directed = !d.times || seen < *d.times;
   if (directed && d.hang) {
     out.kind = MockDecision::Kind::kHang;
     out.delay = options_.hang;
+    out.status = 504;
+    out.body = anthropic ? AnthropicError(504, "mock hang ended")
+                         : OpenAiError("server_error", "", "mock hang ended");
     return out;
   }
   if (directed && d.reset) {
     out.kind = MockDecision::Kind::kReset;
     return out;
   }
+
+  const uint64_t id = Fnv1a64(req.prompt) ^ static_cast<uint64_t>(seen);
+  Answer a;
+  if (anthropic) {
+    char hex[17];
+    std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(id));
+    a.id = "msg_mock" + std::string(hex);
+  } else {
+    a.id = "chatcmpl-" + std::to_string(id);
+  }
+  a.model = req.model;
+  a.prompt_tokens = prompt_tokens;
+
   if (directed && d.malformed) {
     out.kind = MockDecision::Kind::kMalformed;
-    out.body = R"({"id":"chatcmpl-mock","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"trunc)";
+    out.body = std::string(anthropic ? kMalformedAnthropic : kMalformedOpenAi);
+    if (req.stream) {
+      out.stream = true;
+      out.events = MalformedStream(anthropic, a);
+    }
     return out;
   }
   if ((directed && !d.fail.empty()) || random_fail) {
-    out.kind = MockDecision::Kind::kError;
     const std::string fail = random_fail && d.fail.empty() ? std::to_string(options_.fail_status) : d.fail;
     if (fail == "context_length") {
-      out.status = 400;
-      out.body = ErrorJson("invalid_request_error", "context_length_exceeded",
-                           "This model's maximum context length was exceeded (mock)");
+      SetError(out, anthropic, 400, "invalid_request_error", "context_length_exceeded",
+               anthropic ? "prompt is too long: " + std::to_string(prompt_tokens) +
+                               " tokens > the model's maximum (mock)"
+                         : "This model's maximum context length was exceeded (mock)");
       return out;
     }
-    out.status = static_cast<int>(ToInt(fail, 500));
-    if (out.status < 400 || out.status > 599) out.status = 500;
-    if (out.status == 429) out.retry_after_s = d.retry_after > 0 ? d.retry_after : 1;
-    out.body = ErrorJson(out.status == 429 ? "rate_limit_error" : out.status >= 500 ? "server_error" : "invalid_request_error",
-                         "", "mock failure " + std::to_string(out.status));
+    int status = static_cast<int>(ToInt(fail, 500));
+    if (status < 400 || status > 599) status = 500;
+    SetError(out, anthropic, status,
+             status == 429   ? "rate_limit_error"
+             : status >= 500 ? "server_error"
+                             : "invalid_request_error",
+             "", "mock failure " + std::to_string(status));
+    if (status == 429) out.retry_after_s = d.retry_after > 0 ? d.retry_after : 1;
     return out;
   }
-  // A deterministic answer: the same prompt always gets the same text.
-  std::string text;
-  if (d.reply) {
-    text = *d.reply;
-  } else {
-    std::string gist = prompt.substr(0, 200);
-    for (auto& c : gist) {
-      if (c == '\n') c = ' ';
-    }
-    char hex[17];
-    std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(Fnv1a64(prompt)));
-    text = "mock answer " + std::string(hex, 8) + ": " + gist;
+
+  a.text = AnswerText(req.prompt, d);
+  a.completion_tokens = EstimateTokens(a.text);
+  out.body = anthropic ? AnthropicBody(a) : OpenAiBody(a);
+  if (!req.stream) return out;
+
+  out.stream = true;
+  StreamParts parts = anthropic ? AnthropicStream(a) : OpenAiStream(a, req.include_usage);
+  std::size_t keep = parts.content.size();
+  if (directed && d.reset_after) {
+    keep = std::min<std::size_t>(keep, static_cast<std::size_t>(*d.reset_after));
+    out.reset_at_end = true;
+    out.truncated = true;
+  } else if (directed && d.truncate) {
+    keep = d.truncate_after
+               ? std::min<std::size_t>(keep, static_cast<std::size_t>(*d.truncate_after))
+               : (keep + 1) / 2;
+    out.truncated = true;
   }
-  const int64_t completion_tokens = EstimateTokens(text);
-  json::object resp{
-      {"id", "chatcmpl-" + std::to_string(Fnv1a64(prompt) ^ static_cast<uint64_t>(seen))},
-      {"object", "chat.completion"},
-      {"created", 1700000000},
-      {"model", model},
-      {"choices", json::array{json::object{{"index", 0},
-                                           {"message", json::object{{"role", "assistant"}, {"content", text}}},
-                                           {"finish_reason", "stop"}}}},
-      {"usage", json::object{{"prompt_tokens", prompt_tokens},
-                             {"completion_tokens", completion_tokens},
-                             {"total_tokens", prompt_tokens + completion_tokens}}}};
-  out.body = json::serialize(resp);
+  if (directed && d.first_byte_ms) out.first_byte = std::chrono::milliseconds(*d.first_byte_ms);
+  if (directed && d.stall_ms) out.stall = std::chrono::milliseconds(*d.stall_ms);
+  out.content_events = static_cast<int>(keep);
+  out.events = std::move(parts.prologue);
+  out.events.insert(
+      out.events.end(), std::make_move_iterator(parts.content.begin()),
+      std::make_move_iterator(parts.content.begin() + static_cast<std::ptrdiff_t>(keep)));
+  if (!out.truncated) {
+    out.events.insert(out.events.end(), std::make_move_iterator(parts.epilogue.begin()),
+                      std::make_move_iterator(parts.epilogue.end()));
+  }
   return out;
 }
 

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <string>
 #include <vector>
@@ -311,6 +312,472 @@ TEST(MockLlmTest, BadRequestsAnswer400) {
     EXPECT_EQ(d.status, 400) << body;
     EXPECT_EQ(Get(Body(d), "error.type"), json::value("invalid_request_error")) << body;
   }
+}
+
+// ---- Streams ---------------------------------------------------------------------------
+
+// A streamed chat-completions body whose last user message is `prompt`.
+std::string ChatStream(std::string_view prompt, bool include_usage = false) {
+  json::object body{
+      {"model", "gpt-test"},
+      {"stream", true},
+      {"messages", json::array{json::object{{"role", "system"}, {"content", "be brief"}},
+                               json::object{{"role", "user"}, {"content", prompt}}}}};
+  if (include_usage) body["stream_options"] = json::object{{"include_usage", true}};
+  return json::serialize(body);
+}
+
+// One server-sent event: its name ("" without an event: line) and its data.
+struct Sse {
+  std::string event;
+  std::string data;
+  json::value json;  // null when the data does not parse (or is [DONE])
+};
+
+std::vector<Sse> Events(const MockDecision& d) {
+  std::vector<Sse> out;
+  for (const auto& e : d.events) {
+    Sse sse;
+    EXPECT_TRUE(e.size() >= 2 && e.substr(e.size() - 2) == "\n\n") << e;
+    std::string_view rest(e);
+    if (rest.rfind("event: ", 0) == 0) {
+      const auto nl = rest.find('\n');
+      sse.event = std::string(rest.substr(7, nl - 7));
+      rest.remove_prefix(nl + 1);
+    }
+    EXPECT_EQ(rest.rfind("data: ", 0), 0u) << e;
+    if (rest.size() >= 8) sse.data = std::string(rest.substr(6, rest.size() - 8));
+    EXPECT_EQ(sse.data.find('\n'), std::string::npos) << "one data line per event: " << e;
+    if (auto v = ParseJson(sse.data); v.ok()) sse.json = *v;
+    out.push_back(std::move(sse));
+  }
+  return out;
+}
+
+// The text of an OpenAI chunk's content delta, or "" when it has none.
+std::string DeltaContent(const json::value& chunk) {
+  const json::value* c = FindPath(chunk, "choices.0.delta.content");
+  return c != nullptr && c->is_string() ? std::string(c->get_string()) : "";
+}
+
+int Count(const std::vector<Sse>& events, std::string_view data) {
+  return static_cast<int>(
+      std::count_if(events.begin(), events.end(), [&](const Sse& e) { return e.data == data; }));
+}
+
+TEST(MockLlmStreamTest, NonStreamedRequestsHaveNoEvents) {
+  MockLlm mock(MockOptions{});
+  const auto d = mock.HandleChat(Chat("hello"), kT0);
+  EXPECT_FALSE(d.stream);
+  EXPECT_TRUE(d.events.empty());
+  // Stream directives do nothing to a request that does not stream.
+  const auto faults =
+      mock.HandleChat(Chat("x\n#mock first_byte=500 stall=20 truncate reset_after=1"), kT0);
+  EXPECT_EQ(faults.kind, Kind::kAnswer);
+  EXPECT_FALSE(faults.stream);
+  EXPECT_EQ(faults.first_byte, milliseconds(0));
+  EXPECT_EQ(faults.stall, milliseconds(0));
+  EXPECT_FALSE(faults.truncated);
+  EXPECT_FALSE(faults.reset_at_end);
+}
+
+TEST(MockLlmStreamTest, OpenAiStreamIsRoleThenContentThenStopThenDone) {
+  MockLlm mock(MockOptions{});
+  const auto d = mock.HandleChat(ChatStream("Tell me about keel streams"), kT0);
+  ASSERT_EQ(d.kind, Kind::kAnswer);
+  ASSERT_TRUE(d.stream);
+  EXPECT_EQ(d.status, 200);
+  EXPECT_FALSE(d.truncated);
+  EXPECT_FALSE(d.reset_at_end);
+  EXPECT_EQ(d.first_byte, milliseconds(0));
+  EXPECT_EQ(d.stall, milliseconds(0));
+  const auto events = Events(d);
+  // role, at least 3 content deltas, stop, [DONE].
+  ASSERT_GE(events.size(), 6u);
+  EXPECT_EQ(d.content_events, static_cast<int>(events.size()) - 3);
+  EXPECT_EQ(events.back().data, "[DONE]");
+  EXPECT_EQ(Count(events, "[DONE]"), 1);
+
+  const json::value& first = events.front().json;
+  EXPECT_EQ(Get(first, "choices.0.delta"), json::parse(R"({"role": "assistant"})"));
+  EXPECT_EQ(Get(first, "choices.0.finish_reason"), json::value(nullptr));
+  const json::value& stop = events[events.size() - 2].json;
+  EXPECT_EQ(Get(stop, "choices.0.delta"), json::object{});
+  EXPECT_EQ(Get(stop, "choices.0.finish_reason"), json::value("stop"));
+
+  std::string id;
+  for (std::size_t i = 0; i + 1 < events.size(); ++i) {
+    const json::value& chunk = events[i].json;
+    ASSERT_TRUE(chunk.is_object()) << events[i].data;
+    EXPECT_TRUE(events[i].event.empty());
+    EXPECT_EQ(Get(chunk, "object"), json::value("chat.completion.chunk"));
+    EXPECT_EQ(Get(chunk, "model"), json::value("gpt-test"));
+    EXPECT_TRUE(Get(chunk, "created").is_int64());
+    ASSERT_TRUE(Get(chunk, "id").is_string());
+    if (i == 0) id = std::string(chunk.at("id").as_string());
+    EXPECT_EQ(Get(chunk, "id"), json::value(id)) << "one id for the whole stream";
+    EXPECT_EQ(Get(chunk, "usage"), json::value("<missing>")) << "no usage without include_usage";
+    EXPECT_EQ(Get(chunk, "choices.0.index"), json::value(0));
+    if (i > 0 && i + 2 < events.size()) {
+      EXPECT_FALSE(DeltaContent(chunk).empty()) << events[i].data;
+      EXPECT_EQ(Get(chunk, "choices.0.finish_reason"), json::value(nullptr));
+    }
+  }
+  EXPECT_EQ(id.rfind("chatcmpl-", 0), 0u) << id;
+}
+
+TEST(MockLlmStreamTest, DeltasConcatenateToTheNonStreamedAnswer) {
+  for (std::string_view prompt :
+       {std::string_view("What is keel?"), std::string_view("  several   blanks\nand lines\t"),
+        std::string_view("x\n#mock reply=  hello  big\n"), std::string_view("#mock reply=one")}) {
+    MockLlm mock(MockOptions{});
+    const auto whole = mock.HandleChat(Chat(prompt, "gpt-test"), kT0);
+    const auto streamed = mock.HandleChat(ChatStream(prompt), kT0);
+    std::string text;
+    for (const auto& e : Events(streamed)) text += DeltaContent(e.json);
+    EXPECT_EQ(text, Content(whole)) << prompt;
+    // The stream's decision still carries the whole answer for callers that do not stream.
+    EXPECT_EQ(Content(streamed), Content(whole)) << prompt;
+  }
+  // Per word: the pieces are words with the blanks that follow them.
+  MockLlm mock(MockOptions{});
+  const auto d = mock.HandleChat(ChatStream("#mock reply=alpha beta  gamma"), kT0);
+  std::vector<std::string> pieces;
+  for (const auto& e : Events(d)) {
+    if (!DeltaContent(e.json).empty()) pieces.push_back(DeltaContent(e.json));
+  }
+  EXPECT_EQ(pieces, (std::vector<std::string>{"alpha ", "beta  ", "gamma"}));
+  EXPECT_EQ(d.content_events, 3);
+}
+
+TEST(MockLlmStreamTest, IncludeUsageAddsAUsageChunkBeforeDone) {
+  MockLlm mock(MockOptions{});
+  const auto whole = mock.HandleChat(Chat("Count my tokens please", "gpt-test"), kT0);
+  const auto d = mock.HandleChat(ChatStream("Count my tokens please", true), kT0);
+  const auto events = Events(d);
+  ASSERT_GE(events.size(), 5u);
+  EXPECT_EQ(events.back().data, "[DONE]");
+  const json::value& usage_chunk = events[events.size() - 2].json;
+  EXPECT_EQ(Get(usage_chunk, "choices"), json::array{});
+  EXPECT_EQ(Get(usage_chunk, "object"), json::value("chat.completion.chunk"));
+  EXPECT_EQ(Get(usage_chunk, "usage"), Get(Body(whole), "usage"));
+  EXPECT_EQ(Get(events[events.size() - 3].json, "choices.0.finish_reason"), json::value("stop"));
+  // The other chunks say "usage": null, as OpenAI's do.
+  for (std::size_t i = 0; i + 2 < events.size(); ++i) {
+    EXPECT_EQ(Get(events[i].json, "usage"), json::value(nullptr)) << events[i].data;
+  }
+  EXPECT_EQ(d.content_events, static_cast<int>(events.size()) - 4);
+}
+
+TEST(MockLlmStreamTest, FirstByteAndStallPaceTheStream) {
+  MockLlm mock(MockOptions{});
+  const auto d = mock.HandleChat(ChatStream("x\n#mock first_byte=1500 stall=40"), kT0);
+  EXPECT_EQ(d.kind, Kind::kAnswer);
+  EXPECT_TRUE(d.stream);
+  EXPECT_EQ(d.first_byte, milliseconds(1500));
+  EXPECT_EQ(d.stall, milliseconds(40));
+  EXPECT_EQ(d.delay, milliseconds(0));
+  EXPECT_FALSE(d.truncated);
+  EXPECT_EQ(Events(d).back().data, "[DONE]");
+  // sleep= still delays a stream, before its first byte too.
+  const auto slow = mock.HandleChat(ChatStream("#mock sleep=300 first_byte=200"), kT0);
+  EXPECT_EQ(slow.delay, milliseconds(300));
+  EXPECT_EQ(slow.first_byte, milliseconds(200));
+}
+
+TEST(MockLlmStreamTest, TruncateEndsAfterSomeContentWithoutStopOrDone) {
+  MockLlm mock(MockOptions{});
+  const auto d = mock.HandleChat(ChatStream("#mock reply=a b c d e\n#mock truncate"), kT0);
+  ASSERT_TRUE(d.stream);
+  EXPECT_TRUE(d.truncated);
+  EXPECT_FALSE(d.reset_at_end);
+  EXPECT_EQ(d.content_events, 3);  // half of 5, rounded up
+  const auto events = Events(d);
+  ASSERT_EQ(events.size(), 4u);  // role + 3 deltas
+  EXPECT_EQ(Get(events[0].json, "choices.0.delta.role"), json::value("assistant"));
+  std::string text;
+  for (const auto& e : events) {
+    EXPECT_NE(Get(e.json, "choices.0.finish_reason"), json::value("stop"));
+    text += DeltaContent(e.json);
+  }
+  EXPECT_EQ(text, "a b c ");
+  EXPECT_EQ(Count(events, "[DONE]"), 0);
+  // truncate=N names the number of content events.
+  const auto one = mock.HandleChat(ChatStream("#mock reply=a b c d e\n#mock truncate=1"), kT0);
+  EXPECT_EQ(one.content_events, 1);
+  EXPECT_EQ(one.events.size(), 2u);
+}
+
+TEST(MockLlmStreamTest, ResetAfterCutsTheStreamAndResets) {
+  MockLlm mock(MockOptions{});
+  const auto d = mock.HandleChat(ChatStream("#mock reply=a b c d e\n#mock reset_after=2"), kT0);
+  ASSERT_TRUE(d.stream);
+  EXPECT_TRUE(d.reset_at_end);
+  EXPECT_TRUE(d.truncated);
+  EXPECT_EQ(d.content_events, 2);
+  const auto events = Events(d);
+  ASSERT_EQ(events.size(), 3u);
+  EXPECT_EQ(DeltaContent(events[1].json) + DeltaContent(events[2].json), "a b ");
+  const auto at_once = mock.HandleChat(ChatStream("#mock reset_after=0"), kT0);
+  EXPECT_TRUE(at_once.reset_at_end);
+  EXPECT_EQ(at_once.events.size(), 1u);  // the role chunk only
+  // More than there is: every content event, then the reset instead of the end.
+  const auto late = mock.HandleChat(ChatStream("#mock reply=a b\n#mock reset_after=10"), kT0);
+  EXPECT_EQ(late.content_events, 2);
+  EXPECT_EQ(late.events.size(), 3u);
+  EXPECT_TRUE(late.reset_at_end);
+}
+
+TEST(MockLlmStreamTest, StreamDirectivesHonourTimes) {
+  MockLlm mock(MockOptions{});
+  const std::string req = ChatStream("q\n#mock truncate stall=30 first_byte=10 times=1");
+  const auto first = mock.HandleChat(req, kT0);
+  EXPECT_TRUE(first.truncated);
+  EXPECT_EQ(first.stall, milliseconds(30));
+  EXPECT_EQ(first.first_byte, milliseconds(10));
+  const auto second = mock.HandleChat(req, kT0);
+  EXPECT_FALSE(second.truncated);
+  EXPECT_EQ(second.stall, milliseconds(0));
+  EXPECT_EQ(second.first_byte, milliseconds(0));
+  EXPECT_EQ(Events(second).back().data, "[DONE]");
+  const std::string reset = ChatStream("q\n#mock reset_after=1 times=2");
+  EXPECT_TRUE(mock.HandleChat(reset, kT0).reset_at_end);
+  EXPECT_TRUE(mock.HandleChat(reset, kT0).reset_at_end);
+  EXPECT_FALSE(mock.HandleChat(reset, kT0).reset_at_end);
+}
+
+TEST(MockLlmStreamTest, OtherDirectivesApplyToStreamsToo) {
+  MockLlm mock(MockOptions{});
+  // A failure answers the usual JSON error, before any stream.
+  const auto failed = mock.HandleChat(ChatStream("#mock fail=503"), kT0);
+  EXPECT_EQ(failed.kind, Kind::kError);
+  EXPECT_EQ(failed.status, 503);
+  EXPECT_FALSE(failed.stream);
+  EXPECT_TRUE(failed.events.empty());
+  EXPECT_EQ(Get(Body(failed), "error.type"), json::value("server_error"));
+  const auto limited = mock.HandleChat(ChatStream("#mock fail=429 retry_after=2"), kT0);
+  EXPECT_EQ(limited.status, 429);
+  EXPECT_EQ(limited.retry_after_s, 2);
+  EXPECT_FALSE(limited.stream);
+  EXPECT_EQ(mock.HandleChat(ChatStream("#mock hang"), kT0).kind, Kind::kHang);
+  EXPECT_FALSE(mock.HandleChat(ChatStream("#mock hang"), kT0).stream);
+  EXPECT_EQ(mock.HandleChat(ChatStream("#mock reset"), kT0).kind, Kind::kReset);
+  EXPECT_FALSE(mock.HandleChat(ChatStream("#mock reset"), kT0).stream);
+  const auto slow = mock.HandleChat(ChatStream("#mock sleep=250"), kT0);
+  EXPECT_TRUE(slow.stream);
+  EXPECT_EQ(slow.delay, milliseconds(250));
+  // Malformed: a stream with an event whose data does not parse.
+  const auto malformed = mock.HandleChat(ChatStream("#mock malformed"), kT0);
+  EXPECT_EQ(malformed.kind, Kind::kMalformed);
+  ASSERT_TRUE(malformed.stream);
+  const auto events = Events(malformed);
+  ASSERT_GE(events.size(), 2u);
+  EXPECT_TRUE(events[0].json.is_object());
+  EXPECT_TRUE(std::any_of(events.begin(), events.end(), [](const Sse& e) {
+    return e.data != "[DONE]" && !ParseJson(e.data).ok();
+  }));
+}
+
+// ---- Anthropic Messages -----------------------------------------------------------------
+
+json::object AnthropicBody(std::string_view prompt, bool stream = false) {
+  json::object body{{"model", "claude-test"},
+                    {"max_tokens", 256},
+                    {"system", "be brief"},
+                    {"messages", json::array{json::object{{"role", "user"}, {"content", prompt}}}}};
+  if (stream) body["stream"] = true;
+  return body;
+}
+
+std::string Anthropic(std::string_view prompt, bool stream = false) {
+  return json::serialize(AnthropicBody(prompt, stream));
+}
+
+TEST(MockLlmAnthropicTest, AnswersInTheMessagesShape) {
+  MockLlm mock(MockOptions{});
+  const auto d = mock.HandleMessages(Anthropic("Count my tokens please"), kT0);
+  ASSERT_EQ(d.kind, Kind::kAnswer);
+  EXPECT_EQ(d.status, 200);
+  EXPECT_FALSE(d.stream);
+  const auto body = Body(d);
+  ASSERT_TRUE(body.is_object());
+  EXPECT_EQ(body.at("id").as_string().find("msg_"), 0u) << body;
+  EXPECT_EQ(body.at("type"), json::value("message"));
+  EXPECT_EQ(body.at("role"), json::value("assistant"));
+  EXPECT_EQ(body.at("model"), json::value("claude-test"));
+  EXPECT_EQ(body.at("stop_reason"), json::value("end_turn"));
+  EXPECT_EQ(body.at("stop_sequence"), json::value(nullptr));
+  ASSERT_EQ(body.at("content").as_array().size(), 1u);
+  EXPECT_EQ(Get(body, "content.0.type"), json::value("text"));
+  // The same answer as chat completions gives for the same last user message.
+  const auto chat = mock.HandleChat(Chat("Count my tokens please"), kT0);
+  EXPECT_EQ(Get(body, "content.0.text"), json::value(Content(chat)));
+  // "be brief" (8) + 22 = 30 chars: 8 tokens.
+  EXPECT_EQ(Get(body, "usage.input_tokens"), json::value(8));
+  EXPECT_EQ(Get(body, "usage.output_tokens"), json::value(EstimateTokens(Content(chat))));
+}
+
+TEST(MockLlmAnthropicTest, ParsesSystemBlocksAndContentBlocks) {
+  MockLlm mock(MockOptions{});
+  json::object body{
+      {"model", "claude-test"},
+      {"max_tokens", 100},
+      {"system", json::array{json::object{{"type", "text"}, {"text", "be brief"}},
+                             json::object{{"type", "text"}, {"text", "and kind"}}}},
+      {"messages",
+       json::array{json::object{{"role", "user"}, {"content", "#mock fail=503"}},
+                   json::object{{"role", "assistant"}, {"content", "earlier"}},
+                   json::object{
+                       {"role", "user"},
+                       {"content", json::array{json::object{{"type", "text"}, {"text", "part one"}},
+                                               json::object{{"type", "image"}},
+                                               json::object{{"type", "text"},
+                                                            {"text", "#mock reply=blocks"}}}}}}}};
+  const auto d = mock.HandleMessages(json::serialize(body), kT0);
+  ASSERT_EQ(d.kind, Kind::kAnswer) << d.body;
+  EXPECT_EQ(Get(Body(d), "content.0.text"), json::value("blocks"));
+  // System: 8 + 1 + 8 = 17; messages: 14 + 7 + (8 + 1 + 18 = 27) = 48; 65 chars: 17 tokens.
+  EXPECT_EQ(Get(Body(d), "usage.input_tokens"), json::value(17));
+  // Counted by the last user message's text: its text blocks, one line each.
+  EXPECT_EQ(mock.Stats(),
+            json::parse(R"({"total": 1, "by_prompt": {"part one\n#mock reply=blocks": 1}})"));
+}
+
+TEST(MockLlmAnthropicTest, ErrorsHaveAnthropicsShapeAndTypes) {
+  MockLlm mock(MockOptions{});
+  struct Case {
+    std::string directive;
+    int status;
+    std::string type;
+  };
+  for (const auto& c : std::vector<Case>{{"fail=529", 529, "overloaded_error"},
+                                         {"fail=429", 429, "rate_limit_error"},
+                                         {"fail=500", 500, "api_error"},
+                                         {"fail=503", 503, "api_error"},
+                                         {"fail=401", 401, "authentication_error"},
+                                         {"fail=403", 403, "permission_error"},
+                                         {"fail=400", 400, "invalid_request_error"},
+                                         {"fail=context_length", 400, "invalid_request_error"}}) {
+    const auto d = mock.HandleMessages(Anthropic("q\n#mock " + c.directive), kT0);
+    EXPECT_EQ(d.kind, Kind::kError) << c.directive;
+    EXPECT_EQ(d.status, c.status) << c.directive;
+    const auto body = Body(d);
+    EXPECT_EQ(Get(body, "type"), json::value("error")) << body;
+    EXPECT_EQ(Get(body, "error.type"), json::value(c.type)) << body;
+    EXPECT_TRUE(Get(body, "error.message").is_string()) << body;
+    EXPECT_EQ(body.as_object().size(), 2u) << body;
+  }
+  const auto limited = mock.HandleMessages(Anthropic("#mock fail=429 retry_after=4"), kT0);
+  EXPECT_EQ(limited.retry_after_s, 4);
+  // A stream request fails the same way, before any stream.
+  const auto overloaded = mock.HandleMessages(Anthropic("#mock fail=529", true), kT0);
+  EXPECT_EQ(overloaded.status, 529);
+  EXPECT_FALSE(overloaded.stream);
+  EXPECT_EQ(Get(Body(overloaded), "error.type"), json::value("overloaded_error"));
+  // A hang ends with an Anthropic-shaped body too.
+  const auto hang = mock.HandleMessages(Anthropic("#mock hang"), kT0);
+  EXPECT_EQ(hang.kind, Kind::kHang);
+  EXPECT_EQ(Get(Body(hang), "type"), json::value("error"));
+  const auto malformed = mock.HandleMessages(Anthropic("#mock malformed"), kT0);
+  EXPECT_EQ(malformed.kind, Kind::kMalformed);
+  EXPECT_FALSE(ParseJson(malformed.body).ok());
+}
+
+TEST(MockLlmAnthropicTest, RateLimitsAnswerRateLimitError) {
+  MockOptions options;
+  options.rpm = 1;
+  MockLlm mock(options);
+  EXPECT_EQ(mock.HandleMessages(Anthropic("a"), kT0).status, 200);
+  const auto d = mock.HandleMessages(Anthropic("b"), kT0);
+  EXPECT_EQ(d.status, 429);
+  EXPECT_GE(d.retry_after_s, 1);
+  EXPECT_EQ(Get(Body(d), "error.type"), json::value("rate_limit_error"));
+}
+
+TEST(MockLlmAnthropicTest, BadRequestsAnswer400InvalidRequestError) {
+  MockLlm mock(MockOptions{});
+  auto no_max_tokens = AnthropicBody("hi");
+  no_max_tokens.erase("max_tokens");
+  auto zero_max_tokens = AnthropicBody("hi");
+  zero_max_tokens["max_tokens"] = 0;
+  auto bad_system = AnthropicBody("hi");
+  bad_system["system"] = 42;
+  auto no_messages = AnthropicBody("hi");
+  no_messages["messages"] = json::array{};
+  for (const std::string& body : {std::string("not json"), std::string("[1]"),
+                                  json::serialize(no_max_tokens), json::serialize(zero_max_tokens),
+                                  json::serialize(bad_system), json::serialize(no_messages)}) {
+    const auto d = mock.HandleMessages(body, kT0);
+    EXPECT_EQ(d.kind, Kind::kError) << body;
+    EXPECT_EQ(d.status, 400) << body;
+    EXPECT_EQ(Get(Body(d), "type"), json::value("error")) << body;
+    EXPECT_EQ(Get(Body(d), "error.type"), json::value("invalid_request_error")) << body;
+  }
+  EXPECT_EQ(mock.Stats().at("total"), json::value(0)) << "bad requests are not counted";
+}
+
+TEST(MockLlmAnthropicTest, StreamHasAnthropicsEventSequence) {
+  MockLlm mock(MockOptions{});
+  const auto whole = mock.HandleMessages(Anthropic("Tell me about keel streams"), kT0);
+  const auto d = mock.HandleMessages(Anthropic("Tell me about keel streams", true), kT0);
+  ASSERT_EQ(d.kind, Kind::kAnswer);
+  ASSERT_TRUE(d.stream);
+  EXPECT_FALSE(d.truncated);
+  const auto events = Events(d);
+  std::vector<std::string> names;
+  std::string text;
+  for (const auto& e : events) {
+    ASSERT_TRUE(e.json.is_object()) << e.data;
+    EXPECT_EQ(Get(e.json, "type"), json::value(e.event)) << "the data's type names the event";
+    if (names.empty() || names.back() != e.event) names.push_back(e.event);
+    if (e.event == "content_block_delta") {
+      EXPECT_EQ(Get(e.json, "index"), json::value(0));
+      EXPECT_EQ(Get(e.json, "delta.type"), json::value("text_delta"));
+      text += std::string(Get(e.json, "delta.text").as_string());
+    }
+  }
+  EXPECT_EQ(names,
+            (std::vector<std::string>{"message_start", "content_block_start", "content_block_delta",
+                                      "content_block_stop", "message_delta", "message_stop"}));
+  EXPECT_EQ(d.content_events, static_cast<int>(events.size()) - 5);
+  EXPECT_GE(d.content_events, 3);
+  EXPECT_EQ(text, std::string(Get(Body(whole), "content.0.text").as_string()));
+  const json::value& start = events[0].json;
+  EXPECT_EQ(Get(start, "message.id").as_string().find("msg_"), 0u);
+  EXPECT_EQ(Get(start, "message.role"), json::value("assistant"));
+  EXPECT_EQ(Get(start, "message.model"), json::value("claude-test"));
+  EXPECT_EQ(Get(start, "message.content"), json::array{});
+  EXPECT_EQ(Get(start, "message.usage.input_tokens"), Get(Body(whole), "usage.input_tokens"));
+  EXPECT_EQ(Get(events[1].json, "content_block"), json::parse(R"({"type": "text", "text": ""})"));
+  const json::value& delta = events[events.size() - 2].json;
+  EXPECT_EQ(Get(delta, "delta.stop_reason"), json::value("end_turn"));
+  EXPECT_EQ(Get(delta, "usage.output_tokens"), Get(Body(whole), "usage.output_tokens"));
+}
+
+TEST(MockLlmAnthropicTest, StreamFaultsApply) {
+  MockLlm mock(MockOptions{});
+  const auto truncated =
+      mock.HandleMessages(Anthropic("#mock reply=a b c d\n#mock truncate stall=5", true), kT0);
+  EXPECT_TRUE(truncated.truncated);
+  EXPECT_FALSE(truncated.reset_at_end);
+  EXPECT_EQ(truncated.stall, milliseconds(5));
+  EXPECT_EQ(truncated.content_events, 2);
+  for (const auto& e : Events(truncated)) {
+    EXPECT_NE(e.event, "content_block_stop");
+    EXPECT_NE(e.event, "message_delta");
+    EXPECT_NE(e.event, "message_stop");
+  }
+  EXPECT_EQ(truncated.events.size(), 4u);
+  const auto reset = mock.HandleMessages(
+      Anthropic("#mock reply=a b c d\n#mock reset_after=1 first_byte=9", true), kT0);
+  EXPECT_TRUE(reset.reset_at_end);
+  EXPECT_EQ(reset.first_byte, milliseconds(9));
+  EXPECT_EQ(reset.events.size(), 3u);  // message_start, content_block_start, one delta
+  const auto malformed = mock.HandleMessages(Anthropic("#mock malformed", true), kT0);
+  EXPECT_EQ(malformed.kind, Kind::kMalformed);
+  const auto events = Events(malformed);
+  EXPECT_TRUE(
+      std::any_of(events.begin(), events.end(), [](const Sse& e) { return e.json.is_null(); }));
 }
 
 }  // namespace

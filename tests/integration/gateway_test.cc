@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include "helpers.h"
+#include "keel/core/sse.h"
+#include "keel/net/http_client.h"
 
 namespace keel::testing {
 namespace {
@@ -19,6 +21,57 @@ int64_t MockTotal(const std::string& url) {
 std::string Provider(const std::string& name, const std::string& url, const std::string& extra = "") {
   return "  " + name + ": {type: openai, base_url: " + url + "/v1, model: " + name + "-model, timeout: {connect: 1s, total: 5s}" +
          extra + "}\n";
+}
+
+struct Streamed {
+  int status = 0;
+  bool transport_ok = false;
+  std::vector<std::string> data;  // each event's data, in order
+  std::string raw;
+  net::Headers headers;
+  std::string Text() const {  // the concatenated content deltas
+    std::string out;
+    for (const auto& d : data) {
+      if (d == "[DONE]") continue;
+      auto v = json::parse(d);
+      if (!v.as_object().contains("choices")) continue;
+      for (const auto& c : v.at("choices").as_array()) {
+        if (const auto* t = c.as_object().at("delta").as_object().if_contains("content"); t && t->is_string()) {
+          out += std::string(t->as_string());
+        }
+      }
+    }
+    return out;
+  }
+};
+
+Streamed StreamCall(const std::string& base, const json::value& body) {
+  net::ClientRequest req;
+  req.method = "POST";
+  req.url = base + "/v1/chat/completions";
+  req.headers = {{"Content-Type", "application/json"}};
+  req.body = json::serialize(body);
+  req.total_timeout = std::chrono::seconds(30);
+  Streamed out;
+  auto r = net::SendHttp(req);
+  if (!r.ok()) return out;
+  out.transport_ok = true;
+  out.status = r->status;
+  out.raw = r->body;
+  out.headers = r->headers;
+  SseParser parser([&](const SseEvent& e) {
+    out.data.push_back(e.data);
+    return true;
+  });
+  parser.Feed(r->body);
+  return out;
+}
+
+json::value StreamBody(const std::string& model, const std::string& content, bool include_usage = false) {
+  json::value b = Chat(model, content);
+  b.as_object()["stream"] = true;
+  if (include_usage) b.as_object()["stream_options"] = json::object{{"include_usage", true}};
+  return b;
 }
 
 class GatewayTest : public ::testing::Test {
@@ -209,6 +262,72 @@ TEST_F(GatewayTest, ProviderGarbageIsClassifiedAndFailedOver) {
               std::string::npos)
         << m;
   }
+}
+
+TEST_F(GatewayTest, StreamingFailsOverBeforeTheFirstTokenInvisibly) {
+  MockLlm down({"--fail-rate", "1", "--fail-status", "503"});
+  Start(Provider("down", down.url()) + "  local: {type: mock, model: local-model}\n",
+        "  r: {targets: [{provider: down}, {provider: local}]}\n");
+  auto s = StreamCall(server_->url(), StreamBody("r", "stream me please", true));
+  ASSERT_TRUE(s.transport_ok);
+  ASSERT_EQ(s.status, 200) << s.raw;
+  EXPECT_NE(net::FindHeader(s.headers, "content-type").find("text/event-stream"), std::string_view::npos);
+  ASSERT_GE(s.data.size(), 3u);
+  EXPECT_EQ(s.data.back(), "[DONE]");
+  // The streamed text is the whole answer, the same as unstreamed.
+  auto whole = Call("r", "stream me please");
+  ASSERT_EQ(whole.status, 200);
+  EXPECT_EQ(s.Text(), std::string(whole.body.at("choices").as_array()[0].at("message").at("content").as_string()));
+  // include_usage: the last chunk before [DONE] has the usage and no choices.
+  auto usage = json::parse(s.data[s.data.size() - 2]);
+  EXPECT_TRUE(usage.at("choices").as_array().empty());
+  EXPECT_TRUE(usage.at("usage").at("total_tokens").is_int64());
+  EXPECT_EQ(MockTotal(down.url()), 2);
+  auto m = HttpGet(server_->url() + "/metrics").raw;
+  EXPECT_NE(m.find("keel_llm_time_to_first_token_seconds_count{provider=\"local\"} 1"), std::string::npos) << m;
+}
+
+TEST_F(GatewayTest, StreamingErrorsBeforeAnyTokenAreHttpErrors) {
+  MockLlm down({"--fail-rate", "1", "--fail-status", "503"});
+  Start(Provider("down", down.url()), "  r: {targets: [{provider: down}], retry: {max_attempts: 1}}\n");
+  auto s = StreamCall(server_->url(), StreamBody("r", "x"));
+  ASSERT_TRUE(s.transport_ok);
+  EXPECT_EQ(s.status, 503) << s.raw;
+  auto body = json::parse(s.raw);
+  EXPECT_EQ(body.at("error").at("type").as_string(), "overloaded");
+  auto bad = HttpPostJson(server_->url() + "/v1/chat/completions",
+                          json::object{{"model", "r"}, {"stream", "yes"}, {"messages", json::array{json::object{{"role", "user"}, {"content", "x"}}}}});
+  EXPECT_EQ(bad.status, 400);
+  EXPECT_EQ(bad.body.at("error").at("param").as_string(), "stream");
+}
+
+TEST_F(GatewayTest, AStreamThatBreaksAfterItsFirstTokenEndsWithAnErrorEvent) {
+  MockLlm a;
+  Start(Provider("a", a.url()), "  r: {targets: [{provider: a}]}\n");
+  for (const char* fault : {"#mock reset_after=2", "#mock truncate"}) {
+    auto s = StreamCall(server_->url(), StreamBody("r", std::string("long answer please\n") + fault));
+    ASSERT_TRUE(s.transport_ok) << fault;
+    ASSERT_EQ(s.status, 200) << s.raw;
+    ASSERT_GE(s.data.size(), 2u) << s.raw;
+    EXPECT_NE(s.data.back(), "[DONE]") << fault;
+    auto last = json::parse(s.data.back());
+    ASSERT_TRUE(last.as_object().contains("error")) << s.raw;
+    EXPECT_NE(std::string(last.at("error").at("message").as_string()).find("after its first token"), std::string::npos);
+  }
+}
+
+TEST_F(GatewayTest, AStreamWithNoFirstByteInTimeFailsOver) {
+  MockLlm slow;
+  Start("  slow: {type: openai, base_url: " + slow.url() + "/v1, timeout: {connect: 1s, first_byte: 300ms, total: 10s}}\n" +
+            "  local: {type: mock}\n",
+        "  r: {targets: [{provider: slow}, {provider: local}]}\n");
+  const auto t0 = std::chrono::steady_clock::now();
+  auto s = StreamCall(server_->url(), StreamBody("r", "#mock first_byte=5000"));
+  ASSERT_EQ(s.status, 200) << s.raw;
+  EXPECT_EQ(s.data.back(), "[DONE]");
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(4));
+  auto m = HttpGet(server_->url() + "/metrics").raw;
+  EXPECT_NE(m.find("keel_llm_requests_total{outcome=\"timeout\",provider=\"slow\",route=\"r\"} 1"), std::string::npos) << m;
 }
 
 }  // namespace

@@ -1,15 +1,22 @@
 #pragma once
 // The behaviour of keel's fault-injecting mock LLM, shared by the `keel mock-llm` server
-// and the built-in `type: mock` provider. Given an OpenAI chat-completions request, it
-// decides how to answer: a deterministic completion, an error, a delay, a hang, a reset
-// or malformed output. Faults come from options and from `#mock` directive lines in the
-// last user message:
+// and the built-in `type: mock` provider. Given an OpenAI chat-completions request (or an
+// Anthropic Messages request), it decides how to answer: a deterministic completion, an
+// error, a delay, a hang, a reset, malformed output, or a stream of server-sent events
+// with its pacing and faults. Faults come from options and from `#mock` directive lines in
+// the last user message:
 //   #mock sleep=3000            answer after 3 s
 //   #mock fail=503 [times=2]    answer 503 (only the first 2 calls with this prompt)
 //   #mock fail=429 retry_after=1
 //   #mock fail=context_length   answer 400 context_length_exceeded
 //   #mock hang | malformed | reset
 //   #mock reply=TEXT            answer with TEXT as the content
+// and, for streamed answers ("stream": true) only:
+//   #mock first_byte=2000       wait 2 s before the status line and headers
+//   #mock stall=500             wait 500 ms between two events
+//   #mock truncate[=N]          end the stream cleanly after N (default: half the) content
+//                               events, without the finishing events and [DONE]
+//   #mock reset_after=N         reset the connection (RST) after N content events
 // Thread-safe.
 
 #include <chrono>
@@ -19,6 +26,8 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "keel/core/json.h"
 
@@ -46,9 +55,33 @@ struct MockDecision {
   Kind kind = Kind::kAnswer;
   std::chrono::milliseconds delay{0};
   int status = 200;
-  std::string body;         // the HTTP body to send (kAnswer, kError, kMalformed)
+  std::string body;         // the HTTP body to send (kAnswer, kError, kMalformed, kHang)
   int retry_after_s = 0;    // > 0: send Retry-After
+
+  // A streamed answer (the request asked "stream": true and the kind is kAnswer or
+  // kMalformed). `body` still holds the whole non-streamed answer, for callers that do
+  // not stream. The server waits `delay` + `first_byte`, sends `status` with
+  // Content-Type text/event-stream, writes `events` one chunk each with `stall` between
+  // two of them, then ends the stream, or resets the connection if `reset_at_end`.
+  bool stream = false;
+  /// Whole server-sent events in order: "data: {...}\n\n" (OpenAI) or
+  /// "event: NAME\ndata: {...}\n\n" (Anthropic); already cut short by truncate and
+  /// reset_after.
+  std::vector<std::string> events;
+  /// Before the status line and headers (after `delay`).
+  std::chrono::milliseconds first_byte{0};
+  /// Between two events.
+  std::chrono::milliseconds stall{0};
+  /// The events stop before the answer's end (truncate, reset_after).
+  bool truncated = false;
+  /// Reset the connection (RST) after the events instead of ending the stream.
+  bool reset_at_end = false;
+  /// Content events (text deltas) among `events`.
+  int content_events = 0;
 };
+
+/// The media type of streamed answers.
+inline constexpr std::string_view kEventStreamType = "text/event-stream";
 
 class MockLlm {
  public:
@@ -58,12 +91,20 @@ class MockLlm {
   /// it in the stats. `now` drives the rpm/tpm windows.
   MockDecision HandleChat(std::string_view body, std::chrono::steady_clock::time_point now);
 
+  /// The same for one Anthropic POST /v1/messages request body: the answer, its errors
+  /// ({"type": "error", "error": {"type", "message"}}) and its event stream in Anthropic's
+  /// shapes. Counted in the same stats, by the text of the last user message.
+  MockDecision HandleMessages(std::string_view body, std::chrono::steady_clock::time_point now);
+
   /// {"total": N, "by_prompt": {"<last user message>": count}}
   json::value Stats() const;
   /// Forgets all counts.
   void Reset();
 
  private:
+  MockDecision Handle(bool anthropic, std::string_view body,
+                      std::chrono::steady_clock::time_point now);
+
   MockOptions options_;
   mutable std::mutex mu_;
   std::mt19937_64 rng_;                        // GUARDED_BY(mu_)
