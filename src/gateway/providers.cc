@@ -1,0 +1,263 @@
+#include <charconv>
+#include <chrono>
+#include <thread>
+
+#include "keel/core/sse.h"
+#include "keel/gateway/mock_llm.h"
+#include "keel/net/http_client.h"
+#include "provider.h"
+
+namespace keel::gateway::detail {
+
+// Reads an OpenAI-shaped error body: {"error": {"message", "type", "code"}}.
+Error UpstreamError(int status, const net::Headers& headers, std::string_view body, const std::string& provider) {
+  ErrorCode code = ClassifyHttpStatus(status);
+  std::string message;
+  boost::system::error_code ec;
+  const json::value v = json::parse(body, ec);
+  if (!ec && v.is_object()) {
+    if (const auto* e = v.get_object().if_contains("error"); e && e->is_object()) {
+      const auto& eo = e->get_object();
+      if (const auto* m = eo.if_contains("message"); m && m->is_string()) message = m->get_string();
+      std::string c;
+      if (const auto* cv = eo.if_contains("code"); cv && cv->is_string()) c = cv->get_string();
+      if (c == "context_length_exceeded") code = ErrorCode::kContextLength;
+      if (c == "content_filter" || c == "content_policy_violation") code = ErrorCode::kContentPolicy;
+    }
+  }
+  if (message.empty()) message = std::string(body.substr(0, 200));
+  Error err(code, "provider " + provider + " answered " + std::to_string(status) + ": " + message);
+  const auto ra = net::FindHeader(headers, "retry-after");
+  int64_t secs = 0;
+  if (!ra.empty()) {
+    const auto [p, rc] = std::from_chars(ra.data(), ra.data() + ra.size(), secs);
+    if (rc == std::errc() && secs >= 0) err.retry_after = Duration(secs * 1000);
+  }
+  return err;
+}
+
+// Reads a chat-completions success body; garbage is an invalid_output of this target.
+Result<ChatResult> ParseCompletion(std::string_view body, const std::string& provider) {
+  boost::system::error_code ec;
+  const json::value v = json::parse(body, ec);
+  auto bad = [&](std::string_view why) {
+    return Error(ErrorCode::kInvalidOutput, "provider " + provider + " answered an unusable completion: " + std::string(why));
+  };
+  if (ec) return bad("not JSON (" + ec.message() + ")");
+  if (!v.is_object()) return bad("not a JSON object");
+  const auto& o = v.get_object();
+  const auto* choices = o.if_contains("choices");
+  if (!choices || !choices->is_array() || choices->get_array().empty()) return bad("no choices");
+  const auto& first = choices->get_array()[0];
+  const json::value* content = first.is_object() ? FindPath(first, "message.content") : nullptr;
+  if (!content || !content->is_string()) return bad("choices[0].message.content is not a string");
+  ChatResult r;
+  r.response = o;
+  r.text = content->get_string();
+  if (const auto* m = o.if_contains("model"); m && m->is_string()) r.model = m->get_string();
+  if (const auto* u = o.if_contains("usage"); u && u->is_object()) r.usage = *u;
+  r.provider = provider;
+  return r;
+}
+
+// Folds one chat.completion.chunk into the result being built.
+void Accumulate(const json::object& chunk, ChatResult& r) {
+  if (const auto* m = chunk.if_contains("model"); m && m->is_string() && r.model.empty()) r.model = m->get_string();
+  if (const auto* u = chunk.if_contains("usage"); u && u->is_object()) r.usage = *u;
+  if (const auto* choices = chunk.if_contains("choices"); choices && choices->is_array() && !choices->get_array().empty()) {
+    const auto& c0 = choices->get_array()[0];
+    if (const auto* content = c0.is_object() ? FindPath(c0, "delta.content") : nullptr; content && content->is_string()) {
+      r.text.append(content->get_string().data(), content->get_string().size());
+    }
+  }
+}
+
+namespace {
+
+class OpenAiProvider final : public Provider {
+ public:
+  explicit OpenAiProvider(ProviderConfig config) : config_(std::move(config)), url_(config_.base_url + "/chat/completions") {}
+
+  Result<ChatResult> Chat(const json::object& body, const ChatRequest& req, Duration timeout) override {
+    net::ClientRequest http;
+    http.method = "POST";
+    http.url = url_;
+    http.headers = {{"Content-Type", "application/json"}, {"Accept", "application/json"}};
+    if (!config_.api_key.empty()) http.headers.emplace_back("Authorization", "Bearer " + config_.api_key);
+    if (!req.idempotency_key.empty()) http.headers.emplace_back("Idempotency-Key", req.idempotency_key);
+    for (const auto& [k, v] : config_.headers) http.headers.emplace_back(k, v);
+    http.body = json::serialize(body);
+    http.connect_timeout = std::min(config_.timeout.connect, timeout);
+    http.total_timeout = std::min(config_.timeout.total, timeout);
+    auto resp = net::SendHttp(http);
+    if (!resp.ok()) {
+      Error e = std::move(resp).error();
+      e.message = "provider " + config_.name + ": " + e.message;
+      return e;
+    }
+    if (resp->status < 200 || resp->status >= 300) return UpstreamError(resp->status, resp->headers, resp->body, config_.name);
+    return ParseCompletion(resp->body, config_.name);
+  }
+
+  Result<ChatResult> ChatStream(const json::object& body, const ChatRequest& req, Duration timeout,
+                                const Gateway::ChunkSink& on_chunk) override {
+    net::ClientRequest http;
+    http.method = "POST";
+    http.url = url_;
+    http.headers = {{"Content-Type", "application/json"}, {"Accept", "text/event-stream"}};
+    if (!config_.api_key.empty()) http.headers.emplace_back("Authorization", "Bearer " + config_.api_key);
+    if (!req.idempotency_key.empty()) http.headers.emplace_back("Idempotency-Key", req.idempotency_key);
+    for (const auto& [k, v] : config_.headers) http.headers.emplace_back(k, v);
+    json::object b = body;
+    b["stream"] = true;
+    b["stream_options"] = json::object{{"include_usage", true}};  // always: for limits and cost
+    http.body = json::serialize(b);
+    http.connect_timeout = std::min(config_.timeout.connect, timeout);
+    http.total_timeout = std::min(config_.timeout.total, timeout);
+    net::StreamTimeouts st{std::min(config_.timeout.first_byte, timeout), config_.timeout.idle};
+
+    int status = 0;
+    net::Headers headers;
+    std::string error_body;
+    ChatResult result;
+    result.provider = config_.name;
+    bool done = false;
+    std::optional<Error> bad;
+    bool reader_gone = false;
+    SseParser parser([&](const SseEvent& ev) {
+      if (ev.data == "[DONE]") {
+        done = true;
+        return true;
+      }
+      boost::system::error_code ec;
+      json::value v = json::parse(ev.data, ec);
+      if (ec || !v.is_object()) {
+        bad = Error(ErrorCode::kInvalidOutput, "provider " + config_.name + " streamed a chunk that is not a JSON object");
+        return false;
+      }
+      if (const auto* err = v.get_object().if_contains("error"); err && err->is_object()) {
+        bad = UpstreamError(500, {}, ev.data, config_.name);
+        return false;
+      }
+      Accumulate(v.get_object(), result);
+      if (!on_chunk(v.get_object())) {
+        reader_gone = true;
+        return false;
+      }
+      return true;
+    });
+    auto r = net::SendHttpStreaming(
+        http, st,
+        [&](int s, const net::Headers& h) {
+          status = s;
+          headers = h;
+          return true;
+        },
+        [&](std::string_view data) {
+          if (status < 200 || status >= 300) {
+            if (error_body.size() < 65536) error_body.append(data);
+            return true;
+          }
+          return parser.Feed(data);
+        });
+    if (bad) return *bad;
+    if (reader_gone) return Error(ErrorCode::kCancelled, "the client went away");
+    if (!r.ok()) {
+      Error e = std::move(r).error();
+      e.message = "provider " + config_.name + ": " + e.message;
+      return e;
+    }
+    if (status < 200 || status >= 300) return UpstreamError(status, headers, error_body, config_.name);
+    if (!done) {
+      return Error(ErrorCode::kInvalidOutput, "provider " + config_.name + ": the stream ended before [DONE] (truncated)");
+    }
+    return result;
+  }
+
+ private:
+  ProviderConfig config_;
+  std::string url_;
+};
+
+// The built-in mock, answered in-process: the default provider when keel starts with no
+// configuration, so that the example pipelines run with no network at all.
+class MockProvider final : public Provider {
+ public:
+  explicit MockProvider(ProviderConfig config) : config_(std::move(config)), mock_(MockOptions{}) {}
+
+  Result<ChatResult> Chat(const json::object& body, const ChatRequest&, Duration timeout) override {
+    const auto d = mock_.HandleChat(json::serialize(body), std::chrono::steady_clock::now());
+    const auto wait = std::min<Duration>(std::chrono::duration_cast<Duration>(d.delay), timeout);
+    // Simulated provider latency, bounded by the call's timeout.
+    if (wait.count() > 0) std::this_thread::sleep_for(wait);
+    if (d.delay > timeout || d.kind == MockDecision::Kind::kHang) {
+      return Error(ErrorCode::kTimeout, "provider " + config_.name + ": timed out after " + std::to_string(timeout.count()) + "ms");
+    }
+    switch (d.kind) {
+      case MockDecision::Kind::kReset:
+        return Error(ErrorCode::kNetwork, "provider " + config_.name + ": connection reset (mock)");
+      case MockDecision::Kind::kError: {
+        net::Headers h;
+        if (d.retry_after_s > 0) h.emplace_back("retry-after", std::to_string(d.retry_after_s));
+        return UpstreamError(d.status, h, d.body, config_.name);
+      }
+      default:
+        return ParseCompletion(d.body, config_.name);
+    }
+  }
+
+  // The in-process mock streams its answer word by word, in OpenAI's chunk shape.
+  Result<ChatResult> ChatStream(const json::object& body, const ChatRequest& req, Duration timeout,
+                                const Gateway::ChunkSink& on_chunk) override {
+    json::object b = body;
+    b.erase("stream");
+    auto whole = Chat(b, req, timeout);
+    if (!whole.ok()) return whole;
+    ChatResult result;
+    result.provider = config_.name;
+    result.model = whole->model;
+    result.usage = whole->usage;
+    auto chunk = [&](json::object delta, json::value finish) {
+      return json::object{{"id", "chatcmpl-mock-stream"},
+                          {"object", "chat.completion.chunk"},
+                          {"created", 1700000000},
+                          {"model", whole->model},
+                          {"choices", json::array{json::object{{"index", 0}, {"delta", std::move(delta)}, {"finish_reason", finish}}}}};
+    };
+    if (!on_chunk(chunk(json::object{{"role", "assistant"}, {"content", ""}}, nullptr))) {
+      return Error(ErrorCode::kCancelled, "the client went away");
+    }
+    const std::string& text = whole->text;
+    std::size_t pos = 0;
+    while (pos < text.size()) {
+      std::size_t end = text.find(' ', pos);
+      end = end == std::string::npos ? text.size() : end + 1;
+      const std::string piece = text.substr(pos, end - pos);
+      result.text += piece;
+      if (!on_chunk(chunk(json::object{{"content", piece}}, nullptr))) return Error(ErrorCode::kCancelled, "the client went away");
+      pos = end;
+    }
+    if (!on_chunk(chunk(json::object{}, "stop"))) return Error(ErrorCode::kCancelled, "the client went away");
+    json::object usage_chunk = chunk(json::object{}, nullptr);
+    usage_chunk["choices"] = json::array{};
+    usage_chunk["usage"] = whole->usage;
+    if (!on_chunk(usage_chunk)) return Error(ErrorCode::kCancelled, "the client went away");
+    return result;
+  }
+
+ private:
+  ProviderConfig config_;
+  MockLlm mock_;
+};
+
+}  // namespace
+
+std::unique_ptr<Provider> MakeOpenAiProvider(const ProviderConfig& config) {
+  return std::make_unique<OpenAiProvider>(config);
+}
+
+std::unique_ptr<Provider> MakeMockProvider(const ProviderConfig& config) {
+  return std::make_unique<MockProvider>(config);
+}
+
+}  // namespace keel::gateway::detail
