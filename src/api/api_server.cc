@@ -218,6 +218,7 @@ class ApiServerImpl final : public ApiServer {
       return name = "chat_completions", &ApiServerImpl::ChatCompletions;
     }
     if (s.size() == 2 && s[1] == "models" && m == "GET") return name = "list_models", &ApiServerImpl::ListModels;
+    if (s.size() == 2 && s[1] == "embeddings" && m == "POST") return name = "embeddings", &ApiServerImpl::Embeddings;
     if (s.size() == 2 && s[1] == "pipelines" && m == "GET") return name = "list_pipelines", &ApiServerImpl::ListPipelines;
     return nullptr;
   }
@@ -233,6 +234,7 @@ class ApiServerImpl final : public ApiServer {
     else if (v1 && s[1] == "runs" && s.size() == 4 && (s[3] == "cancel" || s[3] == "redrive")) allow = "POST";
     else if (v1 && (s[1] == "dlq" || s[1] == "pipelines" || s[1] == "models") && s.size() == 2) allow = "GET";
     else if (v1 && s.size() == 3 && s[1] == "chat" && s[2] == "completions") allow = "POST";
+    else if (v1 && s.size() == 2 && s[1] == "embeddings") allow = "POST";
     if (!allow.empty()) {
       auto r = ErrorResponse(Error(ErrorCode::kInvalidRequest, req.method + " is not allowed on " + req.path +
                                                                   "; use " + allow),
@@ -531,6 +533,42 @@ class ApiServerImpl final : public ApiServer {
       call.max_attempts = n;
     }
     return call;
+  }
+
+  // POST /v1/embeddings: OpenAI-compatible; `model` names a route.
+  HttpResponse Embeddings(const HttpRequest& req, const std::vector<std::string_view>&) {
+    auto body = ParseJson(req.body);
+    if (!body.ok()) return ErrorResponse(body.error());
+    if (!body->is_object()) return ErrorResponse(BadRequest("the body must be a JSON object with model and input"));
+    json::object o = std::move(body->as_object());
+    const auto* model = o.if_contains("model");
+    if (model == nullptr || !model->is_string()) {
+      return ErrorResponse(BadRequest("\"model\" must be a string naming a route (GET /v1/models lists them)", "model"));
+    }
+    const auto* input = o.if_contains("input");
+    bool ok = input != nullptr && ((input->is_string() && !input->get_string().empty()) ||
+                                   (input->is_array() && !input->get_array().empty()));
+    if (ok && input->is_array()) {
+      for (const auto& v : input->get_array()) ok = ok && (v.is_string() || v.is_array());
+    }
+    if (!ok) return ErrorResponse(BadRequest("\"input\" must be a non-empty string or array of strings", "input"));
+    gateway::ChatRequest call;
+    call.route = std::string(model->get_string());
+    if (const auto route = req.Header("x-keel-route"); !route.empty()) call.route = std::string(route);
+    o.erase("model");
+    call.body = std::move(o);
+    call.idempotency_key = std::string(req.Header("idempotency-key"));
+    auto r = gateway_.Embeddings(call);
+    if (!r.ok()) {
+      auto resp = ErrorResponse(r.error());
+      resp.headers.emplace_back("X-Keel-Route", call.route);
+      return resp;
+    }
+    json::object out = std::move(r->response);
+    if (!r->model.empty()) out["model"] = r->model;
+    auto resp = JsonResponse(200, out);
+    AddKeelHeaders(resp.headers, call.route, *r);
+    return resp;
   }
 
   // GET /v1/models: the routes, as OpenAI model objects.

@@ -72,15 +72,18 @@ class MockLlmServerImpl final : public MockLlmServer {
     }
     const bool chat = req.path == "/v1/chat/completions" && req.method == "POST";
     const bool messages = req.path == "/v1/messages" && req.method == "POST";
-    if (!chat && !messages) {
+    const bool embeddings = req.path == "/v1/embeddings" && req.method == "POST";
+    if (!chat && !messages && !embeddings) {
       respond(ErrorResponse(Error(ErrorCode::kNotFound,
                                   "the mock serves POST /v1/chat/completions, "
-                                  "POST /v1/messages, GET /v1/models, "
+                                  "POST /v1/messages, POST /v1/embeddings, GET /v1/models, "
                                   "GET /mock/stats and POST /mock/reset")));
       return;
     }
     const auto now = std::chrono::steady_clock::now();
-    auto d = chat ? mock_.HandleChat(req.body, now) : mock_.HandleMessages(req.body, now);
+    auto d = chat         ? mock_.HandleChat(req.body, now)
+             : embeddings ? mock_.HandleEmbeddings(req.body, now)
+                          : mock_.HandleMessages(req.body, now);
     if (d.stream) {
       Stream(std::make_shared<gateway::MockDecision>(std::move(d)), std::move(respond));
       return;

@@ -227,13 +227,14 @@ ProviderConfig ReadProvider(Reader& r, const std::string& name, const YAML::Node
   ProviderConfig p;
   p.name = name;
   p.line = LineOf(n);
-  if (!n["type"]) Fail(n, what + " needs a type (openai or mock)");
+  if (!n["type"]) Fail(n, what + " needs a type (openai, anthropic or mock)");
   p.type = r.Str(n["type"], what + ".type");
-  if (p.type != "openai" && p.type != "mock") {
-    Fail(n["type"], what + ".type must be openai or mock, not \"" + p.type + "\"");
+  if (p.type != "openai" && p.type != "anthropic" && p.type != "mock") {
+    Fail(n["type"], what + ".type must be openai, anthropic or mock, not \"" + p.type + "\"");
   }
   if (n["base_url"]) p.base_url = r.Str(n["base_url"], what + ".base_url");
-  if (p.type == "openai") {
+  if (p.type == "anthropic" && !n["base_url"]) p.base_url = "https://api.anthropic.com/v1";
+  if (p.type == "openai" || p.type == "anthropic") {
     if (p.base_url.rfind("http://", 0) != 0 && p.base_url.rfind("https://", 0) != 0) {
       Fail(n["base_url"] ? n["base_url"] : n, what + ".base_url must be an http:// or https:// URL");
     }

@@ -311,7 +311,7 @@ TEST(ConfigTest, BoundaryValuesAreAccepted) {
 
 TEST(ConfigTest, ProvidersAreValidated) {
   ExpectConfigError("providers:\n  x: {model: m}\n", {"line 2", "needs a type"});
-  ExpectConfigError("providers:\n  x: {type: anthropic}\n", {"line 2", "openai or mock"});
+  ExpectConfigError("providers:\n  x: {type: gemini}\n", {"line 2", "openai, anthropic or mock"});
   ExpectConfigError("providers:\n  x:\n    type: openai\n", {"line 3", "base_url"});
   ExpectConfigError("providers:\n  x:\n    type: openai\n    base_url: ftp://h\n",
                     {"line 4", "base_url"});

@@ -71,6 +71,14 @@ double NumberOr(const json::value* v, double fallback) {
 
 int64_t EstimatePromptTokens(const json::object& body) {
   int64_t bytes = 0;
+  if (const auto* input = body.if_contains("input")) {
+    if (input->is_string()) bytes += static_cast<int64_t>(input->get_string().size());
+    if (input->is_array()) {
+      for (const auto& v : input->get_array()) {
+        bytes += v.is_string() ? static_cast<int64_t>(v.get_string().size()) : static_cast<int64_t>(json::serialize(v).size());
+      }
+    }
+  }
   if (const auto* msgs = body.if_contains("messages"); msgs && msgs->is_array()) {
     for (const auto& m : msgs->get_array()) {
       if (!m.is_object()) continue;
@@ -138,6 +146,7 @@ class GatewayImpl final : public Gateway {
       auto st = std::make_unique<ProviderState>();
       st->config = p;
       if (p.type == "openai") st->provider = detail::MakeOpenAiProvider(p);
+      else if (p.type == "anthropic") st->provider = detail::MakeAnthropicProvider(p);
       else st->provider = detail::MakeMockProvider(p);
       if (p.limits.rpm > 0) st->rpm.emplace(static_cast<double>(p.limits.rpm), p.limits.rpm / 60.0, now);
       if (p.limits.tpm > 0) st->tpm.emplace(static_cast<double>(p.limits.tpm), p.limits.tpm / 60.0, now);
@@ -182,6 +191,8 @@ class GatewayImpl final : public Gateway {
 
   Result<ChatResult> Chat(const ChatRequest& req) override { return Run(req, nullptr); }
 
+  Result<ChatResult> Embeddings(const ChatRequest& req) override { return Run(req, nullptr, /*embed=*/true); }
+
   Result<ChatResult> ChatStream(const ChatRequest& req, const ChunkSink& on_chunk) override {
     return Run(req, &on_chunk);
   }
@@ -189,7 +200,7 @@ class GatewayImpl final : public Gateway {
  private:
   // One call through the route: the resilience loop shared by whole and streamed answers.
   // `sink` is null for a whole answer.
-  Result<ChatResult> Run(const ChatRequest& req, const ChunkSink* sink) {
+  Result<ChatResult> Run(const ChatRequest& req, const ChunkSink* sink, bool embed = false) {
     const auto it = routes_.find(req.route);
     if (it == routes_.end()) {
       return Count(req.route, Error(ErrorCode::kNotFound, "no route or provider named \"" + req.route + "\"", "model"));
@@ -263,7 +274,7 @@ class GatewayImpl final : public Gateway {
       if (std::find(tried.begin(), tried.end(), target) == tried.end()) tried.push_back(target);
       previous = target;
       ++attempts;
-      auto r = CallTarget(req, route, *target, deadline, estimate, sink, start, forwarded, ttft);
+      auto r = CallTarget(req, route, *target, deadline, estimate, sink, start, forwarded, ttft, embed);
       if (r.ok()) {
         r->attempts = attempts;
         r->failovers = failovers;
@@ -465,14 +476,16 @@ class GatewayImpl final : public Gateway {
   Result<ChatResult> CallTarget(const ChatRequest& req, RouteState& route, TargetState& t,
                                 std::chrono::steady_clock::time_point deadline, int64_t estimate,
                                 const ChunkSink* sink, std::chrono::steady_clock::time_point start, bool& forwarded,
-                                Duration& ttft) {
+                                Duration& ttft, bool embed) {
     auto& p = *t.provider;
     json::object body = req.body;
     body["model"] = p.config.model;
     const auto left = std::max(Duration(1), std::chrono::duration_cast<Duration>(deadline - std::chrono::steady_clock::now()));
     const auto t0 = std::chrono::steady_clock::now();
     Result<ChatResult> r = Error(ErrorCode::kInternal, "not called");
-    if (sink == nullptr) {
+    if (embed) {
+      r = p.provider->Embed(body, req, left);
+    } else if (sink == nullptr) {
       r = p.provider->Chat(body, req, left);
     } else {
       const json::value* opts = req.body.if_contains("stream_options");

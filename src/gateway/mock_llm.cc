@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cmath>
 #include <cstdio>
 #include <iterator>
 #include <string>
@@ -559,6 +560,64 @@ MockDecision MockLlm::Handle(bool anthropic, std::string_view body,
     out.events.insert(out.events.end(), std::make_move_iterator(parts.epilogue.begin()),
                       std::make_move_iterator(parts.epilogue.end()));
   }
+  return out;
+}
+
+MockDecision MockLlm::HandleEmbeddings(std::string_view body, std::chrono::steady_clock::time_point) {
+  MockDecision out;
+  out.delay = options_.latency;
+  boost::system::error_code ec;
+  const json::value req = json::parse(body, ec);
+  const json::value* input = !ec && req.is_object() ? req.get_object().if_contains("input") : nullptr;
+  std::vector<std::string> texts;
+  if (input && input->is_string()) texts.emplace_back(input->get_string());
+  if (input && input->is_array()) {
+    for (const auto& v : input->get_array()) {
+      if (v.is_string()) texts.emplace_back(v.get_string());
+    }
+  }
+  if (texts.empty()) {
+    out.kind = MockDecision::Kind::kError;
+    out.status = 400;
+    out.body = R"({"error":{"message":"input must be a non-empty string or array of strings","type":"invalid_request_error","code":null}})";
+    return out;
+  }
+  bool random_fail = false;
+  {
+    std::lock_guard lock(mu_);
+    ++total_;
+    ++by_prompt_["embeddings: " + texts[0]];
+    if (options_.fail_rate > 0) random_fail = std::uniform_real_distribution<double>(0, 1)(rng_) < options_.fail_rate;
+  }
+  if (random_fail) {
+    out.kind = MockDecision::Kind::kError;
+    out.status = options_.fail_status;
+    out.body = R"({"error":{"message":"mock failure","type":"server_error","code":null}})";
+    return out;
+  }
+  json::array data;
+  int64_t tokens = 0;
+  for (std::size_t i = 0; i < texts.size(); ++i) {
+    uint64_t h = Fnv1a64(texts[i]);
+    json::array v;
+    double norm = 0;
+    std::vector<double> xs;
+    for (int d = 0; d < 8; ++d) {
+      const double x = static_cast<double>((h >> (d * 8)) & 0xff) - 127.5;
+      xs.push_back(x);
+      norm += x * x;
+    }
+    norm = std::sqrt(norm);
+    for (double x : xs) v.push_back(x / norm);
+    data.push_back(json::object{{"object", "embedding"}, {"index", static_cast<int64_t>(i)}, {"embedding", std::move(v)}});
+    tokens += EstimateTokens(texts[i]);
+  }
+  std::string model = "mock-embed-1";
+  if (const auto* m = req.get_object().if_contains("model"); m && m->is_string()) model = m->get_string();
+  out.body = json::serialize(json::object{{"object", "list"},
+                                          {"data", std::move(data)},
+                                          {"model", model},
+                                          {"usage", json::object{{"prompt_tokens", tokens}, {"total_tokens", tokens}}}});
   return out;
 }
 

@@ -28,6 +28,9 @@ class Provider {
   /// false from `on_chunk` abandons the call (kCancelled).
   virtual Result<ChatResult> ChatStream(const json::object& body, const ChatRequest& req, Duration timeout,
                                         const Gateway::ChunkSink& on_chunk) = 0;
+  /// One /v1/embeddings call: the result's `response` is the OpenAI embeddings list and
+  /// `usage` its usage. Default: kInvalidRequest (the wire format has no embeddings).
+  virtual Result<ChatResult> Embed(const json::object& body, const ChatRequest& req, Duration timeout);
 };
 
 /// Classifies an upstream error answer (OpenAI-shaped body when it is one) and reads its
@@ -42,5 +45,7 @@ void Accumulate(const json::object& chunk, ChatResult& result);
 
 std::unique_ptr<Provider> MakeOpenAiProvider(const ProviderConfig& config);
 std::unique_ptr<Provider> MakeMockProvider(const ProviderConfig& config);
+/// Anthropic's Messages API (anthropic_provider.cc), translated to and from OpenAI's shape.
+std::unique_ptr<Provider> MakeAnthropicProvider(const ProviderConfig& config);
 
 }  // namespace keel::gateway::detail

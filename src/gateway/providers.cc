@@ -72,6 +72,25 @@ void Accumulate(const json::object& chunk, ChatResult& r) {
   }
 }
 
+Result<ChatResult> Provider::Embed(const json::object&, const ChatRequest&, Duration) {
+  return Error(ErrorCode::kInvalidRequest, "this provider's wire format has no embeddings");
+}
+
+// Reads an OpenAI embeddings list.
+Result<ChatResult> ParseEmbeddings(std::string_view body, const std::string& provider) {
+  boost::system::error_code ec;
+  json::value v = json::parse(body, ec);
+  if (ec || !v.is_object() || !v.get_object().contains("data") || !v.get_object().at("data").is_array()) {
+    return Error(ErrorCode::kInvalidOutput, "provider " + provider + " answered an unusable embeddings list");
+  }
+  ChatResult r;
+  r.response = std::move(v.as_object());
+  if (const auto* m = r.response.if_contains("model"); m && m->is_string()) r.model = m->get_string();
+  if (const auto* u = r.response.if_contains("usage"); u && u->is_object()) r.usage = *u;
+  r.provider = provider;
+  return r;
+}
+
 namespace {
 
 class OpenAiProvider final : public Provider {
@@ -97,6 +116,27 @@ class OpenAiProvider final : public Provider {
     }
     if (resp->status < 200 || resp->status >= 300) return UpstreamError(resp->status, resp->headers, resp->body, config_.name);
     return ParseCompletion(resp->body, config_.name);
+  }
+
+  Result<ChatResult> Embed(const json::object& body, const ChatRequest& req, Duration timeout) override {
+    net::ClientRequest http;
+    http.method = "POST";
+    http.url = config_.base_url + "/embeddings";
+    http.headers = {{"Content-Type", "application/json"}, {"Accept", "application/json"}};
+    if (!config_.api_key.empty()) http.headers.emplace_back("Authorization", "Bearer " + config_.api_key);
+    if (!req.idempotency_key.empty()) http.headers.emplace_back("Idempotency-Key", req.idempotency_key);
+    for (const auto& [k, v] : config_.headers) http.headers.emplace_back(k, v);
+    http.body = json::serialize(body);
+    http.connect_timeout = std::min(config_.timeout.connect, timeout);
+    http.total_timeout = std::min(config_.timeout.total, timeout);
+    auto resp = net::SendHttp(http);
+    if (!resp.ok()) {
+      Error e = std::move(resp).error();
+      e.message = "provider " + config_.name + ": " + e.message;
+      return e;
+    }
+    if (resp->status < 200 || resp->status >= 300) return UpstreamError(resp->status, resp->headers, resp->body, config_.name);
+    return ParseEmbeddings(resp->body, config_.name);
   }
 
   Result<ChatResult> ChatStream(const json::object& body, const ChatRequest& req, Duration timeout,
@@ -204,6 +244,12 @@ class MockProvider final : public Provider {
       default:
         return ParseCompletion(d.body, config_.name);
     }
+  }
+
+  Result<ChatResult> Embed(const json::object& body, const ChatRequest&, Duration) override {
+    const auto d = mock_.HandleEmbeddings(json::serialize(body), std::chrono::steady_clock::now());
+    if (d.kind == MockDecision::Kind::kError) return UpstreamError(d.status, {}, d.body, config_.name);
+    return ParseEmbeddings(d.body, config_.name);
   }
 
   // The in-process mock streams its answer word by word, in OpenAI's chunk shape.

@@ -264,6 +264,30 @@ TEST_F(GatewayTest, ProviderGarbageIsClassifiedAndFailedOver) {
   }
 }
 
+TEST_F(GatewayTest, EmbeddingsGoThroughTheSameChain) {
+  MockLlm down({"--fail-rate", "1", "--fail-status", "503"});
+  MockLlm up;
+  Start(Provider("down", down.url()) + Provider("up", up.url()),
+        "  embed: {targets: [{provider: down}, {provider: up}]}\n");
+  const std::string url = server_->url() + "/v1/embeddings";
+  auto r = HttpPostJson(url, json::object{{"model", "embed"}, {"input", json::array{"alpha", "beta"}}});
+  ASSERT_EQ(r.status, 200) << r.raw;
+  EXPECT_EQ(r.body.at("object").as_string(), "list");
+  ASSERT_EQ(r.body.at("data").as_array().size(), 2u);
+  EXPECT_EQ(r.body.at("data").as_array()[1].at("index").as_int64(), 1);
+  EXPECT_FALSE(r.body.at("data").as_array()[0].at("embedding").as_array().empty());
+  EXPECT_EQ(r.Header("x-keel-provider"), "up");
+  EXPECT_EQ(r.Header("x-keel-failovers"), "1");
+  // Deterministic: the same input, the same vector.
+  auto again = HttpPostJson(url, json::object{{"model", "embed"}, {"input", "alpha"}});
+  ASSERT_EQ(again.status, 200);
+  EXPECT_EQ(again.body.at("data").as_array()[0].at("embedding"), r.body.at("data").as_array()[0].at("embedding"));
+  auto bad = HttpPostJson(url, json::object{{"model", "embed"}, {"input", json::array{}}});
+  EXPECT_EQ(bad.status, 400);
+  EXPECT_EQ(bad.body.at("error").at("param").as_string(), "input");
+  EXPECT_EQ(HttpPostJson(url, json::object{{"model", "nope"}, {"input", "x"}}).status, 404);
+}
+
 TEST_F(GatewayTest, StreamingFailsOverBeforeTheFirstTokenInvisibly) {
   MockLlm down({"--fail-rate", "1", "--fail-status", "503"});
   Start(Provider("down", down.url()) + "  local: {type: mock, model: local-model}\n",

@@ -51,12 +51,14 @@ struct CostConfig {
 
 struct ProviderConfig {
   std::string name;
-  /// "openai" (the chat-completions wire format) or "mock" (the built-in fault-injecting
-  /// mock, answered in-process).
+  /// "openai" (the chat-completions wire format), "anthropic" (the Messages API) or "mock"
+  /// (the built-in fault-injecting mock, answered in-process).
   std::string type;
-  /// For openai: e.g. "https://api.openai.com/v1". Required for openai.
+  /// For openai: e.g. "https://api.openai.com/v1". Required for openai. For anthropic:
+  /// default "https://api.anthropic.com/v1".
   std::string base_url;
-  /// Sent as "Authorization: Bearer ..."; never logged. Default: none.
+  /// Sent as "Authorization: Bearer ..." (openai) or "x-api-key: ..." (anthropic); never
+  /// logged. Default: none.
   std::string api_key;
   /// The upstream model name. Default: the provider's name.
   std::string model;

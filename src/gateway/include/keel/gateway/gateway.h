@@ -89,11 +89,16 @@ class Gateway {
   /// usage when the provider reported it.
   virtual Result<ChatResult> ChatStream(const ChatRequest& request, const ChunkSink& on_chunk) = 0;
 
+  /// Calls the route's targets for embeddings (`body`: the OpenAI /v1/embeddings request
+  /// without model). The result's `response` is the OpenAI embeddings list. Same
+  /// resilience chain as Chat.
+  virtual Result<ChatResult> Embeddings(const ChatRequest& request) = 0;
+
   /// The routes, for GET /v1/models. A provider's name is also a route of one target.
   virtual std::vector<RouteInfo> Routes() const = 0;
 };
 
-/// Rough token estimate: one token per 4 bytes of message content.
+/// Rough token estimate: one token per 4 bytes of message content (or embeddings input).
 int64_t EstimatePromptTokens(const json::object& body);
 
 }  // namespace keel::gateway

@@ -96,6 +96,11 @@ class MockLlm {
   /// shapes. Counted in the same stats, by the text of the last user message.
   MockDecision HandleMessages(std::string_view body, std::chrono::steady_clock::time_point now);
 
+  /// One OpenAI /v1/embeddings request body: a deterministic 8-dimension unit vector per
+  /// input (string or array of strings). The flags' faults and rate limits apply; counted
+  /// in the stats under "embeddings: <first input>".
+  MockDecision HandleEmbeddings(std::string_view body, std::chrono::steady_clock::time_point now);
+
   /// {"total": N, "by_prompt": {"<last user message>": count}}
   json::value Stats() const;
   /// Forgets all counts.
