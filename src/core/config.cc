@@ -223,7 +223,7 @@ RetryConfig ReadRetry(Reader& r, const YAML::Node& n, RetryConfig base, const st
 
 ProviderConfig ReadProvider(Reader& r, const std::string& name, const YAML::Node& n) {
   const std::string what = "provider \"" + name + "\"";
-  r.Keys(n, what, {"type", "base_url", "api_key", "model", "context_window", "timeout", "headers", "limits", "cost"});
+  r.Keys(n, what, {"type", "base_url", "api_key", "model", "context_window", "timeout", "headers", "limits", "cost", "health_check"});
   ProviderConfig p;
   p.name = name;
   p.line = LineOf(n);
@@ -255,6 +255,10 @@ ProviderConfig ReadProvider(Reader& r, const std::string& name, const YAML::Node
     if (l["rpm"]) p.limits.rpm = r.Int(l["rpm"], what + ".limits.rpm", 0, 1'000'000'000);
     if (l["tpm"]) p.limits.tpm = r.Int(l["tpm"], what + ".limits.tpm", 0, 1'000'000'000'000);
     if (l["max_concurrency"]) p.limits.max_concurrency = r.Int(l["max_concurrency"], what + ".limits.max_concurrency", 0, 1'000'000);
+  }
+  if (const auto h = n["health_check"]) {
+    r.Keys(h, what + ".health_check", {"interval"});
+    if (h["interval"]) p.health_check_interval = r.Dur(h["interval"], what + ".health_check.interval", Duration(100));
   }
   if (const auto c = n["cost"]) {
     r.Keys(c, what + ".cost", {"input_per_mtok", "output_per_mtok"});

@@ -678,7 +678,8 @@ namespace {
 
 TEST(ConfigTest, RouteResilienceOptionsAreRead) {
   auto c = ParseConfig(R"(providers:
-  a: {type: mock, limits: {rpm: 600, tpm: 100000, max_concurrency: 8}, cost: {input_per_mtok: 0.15, output_per_mtok: 0.6}}
+  a: {type: mock, limits: {rpm: 600, tpm: 100000, max_concurrency: 8}, cost: {input_per_mtok: 0.15, output_per_mtok: 0.6},
+      health_check: {interval: 5s}, timeout: {connect: 1s, first_byte: 3s, idle: 4s}}
   b: {type: mock}
 routes:
   r:
@@ -697,6 +698,11 @@ routes:
   EXPECT_EQ(a.limits.tpm, 100000);
   EXPECT_EQ(a.limits.max_concurrency, 8);
   EXPECT_DOUBLE_EQ(a.cost.output_per_mtok, 0.6);
+  EXPECT_EQ(a.health_check_interval, Duration(5000));
+  EXPECT_EQ(a.timeout.first_byte, Duration(3000));
+  EXPECT_EQ(a.timeout.idle, Duration(4000));
+  EXPECT_EQ(c->providers.at("b").health_check_interval, Duration(0));
+  EXPECT_EQ(c->providers.at("b").timeout.first_byte, Duration(20000));
   const auto& r = c->routes.at("r");
   EXPECT_EQ(r.strategy, "weighted");
   EXPECT_EQ(r.targets[0].weight, 90);

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <map>
 #include <mutex>
 #include <prometheus/gauge.h>
@@ -44,6 +45,7 @@ struct ProviderState {
 struct TargetState {
   ProviderState* provider;
   RouteTarget target;
+  std::string route;  // the route this target belongs to
   std::mutex mu;
   CircuitBreaker breaker;  // GUARDED_BY(mu)
   Ewma latency_ms;         // GUARDED_BY(mu)
@@ -138,7 +140,20 @@ class GatewayImpl final : public Gateway {
         breaker_state_(prometheus::BuildGauge()
                            .Name("keel_gateway_circuit_state")
                            .Help("Circuit breaker state by route and provider: 0 closed, 1 half-open, 2 open")
-                           .Register(registry)) {}
+                           .Register(registry)),
+        probes_(prometheus::BuildCounter()
+                    .Name("keel_gateway_health_probes_total")
+                    .Help("Active health probes of providers whose circuit was not closed, by provider and outcome")
+                    .Register(registry)) {}
+
+  ~GatewayImpl() override {
+    {
+      std::lock_guard lock(probe_mu_);
+      probe_stop_ = true;
+    }
+    probe_cv_.notify_all();
+    if (prober_.joinable()) prober_.join();
+  }
 
   Result<void> Init(const Config& config) {
     const Timestamp now = clock_.Now();
@@ -165,17 +180,25 @@ class GatewayImpl final : public Gateway {
       o.open_for = rc.circuit_breaker.open_for;
       for (const auto& t : rc.targets) {
         route->targets.push_back(std::make_unique<TargetState>(providers_.at(t.provider).get(), t, o));
+        route->targets.back()->route = rc.name;
       }
       routes_[rc.name] = std::move(route);
     };
     for (const auto& [name, r] : config.routes) add_route(r);
+    for (auto& [name, route] : routes_) {
+      for (auto& t : route->targets) targets_by_provider_[t->target.provider].push_back(t.get());
+    }
     for (const auto& [name, p] : config.providers) {
       if (routes_.count(name)) continue;
       RouteConfig rc;
       rc.name = name;
       rc.targets.push_back(RouteTarget{name, 1, 1});
       add_route(rc);
+      for (auto& t : routes_.at(name)->targets) targets_by_provider_[name].push_back(t.get());
     }
+    bool probing = false;
+    for (const auto& [name, p] : providers_) probing = probing || p->config.health_check_interval.count() > 0;
+    if (probing) prober_ = std::thread([this] { ProbeLoop(); });
     return Ok();
   }
 
@@ -306,6 +329,59 @@ class GatewayImpl final : public Gateway {
                       " attempts; last failure: " + last->message;
     }
     return Count(req.route, std::move(*last));
+  }
+
+  // Probes each provider with health checks on whose targets a circuit is half-open, so a
+  // recovered provider is back in rotation without a user call paying for the trial.
+  void ProbeLoop() {
+    std::map<std::string, std::chrono::steady_clock::time_point> next;
+    std::unique_lock lock(probe_mu_);
+    while (!probe_stop_) {
+      probe_cv_.wait_for(lock, std::chrono::milliseconds(100), [&] { return probe_stop_; });
+      if (probe_stop_) break;
+      lock.unlock();
+      const auto steady = std::chrono::steady_clock::now();
+      for (auto& [name, p] : providers_) {
+        const Duration interval = p->config.health_check_interval;
+        if (interval.count() <= 0 || steady < next[name]) continue;
+        next[name] = steady + interval;
+        ProbeProvider(name, *p);
+      }
+      lock.lock();
+    }
+  }
+
+  // Caller holds t.mu.
+  void SetBreakerGauge(TargetState& t, Timestamp now) {
+    const BreakerState st = t.breaker.state(now);
+    breaker_state_.Add({{"route", t.route}, {"provider", t.target.provider}})
+        .Set(st == BreakerState::kOpen ? 2.0 : st == BreakerState::kHalfOpen ? 1.0 : 0.0);
+  }
+
+  void ProbeProvider(const std::string& name, ProviderState& p) {
+    std::vector<TargetState*> trial;
+    const Timestamp now = clock_.Now();
+    for (auto* t : targets_by_provider_[name]) {
+      std::lock_guard lock(t->mu);
+      if (t->breaker.state(now) == BreakerState::kHalfOpen && t->breaker.Allow(now)) trial.push_back(t);
+    }
+    if (trial.empty()) return;
+    json::object body{{"model", p.config.model},
+                      {"messages", json::array{json::object{{"role", "user"}, {"content", "ping"}}}},
+                      {"max_tokens", 1}};
+    ChatRequest req;
+    auto r = p.provider->Chat(body, req, std::min(p.config.timeout.total, Duration(10000)));
+    const bool healthy = r.ok() || !FailsOver(r.error().code) || r.error().code == ErrorCode::kRateLimited;
+    probes_.Add({{"provider", name}, {"outcome", healthy ? "ok" : std::string(ErrorCodeName(r.error().code))}}).Increment();
+    const Timestamp after = clock_.Now();
+    for (auto* t : trial) {
+      std::lock_guard lock(t->mu);
+      if (healthy) t->breaker.OnSuccess(after);
+      else t->breaker.OnFailure(after);
+      SetBreakerGauge(*t, after);
+    }
+    obs::Log(healthy ? obs::LogLevel::kInfo : obs::LogLevel::kWarn, "health probe",
+             {{"provider", name}, {"healthy", healthy}, {"targets", static_cast<int64_t>(trial.size())}});
   }
 
   Result<ChatResult> Count(const std::string& route, Error e) {
@@ -515,9 +591,7 @@ class GatewayImpl final : public Gateway {
       if (unhealthy) t.breaker.OnFailure(now);
       else t.breaker.OnSuccess(now);
       if (r.ok()) t.latency_ms.Observe(secs * 1000.0, now);
-      breaker_state_.Add({{"route", route.config.name}, {"provider", t.target.provider}})
-          .Set(static_cast<double>(static_cast<int>(t.breaker.state(now) == BreakerState::kOpen ? 2
-                                                    : t.breaker.state(now) == BreakerState::kHalfOpen ? 1 : 0)));
+      SetBreakerGauge(t, now);
     }
     requests_.Add({{"route", route.config.name}, {"provider", t.target.provider},
                    {"outcome", r.ok() ? std::string("ok") : std::string(ErrorCodeName(r.error().code))}})
@@ -554,8 +628,16 @@ class GatewayImpl final : public Gateway {
   prometheus::Family<prometheus::Counter>& failovers_;
   prometheus::Family<prometheus::Counter>& refusals_;
   prometheus::Family<prometheus::Gauge>& breaker_state_;
+  prometheus::Family<prometheus::Counter>& probes_;
   std::map<std::string, std::unique_ptr<ProviderState>> providers_;
   std::map<std::string, std::unique_ptr<RouteState>> routes_;
+
+  // Active health checks.
+  std::map<std::string, std::vector<TargetState*>> targets_by_provider_;
+  std::mutex probe_mu_;
+  std::condition_variable probe_cv_;
+  bool probe_stop_ = false;  // GUARDED_BY(probe_mu_)
+  std::thread prober_;
 };
 
 }  // namespace

@@ -149,6 +149,30 @@ TEST_F(GatewayTest, BreakerOpensAtItsThresholdAndHalfOpensAfterOpenFor) {
   EXPECT_EQ(MockTotal(bad.url()), 5);
 }
 
+TEST_F(GatewayTest, ActiveHealthChecksCloseARecoveredCircuitWithoutUserTraffic) {
+  MockLlm a;
+  Start("  a: {type: openai, base_url: " + a.url() + "/v1, health_check: {interval: 100ms}}\n",
+        "  r:\n    targets: [{provider: a}]\n    retry: {max_attempts: 1}\n"
+        "    circuit_breaker: {consecutive_failures: 2, min_requests: 1000, open_for: 200ms}\n");
+  // Two failures in a row open a's circuit; then calls are refused without reaching it.
+  for (int i = 0; i < 2; ++i) ASSERT_EQ(Call("r", "#mock fail=500").status, 502);
+  EXPECT_EQ(Call("r", "refused").status, 503);
+  EXPECT_EQ(MockCount(a.url(), "refused"), 0);
+  const std::string open_gauge = "keel_gateway_circuit_state{provider=\"a\",route=\"r\"} 2";
+  const std::string closed_gauge = "keel_gateway_circuit_state{provider=\"a\",route=\"r\"} 0";
+  EXPECT_NE(HttpGet(server_->url() + "/metrics").raw.find(open_gauge), std::string::npos);
+  // With no user call at all, the prober's trial closes it again.
+  ASSERT_TRUE(Eventually([&] {
+    return HttpGet(server_->url() + "/metrics").raw.find(closed_gauge) != std::string::npos;
+  }, std::chrono::seconds(5)));
+  EXPECT_EQ(MockCount(a.url(), "ping"), 1);
+  EXPECT_NE(HttpGet(server_->url() + "/metrics").raw.find("keel_gateway_health_probes_total{outcome=\"ok\",provider=\"a\"} 1"),
+            std::string::npos);
+  auto r = Call("r", "hello");
+  ASSERT_EQ(r.status, 200);
+  EXPECT_EQ(r.Header("x-keel-provider"), "a");
+}
+
 TEST_F(GatewayTest, WeightedSplitIsWithinTolerance) {
   MockLlm a, b;
   Start(Provider("a", a.url()) + Provider("b", b.url()),
