@@ -27,10 +27,20 @@ for p in "${PACKAGES[@]}"; do
 done
 if [ "${#missing[@]}" -eq 0 ]; then
   echo "setup: all ${#PACKAGES[@]} packages present"
-  exit 0
+else
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-echo "setup: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+# The official OpenAI SDK for Node, pinned by tests/sdk/package-lock.json.
+sdk="$(cd "$(dirname "$0")/.." && pwd)/tests/sdk"
+if [ ! -d "$sdk/node_modules/openai" ]; then
+  if ! command -v npm >/dev/null; then  # the machine image ships Node.js with npm; else Debian's
+    $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  fi
+  echo "setup: installing the OpenAI SDK for the compatibility test"
+  (cd "$sdk" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
 echo "setup: done"
