@@ -223,7 +223,7 @@ RetryConfig ReadRetry(Reader& r, const YAML::Node& n, RetryConfig base, const st
 
 ProviderConfig ReadProvider(Reader& r, const std::string& name, const YAML::Node& n) {
   const std::string what = "provider \"" + name + "\"";
-  r.Keys(n, what, {"type", "base_url", "api_key", "model", "context_window", "timeout", "headers", "limits", "cost", "health_check"});
+  r.Keys(n, what, {"type", "base_url", "api_key", "model", "context_window", "timeout", "headers", "query", "limits", "cost", "health_check"});
   ProviderConfig p;
   p.name = name;
   p.line = LineOf(n);
@@ -255,6 +255,10 @@ ProviderConfig ReadProvider(Reader& r, const std::string& name, const YAML::Node
     if (l["rpm"]) p.limits.rpm = r.Int(l["rpm"], what + ".limits.rpm", 0, 1'000'000'000);
     if (l["tpm"]) p.limits.tpm = r.Int(l["tpm"], what + ".limits.tpm", 0, 1'000'000'000'000);
     if (l["max_concurrency"]) p.limits.max_concurrency = r.Int(l["max_concurrency"], what + ".limits.max_concurrency", 0, 1'000'000);
+  }
+  if (const auto q = n["query"]) {
+    if (!q.IsMap()) Fail(q, what + ".query must be a mapping of parameter names to values");
+    for (const auto& kv : q) p.query[kv.first.as<std::string>()] = r.Str(kv.second, what + ".query");
   }
   if (const auto h = n["health_check"]) {
     r.Keys(h, what + ".health_check", {"interval"});

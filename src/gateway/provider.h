@@ -3,6 +3,7 @@
 // to keel_gateway: each provider (a wire format) implements Provider; the gateway's
 // resilience chain is the same for all of them.
 
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -42,6 +43,9 @@ Result<ChatResult> ParseCompletion(std::string_view body, const std::string& pro
 
 /// Folds one chat.completion.chunk into the result being built (model, usage, text).
 void Accumulate(const json::object& chunk, ChatResult& result);
+
+/// "?k=v&..." (percent-encoded) for a provider's `query`; empty when there is none.
+std::string QueryString(const std::map<std::string, std::string>& query);
 
 std::unique_ptr<Provider> MakeOpenAiProvider(const ProviderConfig& config);
 std::unique_ptr<Provider> MakeMockProvider(const ProviderConfig& config);

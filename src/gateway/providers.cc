@@ -1,3 +1,4 @@
+#include <cctype>
 #include <charconv>
 #include <chrono>
 #include <thread>
@@ -91,11 +92,34 @@ Result<ChatResult> ParseEmbeddings(std::string_view body, const std::string& pro
   return r;
 }
 
+std::string QueryString(const std::map<std::string, std::string>& query) {
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  auto encode = [](const std::string& in) {
+    std::string out;
+    for (unsigned char c : in) {
+      if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
+        out.push_back(static_cast<char>(c));
+      } else {
+        out.push_back('%');
+        out.push_back(kHex[c >> 4]);
+        out.push_back(kHex[c & 15]);
+      }
+    }
+    return out;
+  };
+  std::string out;
+  for (const auto& [k, v] : query) out += (out.empty() ? "?" : "&") + encode(k) + "=" + encode(v);
+  return out;
+}
+
 namespace {
 
 class OpenAiProvider final : public Provider {
  public:
-  explicit OpenAiProvider(ProviderConfig config) : config_(std::move(config)), url_(config_.base_url + "/chat/completions") {}
+  explicit OpenAiProvider(ProviderConfig config)
+      : config_(std::move(config)),
+        url_(config_.base_url + "/chat/completions" + QueryString(config_.query)),
+        embeddings_url_(config_.base_url + "/embeddings" + QueryString(config_.query)) {}
 
   Result<ChatResult> Chat(const json::object& body, const ChatRequest& req, Duration timeout) override {
     net::ClientRequest http;
@@ -121,7 +145,7 @@ class OpenAiProvider final : public Provider {
   Result<ChatResult> Embed(const json::object& body, const ChatRequest& req, Duration timeout) override {
     net::ClientRequest http;
     http.method = "POST";
-    http.url = config_.base_url + "/embeddings";
+    http.url = embeddings_url_;
     http.headers = {{"Content-Type", "application/json"}, {"Accept", "application/json"}};
     if (!config_.api_key.empty()) http.headers.emplace_back("Authorization", "Bearer " + config_.api_key);
     if (!req.idempotency_key.empty()) http.headers.emplace_back("Idempotency-Key", req.idempotency_key);
@@ -217,6 +241,7 @@ class OpenAiProvider final : public Provider {
  private:
   ProviderConfig config_;
   std::string url_;
+  std::string embeddings_url_;
 };
 
 // The built-in mock, answered in-process: the default provider when keel starts with no

@@ -70,6 +70,8 @@ struct ProviderConfig {
   /// Active health checks: how often a provider whose circuit is not closed on some route
   /// is probed with a one-token call (0: off, only user traffic probes). Default: 0.
   Duration health_check_interval{0};
+  /// Query parameters added to every request URL (Azure OpenAI: {api-version: ...}).
+  std::map<std::string, std::string> query;
   /// Extra request headers (e.g. an Azure api-key). Values are never logged.
   std::map<std::string, std::string> headers;
   int line = 0;
