@@ -22,21 +22,6 @@ std::string ServerUrl(const ClientFlags& f) {
   return "http://127.0.0.1:7420";
 }
 
-std::string UrlEncode(const std::string& s) {
-  static constexpr char kHex[] = "0123456789ABCDEF";
-  std::string out;
-  for (unsigned char c : s) {
-    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
-      out.push_back(static_cast<char>(c));
-    } else {
-      out.push_back('%');
-      out.push_back(kHex[c >> 4]);
-      out.push_back(kHex[c & 15]);
-    }
-  }
-  return out;
-}
-
 // Sends a request and prints the body. Returns the exit code: 0 on 2xx, 1 otherwise.
 int Call(const ClientFlags& f, const std::string& method, const std::string& path, const std::string& body = {},
          net::Headers headers = {}, json::value* out = nullptr) {
@@ -154,9 +139,9 @@ void AddClientCommands(CLI::App& app) {
     add_server(list);
     list->callback([flags, lf] {
       std::string q = "?limit=" + std::to_string(lf->limit);
-      if (!lf->status.empty()) q += "&status=" + UrlEncode(lf->status);
-      if (!lf->pipeline.empty()) q += "&pipeline=" + UrlEncode(lf->pipeline);
-      if (!lf->cursor.empty()) q += "&cursor=" + UrlEncode(lf->cursor);
+      if (!lf->status.empty()) q += "&status=" + net::PercentEncode(lf->status);
+      if (!lf->pipeline.empty()) q += "&pipeline=" + net::PercentEncode(lf->pipeline);
+      if (!lf->cursor.empty()) q += "&cursor=" + net::PercentEncode(lf->cursor);
       ExitCode() = Call(*flags, "GET", "/v1/runs" + q);
     });
     auto id = std::make_shared<std::string>();
@@ -173,7 +158,7 @@ void AddClientCommands(CLI::App& app) {
       auto* cmd = runs->add_subcommand(s.name, s.help);
       cmd->add_option("RUN_ID", *id, "the run's id")->required();
       add_server(cmd);
-      cmd->callback([flags, id, s] { ExitCode() = Call(*flags, s.method, "/v1/runs/" + UrlEncode(*id) + s.suffix); });
+      cmd->callback([flags, id, s] { ExitCode() = Call(*flags, s.method, "/v1/runs/" + net::PercentEncode(*id) + s.suffix); });
     }
   }
 

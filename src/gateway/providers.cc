@@ -93,22 +93,8 @@ Result<ChatResult> ParseEmbeddings(std::string_view body, const std::string& pro
 }
 
 std::string QueryString(const std::map<std::string, std::string>& query) {
-  static constexpr char kHex[] = "0123456789ABCDEF";
-  auto encode = [](const std::string& in) {
-    std::string out;
-    for (unsigned char c : in) {
-      if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
-        out.push_back(static_cast<char>(c));
-      } else {
-        out.push_back('%');
-        out.push_back(kHex[c >> 4]);
-        out.push_back(kHex[c & 15]);
-      }
-    }
-    return out;
-  };
   std::string out;
-  for (const auto& [k, v] : query) out += (out.empty() ? "?" : "&") + encode(k) + "=" + encode(v);
+  for (const auto& [k, v] : query) out += (out.empty() ? "?" : "&") + net::PercentEncode(k) + "=" + net::PercentEncode(v);
   return out;
 }
 
@@ -122,62 +108,23 @@ class OpenAiProvider final : public Provider {
         embeddings_url_(config_.base_url + "/embeddings" + QueryString(config_.query)) {}
 
   Result<ChatResult> Chat(const json::object& body, const ChatRequest& req, Duration timeout) override {
-    net::ClientRequest http;
-    http.method = "POST";
-    http.url = url_;
-    http.headers = {{"Content-Type", "application/json"}, {"Accept", "application/json"}};
-    if (!config_.api_key.empty()) http.headers.emplace_back("Authorization", "Bearer " + config_.api_key);
-    if (!req.idempotency_key.empty()) http.headers.emplace_back("Idempotency-Key", req.idempotency_key);
-    for (const auto& [k, v] : config_.headers) http.headers.emplace_back(k, v);
-    http.body = json::serialize(body);
-    http.connect_timeout = std::min(config_.timeout.connect, timeout);
-    http.total_timeout = std::min(config_.timeout.total, timeout);
-    auto resp = net::SendHttp(http);
-    if (!resp.ok()) {
-      Error e = std::move(resp).error();
-      e.message = "provider " + config_.name + ": " + e.message;
-      return e;
-    }
-    if (resp->status < 200 || resp->status >= 300) return UpstreamError(resp->status, resp->headers, resp->body, config_.name);
+    auto resp = Exchange(Request(url_, json::serialize(body), "application/json", req, timeout));
+    if (!resp.ok()) return std::move(resp).error();
     return ParseCompletion(resp->body, config_.name);
   }
 
   Result<ChatResult> Embed(const json::object& body, const ChatRequest& req, Duration timeout) override {
-    net::ClientRequest http;
-    http.method = "POST";
-    http.url = embeddings_url_;
-    http.headers = {{"Content-Type", "application/json"}, {"Accept", "application/json"}};
-    if (!config_.api_key.empty()) http.headers.emplace_back("Authorization", "Bearer " + config_.api_key);
-    if (!req.idempotency_key.empty()) http.headers.emplace_back("Idempotency-Key", req.idempotency_key);
-    for (const auto& [k, v] : config_.headers) http.headers.emplace_back(k, v);
-    http.body = json::serialize(body);
-    http.connect_timeout = std::min(config_.timeout.connect, timeout);
-    http.total_timeout = std::min(config_.timeout.total, timeout);
-    auto resp = net::SendHttp(http);
-    if (!resp.ok()) {
-      Error e = std::move(resp).error();
-      e.message = "provider " + config_.name + ": " + e.message;
-      return e;
-    }
-    if (resp->status < 200 || resp->status >= 300) return UpstreamError(resp->status, resp->headers, resp->body, config_.name);
+    auto resp = Exchange(Request(embeddings_url_, json::serialize(body), "application/json", req, timeout));
+    if (!resp.ok()) return std::move(resp).error();
     return ParseEmbeddings(resp->body, config_.name);
   }
 
   Result<ChatResult> ChatStream(const json::object& body, const ChatRequest& req, Duration timeout,
                                 const Gateway::ChunkSink& on_chunk) override {
-    net::ClientRequest http;
-    http.method = "POST";
-    http.url = url_;
-    http.headers = {{"Content-Type", "application/json"}, {"Accept", "text/event-stream"}};
-    if (!config_.api_key.empty()) http.headers.emplace_back("Authorization", "Bearer " + config_.api_key);
-    if (!req.idempotency_key.empty()) http.headers.emplace_back("Idempotency-Key", req.idempotency_key);
-    for (const auto& [k, v] : config_.headers) http.headers.emplace_back(k, v);
     json::object b = body;
     b["stream"] = true;
     b["stream_options"] = json::object{{"include_usage", true}};  // always: for limits and cost
-    http.body = json::serialize(b);
-    http.connect_timeout = std::min(config_.timeout.connect, timeout);
-    http.total_timeout = std::min(config_.timeout.total, timeout);
+    const net::ClientRequest http = Request(url_, json::serialize(b), "text/event-stream", req, timeout);
     net::StreamTimeouts st{std::min(config_.timeout.first_byte, timeout), config_.timeout.idle};
 
     int status = 0;
@@ -239,6 +186,34 @@ class OpenAiProvider final : public Provider {
   }
 
  private:
+  net::ClientRequest Request(const std::string& url, std::string body, const char* accept, const ChatRequest& req,
+                             Duration timeout) const {
+    net::ClientRequest http;
+    http.method = "POST";
+    http.url = url;
+    http.headers = {{"Content-Type", "application/json"}, {"Accept", accept}};
+    if (!config_.api_key.empty()) http.headers.emplace_back("Authorization", "Bearer " + config_.api_key);
+    if (!req.idempotency_key.empty()) http.headers.emplace_back("Idempotency-Key", req.idempotency_key);
+    for (const auto& [k, v] : config_.headers) http.headers.emplace_back(k, v);
+    http.body = std::move(body);
+    http.connect_timeout = std::min(config_.timeout.connect, timeout);
+    http.total_timeout = std::min(config_.timeout.total, timeout);
+    return http;
+  }
+
+  // Sends a whole request; transport failures and error answers become this provider's
+  // classified errors.
+  Result<net::ClientResponse> Exchange(const net::ClientRequest& http) const {
+    auto resp = net::SendHttp(http);
+    if (!resp.ok()) {
+      Error e = std::move(resp).error();
+      e.message = "provider " + config_.name + ": " + e.message;
+      return e;
+    }
+    if (resp->status < 200 || resp->status >= 300) return UpstreamError(resp->status, resp->headers, resp->body, config_.name);
+    return resp;
+  }
+
   ProviderConfig config_;
   std::string url_;
   std::string embeddings_url_;

@@ -101,6 +101,22 @@ int OnStreamProgress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t)
   return 0;
 }
 
+// Options every request sets; returns the header list to free after the transfer.
+curl_slist* SetCommon(CURL* c, const ClientRequest& request) {
+  curl_slist* headers = nullptr;
+  for (const auto& [k, v] : request.headers) headers = curl_slist_append(headers, (k + ": " + v).c_str());
+  // No "Expect: 100-continue" round trip for large bodies.
+  headers = curl_slist_append(headers, "Expect:");
+  curl_easy_setopt(c, CURLOPT_URL, request.url.c_str());
+  curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(c, CURLOPT_TCP_NODELAY, 1L);
+  // curl reads 0 as "no timeout" (300s for connect): a spent budget must not become none.
+  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, std::max(1L, static_cast<long>(request.connect_timeout.count())));
+  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, std::max(1L, static_cast<long>(request.total_timeout.count())));
+  curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers);
+  return headers;
+}
+
 }  // namespace
 
 Result<int> SendHttpStreaming(const ClientRequest& request, const StreamTimeouts& timeouts,
@@ -114,15 +130,7 @@ Result<int> SendHttpStreaming(const ClientRequest& request, const StreamTimeouts
   StreamState st{&on_headers, &on_data, c};
   st.start = st.last_byte = std::chrono::steady_clock::now();
   st.timeouts = timeouts;
-  curl_slist* headers = nullptr;
-  for (const auto& [k, v] : request.headers) headers = curl_slist_append(headers, (k + ": " + v).c_str());
-  headers = curl_slist_append(headers, "Expect:");
-  curl_easy_setopt(c, CURLOPT_URL, request.url.c_str());
-  curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(c, CURLOPT_TCP_NODELAY, 1L);
-  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, std::max(1L, static_cast<long>(request.connect_timeout.count())));
-  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, std::max(1L, static_cast<long>(request.total_timeout.count())));
-  curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers);
+  curl_slist* headers = SetCommon(c, request);
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, OnStreamBody);
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &st);
   curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, OnHeader);
@@ -157,19 +165,7 @@ Result<ClientResponse> SendHttp(const ClientRequest& request) {
   if (c == nullptr) return Error(ErrorCode::kInternal, "curl_easy_init failed");
   curl_easy_reset(c);
   ClientResponse response;
-  curl_slist* headers = nullptr;
-  for (const auto& [k, v] : request.headers) headers = curl_slist_append(headers, (k + ": " + v).c_str());
-  // No "Expect: 100-continue" round trip for large bodies.
-  headers = curl_slist_append(headers, "Expect:");
-  curl_easy_setopt(c, CURLOPT_URL, request.url.c_str());
-  curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(c, CURLOPT_TCP_NODELAY, 1L);
-  // curl reads 0 as "no timeout" (300s for connect): a spent budget must not become none.
-  const long connect_ms = std::max(1L, static_cast<long>(request.connect_timeout.count()));
-  const long total_ms = std::max(1L, static_cast<long>(request.total_timeout.count()));
-  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, connect_ms);
-  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, total_ms);
-  curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers);
+  curl_slist* headers = SetCommon(c, request);
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, OnBody);
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &response.body);
   curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, OnHeader);

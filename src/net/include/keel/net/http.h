@@ -11,6 +11,9 @@ namespace keel::net {
 
 using Headers = std::vector<std::pair<std::string, std::string>>;
 
+/// Percent-encodes everything but RFC 3986's unreserved characters (for query values).
+std::string PercentEncode(std::string_view in);
+
 /// Case-insensitive lookup; empty when absent.
 std::string_view FindHeader(const Headers& headers, std::string_view name);
 
