@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <thread>
+
 #include "helpers.h"
 #include "keel/core/sse.h"
 #include "keel/net/http_client.h"
@@ -171,6 +173,46 @@ TEST_F(GatewayTest, ActiveHealthChecksCloseARecoveredCircuitWithoutUserTraffic) 
   auto r = Call("r", "hello");
   ASSERT_EQ(r.status, 200);
   EXPECT_EQ(r.Header("x-keel-provider"), "a");
+}
+
+TEST_F(GatewayTest, ConcurrencyLimitAndLeastBusySpreadCallsInFlight) {
+  MockLlm a, b;
+  Start(Provider("a", a.url(), ", limits: {max_concurrency: 1}") + Provider("b", b.url(), ", limits: {max_concurrency: 1}"),
+        "  busy: {strategy: least_busy, targets: [{provider: a}, {provider: b}]}\n"
+        "  only_a: {targets: [{provider: a}]}\n");
+  // A slow call holds a's only slot...
+  std::thread slow([&] { EXPECT_EQ(Call("only_a", "#mock sleep=1500").status, 200); });
+  ASSERT_TRUE(Eventually([&] { return MockCount(a.url(), "#mock sleep=1500") == 1; }));
+  // ...so least_busy sends the next call to b, and a route of a alone is refused at once.
+  auto r = Call("busy", "next");
+  ASSERT_EQ(r.status, 200) << r.raw;
+  EXPECT_EQ(r.Header("x-keel-provider"), "b");
+  auto refused = Call("only_a", "refused");
+  EXPECT_EQ(refused.status, 503) << refused.raw;
+  EXPECT_FALSE(refused.Header("retry-after").empty());
+  EXPECT_NE(std::string(refused.body.at("error").at("message").as_string()).find("max_concurrency"), std::string::npos);
+  EXPECT_EQ(MockCount(a.url(), "refused"), 0);
+  slow.join();
+}
+
+TEST_F(GatewayTest, CostIsAttributedToTheProviderThatAnswered) {
+  MockLlm down({"--fail-rate", "1", "--fail-status", "503"});
+  MockLlm up;
+  Start(Provider("down", down.url(), ", cost: {input_per_mtok: 100000, output_per_mtok: 100000}") +
+            Provider("up", up.url(), ", cost: {input_per_mtok: 100000, output_per_mtok: 200000}"),
+        "  r: {targets: [{provider: down}, {provider: up}]}\n");
+  auto r = Call("r", "price me");
+  ASSERT_EQ(r.status, 200) << r.raw;
+  const double in = static_cast<double>(r.body.at("usage").at("prompt_tokens").as_int64());
+  const double out = static_cast<double>(r.body.at("usage").at("completion_tokens").as_int64());
+  const auto m = HttpGet(server_->url() + "/metrics").raw;
+  // At 0.1 per input token and 0.2 per output token.
+  const std::string name = "keel_llm_cost_total{provider=\"up\"} ";
+  const auto at = m.find(name);
+  ASSERT_NE(at, std::string::npos) << m;
+  EXPECT_NEAR(std::stod(m.substr(at + name.size())), 0.1 * in + 0.2 * out, 1e-9);
+  EXPECT_EQ(m.find("keel_llm_cost_total{provider=\"down\"}"), std::string::npos);
+  EXPECT_NE(m.find("keel_llm_tokens_total{direction=\"output\",provider=\"up\"}"), std::string::npos);
 }
 
 TEST_F(GatewayTest, WeightedSplitIsWithinTolerance) {
