@@ -390,13 +390,6 @@ class StreamTranslator {
   }
 
   // Marks a stop that no event asked for (a line past the parser's bound).
-  void Overflow() {
-    if (!error_ && !cancelled_) {
-      error_ = Error(ErrorCode::kInvalidOutput,
-                     "provider " + provider_ + " streamed a line longer than 1 MiB");
-    }
-  }
-
   bool done() const { return done_; }
   bool cancelled() const { return cancelled_; }
   const std::optional<Error>& error() const { return error_; }
@@ -484,36 +477,13 @@ class AnthropicProvider final : public Provider {
     auto http = Request(*translated, req, timeout, "text/event-stream");
     net::StreamTimeouts st{std::min(config_.timeout.first_byte, timeout), config_.timeout.idle};
 
-    int status = 0;
-    net::Headers headers;
-    std::string error_body;
     StreamTranslator translator(config_.name, config_.model, on_chunk);
-    SseParser parser([&](const SseEvent& ev) { return translator.OnEvent(ev); });
-    auto r = net::SendHttpStreaming(
-        http, st,
-        [&](int s, const net::Headers& h) {
-          status = s;
-          headers = h;
-          return true;
-        },
-        [&](std::string_view data) {
-          if (status < 200 || status >= 300) {
-            if (error_body.size() < 65536) error_body.append(data);
-            return true;
-          }
-          if (parser.Feed(data)) return true;
-          translator.Overflow();
-          return false;
-        });
+    auto r = StreamEvents(http, st, config_.name, [&](const SseEvent& ev) { return translator.OnEvent(ev); });
     if (translator.error()) return *translator.error();
     if (translator.cancelled()) return Error(ErrorCode::kCancelled, "the client went away");
-    if (!r.ok()) {
-      Error e = std::move(r).error();
-      e.message = "provider " + config_.name + ": " + e.message;
-      return e;
-    }
-    if (status < 200 || status >= 300) {
-      return AnthropicError(status, headers, error_body, config_.name);
+    if (!r.ok()) return std::move(r).error();
+    if (r->status < 200 || r->status >= 300) {
+      return AnthropicError(r->status, r->headers, r->error_body, config_.name);
     }
     if (!translator.done()) {
       return Error(

@@ -12,7 +12,9 @@
 #include "keel/core/json.h"
 #include "keel/core/result.h"
 #include "keel/gateway/gateway.h"
+#include "keel/core/sse.h"
 #include "keel/net/http.h"
+#include "keel/net/http_client.h"
 
 namespace keel::gateway::detail {
 
@@ -43,6 +45,20 @@ Result<ChatResult> ParseCompletion(std::string_view body, const std::string& pro
 
 /// Folds one chat.completion.chunk into the result being built (model, usage, text).
 void Accumulate(const json::object& chunk, ChatResult& result);
+
+/// What a streamed exchange left once its transfer ended.
+struct EventStream {
+  int status = 0;
+  net::Headers headers;
+  std::string error_body;  // the body of a non-2xx answer (64 KiB at most)
+};
+
+/// Sends a streamed request. A 2xx body goes event by event to `on_event`; any other
+/// status's body is kept for classification. Fails kCancelled when `on_event` stopped the
+/// stream, kInvalidOutput when the provider sent a line over 1 MiB, and with the
+/// transport's error (named for `provider`) otherwise.
+Result<EventStream> StreamEvents(const net::ClientRequest& http, const net::StreamTimeouts& timeouts,
+                                 const std::string& provider, const SseParser::Callback& on_event);
 
 /// "?k=v&..." (percent-encoded) for a provider's `query`; empty when there is none.
 std::string QueryString(const std::map<std::string, std::string>& query);

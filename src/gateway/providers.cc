@@ -92,6 +92,41 @@ Result<ChatResult> ParseEmbeddings(std::string_view body, const std::string& pro
   return r;
 }
 
+Result<EventStream> StreamEvents(const net::ClientRequest& http, const net::StreamTimeouts& timeouts,
+                                 const std::string& provider, const SseParser::Callback& on_event) {
+  EventStream out;
+  bool stopped = false;
+  SseParser parser([&](const SseEvent& ev) {
+    stopped = !on_event(ev);
+    return !stopped;
+  });
+  bool overlong = false;
+  auto r = net::SendHttpStreaming(
+      http, timeouts,
+      [&](int s, const net::Headers& h) {
+        out.status = s;
+        out.headers = h;
+        return true;
+      },
+      [&](std::string_view data) {
+        if (out.status < 200 || out.status >= 300) {
+          if (out.error_body.size() < 65536) out.error_body.append(data);
+          return true;
+        }
+        if (parser.Feed(data)) return true;
+        overlong = !stopped;
+        return false;
+      });
+  if (stopped) return Error(ErrorCode::kCancelled, "the stream was stopped by its reader");
+  if (overlong) return Error(ErrorCode::kInvalidOutput, "provider " + provider + " streamed a line longer than 1 MiB");
+  if (!r.ok()) {
+    Error e = std::move(r).error();
+    e.message = "provider " + provider + ": " + e.message;
+    return e;
+  }
+  return out;
+}
+
 std::string QueryString(const std::map<std::string, std::string>& query) {
   std::string out;
   for (const auto& [k, v] : query) out += (out.empty() ? "?" : "&") + net::PercentEncode(k) + "=" + net::PercentEncode(v);
@@ -127,15 +162,12 @@ class OpenAiProvider final : public Provider {
     const net::ClientRequest http = Request(url_, json::serialize(b), "text/event-stream", req, timeout);
     net::StreamTimeouts st{std::min(config_.timeout.first_byte, timeout), config_.timeout.idle};
 
-    int status = 0;
-    net::Headers headers;
-    std::string error_body;
     ChatResult result;
     result.provider = config_.name;
     bool done = false;
     std::optional<Error> bad;
     bool reader_gone = false;
-    SseParser parser([&](const SseEvent& ev) {
+    auto r = StreamEvents(http, st, config_.name, [&](const SseEvent& ev) {
       if (ev.data == "[DONE]") {
         done = true;
         return true;
@@ -157,28 +189,10 @@ class OpenAiProvider final : public Provider {
       }
       return true;
     });
-    auto r = net::SendHttpStreaming(
-        http, st,
-        [&](int s, const net::Headers& h) {
-          status = s;
-          headers = h;
-          return true;
-        },
-        [&](std::string_view data) {
-          if (status < 200 || status >= 300) {
-            if (error_body.size() < 65536) error_body.append(data);
-            return true;
-          }
-          return parser.Feed(data);
-        });
     if (bad) return *bad;
     if (reader_gone) return Error(ErrorCode::kCancelled, "the client went away");
-    if (!r.ok()) {
-      Error e = std::move(r).error();
-      e.message = "provider " + config_.name + ": " + e.message;
-      return e;
-    }
-    if (status < 200 || status >= 300) return UpstreamError(status, headers, error_body, config_.name);
+    if (!r.ok()) return std::move(r).error();
+    if (r->status < 200 || r->status >= 300) return UpstreamError(r->status, r->headers, r->error_body, config_.name);
     if (!done) {
       return Error(ErrorCode::kInvalidOutput, "provider " + config_.name + ": the stream ended before [DONE] (truncated)");
     }

@@ -4,22 +4,9 @@
 #include <gtest/gtest.h>
 
 #include "helpers.h"
-#include "keel/core/sse.h"
-#include "keel/net/http_client.h"
 
 namespace keel::testing {
 namespace {
-
-json::value Chat(const std::string& model, const std::string& content) {
-  return json::object{
-      {"model", model},
-      {"messages", json::array{json::object{{"role", "user"}, {"content", content}}}}};
-}
-
-int64_t MockTotal(const std::string& url) {
-  auto r = HttpGet(url + "/mock/stats");
-  return r.status == 200 ? r.body.at("total").as_int64() : -1;
-}
 
 // An anthropic provider NAME whose model is NAME-claude, at the mock-llm `url`.
 std::string Anthropic(const std::string& name, const std::string& url,
@@ -27,52 +14,6 @@ std::string Anthropic(const std::string& name, const std::string& url,
   return "  " + name + ": {type: anthropic, base_url: " + url +
          "/v1, api_key: sk-ant-test, model: " + name +
          "-claude, timeout: {connect: 1s, total: 5s}" + extra + "}\n";
-}
-
-struct Streamed {
-  int status = 0;
-  bool transport_ok = false;
-  std::vector<std::string> data;  // each event's data, in order
-  std::string raw;
-  std::string Text() const {  // the concatenated content deltas
-    std::string out;
-    for (const auto& d : data) {
-      if (d == "[DONE]") continue;
-      auto v = json::parse(d);
-      if (!v.as_object().contains("choices")) continue;
-      for (const auto& c : v.at("choices").as_array()) {
-        if (const auto* t = c.at("delta").as_object().if_contains("content"); t && t->is_string()) {
-          out += std::string(t->as_string());
-        }
-      }
-    }
-    return out;
-  }
-};
-
-Streamed StreamCall(const std::string& base, const std::string& model, const std::string& content,
-                    bool include_usage = false) {
-  json::value body = Chat(model, content);
-  body.as_object()["stream"] = true;
-  if (include_usage) body.as_object()["stream_options"] = json::object{{"include_usage", true}};
-  net::ClientRequest req;
-  req.method = "POST";
-  req.url = base + "/v1/chat/completions";
-  req.headers = {{"Content-Type", "application/json"}};
-  req.body = json::serialize(body);
-  req.total_timeout = std::chrono::seconds(30);
-  Streamed out;
-  auto r = net::SendHttp(req);
-  if (!r.ok()) return out;
-  out.transport_ok = true;
-  out.status = r->status;
-  out.raw = r->body;
-  SseParser parser([&](const SseEvent& e) {
-    out.data.push_back(e.data);
-    return true;
-  });
-  parser.Feed(r->body);
-  return out;
 }
 
 class AnthropicTest : public ::testing::Test {
@@ -140,7 +81,7 @@ TEST_F(AnthropicTest, StreamingYieldsOpenAiChunksThatAddUpToTheWholeAnswer) {
   MockLlm mock;
   Start(Anthropic("claude", mock.url()), "  smart: {targets: [{provider: claude}]}\n");
   const std::string prompt = "tell me a few words about streams";
-  auto s = StreamCall(server_->url(), "smart", prompt, /*include_usage=*/true);
+  auto s = StreamCall(server_->url(), StreamBody("smart", prompt, true));
   ASSERT_TRUE(s.transport_ok);
   ASSERT_EQ(s.status, 200) << s.raw;
   ASSERT_GE(s.data.size(), 5u) << s.raw;
@@ -168,7 +109,7 @@ TEST_F(AnthropicTest, StreamingYieldsOpenAiChunksThatAddUpToTheWholeAnswer) {
             std::string::npos);
 
   // Without include_usage no usage chunk is passed on.
-  auto plain = StreamCall(server_->url(), "smart", prompt);
+  auto plain = StreamCall(server_->url(), StreamBody("smart", prompt));
   ASSERT_EQ(plain.status, 200) << plain.raw;
   EXPECT_EQ(plain.data.back(), "[DONE]");
   EXPECT_FALSE(json::parse(plain.data[plain.data.size() - 2]).at("choices").as_array().empty());
@@ -187,7 +128,7 @@ TEST_F(AnthropicTest, OverloadedFailsOverToTheNextTarget) {
   EXPECT_EQ(r.Header("x-keel-failovers"), "1");
 
   // Streamed: the failure comes before the first token, so the client never sees it.
-  auto s = StreamCall(server_->url(), "r", "hello stream");
+  auto s = StreamCall(server_->url(), StreamBody("r", "hello stream"));
   ASSERT_EQ(s.status, 200) << s.raw;
   EXPECT_EQ(s.data.back(), "[DONE]");
   EXPECT_FALSE(s.Text().empty());
@@ -208,7 +149,7 @@ TEST_F(AnthropicTest, AnInvalidRequestFailsFast) {
   EXPECT_EQ(r.body.at("error").at("type").as_string(), "invalid_request");
   EXPECT_EQ(MockTotal(a.url()) + MockTotal(b.url()), 1);
 
-  auto s = StreamCall(server_->url(), "r", "#mock fail=401");
+  auto s = StreamCall(server_->url(), StreamBody("r", "#mock fail=401"));
   EXPECT_EQ(s.status, 401) << s.raw;
   EXPECT_EQ(json::parse(s.raw).at("error").at("type").as_string(), "auth");
   EXPECT_EQ(MockTotal(a.url()) + MockTotal(b.url()), 2);
@@ -241,7 +182,7 @@ TEST_F(AnthropicTest, AStreamThatBreaksAfterItsFirstTokenEndsWithAnErrorEvent) {
   MockLlm a;
   Start(Anthropic("a", a.url()), "  r: {targets: [{provider: a}]}\n");
   for (const char* fault : {"#mock truncate", "#mock reset_after=2"}) {
-    auto s = StreamCall(server_->url(), "r", std::string("a long answer please\n") + fault);
+    auto s = StreamCall(server_->url(), StreamBody("r", std::string("a long answer please\n") + fault));
     ASSERT_TRUE(s.transport_ok) << fault;
     ASSERT_EQ(s.status, 200) << s.raw;
     ASSERT_GE(s.data.size(), 2u) << s.raw;
@@ -267,7 +208,7 @@ TEST_F(AnthropicTest, AStreamWithNoFirstByteInTimeFailsOver) {
             "  local: {type: mock, model: local-model}\n",
         "  r: {targets: [{provider: slow}, {provider: local}]}\n");
   const auto t0 = std::chrono::steady_clock::now();
-  auto s = StreamCall(server_->url(), "r", "#mock first_byte=5000");
+  auto s = StreamCall(server_->url(), StreamBody("r", "#mock first_byte=5000"));
   ASSERT_EQ(s.status, 200) << s.raw;
   EXPECT_EQ(s.data.back(), "[DONE]");
   EXPECT_EQ(json::parse(s.data.front()).at("model").as_string(), "local-model");

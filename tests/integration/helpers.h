@@ -3,6 +3,8 @@
 
 #include <string>
 
+#include "keel/core/sse.h"
+#include "keel/net/http_client.h"
 #include "keel/testing/http.h"
 #include "keel/testing/process.h"
 
@@ -53,6 +55,70 @@ inline int64_t MockCount(const std::string& mock_url, const std::string& prompt)
   if (r.status != 200) return -1;
   const auto* n = r.body.at("by_prompt").as_object().if_contains(prompt);
   return n ? n->as_int64() : 0;
+}
+
+/// An OpenAI chat body with one user message.
+inline json::value Chat(const std::string& model, const std::string& content) {
+  return json::object{{"model", model}, {"messages", json::array{json::object{{"role", "user"}, {"content", content}}}}};
+}
+
+/// Calls the mock has answered in all; -1 when it did not answer.
+inline int64_t MockTotal(const std::string& url) {
+  auto r = HttpGet(url + "/mock/stats");
+  return r.status == 200 ? r.body.at("total").as_int64() : -1;
+}
+
+struct Streamed {
+  int status = 0;
+  bool transport_ok = false;
+  std::vector<std::string> data;  // each event's data, in order
+  std::string raw;
+  net::Headers headers;
+  std::string Text() const {  // the concatenated content deltas
+    std::string out;
+    for (const auto& d : data) {
+      if (d == "[DONE]") continue;
+      auto v = json::parse(d);
+      if (!v.as_object().contains("choices")) continue;
+      for (const auto& c : v.at("choices").as_array()) {
+        if (const auto* t = c.as_object().at("delta").as_object().if_contains("content"); t && t->is_string()) {
+          out += std::string(t->as_string());
+        }
+      }
+    }
+    return out;
+  }
+};
+
+/// POSTs a streamed chat body and parses the whole answer as server-sent events.
+inline Streamed StreamCall(const std::string& base, const json::value& body) {
+  net::ClientRequest req;
+  req.method = "POST";
+  req.url = base + "/v1/chat/completions";
+  req.headers = {{"Content-Type", "application/json"}};
+  req.body = json::serialize(body);
+  req.total_timeout = std::chrono::seconds(30);
+  Streamed out;
+  auto r = net::SendHttp(req);
+  if (!r.ok()) return out;
+  out.transport_ok = true;
+  out.status = r->status;
+  out.raw = r->body;
+  out.headers = r->headers;
+  SseParser parser([&](const SseEvent& e) {
+    out.data.push_back(e.data);
+    return true;
+  });
+  parser.Feed(r->body);
+  return out;
+}
+
+/// Chat(model, content) with "stream": true (and include_usage when asked).
+inline json::value StreamBody(const std::string& model, const std::string& content, bool include_usage = false) {
+  json::value b = Chat(model, content);
+  b.as_object()["stream"] = true;
+  if (include_usage) b.as_object()["stream_options"] = json::object{{"include_usage", true}};
+  return b;
 }
 
 inline std::string Status(const json::value& run) { return std::string(run.at("status").as_string()); }

@@ -7,8 +7,7 @@
 //   half_open ──(half_open_requests trial calls all succeed)──> closed
 //   half_open ──(a trial call fails)──> open (for open_for again)
 //
-// The window is a ring of 10 buckets of window/10 each, so old outcomes age out without
-// storing each call. Pure: time comes from the caller. Not thread-safe: one owner, or the
+// The window is a SlidingWindowCounts: old outcomes age out without storing each call. Pure: time comes from the caller. Not thread-safe: one owner, or the
 // caller locks.
 
 #include <array>
@@ -16,6 +15,7 @@
 #include <string_view>
 
 #include "keel/core/clock.h"
+#include "keel/core/sliding_window.h"
 
 namespace keel {
 
@@ -56,20 +56,13 @@ class CircuitBreaker {
   int64_t opened_count() const { return opened_count_; }
 
  private:
-  struct Bucket {
-    int64_t epoch = -1;  // which window slice this bucket counts
-    int64_t requests = 0;
-    int64_t failures = 0;
-  };
-  Bucket& BucketAt(Timestamp now);
-  void Totals(Timestamp now, int64_t& requests, int64_t& failures) const;
   void Open(Timestamp now);
   void Close();
   void Advance(Timestamp now);  // open -> half-open when due
 
   CircuitBreakerOptions options_;
   BreakerState state_ = BreakerState::kClosed;
-  std::array<Bucket, 10> buckets_{};
+  SlidingWindowCounts window_;  // first: requests, second: failures
   int consecutive_ = 0;
   Timestamp open_until_{};
   int half_open_in_flight_ = 0;

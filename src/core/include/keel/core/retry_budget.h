@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "keel/core/clock.h"
+#include "keel/core/sliding_window.h"
 
 namespace keel {
 
@@ -33,15 +34,8 @@ class RetryBudget {
   int64_t Retries(Timestamp now) const;
 
  private:
-  struct Bucket {
-    int64_t epoch = -1;
-    int64_t requests = 0;
-    int64_t retries = 0;
-  };
-  Bucket& At(Timestamp now);
-  void Totals(Timestamp now, int64_t& requests, int64_t& retries) const;
   RetryBudgetOptions options_;
-  std::array<Bucket, 10> buckets_{};
+  SlidingWindowCounts window_;  // first: requests, second: retries
 };
 
 }  // namespace keel
