@@ -43,22 +43,6 @@ std::optional<ErrorCode> ErrorCodeFromName(std::string_view name) {
   return std::nullopt;
 }
 
-bool IsRetryable(ErrorCode code) {
-  switch (code) {
-    case ErrorCode::kRateLimited:
-    case ErrorCode::kOverloaded:
-    case ErrorCode::kServerError:
-    case ErrorCode::kTimeout:
-    case ErrorCode::kNetwork:
-    case ErrorCode::kInvalidOutput:
-    case ErrorCode::kUnavailable:
-    case ErrorCode::kLeaseLost:
-      return true;
-    default:
-      return false;
-  }
-}
-
 bool FailsOver(ErrorCode code) {
   switch (code) {
     case ErrorCode::kRateLimited:
@@ -71,6 +55,11 @@ bool FailsOver(ErrorCode code) {
     default:
       return false;
   }
+}
+
+bool IsRetryable(ErrorCode code) {
+  // What another target may answer may also succeed later, as may keel's own storage.
+  return FailsOver(code) || code == ErrorCode::kUnavailable || code == ErrorCode::kLeaseLost;
 }
 
 int HttpStatusFor(ErrorCode code) {
