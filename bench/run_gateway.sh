@@ -37,7 +37,7 @@ cat > "$tmp/keel.yaml" <<YAML
 storage: sqlite://$tmp/keel.db
 log_level: info
 engine: {workers: 0}
-server: {handler_threads: 128}
+server: {handler_threads: 128, io_threads: ${IO_THREADS:-2}}
 providers:
   up:   {type: openai, base_url: $UP/v1, model: gpt-4o-mini}
   down: {type: openai, base_url: $UP/fail/v1, model: gpt-4o-mini}

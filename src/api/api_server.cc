@@ -174,9 +174,10 @@ class ApiServerImpl final : public ApiServer {
     std::string name;
     Handler h = Route(req, segs, name);
     if (h == nullptr) {
-      respond(Answer(req, name, HttpResponse(NotFoundOrMethod(req, segs))));
+      respond(Answer(name, HttpResponse(NotFoundOrMethod(req, segs))));
       return;
     }
+    if (h == &ApiServerImpl::ChatCompletions && ChatCompletionsAsync(req, respond)) return;
     auto shared = std::make_shared<HttpRequest>(std::move(req));
     const bool queued = pool_.Submit([this, h, shared, name, respond]() mutable {
       if (h == &ApiServerImpl::ChatCompletions) {
@@ -185,16 +186,16 @@ class ApiServerImpl final : public ApiServer {
         return;
       }
       const auto segs2 = Segments(shared->path);
-      respond(Answer(*shared, name, (this->*h)(*shared, segs2)));
+      respond(Answer(name, (this->*h)(*shared, segs2)));
     });
     if (!queued) {
       Error e(ErrorCode::kOverloaded, "keel is overloaded (too many requests waiting); retry later");
       e.retry_after = Duration(1000);
-      respond(Answer(*shared, name, ErrorResponse(e)));
+      respond(Answer(name, ErrorResponse(e)));
     }
   }
 
-  HttpResponse Answer(const HttpRequest&, const std::string& name, HttpResponse r) {
+  HttpResponse Answer(const std::string& name, HttpResponse r) {
     http_requests_.Add({{"handler", name.empty() ? "unknown" : name}, {"code", std::to_string(r.status)}}).Increment();
     return r;
   }
@@ -419,22 +420,11 @@ class ApiServerImpl final : public ApiServer {
     bool stream = false;
     auto call = ParseChatRequest(req, stream);
     if (!call.ok()) {
-      respond(Answer(req, "chat_completions", ErrorResponse(call.error())));
+      respond(Answer("chat_completions", ErrorResponse(call.error())));
       return;
     }
     if (!stream) {
-      auto r = gateway_.Chat(*call);
-      if (!r.ok()) {
-        auto resp = ErrorResponse(r.error());
-        resp.headers.emplace_back("X-Keel-Route", call->route);
-        respond(Answer(req, "chat_completions", std::move(resp)));
-        return;
-      }
-      json::object out = std::move(r->response);
-      out["model"] = r->model;
-      auto resp = JsonResponse(200, out);
-      AddKeelHeaders(resp.headers, call->route, *r);
-      respond(Answer(req, "chat_completions", std::move(resp)));
+      respond(Answer("chat_completions", ChatAnswer(call->route, gateway_.Chat(*call))));
       return;
     }
     // Streamed: the answer starts with the first chunk, so that every failure before it
@@ -452,7 +442,7 @@ class ApiServerImpl final : public ApiServer {
       if (!r.ok()) {
         auto resp = ErrorResponse(r.error());
         resp.headers.emplace_back("X-Keel-Route", call->route);
-        respond(Answer(req, "chat_completions", std::move(resp)));
+        respond(Answer("chat_completions", std::move(resp)));
         return;
       }
       writer = respond.StartStream(200, "text/event-stream", {{"Cache-Control", "no-cache"}});
@@ -460,15 +450,47 @@ class ApiServerImpl final : public ApiServer {
     }
     if (r.ok()) {
       writer->Write("data: [DONE]\n\n");
-      Answer(req, "chat_completions", JsonResponse(200, nullptr));
+      Answer("chat_completions", JsonResponse(200, nullptr));
     } else {
       // After the first token: end with an error event, never a silent truncation.
       const Error& e = r.error();
       writer->Write(FormatSse(json::serialize(json::object{
           {"error", json::object{{"type", ErrorCodeName(e.code)}, {"message", e.message}, {"code", ErrorCodeName(e.code)}}}})));
-      Answer(req, "chat_completions", JsonResponse(502, nullptr));
+      Answer("chat_completions", JsonResponse(502, nullptr));
     }
     writer->Finish();
+  }
+
+  // A whole (not streamed) chat completion, answered from the I/O thread: the gateway
+  // calls providers asynchronously, so the request holds no thread while they answer.
+  // False for a streamed request, which needs a handler thread (its writes block).
+  bool ChatCompletionsAsync(const HttpRequest& req, const net::Responder& respond) {
+    bool stream = false;
+    auto call = ParseChatRequest(req, stream);
+    if (stream) return false;
+    if (!call.ok()) {
+      respond(Answer("chat_completions", ErrorResponse(call.error())));
+      return true;
+    }
+    std::string route = call->route;
+    gateway_.ChatAsync(std::move(*call), respond.executor(),
+                       [this, respond, route = std::move(route)](Result<gateway::ChatResult> r) {
+                         respond(Answer("chat_completions", ChatAnswer(route, std::move(r))));
+                       });
+    return true;
+  }
+
+  HttpResponse ChatAnswer(const std::string& route, Result<gateway::ChatResult> r) {
+    if (!r.ok()) {
+      auto resp = ErrorResponse(r.error());
+      resp.headers.emplace_back("X-Keel-Route", route);
+      return resp;
+    }
+    json::object out = std::move(r->response);
+    out["model"] = r->model;
+    auto resp = JsonResponse(200, out);
+    AddKeelHeaders(resp.headers, route, *r);
+    return resp;
   }
 
   static void AddKeelHeaders(net::Headers& h, const std::string& route, const gateway::ChatResult& r) {

@@ -45,6 +45,7 @@ int Serve(const std::string& config_path, const std::string& listen_flag) {
   }
   server.max_body_bytes = config->server.max_body_bytes;
   server.max_connections = config->server.max_connections;
+  server.io_threads = config->server.io_threads;
   server.idle_timeout = config->server.idle_timeout;
 
   const Clock& clock = *SystemClock::Instance();

@@ -432,7 +432,7 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
     }
   }
   if (const auto s = root["server"]) {
-    r.Keys(s, "server", {"max_body_bytes", "max_connections", "handler_threads", "idle_timeout"});
+    r.Keys(s, "server", {"max_body_bytes", "max_connections", "handler_threads", "io_threads", "idle_timeout"});
     if (s["max_body_bytes"]) {
       if (!s["max_body_bytes"].IsScalar()) Fail(s["max_body_bytes"], "server.max_body_bytes must be a size");
       auto v = ParseByteSize(s["max_body_bytes"].Scalar());
@@ -442,6 +442,7 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
     }
     if (s["max_connections"]) c.server.max_connections = static_cast<int>(r.Int(s["max_connections"], "server.max_connections", 1, 65536));
     if (s["handler_threads"]) c.server.handler_threads = static_cast<int>(r.Int(s["handler_threads"], "server.handler_threads", 1, 1024));
+    if (s["io_threads"]) c.server.io_threads = static_cast<int>(r.Int(s["io_threads"], "server.io_threads", 1, 64));
     if (s["idle_timeout"]) c.server.idle_timeout = r.Dur(s["idle_timeout"], "server.idle_timeout", Duration(1000));
   }
   if (const auto e = root["engine"]) {

@@ -84,7 +84,7 @@ TEST(ConfigTest, ExplicitValuesAreRead) {
   auto c = ParseConfig(R"(listen: 0.0.0.0:8080
 storage: sqlite:///var/lib/keel.db
 log_level: debug
-server: {max_body_bytes: 64KiB, max_connections: 10, handler_threads: 4, idle_timeout: 5s}
+server: {max_body_bytes: 64KiB, max_connections: 10, handler_threads: 4, io_threads: 3, idle_timeout: 5s}
 engine: {workers: 0, lease_timeout: 10s, heartbeat_interval: 2s, poll_interval: 50ms,
          max_queue_depth: 7}
 )",
@@ -96,6 +96,7 @@ engine: {workers: 0, lease_timeout: 10s, heartbeat_interval: 2s, poll_interval: 
   EXPECT_EQ(c->server.max_body_bytes, 64u * 1024);
   EXPECT_EQ(c->server.max_connections, 10);
   EXPECT_EQ(c->server.handler_threads, 4);
+  EXPECT_EQ(c->server.io_threads, 3);
   EXPECT_EQ(c->server.idle_timeout, milliseconds(5000));
   EXPECT_EQ(c->engine.workers, 0);
   EXPECT_EQ(c->engine.lease_timeout, milliseconds(10000));

@@ -4,6 +4,8 @@
 #include <chrono>
 #include <algorithm>
 #include <atomic>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <condition_variable>
 #include <map>
 #include <mutex>
@@ -21,6 +23,7 @@
 #include "keel/core/token_bucket.h"
 #include "keel/gateway/mock_llm.h"
 #include "keel/net/http_client.h"
+#include "keel/net/worker_pool.h"
 #include "keel/obs/log.h"
 #include "keel/obs/metrics.h"
 
@@ -196,6 +199,9 @@ class GatewayImpl final : public Gateway {
       add_route(rc);
       for (auto& t : routes_.at(name)->targets) targets_by_provider_[name].push_back(t.get());
     }
+    bool blocking = false;
+    for (const auto& [name, p] : providers_) blocking = blocking || !p->provider->async();
+    if (blocking) blocking_ = std::make_unique<net::WorkerPool>(config.server.handler_threads, 10000);
     bool probing = false;
     for (const auto& [name, p] : providers_) probing = probing || p->config.health_check_interval.count() > 0;
     if (probing) prober_ = std::thread([this] { ProbeLoop(); });
@@ -220,35 +226,27 @@ class GatewayImpl final : public Gateway {
     return Run(req, &on_chunk);
   }
 
- private:
-  // One call through the route: the resilience loop shared by whole and streamed answers.
-  // `sink` is null for a whole answer.
-  Result<ChatResult> Run(const ChatRequest& req, const ChunkSink* sink, bool embed = false) {
-    const auto it = routes_.find(req.route);
-    if (it == routes_.end()) {
-      return Count(req.route, Error(ErrorCode::kNotFound, "no route or provider named \"" + req.route + "\"", "model"));
-    }
-    RouteState& route = *it->second;
-    const auto start = std::chrono::steady_clock::now();
-    const auto deadline = start + std::min(req.timeout, route.config.timeout);
-    const int64_t prompt_tokens = EstimatePromptTokens(req.body);
-    const int64_t estimate = prompt_tokens + static_cast<int64_t>(NumberOr(req.body.if_contains("max_tokens"), 0));
+  void ChatAsync(ChatRequest req, const boost::asio::any_io_executor& executor, Callback done) override {
+    auto a = std::make_shared<AsyncCall>(std::move(req), executor, std::move(done));
+    if (!Begin(a->call)) return a->Complete();
+    Step(std::move(a));
+  }
 
-    int64_t largest = 0;
-    for (const auto& t : route.targets) largest = std::max(largest, t->provider->config.context_window);
-    if (prompt_tokens > largest) {
-      return Count(req.route, Error(ErrorCode::kContextLength,
-                                    "the prompt (about " + std::to_string(prompt_tokens) +
-                                        " tokens) is longer than the context window of every target of route \"" +
-                                        req.route + "\" (largest: " + std::to_string(largest) + ")",
-                                    "messages"));
-    }
-    {
-      std::lock_guard lock(route.budget_mu);
-      route.budget.OnRequest(clock_.Now());
-    }
-    int max_attempts = req.max_attempts > 0 ? std::min(req.max_attempts, 10) : route.config.retry.max_attempts;
-    if (req.failover_only) max_attempts = std::min<int>(route.config.max_failover, static_cast<int>(route.targets.size()));
+ private:
+  // The state of one call through a route: the resilience loop's bookkeeping, shared by
+  // the blocking path (Run) and the asynchronous one (Step). The loop: Begin, then Next
+  // picks a target (and a backoff delay), the caller makes the call, OnResult folds its
+  // outcome in, until one of them says the call is done and `result` holds its answer.
+  struct Call {
+    Call(const ChatRequest& r, const ChunkSink* s, bool e) : req(r), sink(s), embed(e) {}
+    const ChatRequest& req;
+    const ChunkSink* sink;  // null for a whole answer
+    bool embed;
+    RouteState* route = nullptr;
+    std::chrono::steady_clock::time_point start, deadline;
+    int64_t prompt_tokens = 0;
+    int64_t estimate = 0;
+    int max_attempts = 0;
     std::vector<TargetState*> tried;
     TargetState* previous = nullptr;
     std::optional<Error> last;
@@ -257,78 +255,210 @@ class GatewayImpl final : public Gateway {
     int failovers = 0;
     bool forwarded = false;  // a chunk reached the caller: no failover from here on
     Duration ttft{0};
+    // The attempt Next chose: its target, the backoff to wait before it, and its body.
+    TargetState* target = nullptr;
+    Duration delay{0};
+    json::object body;
+    Duration left{0};
+    std::chrono::steady_clock::time_point t0;
+    std::optional<Result<ChatResult>> result;
+  };
 
-    while (attempts < max_attempts) {
-      if (std::chrono::steady_clock::now() >= deadline) break;
+  struct AsyncCall {
+    AsyncCall(ChatRequest r, boost::asio::any_io_executor e, Callback d)
+        : req(std::move(r)), executor(std::move(e)), done(std::move(d)), call(req, nullptr, false) {}
+    void Complete() { done(std::move(*call.result)); }
+    ChatRequest req;
+    boost::asio::any_io_executor executor;
+    Callback done;
+    Call call;
+  };
+
+  // One call through the route, blocking: the resilience loop shared by whole and
+  // streamed answers. `sink` is null for a whole answer.
+  Result<ChatResult> Run(const ChatRequest& req, const ChunkSink* sink, bool embed = false) {
+    Call c(req, sink, embed);
+    if (Begin(c)) {
+      while (Next(c)) {
+        if (c.delay.count() > 0) std::this_thread::sleep_for(c.delay);  // real time: the outbound call path
+        if (OnResult(c, CallTarget(c))) break;
+      }
+    }
+    return std::move(*c.result);
+  }
+
+  // The asynchronous loop: a backoff is a timer and a call holds no thread, unless the
+  // provider can only block, in which case the call runs on the blocking pool.
+  void Step(std::shared_ptr<AsyncCall> a) {
+    Call& c = a->call;
+    if (!Next(c)) return a->Complete();
+    if (c.delay.count() > 0) {
+      auto timer = std::make_shared<boost::asio::steady_timer>(a->executor, c.delay);
+      timer->async_wait([this, a, timer](boost::system::error_code) { Attempt(a); });
+      return;
+    }
+    Attempt(std::move(a));
+  }
+
+  void Attempt(std::shared_ptr<AsyncCall> a) {
+    Call& c = a->call;
+    Prepare(c);
+    auto& provider = *c.target->provider->provider;
+    auto on_result = [this, a](Result<ChatResult> r) {
+      if (OnResult(a->call, Finish(a->call, std::move(r)))) return a->Complete();
+      Step(a);
+    };
+    if (provider.async()) {
+      provider.ChatAsync(c.body, a->req, c.left, a->executor, std::move(on_result));
+      return;
+    }
+    const bool queued = blocking_ && blocking_->Submit([&provider, a, on_result]() mutable {
+      auto r = provider.Chat(a->call.body, a->req, a->call.left);
+      boost::asio::post(a->executor, [on_result = std::move(on_result), r = std::move(r)]() mutable { on_result(std::move(r)); });
+    });
+    if (!queued) {
+      Error e(ErrorCode::kOverloaded, "keel is overloaded (too many blocking provider calls waiting); retry later");
+      e.retry_after = Duration(1000);
+      on_result(std::move(e));
+    }
+  }
+
+  // Looks the route up and checks the prompt against the windows; false (with the
+  // result set) when the call ends here.
+  bool Begin(Call& c) {
+    const ChatRequest& req = c.req;
+    const auto it = routes_.find(req.route);
+    if (it == routes_.end()) {
+      c.result = Count(req.route, Error(ErrorCode::kNotFound, "no route or provider named \"" + req.route + "\"", "model"));
+      return false;
+    }
+    RouteState& route = *it->second;
+    c.route = &route;
+    c.start = std::chrono::steady_clock::now();
+    c.deadline = c.start + std::min(req.timeout, route.config.timeout);
+    c.prompt_tokens = EstimatePromptTokens(req.body);
+    c.estimate = c.prompt_tokens + static_cast<int64_t>(NumberOr(req.body.if_contains("max_tokens"), 0));
+
+    int64_t largest = 0;
+    for (const auto& t : route.targets) largest = std::max(largest, t->provider->config.context_window);
+    if (c.prompt_tokens > largest) {
+      c.result = Count(req.route, Error(ErrorCode::kContextLength,
+                                        "the prompt (about " + std::to_string(c.prompt_tokens) +
+                                            " tokens) is longer than the context window of every target of route \"" +
+                                            req.route + "\" (largest: " + std::to_string(largest) + ")",
+                                        "messages"));
+      return false;
+    }
+    {
+      std::lock_guard lock(route.budget_mu);
+      route.budget.OnRequest(clock_.Now());
+    }
+    c.max_attempts = req.max_attempts > 0 ? std::min(req.max_attempts, 10) : route.config.retry.max_attempts;
+    if (req.failover_only) {
+      c.max_attempts = std::min<int>(route.config.max_failover, static_cast<int>(route.targets.size()));
+    }
+    return true;
+  }
+
+  // Chooses the next attempt: an admitted target and the backoff before calling it.
+  // False (with the result set) when there is none.
+  bool Next(Call& c) {
+    const ChatRequest& req = c.req;
+    RouteState& route = *c.route;
+    c.target = nullptr;
+    c.delay = Duration(0);
+    if (c.attempts < c.max_attempts && std::chrono::steady_clock::now() < c.deadline) {
       Refusal why = Refusal::kNone;
       Duration rate_wait = Duration::max();
-      TargetState* target = Pick(route, tried, !req.failover_only, min_window, std::max(prompt_tokens, min_window + 1),
-                                 estimate, why, rate_wait);
-      if (target == nullptr) {
-        if (last) break;  // the last failure says more than "nothing is available"
-        return Count(req.route, NoTarget(route, why, rate_wait));
+      TargetState* target = Pick(route, c.tried, !req.failover_only, c.min_window,
+                                 std::max(c.prompt_tokens, c.min_window + 1), c.estimate, why, rate_wait);
+      if (target == nullptr && !c.last) {
+        c.result = Count(req.route, NoTarget(route, why, rate_wait));
+        return false;
       }
-      if (attempts > 0) {
+      // Without a target, the last failure says more than "nothing is available".
+      if (target != nullptr && c.attempts > 0) {
         bool allowed;
         {
           std::lock_guard lock(route.budget_mu);
           allowed = route.budget.TryRetry(clock_.Now());
         }
         if (!allowed) {
-          Release(*target, estimate);
+          Release(*target, c.estimate);
           refusals_.Add({{"route", req.route}, {"provider", target->target.provider}, {"reason", "retry_budget"}}).Increment();
-          last->message += " (no retry: the route's retry budget is spent)";
-          break;
-        }
-        retries_.Add({{"route", req.route}}).Increment();
-        if (target == previous) {
-          // The same target again: back off first, honouring its Retry-After.
-          const Duration delay = ComputeBackoff(route.config.retry.backoff, attempts, last->retry_after, random_);
-          if (std::chrono::steady_clock::now() + delay >= deadline) {
-            Release(*target, estimate);
-            break;
-          }
-          std::this_thread::sleep_for(delay);  // real time: this is the outbound call path
+          c.last->message += " (no retry: the route's retry budget is spent)";
+          target = nullptr;
         } else {
-          ++failovers;
-          failovers_.Add({{"route", req.route}}).Increment();
+          retries_.Add({{"route", req.route}}).Increment();
+          if (target == c.previous) {
+            // The same target again: back off first, honouring its Retry-After.
+            c.delay = ComputeBackoff(route.config.retry.backoff, c.attempts, c.last->retry_after, random_);
+            if (std::chrono::steady_clock::now() + c.delay >= c.deadline) {
+              Release(*target, c.estimate);
+              target = nullptr;
+            }
+          } else {
+            ++c.failovers;
+            failovers_.Add({{"route", req.route}}).Increment();
+          }
         }
       }
-      if (std::find(tried.begin(), tried.end(), target) == tried.end()) tried.push_back(target);
-      previous = target;
-      ++attempts;
-      auto r = CallTarget(req, route, *target, deadline, estimate, sink, start, forwarded, ttft, embed);
-      if (r.ok()) {
-        r->attempts = attempts;
-        r->failovers = failovers;
-        r->duration = std::chrono::duration_cast<Duration>(std::chrono::steady_clock::now() - start);
-        r->time_to_first_token = ttft;
-        calls_.Add({{"route", req.route}, {"outcome", "ok"}}).Increment();
-        return r;
+      if (target != nullptr) {
+        if (std::find(c.tried.begin(), c.tried.end(), target) == c.tried.end()) c.tried.push_back(target);
+        c.previous = target;
+        c.target = target;
+        ++c.attempts;
+        return true;
       }
-      last = std::move(r).error();
-      if (forwarded) {
-        // Part of the answer is out: it cannot be taken back or continued elsewhere.
-        last->message = "the stream failed after its first token: " + last->message;
-        return Count(req.route, std::move(*last));
-      }
-      if (last->code == ErrorCode::kContextLength) {
-        min_window = std::max(min_window, target->provider->config.context_window);
-        continue;
-      }
-      if (!FailsOver(last->code)) break;
     }
-    if (!last) {
+    c.result = End(c);
+    return false;
+  }
+
+  // Folds an attempt's outcome in; true (with the result set) when the call is done.
+  bool OnResult(Call& c, Result<ChatResult> r) {
+    const ChatRequest& req = c.req;
+    if (r.ok()) {
+      r->attempts = c.attempts;
+      r->failovers = c.failovers;
+      r->duration = std::chrono::duration_cast<Duration>(std::chrono::steady_clock::now() - c.start);
+      r->time_to_first_token = c.ttft;
+      calls_.Add({{"route", req.route}, {"outcome", "ok"}}).Increment();
+      c.result = std::move(r);
+      return true;
+    }
+    c.last = std::move(r).error();
+    if (c.forwarded) {
+      // Part of the answer is out: it cannot be taken back or continued elsewhere.
+      c.last->message = "the stream failed after its first token: " + c.last->message;
+      c.result = Count(req.route, std::move(*c.last));
+      return true;
+    }
+    if (c.last->code == ErrorCode::kContextLength) {
+      c.min_window = std::max(c.min_window, c.target->provider->config.context_window);
+      return false;
+    }
+    if (!FailsOver(c.last->code)) {
+      c.result = End(c);
+      return true;
+    }
+    return false;
+  }
+
+  // The answer of a call that ran out of attempts, time or targets.
+  Result<ChatResult> End(Call& c) {
+    const ChatRequest& req = c.req;
+    if (!c.last) {
       return Count(req.route, Error(ErrorCode::kTimeout, "route \"" + req.route + "\": the deadline of " +
-                                                             std::to_string(std::min(req.timeout, route.config.timeout).count()) +
+                                                             std::to_string(std::min(req.timeout, c.route->config.timeout).count()) +
                                                              "ms passed before any target answered"));
     }
-    if (std::chrono::steady_clock::now() >= deadline && FailsOver(last->code)) {
-      last->code = ErrorCode::kTimeout;
-      last->message = "route \"" + req.route + "\": the deadline passed after " + std::to_string(attempts) +
-                      " attempts; last failure: " + last->message;
+    if (std::chrono::steady_clock::now() >= c.deadline && FailsOver(c.last->code)) {
+      c.last->code = ErrorCode::kTimeout;
+      c.last->message = "route \"" + req.route + "\": the deadline passed after " + std::to_string(c.attempts) +
+                        " attempts; last failure: " + c.last->message;
     }
-    return Count(req.route, std::move(*last));
+    return Count(req.route, std::move(*c.last));
   }
 
   // Probes each provider with health checks on whose targets a circuit is half-open, so a
@@ -549,38 +679,53 @@ class GatewayImpl final : public Gateway {
     }
   }
 
-  Result<ChatResult> CallTarget(const ChatRequest& req, RouteState& route, TargetState& t,
-                                std::chrono::steady_clock::time_point deadline, int64_t estimate,
-                                const ChunkSink* sink, std::chrono::steady_clock::time_point start, bool& forwarded,
-                                Duration& ttft, bool embed) {
+  // Readies the attempt Next chose: the body naming the target's model, the time left.
+  void Prepare(Call& c) {
+    c.body = c.req.body;
+    c.body["model"] = c.target->provider->config.model;
+    c.t0 = std::chrono::steady_clock::now();
+    c.left = std::max(Duration(1), std::chrono::duration_cast<Duration>(c.deadline - c.t0));
+  }
+
+  // Makes the attempt Next chose, blocking.
+  Result<ChatResult> CallTarget(Call& c) {
+    Prepare(c);
+    const ChatRequest& req = c.req;
+    TargetState& t = *c.target;
     auto& p = *t.provider;
-    json::object body = req.body;
-    body["model"] = p.config.model;
-    const auto left = std::max(Duration(1), std::chrono::duration_cast<Duration>(deadline - std::chrono::steady_clock::now()));
-    const auto t0 = std::chrono::steady_clock::now();
     Result<ChatResult> r = Error(ErrorCode::kInternal, "not called");
-    if (embed) {
-      r = p.provider->Embed(body, req, left);
-    } else if (sink == nullptr) {
-      r = p.provider->Chat(body, req, left);
+    if (c.embed) {
+      r = p.provider->Embed(c.body, req, c.left);
+    } else if (c.sink == nullptr) {
+      r = p.provider->Chat(c.body, req, c.left);
     } else {
       const json::value* opts = req.body.if_contains("stream_options");
       const json::value* wants = opts && opts->is_object() ? opts->get_object().if_contains("include_usage") : nullptr;
       const bool include_usage = wants && wants->is_bool() && wants->get_bool();
-      r = p.provider->ChatStream(body, req, left, [&](const json::object& chunk) {
+      r = p.provider->ChatStream(c.body, req, c.left, [&](const json::object& chunk) {
         const auto* choices = chunk.if_contains("choices");
         const bool usage_only = choices && choices->is_array() && choices->get_array().empty();
         if (usage_only && !include_usage) return true;
-        if (!forwarded) {
-          forwarded = true;
-          ttft = std::chrono::duration_cast<Duration>(std::chrono::steady_clock::now() - start);
+        if (!c.forwarded) {
+          c.forwarded = true;
+          c.ttft = std::chrono::duration_cast<Duration>(std::chrono::steady_clock::now() - c.start);
           ttft_.Add({{"provider", t.target.provider}}, obs::LatencyBuckets())
-              .Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+              .Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - c.t0).count());
         }
-        return (*sink)(chunk);
+        return (*c.sink)(chunk);
       });
     }
-    const auto elapsed = std::chrono::steady_clock::now() - t0;
+    return Finish(c, std::move(r));
+  }
+
+  // Accounts for an attempt's outcome: the target's concurrency slot, latency, breaker,
+  // metrics, and the real usage instead of the estimate.
+  Result<ChatResult> Finish(Call& c, Result<ChatResult> r) {
+    TargetState& t = *c.target;
+    RouteState& route = *c.route;
+    auto& p = *t.provider;
+    const int64_t estimate = c.estimate;
+    const auto elapsed = std::chrono::steady_clock::now() - c.t0;
     p.in_flight.fetch_sub(1);
     const Timestamp now = clock_.Now();
     const double secs = std::chrono::duration<double>(elapsed).count();
@@ -638,6 +783,10 @@ class GatewayImpl final : public Gateway {
   std::condition_variable probe_cv_;
   bool probe_stop_ = false;  // GUARDED_BY(probe_mu_)
   std::thread prober_;
+
+  // Where ChatAsync runs the calls of providers that can only block; none when every
+  // provider is asynchronous.
+  std::unique_ptr<net::WorkerPool> blocking_;
 };
 
 }  // namespace

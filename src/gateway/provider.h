@@ -26,6 +26,14 @@ class Provider {
   virtual ~Provider() = default;
   /// One call, bounded by `timeout`. `body` already names this provider's model.
   virtual Result<ChatResult> Chat(const json::object& body, const ChatRequest& req, Duration timeout) = 0;
+  /// True when ChatAsync holds no thread while the provider answers.
+  virtual bool async() const { return false; }
+  /// Chat, with `done` called on `executor` (at once, blocking, unless async()).
+  virtual void ChatAsync(const json::object& body, const ChatRequest& req, Duration timeout,
+                         const boost::asio::any_io_executor& executor, std::function<void(Result<ChatResult>)> done) {
+    (void)executor;
+    done(Chat(body, req, timeout));
+  }
   /// One streamed call: every chunk (chat.completion.chunk) goes to `on_chunk` as it
   /// arrives. The result carries the whole text, the model and the usage. Returning
   /// false from `on_chunk` abandons the call (kCancelled).

@@ -5,6 +5,7 @@
 
 #include "keel/core/sse.h"
 #include "keel/gateway/mock_llm.h"
+#include "keel/net/async_http_client.h"
 #include "keel/net/http_client.h"
 #include "provider.h"
 
@@ -143,13 +144,20 @@ class OpenAiProvider final : public Provider {
         embeddings_url_(config_.base_url + "/embeddings" + QueryString(config_.query)) {}
 
   Result<ChatResult> Chat(const json::object& body, const ChatRequest& req, Duration timeout) override {
-    auto resp = Exchange(Request(url_, json::serialize(body), "application/json", req, timeout));
-    if (!resp.ok()) return std::move(resp).error();
-    return ParseCompletion(resp->body, config_.name);
+    return Completion(net::SendHttp(Request(url_, json::serialize(body), "application/json", req, timeout)));
+  }
+
+  bool async() const override { return async_; }
+
+  void ChatAsync(const json::object& body, const ChatRequest& req, Duration timeout,
+                 const boost::asio::any_io_executor& executor, std::function<void(Result<ChatResult>)> done) override {
+    if (!async_) return Provider::ChatAsync(body, req, timeout, executor, std::move(done));
+    net::SendHttpAsync(executor, Request(url_, json::serialize(body), "application/json", req, timeout),
+                       [this, done = std::move(done)](Result<net::ClientResponse> resp) { done(Completion(std::move(resp))); });
   }
 
   Result<ChatResult> Embed(const json::object& body, const ChatRequest& req, Duration timeout) override {
-    auto resp = Exchange(Request(embeddings_url_, json::serialize(body), "application/json", req, timeout));
+    auto resp = Checked(net::SendHttp(Request(embeddings_url_, json::serialize(body), "application/json", req, timeout)));
     if (!resp.ok()) return std::move(resp).error();
     return ParseEmbeddings(resp->body, config_.name);
   }
@@ -215,10 +223,9 @@ class OpenAiProvider final : public Provider {
     return http;
   }
 
-  // Sends a whole request; transport failures and error answers become this provider's
-  // classified errors.
-  Result<net::ClientResponse> Exchange(const net::ClientRequest& http) const {
-    auto resp = net::SendHttp(http);
+  // The answer to a whole request: transport failures and error answers become this
+  // provider's classified errors.
+  Result<net::ClientResponse> Checked(Result<net::ClientResponse> resp) const {
     if (!resp.ok()) {
       Error e = std::move(resp).error();
       e.message = "provider " + config_.name + ": " + e.message;
@@ -228,9 +235,16 @@ class OpenAiProvider final : public Provider {
     return resp;
   }
 
+  Result<ChatResult> Completion(Result<net::ClientResponse> resp) const {
+    auto checked = Checked(std::move(resp));
+    if (!checked.ok()) return std::move(checked).error();
+    return ParseCompletion(checked->body, config_.name);
+  }
+
   ProviderConfig config_;
   std::string url_;
   std::string embeddings_url_;
+  bool async_ = net::SupportsAsync(url_);
 };
 
 // The built-in mock, answered in-process: the default provider when keel starts with no

@@ -45,6 +45,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void Close();
 
   void Send(HttpResponse response);
+  asio::any_io_executor executor() { return stream_.get_executor(); }
   // Streaming: WriteRaw blocks the calling (non-I/O) thread until the bytes are written.
   bool WriteRaw(std::string bytes);
   void EndStream(bool reset);
@@ -78,8 +79,16 @@ namespace {
 
 class ServerImpl final : public HttpServer {
  public:
+  // One I/O context per thread (each with a concurrency hint of 1, so that a ready
+  // handler never wakes another thread): the acceptor hands connections round robin.
   ServerImpl(const ServerOptions& options, Handler handler)
-      : options_(options), handler_(std::move(handler)), acceptor_(io_) {}
+      : options_(options), handler_(std::move(handler)), contexts_(MakeContexts(options.io_threads)), acceptor_(*contexts_[0]) {}
+
+  static std::vector<std::unique_ptr<asio::io_context>> MakeContexts(int n) {
+    std::vector<std::unique_ptr<asio::io_context>> out;
+    for (int i = 0; i < std::max(1, n); ++i) out.push_back(std::make_unique<asio::io_context>(1));
+    return out;
+  }
 
   bool stopping() const { return stopping_.load(); }
 
@@ -98,8 +107,10 @@ class ServerImpl final : public HttpServer {
     }
     port_ = acceptor_.local_endpoint().port();
     Accept();
-    const int n = std::max(1, options_.io_threads);
-    for (int i = 0; i < n; ++i) threads_.emplace_back([this] { io_.run(); });
+    for (auto& ctx : contexts_) {
+      guards_.emplace_back(asio::make_work_guard(*ctx));
+      threads_.emplace_back([c = ctx.get()] { c->run(); });
+    }
     return Ok();
   }
 
@@ -108,7 +119,7 @@ class ServerImpl final : public HttpServer {
   uint16_t port() const override { return port_; }
 
   void After(std::chrono::milliseconds delay, std::function<void()> fn) override {
-    auto timer = std::make_shared<asio::steady_timer>(io_, delay);
+    auto timer = std::make_shared<asio::steady_timer>(*contexts_[0], delay);
     timer->async_wait([timer, fn = std::move(fn)](beast::error_code ec) {
       if (!ec) fn();
     });
@@ -117,14 +128,14 @@ class ServerImpl final : public HttpServer {
   void Stop() override {
     std::call_once(stopped_, [this] {
       stopping_.store(true);
-      asio::post(io_, [this] {
+      asio::post(*contexts_[0], [this] {
         beast::error_code ec;
         acceptor_.close(ec);
         std::lock_guard lock(mu_);
         for (auto* s : sessions_) s->Close();
+        // Let sessions finish closing (posted to their contexts), then end the loops.
+        for (auto& ctx : contexts_) asio::post(*ctx, [c = ctx.get()] { c->stop(); });
       });
-      // Let sessions finish closing, then end the loop.
-      asio::post(io_, [this] { io_.stop(); });
       for (auto& t : threads_) {
         if (t.joinable()) t.join();
       }
@@ -135,7 +146,6 @@ class ServerImpl final : public HttpServer {
 
   const ServerOptions& options() const { return options_; }
   const Handler& handler() const { return handler_; }
-  asio::io_context& io() { return io_; }
 
   void Register(Session* s) {
     std::lock_guard lock(mu_);
@@ -149,7 +159,8 @@ class ServerImpl final : public HttpServer {
 
  private:
   void Accept() {
-    acceptor_.async_accept(asio::make_strand(io_), [this](beast::error_code ec, tcp::socket socket) {
+    auto& ctx = *contexts_[next_context_++ % contexts_.size()];
+    acceptor_.async_accept(ctx, [this](beast::error_code ec, tcp::socket socket) {
       if (ec) {
         if (ec == asio::error::operation_aborted || !acceptor_.is_open()) return;
         obs::LogWarn("accept failed", {{"error", ec.message()}});
@@ -172,8 +183,8 @@ class ServerImpl final : public HttpServer {
     });
   }
 
-  // Declaration order matters: io_ is destroyed before the state its pending handlers
-  // (sessions) touch, and acceptor_ before io_.
+  // Declaration order matters: the contexts are destroyed before the state their pending
+  // handlers (sessions) touch, and the acceptor and work guards before the contexts.
   ServerOptions options_;
   Handler handler_;
   std::atomic<int> open_{0};
@@ -183,7 +194,9 @@ class ServerImpl final : public HttpServer {
   std::vector<std::thread> threads_;
   uint16_t port_ = 0;
   std::once_flag stopped_;
-  asio::io_context io_;
+  std::size_t next_context_ = 0;
+  std::vector<std::unique_ptr<asio::io_context>> contexts_;
+  std::vector<asio::executor_work_guard<asio::io_context::executor_type>> guards_;
   tcp::acceptor acceptor_;
 };
 
@@ -275,6 +288,8 @@ Responder::State::~State() {
     session->Send(std::move(r));
   }
 }
+
+asio::any_io_executor Responder::executor() const { return state_->session->executor(); }
 
 void Responder::operator()(HttpResponse r) const {
   if (state_->sent.exchange(true)) return;

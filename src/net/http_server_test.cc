@@ -18,39 +18,13 @@
 #include "keel/core/json.h"
 #include "keel/net/http_client.h"
 #include "keel/testing/assert.h"
+#include "test_server.h"
 
 namespace keel::net {
 namespace {
 
 using std::chrono::milliseconds;
 using SteadyClock = std::chrono::steady_clock;
-
-// A server on 127.0.0.1, port 0, stopped by the destructor before it is destroyed.
-class TestServer {
- public:
-  explicit TestServer(Handler handler, ServerOptions options = {}) {
-    options.host = "127.0.0.1";
-    options.port = 0;
-    auto created = HttpServer::Create(options, std::move(handler));
-    if (!created.ok()) {
-      ADD_FAILURE() << "cannot start the server: " << created.error().message;
-      return;
-    }
-    server_ = std::move(created).value();
-    url_ = "http://127.0.0.1:" + std::to_string(server_->port());
-  }
-  ~TestServer() { Stop(); }
-  void Stop() {
-    if (server_) server_->Stop();
-  }
-  HttpServer* operator->() { return server_.get(); }
-  bool ok() const { return server_ != nullptr; }
-  std::string Url(std::string_view target) const { return url_ + std::string(target); }
-
- private:
-  std::unique_ptr<HttpServer> server_;
-  std::string url_;
-};
 
 ClientRequest Get(std::string url) {
   ClientRequest r;

@@ -143,6 +143,9 @@ struct ServerConfig {
   int max_connections = 1024;
   /// Threads that run request handlers (storage calls block them). Default: 64.
   int handler_threads = 64;
+  /// Threads running the I/O loop: connections, and gateway calls to plain-HTTP
+  /// providers. Default: 2. Range: 1..64.
+  int io_threads = 2;
   /// An idle keep-alive connection is closed after this. Default: 60s.
   Duration idle_timeout{60000};
 };

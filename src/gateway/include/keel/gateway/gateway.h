@@ -12,6 +12,7 @@
 //
 // Thread-safe. A Gateway outlives every call made through it.
 
+#include <boost/asio/any_io_executor.hpp>
 #include <functional>
 #include <memory>
 #include <prometheus/registry.h>
@@ -76,6 +77,14 @@ class Gateway {
   /// (with retry_after) when every target is rate-limited, kOverloaded when every circuit
   /// is open, kTimeout when the deadline passed.
   virtual Result<ChatResult> Chat(const ChatRequest& request) = 0;
+
+  using Callback = std::function<void(Result<ChatResult>)>;
+
+  /// Chat without holding a thread: provider calls over plain HTTP and backoffs run on
+  /// `executor`'s I/O threads, calls to providers that can only block (TLS, proxies, the
+  /// built-in mock) on a pool of server.handler_threads threads. `done` runs on
+  /// `executor`, exactly once.
+  virtual void ChatAsync(ChatRequest request, const boost::asio::any_io_executor& executor, Callback done) = 0;
 
   /// Receives one chat.completion.chunk of a streamed answer; false: stop (the client is
   /// gone).

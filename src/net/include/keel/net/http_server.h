@@ -3,6 +3,7 @@
 // open connections, and idle timeouts. Request handlers answer asynchronously, so a
 // handler may hand work to another thread (or a timer) and answer from there.
 
+#include <boost/asio/any_io_executor.hpp>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -42,6 +43,10 @@ class Responder {
   /// and returns the writer for its body; null if an answer was already given or the
   /// client is gone. Must not be called on an I/O thread.
   std::unique_ptr<ChunkedWriter> StartStream(int status, std::string content_type, Headers headers = {}) const;
+  /// The connection's executor (a strand of the server's I/O context): asynchronous work
+  /// for this request (keel/net/async_http_client.h) runs there, and answers from it
+  /// without a thread switch.
+  boost::asio::any_io_executor executor() const;
 
  private:
   std::shared_ptr<State> state_;
