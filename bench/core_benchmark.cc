@@ -19,6 +19,7 @@
 #include "keel/core/clock.h"
 #include "keel/core/ids.h"
 #include "keel/core/json.h"
+#include "keel/core/json_schema.h"
 #include "keel/core/random.h"
 #include "keel/core/template.h"
 
@@ -207,6 +208,32 @@ void BM_NewRunId_SystemClock(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_NewRunId_SystemClock);
+
+// A step output checked against its declared schema: required, properties, types,
+// minLength, minimum and items, on a small valid object.
+void BM_JsonSchema_Validate(benchmark::State& state) {
+  auto schema = keel::JsonSchema::Compile(J(R"({
+    "type": "object",
+    "required": ["name", "age"],
+    "properties": {
+      "name": {"type": "string", "minLength": 1},
+      "age": {"type": "integer", "minimum": 0},
+      "tags": {"type": "array", "items": {"type": "string", "minLength": 1}}}})"));
+  if (!schema.ok()) {
+    state.SkipWithError(schema.error().message.c_str());
+    return;
+  }
+  const value instance = J(R"({"name":"Ada","age":36,"tags":["a","b"]})");
+  for (auto _ : state) {
+    auto r = schema->Validate(instance);
+    if (!r.ok()) {
+      state.SkipWithError(r.error().message.c_str());
+      break;
+    }
+    benchmark::DoNotOptimize(r);
+  }
+}
+BENCHMARK(BM_JsonSchema_Validate);
 
 }  // namespace
 

@@ -2,10 +2,12 @@
 
 #include <atomic>
 #include <charconv>
+#include <map>
 #include <prometheus/counter.h>
 #include <prometheus/gauge.h>
 
 #include "keel/core/ids.h"
+#include "keel/core/json_schema.h"
 #include "keel/core/sse.h"
 #include "keel/engine/pipeline.h"
 #include "keel/net/worker_pool.h"
@@ -39,9 +41,27 @@ json::value RunToJson(const store::RunRecord& run, bool with_steps) {
                  {"started_at", TimeOrNull(run.started_at)},
                  {"finished_at", TimeOrNull(run.finished_at)}};
   if (run.started_at && run.finished_at) o["duration_ms"] = (*run.finished_at - *run.started_at).count();
+  if (!run.parent.empty()) o["parent"] = run.parent;
+  if (!run.waiting.is_null()) o["waiting"] = run.waiting;
+  if (!run.signals.empty()) {
+    json::object sig;
+    for (const auto& [name, v] : run.signals) {
+      json::object e{{"payload", v.at("payload")}};
+      if (const auto* at = v.as_object().if_contains("at_ms"); at && at->is_int64()) {
+        e["at"] = FormatRfc3339(Timestamp(Duration(at->as_int64())));
+      }
+      sig[name] = std::move(e);
+    }
+    o["signals"] = std::move(sig);
+  }
   if (with_steps) {
     json::array steps;
+    std::map<std::string, int64_t> items_done;  // map steps: items checkpointed so far
     for (const auto& s : run.steps) {
+      if (const auto hash = s.step_id.rfind('#'); hash != std::string::npos) {
+        ++items_done[s.step_id.substr(0, hash)];
+        continue;
+      }
       json::object so{{"id", s.step_id},
                       {"status", store::StepStatusName(s.status)},
                       {"attempts", s.attempts},
@@ -54,6 +74,11 @@ json::value RunToJson(const store::RunRecord& run, bool with_steps) {
         for (const auto& kv : s.output.get_object()) so[kv.key()] = kv.value();
       }
       steps.push_back(std::move(so));
+    }
+    for (auto& s : steps) {
+      auto& so = s.as_object();
+      const auto it = items_done.find(std::string(so.at("id").as_string()));
+      if (it != items_done.end()) so["items_done"] = it->second;
     }
     o["steps"] = std::move(steps);
   }
@@ -139,9 +164,12 @@ class ApiServerImpl final : public ApiServer {
                        .Help("Runs accepted by POST /v1/runs, by pipeline")
                        .Register(registry)) {
     for (const auto& [name, p] : config_.pipelines) {
-      definitions_[name] = engine::DefinitionToJson(p);
+      definitions_[name] = engine::DefinitionToJson(p, &config_.pipelines);
       // Content-addressed: the same definition always has the same id, across restarts.
       definition_ids_[name] = "sha256-" + Sha256Hex(CanonicalJson(definitions_[name])).substr(0, 32);
+      if (!p.input_schema.is_null()) {
+        if (auto compiled = JsonSchema::Compile(p.input_schema); compiled.ok()) input_schemas_.emplace(name, std::move(compiled).value());
+      }
     }
   }
 
@@ -213,8 +241,15 @@ class ApiServerImpl final : public ApiServer {
       if (s.size() == 4 && s[3] == "events" && m == "GET") return name = "run_events", &ApiServerImpl::RunEvents;
       if (s.size() == 4 && s[3] == "cancel" && m == "POST") return name = "cancel_run", &ApiServerImpl::CancelRun;
       if (s.size() == 4 && s[3] == "redrive" && m == "POST") return name = "redrive_run", &ApiServerImpl::RedriveRun;
+      if (s.size() == 5 && s[3] == "signals" && m == "POST") return name = "signal_run", &ApiServerImpl::SignalRun;
     }
     if (s.size() == 2 && s[1] == "dlq" && m == "GET") return name = "list_dlq", &ApiServerImpl::ListDlq;
+    if (s.size() == 3 && s[1] == "tasks" && s[2] == "poll" && m == "POST") return name = "poll_task", &ApiServerImpl::PollTask;
+    if (s.size() == 4 && s[1] == "tasks" && m == "POST") {
+      if (s[3] == "heartbeat") return name = "heartbeat_task", &ApiServerImpl::TaskHeartbeat;
+      if (s[3] == "complete") return name = "complete_task", &ApiServerImpl::TaskComplete;
+      if (s[3] == "fail") return name = "fail_task", &ApiServerImpl::TaskFail;
+    }
     if (s.size() == 3 && s[1] == "chat" && s[2] == "completions" && m == "POST") {
       return name = "chat_completions", &ApiServerImpl::ChatCompletions;
     }
@@ -233,9 +268,14 @@ class ApiServerImpl final : public ApiServer {
     else if (v1 && s[1] == "runs" && s.size() == 3) allow = "GET";
     else if (v1 && s[1] == "runs" && s.size() == 4 && s[3] == "events") allow = "GET";
     else if (v1 && s[1] == "runs" && s.size() == 4 && (s[3] == "cancel" || s[3] == "redrive")) allow = "POST";
+    else if (v1 && s[1] == "runs" && s.size() == 5 && s[3] == "signals") allow = "POST";
     else if (v1 && (s[1] == "dlq" || s[1] == "pipelines" || s[1] == "models") && s.size() == 2) allow = "GET";
     else if (v1 && s.size() == 3 && s[1] == "chat" && s[2] == "completions") allow = "POST";
     else if (v1 && s.size() == 2 && s[1] == "embeddings") allow = "POST";
+    else if (v1 && s[1] == "tasks" && ((s.size() == 3 && s[2] == "poll") ||
+                                       (s.size() == 4 && (s[3] == "heartbeat" || s[3] == "complete" || s[3] == "fail")))) {
+      allow = "POST";
+    }
     if (!allow.empty()) {
       auto r = ErrorResponse(Error(ErrorCode::kInvalidRequest, req.method + " is not allowed on " + req.path +
                                                                   "; use " + allow),
@@ -312,6 +352,14 @@ class ApiServerImpl final : public ApiServer {
         return ErrorResponse(BadRequest("\"input\" must be a JSON object, not " + std::string(JsonKindName(*in)), "input"));
       }
       input = *in;
+    }
+    if (const auto it = input_schemas_.find(name); it != input_schemas_.end()) {
+      if (auto v = it->second.Validate(input); !v.ok()) {
+        Error e(ErrorCode::kInvalidRequest, "the input does not satisfy pipeline \"" + name + "\"'s input_schema: " +
+                                                 v.error().message,
+                "input" + v.error().param.substr(std::min<std::size_t>(1, v.error().param.size())));
+        return ErrorResponse(e, 422);
+      }
     }
     const std::string key(req.Header("idempotency-key"));
     if (key.size() > 255) return ErrorResponse(BadRequest("Idempotency-Key is longer than 255 characters", "Idempotency-Key"));
@@ -409,6 +457,124 @@ class ApiServerImpl final : public ApiServer {
     if (engine_) engine_->Notify();
     obs::LogInfo("run redriven", {{"run_id", run->id}});
     return JsonResponse(200, RunToJson(*run, true));
+  }
+
+  // The JSON object body of a task call, or why not.
+  static Result<json::object> TaskBody(const HttpRequest& req, bool required) {
+    if (req.body.empty()) {
+      if (required) return BadRequest("the body must be a JSON object");
+      return json::object{};
+    }
+    auto parsed = ParseJson(req.body);
+    if (!parsed.ok()) return parsed.error();
+    if (!parsed->is_object()) return BadRequest("the body must be a JSON object");
+    return std::move(parsed->as_object());
+  }
+
+  static json::value TaskToJson(const store::TaskRecord& t) {
+    return json::object{{"token", t.token},       {"run_id", t.run_id}, {"step_id", t.step_id},
+                        {"attempt", t.attempt},   {"queue", t.queue},   {"input", t.input},
+                        {"status", store::TaskStatusName(t.status)},
+                        {"lease_expires_at", t.lease_expires ? json::value(FormatRfc3339(*t.lease_expires)) : json::value(nullptr)},
+                        {"heartbeat_timeout_ms", t.heartbeat_timeout.count()}};
+  }
+
+  // POST /v1/tasks/poll {"queue", "worker_id", "wait_ms"}: a long poll; 200 with a task,
+  // or 204 when none came within wait_ms (at most 60000).
+  HttpResponse PollTask(const HttpRequest& req, const std::vector<std::string_view>&) {
+    auto body = TaskBody(req, true);
+    if (!body.ok()) return ErrorResponse(body.error());
+    const auto* queue = body->if_contains("queue");
+    const auto* worker = body->if_contains("worker_id");
+    if (!queue || !queue->is_string() || queue->as_string().empty()) {
+      return ErrorResponse(BadRequest("missing field \"queue\": the task queue to poll (a task step's queue)", "queue"));
+    }
+    if (!worker || !worker->is_string() || worker->as_string().empty() || worker->as_string().size() > 200) {
+      return ErrorResponse(BadRequest("missing field \"worker_id\": a name for this worker (1..200 characters)", "worker_id"));
+    }
+    int64_t wait_ms = 0;
+    if (const auto* w = body->if_contains("wait_ms")) {
+      if (!w->is_int64() || w->as_int64() < 0 || w->as_int64() > 60000) {
+        return ErrorResponse(BadRequest("\"wait_ms\" must be a whole number from 0 to 60000", "wait_ms"));
+      }
+      wait_ms = w->as_int64();
+    }
+    const std::string q(queue->as_string()), wid(worker->as_string());
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
+    while (true) {
+      auto t = store_.LeaseTask(q, wid);
+      if (!t.ok()) return ErrorResponse(t.error());
+      if (t->has_value()) {
+        obs::LogInfo("task leased", {{"run_id", (*t)->run_id}, {"step_id", (*t)->step_id}, {"worker", wid}});
+        return JsonResponse(200, TaskToJson(**t));
+      }
+      const auto left = std::chrono::duration_cast<Duration>(until - std::chrono::steady_clock::now());
+      if (left.count() <= 0 || draining_.load()) break;
+      store_.WaitForTask(q, std::min(left, Duration(1000)));
+    }
+    HttpResponse r;
+    r.status = 204;
+    r.content_type.clear();
+    return r;
+  }
+
+  HttpResponse TaskHeartbeat(const HttpRequest&, const std::vector<std::string_view>& s) {
+    auto t = store_.HeartbeatTask(std::string(s[2]));
+    if (!t.ok()) return ErrorResponse(t.error());
+    return JsonResponse(200, TaskToJson(*t));
+  }
+
+  HttpResponse TaskComplete(const HttpRequest& req, const std::vector<std::string_view>& s) {
+    auto body = TaskBody(req, true);
+    if (!body.ok()) return ErrorResponse(body.error());
+    const auto* out = body->if_contains("output");
+    if (out == nullptr) return ErrorResponse(BadRequest("missing field \"output\": the task's result (any JSON)", "output"));
+    auto t = store_.CompleteTask(std::string(s[2]), *out);
+    if (!t.ok()) return ErrorResponse(t.error());
+    if (engine_) engine_->Notify();
+    return JsonResponse(200, TaskToJson(*t));
+  }
+
+  HttpResponse TaskFail(const HttpRequest& req, const std::vector<std::string_view>& s) {
+    auto body = TaskBody(req, true);
+    if (!body.ok()) return ErrorResponse(body.error());
+    Error e(ErrorCode::kServerError, "the worker failed the task");
+    if (const auto* err = body->if_contains("error")) {
+      if (!err->is_object()) return ErrorResponse(BadRequest("\"error\" must be an object {type, message}", "error"));
+      e = store::ErrorFromJson(*err);
+      if (const auto* m = err->as_object().if_contains("message"); !m || !m->is_string()) {
+        return ErrorResponse(BadRequest("\"error.message\" must be a string", "error.message"));
+      }
+    }
+    bool retryable = true;
+    if (const auto* r = body->if_contains("retryable")) {
+      if (!r->is_bool()) return ErrorResponse(BadRequest("\"retryable\" must be true or false", "retryable"));
+      retryable = r->as_bool();
+    }
+    auto t = store_.FailTask(std::string(s[2]), e, retryable);
+    if (!t.ok()) return ErrorResponse(t.error());
+    if (engine_) engine_->Notify();
+    return JsonResponse(200, TaskToJson(*t));
+  }
+
+  // POST /v1/runs/{id}/signals/{name}: the body (any JSON; empty means null) is the payload.
+  HttpResponse SignalRun(const HttpRequest& req, const std::vector<std::string_view>& s) {
+    const std::string name(s[4]);
+    if (name.empty() || name.size() > 128 ||
+        name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.") != std::string::npos) {
+      return ErrorResponse(BadRequest("a signal name holds 1 to 128 letters, digits, _, - and ., not \"" + name + "\"", "name"));
+    }
+    json::value payload = nullptr;
+    if (!req.body.empty()) {
+      auto parsed = ParseJson(req.body);
+      if (!parsed.ok()) return ErrorResponse(parsed.error());
+      payload = std::move(parsed).value();
+    }
+    auto run = store_.SendSignal(std::string(s[2]), name, payload);
+    if (!run.ok()) return ErrorResponse(run.error());
+    if (engine_) engine_->Notify();
+    obs::LogInfo("signal received", {{"run_id", run->id}, {"signal", name}});
+    return JsonResponse(202, RunToJson(*run, true));
   }
 
   // Only a marker for Route(): ChatCompletionsStreaming answers these requests.
@@ -625,6 +791,7 @@ class ApiServerImpl final : public ApiServer {
   std::map<std::string, json::value> definitions_;
   std::map<std::string, std::string> definition_ids_;
   net::WorkerPool pool_;
+  std::map<std::string, JsonSchema> input_schemas_;  // by pipeline
   std::unique_ptr<net::HttpServer> server_;
   std::atomic<bool> draining_{false};
   std::atomic<bool> stopped_{false};

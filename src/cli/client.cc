@@ -122,7 +122,7 @@ void AddClientCommands(CLI::App& app) {
     });
   }
 
-  // keel runs list|get|events|cancel|redrive
+  // keel runs list|get|events|cancel|redrive|signal
   {
     auto* runs = app.add_subcommand("runs", "Inspect and act on runs");
     runs->require_subcommand(1);
@@ -160,6 +160,25 @@ void AddClientCommands(CLI::App& app) {
       add_server(cmd);
       cmd->callback([flags, id, s] { ExitCode() = Call(*flags, s.method, "/v1/runs/" + net::PercentEncode(*id) + s.suffix); });
     }
+    struct SignalFlags {
+      std::string run_id, name, payload = "null";
+    };
+    auto sf = std::make_shared<SignalFlags>();
+    auto* signal = runs->add_subcommand("signal", "Send a signal (with a JSON payload) to a run, e.g. one waiting for it");
+    signal->add_option("RUN_ID", sf->run_id, "the run's id")->required();
+    signal->add_option("NAME", sf->name, "the signal's name (a wait_for_signal step's name)")->required();
+    signal->add_option("--payload", sf->payload, "the payload: any JSON")->capture_default_str();
+    add_server(signal);
+    signal->callback([flags, sf] {
+      auto parsed = ParseJson(sf->payload);
+      if (!parsed.ok()) {
+        std::cerr << "keel: --payload is not JSON: " << parsed.error().message << "\n";
+        ExitCode() = 2;
+        return;
+      }
+      ExitCode() = Call(*flags, "POST", "/v1/runs/" + net::PercentEncode(sf->run_id) + "/signals/" + net::PercentEncode(sf->name),
+                        sf->payload, {{"Content-Type", "application/json"}});
+    });
   }
 
   // keel dlq list

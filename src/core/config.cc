@@ -2,10 +2,15 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
+#include <cctype>
 #include <charconv>
+#include <functional>
+#include <regex>
 #include <set>
 #include <stdexcept>
 
+#include "keel/core/json_schema.h"
 #include "keel/core/template.h"
 
 namespace keel {
@@ -14,8 +19,35 @@ std::string_view StepKindName(StepKind kind) {
   switch (kind) {
     case StepKind::kLlm: return "llm";
     case StepKind::kTransform: return "transform";
+    case StepKind::kHttp: return "http";
+    case StepKind::kTask: return "task";
+    case StepKind::kValidate: return "validate";
+    case StepKind::kChoice: return "choice";
+    case StepKind::kMap: return "map";
+    case StepKind::kWaitForSignal: return "wait_for_signal";
+    case StepKind::kSleep: return "sleep";
+    case StepKind::kPipeline: return "pipeline";
   }
   return "unknown";
+}
+
+std::optional<StepKind> StepKindFromName(std::string_view name) {
+  for (auto k : {StepKind::kLlm, StepKind::kTransform, StepKind::kHttp, StepKind::kTask, StepKind::kValidate,
+                 StepKind::kChoice, StepKind::kMap, StepKind::kWaitForSignal, StepKind::kSleep, StepKind::kPipeline}) {
+    if (StepKindName(k) == name) return k;
+  }
+  return std::nullopt;
+}
+
+std::string UrlHost(std::string_view url) {
+  const auto scheme = url.find("://");
+  if (scheme == std::string_view::npos) return {};
+  auto rest = url.substr(scheme + 3);
+  rest = rest.substr(0, rest.find_first_of("/?#"));
+  if (const auto at = rest.rfind('@'); at != std::string_view::npos) rest = rest.substr(at + 1);
+  std::string host(rest);
+  for (auto& c : host) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return host;
 }
 
 Result<Duration> ParseDuration(std::string_view text) {
@@ -325,58 +357,379 @@ RouteConfig ReadRoute(Reader& r, const std::string& name, const YAML::Node& n) {
   return route;
 }
 
+const char* const kStepKinds[] = {"llm", "transform", "http", "task", "validate", "choice", "map",
+                                  "wait_for_signal", "sleep", "pipeline"};
+
+// A JSON Schema in the config, compiled now so that a bad one is refused with its line.
+json::value ReadSchema(Reader& r, const YAML::Node& n, const std::string& what) {
+  json::value schema = r.ToJson(n);
+  auto compiled = JsonSchema::Compile(schema);
+  if (!compiled.ok()) Fail(n, what + " is not a usable JSON Schema: " + compiled.error().message);
+  return schema;
+}
+
+// A condition of a choice: {value: "{{ref}}", equals|not_equals|gt|gte|lt|lte|in|contains|
+// matches|exists: X}, or {all: [...]}, {any: [...]}, {not: COND}.
+void CheckCondition(Reader& r, const YAML::Node& n, const std::string& what, int depth = 0) {
+  if (depth > 16) Fail(n, what + ": conditions nest too deeply (16 levels at most)");
+  if (!n.IsMap()) Fail(n, what + " must be a mapping such as {value: \"{{steps.x.output}}\", equals: yes}");
+  if (n["all"] || n["any"]) {
+    const char* k = n["all"] ? "all" : "any";
+    r.Keys(n, what, {k});
+    if (!n[k].IsSequence() || n[k].size() == 0) Fail(n[k], what + "." + k + " must be a non-empty list of conditions");
+    for (const auto& c : n[k]) CheckCondition(r, c, what + "." + k, depth + 1);
+    return;
+  }
+  if (n["not"]) {
+    r.Keys(n, what, {"not"});
+    CheckCondition(r, n["not"], what + ".not", depth + 1);
+    return;
+  }
+  r.Keys(n, what, {"value", "equals", "not_equals", "gt", "gte", "lt", "lte", "in", "contains", "matches", "exists"});
+  if (!n["value"]) Fail(n, what + " needs value: the template to test, such as \"{{steps.classify.output}}\"");
+  int ops = 0;
+  for (const char* op : {"equals", "not_equals", "gt", "gte", "lt", "lte", "in", "contains", "matches", "exists"}) {
+    if (n[op]) ++ops;
+  }
+  if (ops != 1) Fail(n, what + " needs exactly one test: equals, not_equals, gt, gte, lt, lte, in, contains, matches or exists");
+  for (const char* op : {"gt", "gte", "lt", "lte"}) {
+    if (n[op]) r.Double(n[op], what + "." + op, -1e300, 1e300);
+  }
+  if (n["in"] && !n["in"].IsSequence()) Fail(n["in"], what + ".in must be a list");
+  if (n["matches"]) {
+    const std::string re = r.Str(n["matches"], what + ".matches");
+    try {
+      std::regex compiled(re, std::regex::ECMAScript);
+    } catch (const std::regex_error& e) {
+      Fail(n["matches"], what + ".matches is not a valid regular expression: " + e.what());
+    }
+  }
+}
+
+// The kind-specific body of a step (or of a map's item step), checked; returns it as JSON.
+json::value ReadStepBody(Reader& r, const YAML::Node& body, StepKind kind, const std::string& id, bool in_map) {
+  const std::string what = "step \"" + id + "\" " + std::string(StepKindName(kind));
+  switch (kind) {
+    case StepKind::kLlm: {
+      r.Keys(body, what, {"route", "messages", "temperature", "max_tokens", "response_format", "repair_attempts"});
+      if (!body["route"]) Fail(body, what + " needs a route");
+      const auto msgs = body["messages"];
+      if (!msgs || !msgs.IsSequence() || msgs.size() == 0) {
+        Fail(msgs ? msgs : body, what + " needs messages: a list of {role, content}");
+      }
+      for (const auto& m : msgs) {
+        r.Keys(m, "a message of step \"" + id + "\"", {"role", "content"});
+        if (!m["role"] || !m["content"]) Fail(m, "a message of step \"" + id + "\" needs role and content");
+        const auto role = r.Str(m["role"], "role");
+        if (role != "system" && role != "user" && role != "assistant") {
+          Fail(m["role"], "role must be system, user or assistant, not \"" + role + "\"");
+        }
+      }
+      json::value spec = r.ToJson(body);
+      // A route is a name even when it reads as a number ("route: 5").
+      spec.as_object()["route"] = r.Str(body["route"], what + " route");
+      if (const auto rf = body["response_format"]) {
+        r.Keys(rf, what + " response_format", {"type", "schema", "json_schema"});
+        const std::string type = rf["type"] ? r.Str(rf["type"], what + " response_format.type") : "";
+        if (type != "json_schema" && type != "json_object") {
+          Fail(rf, what + " response_format.type must be json_schema or json_object");
+        }
+        YAML::Node schema = rf["schema"];
+        if (!schema && rf["json_schema"]) schema = rf["json_schema"]["schema"];
+        if (type == "json_schema") {
+          if (!schema) Fail(rf, what + " response_format needs schema: the JSON Schema of the answer");
+          spec.as_object()["response_format"] =
+              json::object{{"type", "json_schema"}, {"schema", ReadSchema(r, schema, what + " response_format.schema")}};
+        } else {
+          spec.as_object()["response_format"] = json::object{{"type", "json_object"}};
+        }
+      }
+      if (body["repair_attempts"]) {
+        spec.as_object()["repair_attempts"] = r.Int(body["repair_attempts"], what + " repair_attempts", 0, 5);
+      }
+      return spec;
+    }
+    case StepKind::kTransform:
+      return r.ToJson(body);
+    case StepKind::kHttp: {
+      r.Keys(body, what, {"url", "method", "headers", "body", "timeout"});
+      if (!body["url"]) Fail(body, what + " needs a url");
+      const std::string url = r.Str(body["url"], what + " url");
+      if (url.rfind("http://", 0) != 0 && url.rfind("https://", 0) != 0 && url.rfind("{{", 0) != 0) {
+        Fail(body["url"], what + " url must start with http:// or https://");
+      }
+      json::value spec = r.ToJson(body);
+      auto& o = spec.as_object();
+      o["url"] = url;
+      std::string method = body["method"] ? r.Str(body["method"], what + " method") : (body["body"] ? "POST" : "GET");
+      if (method != "GET" && method != "POST" && method != "PUT" && method != "PATCH" && method != "DELETE") {
+        Fail(body["method"], what + " method must be GET, POST, PUT, PATCH or DELETE");
+      }
+      o["method"] = method;
+      if (body["headers"] && !body["headers"].IsMap()) Fail(body["headers"], what + " headers must be a mapping");
+      if (body["timeout"]) o["timeout_ms"] = r.Dur(body["timeout"], what + " timeout", Duration(1)).count();
+      o.erase("timeout");
+      return spec;
+    }
+    case StepKind::kTask: {
+      if (in_map) Fail(body, what + ": a map's item step cannot be a task");
+      r.Keys(body, what, {"queue", "input", "heartbeat_timeout"});
+      if (!body["queue"]) Fail(body, what + " needs a queue: the name external workers poll");
+      json::value spec = r.ToJson(body);
+      spec.as_object()["queue"] = r.Str(body["queue"], what + " queue");
+      spec.as_object()["heartbeat_timeout_ms"] =
+          body["heartbeat_timeout"] ? r.Dur(body["heartbeat_timeout"], what + " heartbeat_timeout", Duration(100)).count()
+                                    : int64_t{30000};
+      spec.as_object().erase("heartbeat_timeout");
+      return spec;
+    }
+    case StepKind::kValidate: {
+      r.Keys(body, what, {"value", "schema"});
+      if (!body["value"] || !body["schema"]) Fail(body, what + " needs value (a template) and schema (a JSON Schema)");
+      return json::object{{"value", r.ToJson(body["value"])}, {"schema", ReadSchema(r, body["schema"], what + " schema")}};
+    }
+    case StepKind::kChoice: {
+      if (in_map) Fail(body, what + ": a map's item step cannot be a choice");
+      r.Keys(body, what, {"cases", "default"});
+      if (!body["default"]) Fail(body, what + " needs a default: the step to go to when no case matches");
+      if (!body["cases"] || !body["cases"].IsSequence() || body["cases"].size() == 0) {
+        Fail(body["cases"] ? body["cases"] : body, what + " needs cases: a list of {when, goto}");
+      }
+      json::array cases;
+      for (const auto& c : body["cases"]) {
+        r.Keys(c, "a case of " + what, {"when", "goto"});
+        if (!c["when"] || !c["goto"]) Fail(c, "a case of " + what + " needs when and goto");
+        CheckCondition(r, c["when"], "a case of " + what + ": when");
+        cases.push_back(json::object{{"when", r.ToJson(c["when"])}, {"goto", r.Str(c["goto"], "goto")}, {"line", LineOf(c)}});
+      }
+      return json::object{{"cases", std::move(cases)}, {"default", r.Str(body["default"], what + " default")}};
+    }
+    case StepKind::kMap: {
+      if (in_map) Fail(body, what + ": maps do not nest");
+      r.Keys(body, what, {"over", "concurrency", "step"});
+      if (!body["over"]) Fail(body, what + " needs over: a template giving the array, such as \"{{input.items}}\"");
+      if (!body["step"] || !body["step"].IsMap()) Fail(body["step"] ? body["step"] : body, what + " needs step: {KIND: ...}, run for each item");
+      const auto item = body["step"];
+      std::optional<StepKind> item_kind;
+      for (const auto& kv : item) {
+        const auto k = kv.first.as<std::string>();
+        auto sk = StepKindFromName(k);
+        if (!sk) Fail(kv.first, what + " step: unknown step kind \"" + k + "\"");
+        if (item_kind) Fail(kv.first, what + " step must have exactly one kind");
+        item_kind = sk;
+      }
+      if (!item_kind) Fail(item, what + " step must have exactly one kind");
+      if (*item_kind != StepKind::kLlm && *item_kind != StepKind::kHttp && *item_kind != StepKind::kTransform &&
+          *item_kind != StepKind::kValidate) {
+        Fail(item, what + " step must be llm, http, transform or validate");
+      }
+      const std::string kind_name(StepKindName(*item_kind));
+      json::value inner = ReadStepBody(r, item[kind_name], *item_kind, id, true);
+      const int64_t concurrency = body["concurrency"] ? r.Int(body["concurrency"], what + " concurrency", 1, 256) : 8;
+      return json::object{{"over", r.ToJson(body["over"])},
+                          {"concurrency", concurrency},
+                          {"step", json::object{{"kind", kind_name}, {"spec", std::move(inner)}}}};
+    }
+    case StepKind::kWaitForSignal: {
+      if (in_map) Fail(body, what + ": a map's item step cannot wait");
+      r.Keys(body, what, {"name", "timeout", "default"});
+      if (!body["name"]) Fail(body, what + " needs name: the signal to wait for");
+      const std::string name = r.Str(body["name"], what + " name");
+      if (name.empty() || name.size() > 128 ||
+          name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.") != std::string::npos) {
+        Fail(body["name"], what + " name may hold only letters, digits, _, - and . (128 at most)");
+      }
+      json::object spec{{"name", name}};
+      if (body["timeout"]) spec["timeout_ms"] = r.Dur(body["timeout"], what + " timeout", Duration(1)).count();
+      if (body["default"]) spec["default"] = r.ToJson(body["default"]);
+      return spec;
+    }
+    case StepKind::kSleep: {
+      if (in_map) Fail(body, what + ": a map's item step cannot sleep");
+      r.Keys(body, what, {"for"});
+      if (!body["for"]) Fail(body, what + " needs for: a duration such as 10s");
+      return json::object{{"for_ms", r.Dur(body["for"], what + " for").count()}};
+    }
+    case StepKind::kPipeline: {
+      if (in_map) Fail(body, what + ": a map's item step cannot be a pipeline");
+      r.Keys(body, what, {"name", "input"});
+      if (!body["name"]) Fail(body, what + " needs name: the pipeline to run as a child");
+      json::object spec{{"name", r.Str(body["name"], what + " name")}};
+      spec["input"] = body["input"] ? r.ToJson(body["input"]) : json::value(json::object{});
+      spec["line"] = LineOf(body);
+      return spec;
+    }
+  }
+  return nullptr;
+}
+
 StepConfig ReadStep(Reader& r, const YAML::Node& n, const RetryConfig& pipeline_retry,
                     const std::string& pipeline) {
   const std::string what = "a step of pipeline \"" + pipeline + "\"";
-  r.Keys(n, what, {"id", "llm", "transform", "retry", "timeout"});
+  r.Keys(n, what, {"id", "llm", "transform", "http", "task", "validate", "choice", "map", "wait_for_signal", "sleep",
+                   "pipeline", "retry", "timeout", "on_error", "next"});
   StepConfig s;
   s.line = LineOf(n);
   if (!n["id"]) Fail(n, what + " needs an id");
   s.id = r.Str(n["id"], "step id");
-  if (s.id.empty() || s.id.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") != std::string::npos) {
-    Fail(n["id"], "step id \"" + s.id + "\" may hold only letters, digits, _ and -");
+  if (s.id.empty() || s.id == "end" ||
+      s.id.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") != std::string::npos) {
+    Fail(n["id"], "step id \"" + s.id + "\" may hold only letters, digits, _ and - (and is not \"end\")");
   }
-  const bool llm = static_cast<bool>(n["llm"]);
-  const bool transform = static_cast<bool>(n["transform"]);
-  if (llm == transform) {
-    Fail(n, "step \"" + s.id + "\" must have exactly one kind: llm or transform");
+  std::optional<StepKind> kind;
+  for (const char* k : kStepKinds) {
+    if (!n[k]) continue;
+    if (kind) Fail(n, "step \"" + s.id + "\" must have exactly one kind, not both " + std::string(StepKindName(*kind)) + " and " + k);
+    kind = StepKindFromName(k);
   }
-  if (llm) {
-    s.kind = StepKind::kLlm;
-    const auto body = n["llm"];
-    r.Keys(body, "step \"" + s.id + "\" llm", {"route", "messages", "temperature", "max_tokens", "model"});
-    if (!body["route"]) Fail(body, "step \"" + s.id + "\" llm needs a route");
-    const auto msgs = body["messages"];
-    if (!msgs || !msgs.IsSequence() || msgs.size() == 0) {
-      Fail(msgs ? msgs : body, "step \"" + s.id + "\" llm needs messages: a list of {role, content}");
-    }
-    for (const auto& m : msgs) {
-      r.Keys(m, "a message of step \"" + s.id + "\"", {"role", "content"});
-      if (!m["role"] || !m["content"]) Fail(m, "a message of step \"" + s.id + "\" needs role and content");
-      const auto role = r.Str(m["role"], "role");
-      if (role != "system" && role != "user" && role != "assistant") {
-        Fail(m["role"], "role must be system, user or assistant, not \"" + role + "\"");
-      }
-    }
-    s.spec = r.ToJson(body);
-    // A route is a name even when it reads as a number ("route: 5").
-    s.spec.as_object()["route"] = r.Str(body["route"], "step \"" + s.id + "\" llm route");
-  } else {
-    s.kind = StepKind::kTransform;
-    s.spec = r.ToJson(n["transform"]);
+  if (!kind) {
+    Fail(n, "step \"" + s.id + "\" needs a kind: llm, http, task, transform, validate, choice, map, wait_for_signal, sleep or pipeline");
   }
+  s.kind = *kind;
+  s.spec = ReadStepBody(r, n[std::string(StepKindName(s.kind))], s.kind, s.id, false);
   s.retry = n["retry"] ? ReadRetry(r, n["retry"], pipeline_retry, "step \"" + s.id + "\" retry") : pipeline_retry;
   if (n["timeout"]) s.timeout = r.Dur(n["timeout"], "step \"" + s.id + "\" timeout", Duration(1));
+  if (s.kind == StepKind::kHttp && s.spec.as_object().contains("timeout_ms") && !n["timeout"]) {
+    s.timeout = Duration(s.spec.as_object().at("timeout_ms").as_int64());
+  }
+  if (const auto oe = n["on_error"]) {
+    const std::string w = "step \"" + s.id + "\" on_error";
+    if (oe.IsScalar()) {
+      if (r.Str(oe, w) != "fail") Fail(oe, w + " must be fail, {output: VALUE} or {goto: STEP}");
+    } else {
+      r.Keys(oe, w, {"output", "goto"});
+      if (static_cast<bool>(oe["output"]) == static_cast<bool>(oe["goto"])) {
+        Fail(oe, w + " must be fail, {output: VALUE} or {goto: STEP}");
+      }
+      if (oe["output"]) s.on_error = json::object{{"output", r.ToJson(oe["output"])}};
+      else s.on_error = json::object{{"goto", r.Str(oe["goto"], w + ".goto")}};
+    }
+  }
+  if (n["next"]) s.next = r.Str(n["next"], "step \"" + s.id + "\" next");
   return s;
+}
+
+// Where a step may go next (by name, "end" for the end of the run).
+std::vector<std::string> Successors(const PipelineConfig& p, std::size_t i) {
+  const StepConfig& s = p.steps[i];
+  std::vector<std::string> out;
+  if (s.kind == StepKind::kChoice) {
+    for (const auto& c : s.spec.at("cases").as_array()) out.push_back(std::string(c.at("goto").as_string()));
+    out.push_back(std::string(s.spec.at("default").as_string()));
+  } else if (!s.next.empty()) {
+    out.push_back(s.next);
+  } else {
+    out.push_back(i + 1 < p.steps.size() ? p.steps[i + 1].id : "end");
+  }
+  if (s.on_error.is_object() && s.on_error.as_object().contains("goto")) {
+    out.push_back(std::string(s.on_error.at("goto").as_string()));
+  }
+  return out;
+}
+
+// The graph of a pipeline: every jump names a step, there is no cycle, and every
+// template references the input or a step that can have run before (an ancestor).
+void CheckPipelineGraph(const YAML::Node& steps, PipelineConfig& p) {
+  std::map<std::string, std::size_t> index;
+  for (std::size_t i = 0; i < p.steps.size(); ++i) index[p.steps[i].id] = i;
+  const std::size_t n = p.steps.size();
+  std::vector<std::vector<std::size_t>> edges(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    for (const auto& to : Successors(p, i)) {
+      if (to == "end") continue;
+      const auto it = index.find(to);
+      if (it == index.end()) {
+        Fail(steps[i], "step \"" + p.steps[i].id + "\" goes to \"" + to + "\", which is not a step of pipeline \"" +
+                           p.name + "\" (nor \"end\")");
+      }
+      edges[i].push_back(it->second);
+    }
+  }
+  // Cycles: a depth-first search finding a back edge.
+  std::vector<int> state(n, 0);  // 0 new, 1 on the path, 2 done
+  std::function<void(std::size_t)> visit = [&](std::size_t i) {
+    state[i] = 1;
+    for (auto j : edges[i]) {
+      if (state[j] == 1) {
+        Fail(steps[j], "pipeline \"" + p.name + "\" has a cycle: step \"" + p.steps[i].id + "\" goes back to \"" +
+                           p.steps[j].id + "\" (a run would never end; steps run at most once per run)");
+      }
+      if (state[j] == 0) visit(j);
+    }
+    state[i] = 2;
+  };
+  for (std::size_t i = 0; i < n; ++i) {
+    if (state[i] == 0) visit(i);
+  }
+  // Ancestors: the steps from which a step can be reached.
+  std::vector<std::set<std::size_t>> ancestors(n);
+  std::vector<std::size_t> order;  // topological, from the DFS above redone iteratively
+  {
+    std::vector<int> seen(n, 0);
+    std::function<void(std::size_t)> post = [&](std::size_t i) {
+      seen[i] = 1;
+      for (auto j : edges[i]) {
+        if (!seen[j]) post(j);
+      }
+      order.push_back(i);
+    };
+    for (std::size_t i = 0; i < n; ++i) {
+      if (!seen[i]) post(i);
+    }
+    std::reverse(order.begin(), order.end());
+  }
+  for (auto i : order) {
+    for (auto j : edges[i]) {
+      ancestors[j].insert(i);
+      ancestors[j].insert(ancestors[i].begin(), ancestors[i].end());
+    }
+  }
+  std::set<std::string> signal_names;
+  for (std::size_t i = 0; i < n; ++i) {
+    const StepConfig& s = p.steps[i];
+    if (s.kind == StepKind::kWaitForSignal) {
+      const std::string name(s.spec.at("name").as_string());
+      if (!signal_names.insert(name).second) {
+        Fail(steps[i], "two steps of pipeline \"" + p.name + "\" wait for the signal \"" + name +
+                           "\"; give each wait its own signal name");
+      }
+    }
+    json::value refs_of = s.spec;
+    if (s.on_error.is_object()) refs_of = json::array{s.spec, s.on_error};
+    auto refs = TemplateReferences(refs_of);
+    if (!refs.ok()) Fail(steps[i], "step \"" + s.id + "\": " + refs.error().message);
+    for (const auto& ref : *refs) {
+      if (ref == "input" || ref.rfind("input.", 0) == 0) continue;
+      if (s.kind == StepKind::kMap && (ref == "item" || ref.rfind("item.", 0) == 0 || ref == "index")) continue;
+      if (ref.rfind("steps.", 0) == 0) {
+        const auto rest = ref.substr(6);
+        const auto id = rest.substr(0, rest.find('.'));
+        if (id == s.id) Fail(steps[i], "step \"" + s.id + "\" references its own result {{" + ref + "}}");
+        const auto it = index.find(id);
+        if (it == index.end()) {
+          Fail(steps[i], "step \"" + s.id + "\" references {{" + ref + "}}, but pipeline \"" + p.name +
+                             "\" has no step \"" + id + "\"");
+        }
+        if (!ancestors[i].count(it->second)) {
+          Fail(steps[i], "step \"" + s.id + "\" references {{" + ref + "}}, but \"" + id +
+                             "\" cannot have run before it (it is not on any path leading to \"" + s.id + "\")");
+        }
+        continue;
+      }
+      Fail(steps[i], "step \"" + s.id + "\" references {{" + ref + "}}: a reference starts with input. or steps.ID." +
+                         (s.kind == StepKind::kMap ? " (or item, index inside a map)" : ""));
+    }
+  }
 }
 
 PipelineConfig ReadPipeline(Reader& r, const std::string& name, const YAML::Node& n) {
   const std::string what = "pipeline \"" + name + "\"";
-  r.Keys(n, what, {"description", "steps", "retry"});
+  r.Keys(n, what, {"description", "steps", "retry", "input_schema"});
   PipelineConfig p;
   p.name = name;
   p.line = LineOf(n);
   if (n["description"]) p.description = r.Str(n["description"], what + ".description");
+  if (n["input_schema"]) p.input_schema = ReadSchema(r, n["input_schema"], what + ".input_schema");
   RetryConfig retry;
   if (n["retry"]) retry = ReadRetry(r, n["retry"], retry, what + ".retry");
   const auto steps = n["steps"];
@@ -384,40 +737,19 @@ PipelineConfig ReadPipeline(Reader& r, const std::string& name, const YAML::Node
     Fail(steps ? steps : n, what + " needs steps: a non-empty list");
   }
   std::set<std::string> seen;
-  std::size_t index = 0;
   for (const auto& sn : steps) {
     StepConfig s = ReadStep(r, sn, retry, name);
     if (!seen.insert(s.id).second) Fail(sn["id"], "step id \"" + s.id + "\" is used twice in " + what);
-    // Every reference must name the input or a step that runs before this one.
-    auto refs = TemplateReferences(s.spec);
-    if (!refs.ok()) Fail(sn, "step \"" + s.id + "\": " + refs.error().message);
-    for (const auto& ref : *refs) {
-      if (ref == "input" || ref.rfind("input.", 0) == 0) continue;
-      if (ref.rfind("steps.", 0) == 0) {
-        const auto rest = ref.substr(6);
-        const auto id = rest.substr(0, rest.find('.'));
-        if (id == s.id) Fail(sn, "step \"" + s.id + "\" references its own result {{" + ref + "}}");
-        bool earlier = false;
-        for (std::size_t i = 0; i < index; ++i) earlier = earlier || p.steps[i].id == id;
-        if (!earlier) {
-          Fail(sn, "step \"" + s.id + "\" references {{" + ref + "}}, but \"" + id +
-                       "\" is not an earlier step of " + what);
-        }
-        continue;
-      }
-      Fail(sn, "step \"" + s.id + "\" references {{" + ref +
-                   "}}: a reference starts with input. or steps.ID.");
-    }
     p.steps.push_back(std::move(s));
-    ++index;
   }
+  CheckPipelineGraph(steps, p);
   return p;
 }
 
 Config ReadConfig(Reader& r, const YAML::Node& root) {
   Config c;
   if (!root || root.IsNull()) return c;
-  r.Keys(root, "the top level", {"listen", "storage", "log_level", "server", "engine", "providers", "routes", "pipelines"});
+  r.Keys(root, "the top level", {"listen", "storage", "log_level", "server", "engine", "providers", "routes", "pipelines", "http"});
   if (root["listen"]) c.listen = r.Str(root["listen"], "listen");
   if (root["storage"]) {
     c.storage = r.Str(root["storage"], "storage");
@@ -491,14 +823,53 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
       const auto name = kv.first.as<std::string>();
       PipelineConfig p = ReadPipeline(r, name, kv.second);
       for (const auto& s : p.steps) {
-        if (s.kind != StepKind::kLlm) continue;
-        const std::string route = json::value_to<std::string>(s.spec.at("route"));
+        const json::value* llm = s.kind == StepKind::kLlm ? &s.spec : nullptr;
+        if (s.kind == StepKind::kMap && s.spec.at("step").at("kind") == "llm") llm = &s.spec.at("step").at("spec");
+        if (llm == nullptr) continue;
+        const std::string route = json::value_to<std::string>(llm->at("route"));
         if (!c.routes.count(route) && !c.providers.count(route)) {
           throw ConfigError("line " + std::to_string(s.line) + ": step \"" + s.id + "\" uses route \"" +
                             route + "\", which is not defined under routes or providers");
         }
       }
       c.pipelines[name] = std::move(p);
+    }
+    // Child pipelines exist, and no pipeline runs itself, directly or through others.
+    std::function<void(const std::string&, std::vector<std::string>&)> visit = [&](const std::string& name,
+                                                                                   std::vector<std::string>& path) {
+      if (std::find(path.begin(), path.end(), name) != path.end()) {
+        std::string chain;
+        for (const auto& x : path) chain += x + " -> ";
+        throw ConfigError("pipeline \"" + path.front() + "\" runs itself as a child (" + chain + name +
+                          "): a run would never end");
+      }
+      path.push_back(name);
+      for (const auto& s : c.pipelines.at(name).steps) {
+        if (s.kind != StepKind::kPipeline) continue;
+        const std::string child(s.spec.at("name").as_string());
+        if (!c.pipelines.count(child)) {
+          throw ConfigError("line " + std::to_string(s.line) + ": step \"" + s.id + "\" runs pipeline \"" + child +
+                            "\", which is not defined under pipelines");
+        }
+        visit(child, path);
+      }
+      path.pop_back();
+    };
+    for (const auto& [name, p] : c.pipelines) {
+      std::vector<std::string> path;
+      visit(name, path);
+    }
+  }
+  if (const auto h = root["http"]) {
+    r.Keys(h, "http", {"allow_hosts"});
+    if (const auto a = h["allow_hosts"]) {
+      if (!a.IsSequence()) Fail(a, "http.allow_hosts must be a list of hosts (host or host:port)");
+      for (const auto& x : a) {
+        std::string host = r.Str(x, "a host of http.allow_hosts");
+        std::transform(host.begin(), host.end(), host.begin(), [](unsigned char ch) { return std::tolower(ch); });
+        if (host.empty() || host.find('/') != std::string::npos) Fail(x, "http.allow_hosts holds hosts such as api.example.com or 127.0.0.1:9000, not URLs");
+        c.engine.http.allow_hosts.push_back(host);
+      }
     }
   }
   return c;

@@ -364,7 +364,7 @@ TEST(ConfigTest, ReferenceToALaterStepIsRefused) {
       - id: second
         transform: {y: 1}
 )"),
-                    {"line 9", "\"first\"", "steps.second.output", "not an earlier step"});
+                    {"line 9", "\"first\"", "steps.second.output", "cannot have run before it"});
 }
 
 TEST(ConfigTest, ReferenceToAnUnknownStepIsRefused) {
@@ -376,7 +376,7 @@ TEST(ConfigTest, ReferenceToAnUnknownStepIsRefused) {
       - id: second
         transform: {y: "{{steps.ghost.output}}"}
 )"),
-                    {"line 11", "ghost", "not an earlier step"});
+                    {"line 11", "ghost", "has no step \"ghost\""});
 }
 
 TEST(ConfigTest, ReferenceToItselfIsRefused) {

@@ -12,6 +12,7 @@
 
 #include "keel/core/backoff.h"
 #include "keel/core/ids.h"
+#include "keel/core/template.h"
 #include "keel/engine/pipeline.h"
 #include "keel/obs/log.h"
 #include "keel/obs/metrics.h"
@@ -31,7 +32,7 @@ class EngineImpl final : public Engine {
         store_(store),
         clock_(clock),
         random_(random),
-        runners_(MakeStepRunners(gateway)),
+        runners_(MakeStepRunners(StepServices{gateway, store, random, config_, [this] { Notify(); }})),
         step_latency_(prometheus::BuildHistogram()
                           .Name("keel_step_duration_seconds")
                           .Help("Duration of step attempts, by pipeline, kind and outcome")
@@ -130,6 +131,7 @@ class EngineImpl final : public Engine {
   // Lease bookkeeping for the heartbeat thread.
   struct Active {
     store::Lease lease;
+    std::shared_ptr<std::atomic<bool>> cancelled;  // set when the lease is lost (cancel)
   };
 
   void HeartbeatLoop() {
@@ -137,23 +139,25 @@ class EngineImpl final : public Engine {
     while (!heartbeat_stop_) {
       heartbeat_cv_.wait_for(lock, config_.heartbeat_interval, [&] { return heartbeat_stop_; });
       if (heartbeat_stop_) break;
-      std::vector<std::pair<uint64_t, store::Lease>> leases;
-      for (const auto& [id, a] : active_) leases.emplace_back(id, a.lease);
+      std::vector<Active> leases;
+      for (const auto& [id, a] : active_) leases.push_back(a);
       lock.unlock();
-      for (auto& [id, lease] : leases) {
-        auto r = store_.Heartbeat(lease, config_.lease_timeout);
+      for (auto& a : leases) {
+        auto r = store_.Heartbeat(a.lease, config_.lease_timeout);
         if (!r.ok()) {
-          obs::LogWarn("heartbeat failed", {{"run_id", lease.run_id}, {"error", r.error().message}});
+          obs::LogWarn("heartbeat failed", {{"run_id", a.lease.run_id}, {"error", r.error().message}});
+          // Cancelled or taken over: the step in flight should stop.
+          if (r.error().code == ErrorCode::kLeaseLost) a.cancelled->store(true);
         }
       }
       lock.lock();
     }
   }
 
-  uint64_t Track(const store::Lease& lease) {
+  uint64_t Track(const store::Lease& lease, std::shared_ptr<std::atomic<bool>> cancelled) {
     std::lock_guard lock(mu_);
     const uint64_t id = ++next_active_;
-    active_[id] = Active{lease};
+    active_[id] = Active{lease, std::move(cancelled)};
     return id;
   }
   void Untrack(uint64_t id) {
@@ -165,10 +169,23 @@ class EngineImpl final : public Engine {
     runs_finished_.Add({{"pipeline", pipeline}, {"status", std::string(status)}}).Increment();
   }
 
+  // The step after `i` given its checkpoint: a jump the checkpoint recorded (a choice's
+  // branch, an on_error goto), the step's `next`, or the following one; "end" at the end.
+  static std::string NextOf(const PipelineConfig& p, std::size_t i, const json::value& record) {
+    if (record.is_object()) {
+      if (const auto* n = record.as_object().if_contains("next"); n && n->is_string() && !n->as_string().empty()) {
+        return std::string(n->as_string());
+      }
+    }
+    if (!p.steps[i].next.empty()) return p.steps[i].next;
+    return i + 1 < p.steps.size() ? p.steps[i + 1].id : "end";
+  }
+
   void Execute(store::LeasedRun leased) {
     const auto& run = leased.run;
     const store::Lease& lease = leased.lease;
-    const uint64_t active_id = Track(lease);
+    auto cancelled = std::make_shared<std::atomic<bool>>(false);
+    const uint64_t active_id = Track(lease, cancelled);
     struct Untracker {
       EngineImpl* self;
       uint64_t id;
@@ -182,38 +199,46 @@ class EngineImpl final : public Engine {
       return;
     }
     const PipelineConfig& pipeline = **def;
-    // Rebuild what the finished steps left, and find where to resume.
+    std::map<std::string, std::size_t> index;
+    for (std::size_t i = 0; i < pipeline.steps.size(); ++i) index[pipeline.steps[i].id] = i;
+    // Rebuild what the finished steps left, and find where to resume: walk the path the
+    // run took, from the first step through its checkpoints.
     json::object steps_scope;
     std::map<std::string, const store::StepRecord*> records;
     for (const auto& s : run.steps) records[s.step_id] = &s;
-    std::size_t index = 0;
-    for (; index < pipeline.steps.size(); ++index) {
-      const auto it = records.find(pipeline.steps[index].id);
+    std::size_t cur = 0;
+    for (std::size_t hops = 0;; ++hops) {
+      const auto it = records.find(pipeline.steps[cur].id);
       if (it == records.end() || it->second->status != StepStatus::kSucceeded) break;
-      steps_scope[pipeline.steps[index].id] = it->second->output;
-    }
-    if (index == pipeline.steps.size()) {
-      // Every step is checkpointed but the run did not end: not reachable through the
-      // Store's contract (the last checkpoint ends the run in the same commit).
-      if (store_.FailRun(lease, Error(ErrorCode::kInternal, "all steps finished but the run did not end")).ok()) {
-        Finished(run.pipeline, "failed");
-      }
-      return;
-    }
-    const StepConfig* step = &pipeline.steps[index];
-    // An attempt that was in flight when its worker died counts as used.
-    if (const auto it = records.find(step->id); it != records.end()) {
-      const auto* rec = it->second;
-      if (rec->attempts >= step->retry.max_attempts) {
-        Error err = rec->error.value_or(Error(ErrorCode::kTimeout, "attempt " + std::to_string(rec->attempts) +
-                                                                       " of step \"" + step->id +
-                                                                       "\" was interrupted (its worker was lost)"));
-        err.message = "gave up after " + std::to_string(rec->attempts) + " attempts: " + err.message;
-        if (store_.FailStep(lease, step->id, err, {FailureDisposition::Kind::kDeadLetter}).ok()) {
-          Finished(run.pipeline, "dead_lettered");
+      steps_scope[pipeline.steps[cur].id] = it->second->output;
+      const std::string next = NextOf(pipeline, cur, it->second->output);
+      const auto at = index.find(next);
+      if (next == "end" || at == index.end() || hops > pipeline.steps.size()) {
+        // The last checkpoint ends the run in the same commit: not reachable through the
+        // Store's contract, unless the definition and the checkpoints disagree.
+        if (store_.FailRun(lease, Error(ErrorCode::kInternal, "the run's checkpoints lead nowhere (at step \"" +
+                                                                  pipeline.steps[cur].id + "\" -> \"" + next + "\")"))
+                .ok()) {
+          Finished(run.pipeline, "failed");
         }
         return;
       }
+      cur = at->second;
+    }
+    const StepConfig* step = &pipeline.steps[cur];
+    const store::StepRecord* record = nullptr;
+    if (const auto it = records.find(step->id); it != records.end()) record = it->second;
+    // An attempt that was in flight when its worker died counts as used (a parked one
+    // does not: it is waiting, not lost).
+    if (record && record->status == StepStatus::kRunning && record->attempts >= step->retry.max_attempts) {
+      Error err = record->error.value_or(Error(ErrorCode::kTimeout, "attempt " + std::to_string(record->attempts) +
+                                                                        " of step \"" + step->id +
+                                                                        "\" was interrupted (its worker was lost)"));
+      err.message = "gave up after " + std::to_string(record->attempts) + " attempts: " + err.message;
+      if (store_.FailStep(lease, step->id, err, {FailureDisposition::Kind::kDeadLetter}).ok()) {
+        Finished(run.pipeline, "dead_lettered");
+      }
+      return;
     }
     auto started = store_.StartStep(lease, step->id);
     if (!started.ok()) {
@@ -225,34 +250,53 @@ class EngineImpl final : public Engine {
 
     while (true) {
       const std::string idem = run.id + "/" + step->id;
-      StepContext ctx{run.id, *step, attempt, scope, idem};
+      StepContext ctx{run.id, *step, attempt, scope, idem, run, record, clock_.Now(), cancelled.get(), &lease};
       const auto t0 = std::chrono::steady_clock::now();
-      auto it = runners_.find(step->kind);
-      Result<StepRecordJson> result =
-          it == runners_.end()
-              ? Result<StepRecordJson>(Error(ErrorCode::kInvalidRequest, "no runner for step kind"))
-              : it->second->Run(ctx);
+      Result<StepOutcome> result = Error(ErrorCode::kInternal, "not run");
+      if (step->kind == StepKind::kMap) {
+        result = RunMap(ctx, lease);
+      } else if (auto it = runners_.find(step->kind); it != runners_.end()) {
+        result = it->second->Run(ctx);
+      } else {
+        result = Error(ErrorCode::kInvalidRequest, "no runner for step kind " + std::string(StepKindName(step->kind)));
+      }
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const bool ok = result.ok() && !result->fail;
       step_latency_
           .Add({{"pipeline", run.pipeline}, {"kind", std::string(StepKindName(step->kind))},
-                {"outcome", result.ok() ? "ok" : "error"}},
+                {"outcome", ok ? (result->suspend ? "waiting" : "ok") : "error"}},
                obs::LatencyBuckets())
           .Observe(secs);
 
-      if (!result.ok()) {
-        HandleFailure(lease, run, *step, attempt, std::move(result).error());
+      StepRecordJson rec;
+      std::string next;
+      if (!ok) {
+        const bool retryable_kind = !result.ok();
+        Error error = result.ok() ? *result->fail : std::move(result).error();
+        auto recovered = HandleFailure(lease, run, *step, attempt, std::move(error), retryable_kind);
+        if (!recovered) return;
+        rec = std::move(recovered->first);
+        next = std::move(recovered->second);
+      } else if (result->suspend) {
+        auto parked = store_.SuspendStep(lease, step->id, result->wake_at, result->waiting);
+        if (!parked.ok()) LogAbandon(run.id, step->id, parked.error());
+        else obs::LogDebug("step waiting", {{"run_id", run.id}, {"step_id", step->id}});
         return;
+      } else {
+        rec = std::move(result->record);
+        next = result->next;
+        if (!next.empty()) rec["next"] = next;
       }
-      const bool last = index + 1 == pipeline.steps.size();
-      json::value record = std::move(result).value();
+      if (next.empty()) next = NextOf(pipeline, cur, rec);
+      const bool last = next == "end";
       std::optional<json::value> run_output;
-      std::optional<std::string> next;
-      if (last) run_output = record.as_object()["output"];
-      else next = pipeline.steps[index + 1].id;
+      std::optional<std::string> next_step;
+      if (last) run_output = rec["output"];
+      else next_step = next;
       // Draining: checkpoint this step and hand the run back rather than start another.
       const bool hand_back = !last && Stopping();
-      if (hand_back) next.reset();
-      auto committed = store_.CompleteStep(lease, step->id, record, next, run_output);
+      if (hand_back) next_step.reset();
+      auto committed = store_.CompleteStep(lease, step->id, rec, next_step, run_output);
       if (!committed.ok()) {
         LogAbandon(run.id, step->id, committed.error());
         return;
@@ -267,19 +311,135 @@ class EngineImpl final : public Engine {
         (void)store_.ReleaseLease(lease);
         return;
       }
-      scope.as_object()["steps"].as_object()[step->id] = std::move(record);
-      ++index;
-      step = &pipeline.steps[index];
+      scope.as_object()["steps"].as_object()[step->id] = std::move(rec);
+      cur = index.at(next);
+      step = &pipeline.steps[cur];
+      record = nullptr;
       attempt = *committed;
     }
   }
 
-  void HandleFailure(const store::Lease& lease, const store::RunRecord& run, const StepConfig& step, int attempt,
-                     Error error) {
+  // A map: each item of `over` through the item step, `concurrency` at once, each
+  // checkpointed as it finishes; items checkpointed before (by an earlier attempt, or
+  // before a crash) are not run again.
+  Result<StepOutcome> RunMap(const StepContext& ctx, const store::Lease& lease) {
+    const auto& spec = ctx.step.spec.as_object();
+    auto over = RenderTemplate(spec.at("over"), ctx.scope);
+    if (!over.ok()) return std::move(over).error();
+    if (!over->is_array()) {
+      StepOutcome o;
+      o.fail = Error(ErrorCode::kInvalidRequest, "step \"" + ctx.step.id + "\": map over must be an array, but " +
+                                                     json::serialize(spec.at("over")) + " is " + JsonKind(*over));
+      return o;
+    }
+    const auto& items = over->as_array();
+    const std::size_t n = items.size();
+    std::vector<json::value> outputs(n);
+    std::map<std::string, const store::StepRecord*> recs;
+    for (const auto& s : ctx.run.steps) recs[s.step_id] = &s;
+    std::vector<std::size_t> todo;
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto it = recs.find(store::ItemStepId(ctx.step.id, static_cast<int64_t>(i)));
+      if (it != recs.end() && it->second->status == StepStatus::kSucceeded) {
+        outputs[i] = it->second->output;
+      } else {
+        todo.push_back(i);
+      }
+    }
+    StepConfig item_step = ctx.step;
+    const auto& inner = spec.at("step").as_object();
+    item_step.kind = *StepKindFromName(inner.at("kind").as_string());
+    item_step.spec = inner.at("spec");
+    StepRunner* runner = runners_.at(item_step.kind).get();
+
+    std::atomic<std::size_t> next{0};
+    std::mutex mu;
+    std::optional<Error> first_error;  // GUARDED_BY(mu)
+    bool final = false;                // GUARDED_BY(mu)
+    auto work = [&] {
+      while (true) {
+        {
+          std::lock_guard lock(mu);
+          if (first_error) return;
+        }
+        if (ctx.cancelled && ctx.cancelled->load()) return;
+        const std::size_t k = next.fetch_add(1);
+        if (k >= todo.size()) return;
+        const std::size_t i = todo[k];
+        json::value scope = ctx.scope;
+        scope.as_object()["item"] = items[i];
+        scope.as_object()["index"] = static_cast<int64_t>(i);
+        const std::string idem = ctx.idempotency_key + "#" + std::to_string(i);
+        StepContext ictx{ctx.run_id, item_step, ctx.attempt, scope, idem, ctx.run, nullptr, ctx.now, ctx.cancelled, ctx.lease};
+        auto r = runner->Run(ictx);
+        std::optional<Error> err;
+        bool is_final = false;
+        if (!r.ok()) {
+          err = std::move(r).error();
+        } else if (r->fail) {
+          err = *r->fail;
+          is_final = true;
+        } else if (r->suspend) {
+          err = Error(ErrorCode::kInvalidRequest, "a map item cannot wait");
+          is_final = true;
+        }
+        if (!err) {
+          json::value out = r->record["output"];
+          auto saved = store_.CompleteItem(lease, ctx.step.id, static_cast<int64_t>(i), out);
+          if (saved.ok()) {
+            std::lock_guard lock(mu);
+            outputs[i] = std::move(out);
+            continue;
+          }
+          err = saved.error();
+        }
+        std::lock_guard lock(mu);
+        if (!first_error) {
+          err->message = "item " + std::to_string(i) + ": " + err->message;
+          final = is_final;
+          first_error = std::move(err);
+        }
+      }
+    };
+    const int64_t cap = spec.at("concurrency").as_int64();
+    const std::size_t threads = std::min<std::size_t>(static_cast<std::size_t>(std::max<int64_t>(1, cap)), todo.size());
+    std::vector<std::thread> pool;
+    for (std::size_t t = 1; t < threads; ++t) pool.emplace_back(work);
+    if (threads > 0) work();
+    for (auto& t : pool) t.join();
+    if (first_error) {
+      if (final) {
+        StepOutcome o;
+        o.fail = std::move(*first_error);
+        return o;
+      }
+      return std::move(*first_error);
+    }
+    if (ctx.cancelled && ctx.cancelled->load()) return Error(ErrorCode::kCancelled, "the run was cancelled");
+    json::array out;
+    for (auto& v : outputs) out.push_back(std::move(v));
+    return StepOutcome::Done(StepRecordJson{{"output", std::move(out)}, {"items", static_cast<int64_t>(n)}});
+  }
+
+  static std::string JsonKind(const json::value& v) {
+    if (v.is_object()) return "an object";
+    if (v.is_string()) return "a string";
+    if (v.is_number()) return "a number";
+    if (v.is_bool()) return "a boolean";
+    if (v.is_null()) return "null";
+    return "an array";
+  }
+
+  // A failed attempt: retried later (the lease is given up), or the step failed for
+  // good. Then on_error may recover: the checkpoint to make instead and the step to go
+  // to (empty: the usual next); nullopt when the run waits for a retry or ended.
+  std::optional<std::pair<StepRecordJson, std::string>> HandleFailure(const store::Lease& lease, const store::RunRecord& run,
+                                                                      const StepConfig& step, int attempt, Error error,
+                                                                      bool retryable_kind) {
     step_errors_.Add({{"pipeline", run.pipeline}, {"class", std::string(ErrorCodeName(error.code))}}).Increment();
     FailureDisposition d;
     std::string_view status;
-    if (!IsRetryable(error.code)) {
+    if (!retryable_kind || !IsRetryable(error.code) || error.code == ErrorCode::kCancelled) {
       d.kind = FailureDisposition::Kind::kFail;
       status = "failed";
     } else if (attempt >= step.retry.max_attempts) {
@@ -290,6 +450,21 @@ class EngineImpl final : public Engine {
       d.kind = FailureDisposition::Kind::kRetry;
       d.delay = ComputeBackoff(step.retry.backoff, attempt, error.retry_after, random_);
     }
+    if (!status.empty() && step.on_error.is_object() && error.code != ErrorCode::kCancelled &&
+        error.code != ErrorCode::kLeaseLost) {
+      const auto& oe = step.on_error.as_object();
+      obs::LogInfo("step failed; on_error recovers", {{"run_id", run.id}, {"step_id", step.id}, {"attempt", attempt},
+                                                      {"error_type", ErrorCodeName(error.code)}, {"error", error.message}});
+      StepRecordJson rec{{"output", oe.contains("output") ? oe.at("output") : json::value(nullptr)},
+                         {"error", store::ErrorToJson(error)},
+                         {"recovered", true}};
+      std::string next;
+      if (const auto* g = oe.if_contains("goto")) {
+        next = std::string(g->as_string());
+        rec["next"] = next;
+      }
+      return std::make_pair(std::move(rec), std::move(next));
+    }
     obs::Log(status.empty() ? obs::LogLevel::kInfo : obs::LogLevel::kWarn,
              status.empty() ? "step attempt failed; will retry" : "step failed; run ends",
              {{"run_id", run.id}, {"step_id", step.id}, {"attempt", attempt},
@@ -298,7 +473,7 @@ class EngineImpl final : public Engine {
     auto r = store_.FailStep(lease, step.id, error, d);
     if (!r.ok()) {
       LogAbandon(run.id, step.id, r.error());
-      return;
+      return std::nullopt;
     }
     if (status.empty()) {
       retries_.Add({{"pipeline", run.pipeline}}).Increment();
@@ -306,6 +481,7 @@ class EngineImpl final : public Engine {
     } else {
       Finished(run.pipeline, status);
     }
+    return std::nullopt;
   }
 
   // Parsed definitions by id: runs of one pipeline version share one.

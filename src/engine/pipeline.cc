@@ -2,7 +2,7 @@
 
 namespace keel::engine {
 
-json::value DefinitionToJson(const PipelineConfig& p) {
+json::value DefinitionToJson(const PipelineConfig& p, const std::map<std::string, PipelineConfig>* all) {
   json::array steps;
   for (const auto& s : p.steps) {
     steps.push_back(json::object{
@@ -14,9 +14,24 @@ json::value DefinitionToJson(const PipelineConfig& p) {
                                {"initial_backoff_ms", s.retry.backoff.initial.count()},
                                {"multiplier", s.retry.backoff.multiplier},
                                {"max_backoff_ms", s.retry.backoff.max.count()},
-                               {"jitter", s.retry.backoff.jitter == JitterMode::kNone ? 0.0 : s.retry.backoff.jitter_fraction}}}});
+                               {"jitter", s.retry.backoff.jitter == JitterMode::kNone ? 0.0 : s.retry.backoff.jitter_fraction}}},
+        {"on_error", s.on_error},
+        {"next", s.next}});
   }
-  return json::object{{"version", 1}, {"name", p.name}, {"steps", std::move(steps)}};
+  json::object out{{"version", 1}, {"name", p.name}, {"steps", std::move(steps)}};
+  if (all != nullptr) {
+    json::object children;
+    for (const auto& s : p.steps) {
+      if (s.kind != StepKind::kPipeline) continue;
+      const std::string child(s.spec.at("name").as_string());
+      // The config refuses pipelines that run themselves, so this ends.
+      if (const auto it = all->find(child); it != all->end() && !children.contains(child)) {
+        children[child] = DefinitionToJson(it->second, all);
+      }
+    }
+    if (!children.empty()) out["pipelines"] = std::move(children);
+  }
+  return out;
 }
 
 Result<PipelineConfig> DefinitionFromJson(const json::value& v) {
@@ -37,9 +52,11 @@ Result<PipelineConfig> DefinitionFromJson(const json::value& v) {
     const auto* kind = so.if_contains("kind");
     if (!id || !id->is_string() || !kind || !kind->is_string()) return bad("a step lacks id or kind");
     s.id = id->get_string();
-    if (kind->get_string() == "llm") s.kind = StepKind::kLlm;
-    else if (kind->get_string() == "transform") s.kind = StepKind::kTransform;
-    else return bad("step \"" + s.id + "\" has unknown kind \"" + std::string(kind->get_string()) + "\"");
+    const auto k = StepKindFromName(kind->get_string());
+    if (!k) return bad("step \"" + s.id + "\" has unknown kind \"" + std::string(kind->get_string()) + "\"");
+    s.kind = *k;
+    if (const auto* oe = so.if_contains("on_error")) s.on_error = *oe;
+    if (const auto* nx = so.if_contains("next"); nx && nx->is_string()) s.next = nx->get_string();
     if (const auto* spec = so.if_contains("spec")) s.spec = *spec;
     if (const auto* t = so.if_contains("timeout_ms"); t && t->is_int64()) s.timeout = Duration(t->get_int64());
     if (const auto* r = so.if_contains("retry"); r && r->is_object()) {

@@ -3,6 +3,7 @@
 #include <charconv>
 #include <chrono>
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -34,6 +35,40 @@ namespace {
 
 using detail::Provider;
 
+// A counter family's series for fixed labels plus an "outcome" label (ok or an error
+// class), made on first use and then reached without building label maps.
+class OutcomeCounters {
+ public:
+  OutcomeCounters(prometheus::Family<prometheus::Counter>& family, std::map<std::string, std::string> labels)
+      : family_(family), labels_(std::move(labels)) {}
+  void Increment(const Error* e) {
+    const std::size_t i = e == nullptr ? 0 : static_cast<std::size_t>(e->code) + 1;
+    prometheus::Counter* c = series_[i].load(std::memory_order_acquire);
+    if (c == nullptr) {
+      auto labels = labels_;
+      labels["outcome"] = e == nullptr ? std::string("ok") : std::string(ErrorCodeName(e->code));
+      c = &family_.Add(labels);  // the family returns the same series for the same labels
+      series_[i].store(c, std::memory_order_release);
+    }
+    c->Increment();
+  }
+
+ private:
+  static constexpr std::size_t kSeries = static_cast<std::size_t>(ErrorCode::kInternal) + 2;
+  prometheus::Family<prometheus::Counter>& family_;
+  std::map<std::string, std::string> labels_;
+  std::array<std::atomic<prometheus::Counter*>, kSeries> series_{};
+};
+
+// A provider's metric series, made once.
+struct ProviderMetrics {
+  prometheus::Histogram* latency;
+  prometheus::Histogram* ttft;
+  prometheus::Counter* tokens_in;
+  prometheus::Counter* tokens_out;
+  prometheus::Counter* cost;
+};
+
 // Per provider: its limits, shared by every route that targets it.
 struct ProviderState {
   ProviderConfig config;
@@ -42,6 +77,7 @@ struct ProviderState {
   std::optional<TokenBucket> rpm;  // GUARDED_BY(mu)
   std::optional<TokenBucket> tpm;  // GUARDED_BY(mu)
   std::atomic<int64_t> in_flight{0};
+  ProviderMetrics metrics{};
 };
 
 // Per target of a route: its health as seen by that route.
@@ -52,6 +88,8 @@ struct TargetState {
   std::mutex mu;
   CircuitBreaker breaker;  // GUARDED_BY(mu)
   Ewma latency_ms;         // GUARDED_BY(mu)
+  std::optional<OutcomeCounters> requests;  // keel_llm_requests_total{route, provider}
+  prometheus::Gauge* breaker_gauge = nullptr;
   TargetState(ProviderState* p, RouteTarget t, const CircuitBreakerOptions& o)
       : provider(p), target(std::move(t)), breaker(o) {}
 };
@@ -62,6 +100,9 @@ struct RouteState {
   std::mutex budget_mu;
   RetryBudget budget;  // GUARDED_BY(budget_mu)
   std::atomic<uint64_t> next{0};
+  std::optional<OutcomeCounters> calls;  // keel_gateway_requests_total{route}
+  prometheus::Counter* retries = nullptr;
+  prometheus::Counter* failovers = nullptr;
   RouteState(RouteConfig c, RetryBudgetOptions b) : config(std::move(c)), budget(b) {}
 };
 
@@ -168,6 +209,11 @@ class GatewayImpl final : public Gateway {
       else st->provider = detail::MakeMockProvider(p);
       if (p.limits.rpm > 0) st->rpm.emplace(static_cast<double>(p.limits.rpm), p.limits.rpm / 60.0, now);
       if (p.limits.tpm > 0) st->tpm.emplace(static_cast<double>(p.limits.tpm), p.limits.tpm / 60.0, now);
+      st->metrics = ProviderMetrics{&latency_.Add({{"provider", name}}, obs::LatencyBuckets()),
+                                    &ttft_.Add({{"provider", name}}, obs::LatencyBuckets()),
+                                    &tokens_.Add({{"provider", name}, {"direction", "input"}}),
+                                    &tokens_.Add({{"provider", name}, {"direction", "output"}}),
+                                    &cost_.Add({{"provider", name}})};
       providers_[name] = std::move(st);
     }
     auto add_route = [&](const RouteConfig& rc) {
@@ -181,9 +227,15 @@ class GatewayImpl final : public Gateway {
       o.window = rc.circuit_breaker.window;
       o.consecutive_failures = rc.circuit_breaker.consecutive_failures;
       o.open_for = rc.circuit_breaker.open_for;
+      route->calls.emplace(calls_, std::map<std::string, std::string>{{"route", rc.name}});
+      route->retries = &retries_.Add({{"route", rc.name}});
+      route->failovers = &failovers_.Add({{"route", rc.name}});
       for (const auto& t : rc.targets) {
-        route->targets.push_back(std::make_unique<TargetState>(providers_.at(t.provider).get(), t, o));
-        route->targets.back()->route = rc.name;
+        auto target = std::make_unique<TargetState>(providers_.at(t.provider).get(), t, o);
+        target->route = rc.name;
+        target->requests.emplace(requests_, std::map<std::string, std::string>{{"route", rc.name}, {"provider", t.provider}});
+        target->breaker_gauge = &breaker_state_.Add({{"route", rc.name}, {"provider", t.provider}});
+        route->targets.push_back(std::move(target));
       }
       routes_[rc.name] = std::move(route);
     };
@@ -389,7 +441,7 @@ class GatewayImpl final : public Gateway {
           c.last->message += " (no retry: the route's retry budget is spent)";
           target = nullptr;
         } else {
-          retries_.Add({{"route", req.route}}).Increment();
+          route.retries->Increment();
           if (target == c.previous) {
             // The same target again: back off first, honouring its Retry-After.
             c.delay = ComputeBackoff(route.config.retry.backoff, c.attempts, c.last->retry_after, random_);
@@ -399,7 +451,7 @@ class GatewayImpl final : public Gateway {
             }
           } else {
             ++c.failovers;
-            failovers_.Add({{"route", req.route}}).Increment();
+            route.failovers->Increment();
           }
         }
       }
@@ -423,7 +475,7 @@ class GatewayImpl final : public Gateway {
       r->failovers = c.failovers;
       r->duration = std::chrono::duration_cast<Duration>(std::chrono::steady_clock::now() - c.start);
       r->time_to_first_token = c.ttft;
-      calls_.Add({{"route", req.route}, {"outcome", "ok"}}).Increment();
+      c.route->calls->Increment(nullptr);
       c.result = std::move(r);
       return true;
     }
@@ -484,8 +536,7 @@ class GatewayImpl final : public Gateway {
   // Caller holds t.mu.
   void SetBreakerGauge(TargetState& t, Timestamp now) {
     const BreakerState st = t.breaker.state(now);
-    breaker_state_.Add({{"route", t.route}, {"provider", t.target.provider}})
-        .Set(st == BreakerState::kOpen ? 2.0 : st == BreakerState::kHalfOpen ? 1.0 : 0.0);
+    t.breaker_gauge->Set(st == BreakerState::kOpen ? 2.0 : st == BreakerState::kHalfOpen ? 1.0 : 0.0);
   }
 
   void ProbeProvider(const std::string& name, ProviderState& p) {
@@ -515,7 +566,9 @@ class GatewayImpl final : public Gateway {
   }
 
   Result<ChatResult> Count(const std::string& route, Error e) {
-    calls_.Add({{"route", route}, {"outcome", std::string(ErrorCodeName(e.code))}}).Increment();
+    const auto it = routes_.find(route);
+    if (it != routes_.end()) it->second->calls->Increment(&e);
+    else calls_.Add({{"route", route}, {"outcome", std::string(ErrorCodeName(e.code))}}).Increment();
     return e;
   }
 
@@ -709,8 +762,7 @@ class GatewayImpl final : public Gateway {
         if (!c.forwarded) {
           c.forwarded = true;
           c.ttft = std::chrono::duration_cast<Duration>(std::chrono::steady_clock::now() - c.start);
-          ttft_.Add({{"provider", t.target.provider}}, obs::LatencyBuckets())
-              .Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - c.t0).count());
+          p.metrics.ttft->Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - c.t0).count());
         }
         return (*c.sink)(chunk);
       });
@@ -722,14 +774,13 @@ class GatewayImpl final : public Gateway {
   // metrics, and the real usage instead of the estimate.
   Result<ChatResult> Finish(Call& c, Result<ChatResult> r) {
     TargetState& t = *c.target;
-    RouteState& route = *c.route;
     auto& p = *t.provider;
     const int64_t estimate = c.estimate;
     const auto elapsed = std::chrono::steady_clock::now() - c.t0;
     p.in_flight.fetch_sub(1);
     const Timestamp now = clock_.Now();
     const double secs = std::chrono::duration<double>(elapsed).count();
-    latency_.Add({{"provider", t.target.provider}}, obs::LatencyBuckets()).Observe(secs);
+    p.metrics.latency->Observe(secs);
     const bool unhealthy = !r.ok() && FailsOver(r.error().code) && r.error().code != ErrorCode::kRateLimited;
     {
       std::lock_guard lock(t.mu);
@@ -738,24 +789,22 @@ class GatewayImpl final : public Gateway {
       if (r.ok()) t.latency_ms.Observe(secs * 1000.0, now);
       SetBreakerGauge(t, now);
     }
-    requests_.Add({{"route", route.config.name}, {"provider", t.target.provider},
-                   {"outcome", r.ok() ? std::string("ok") : std::string(ErrorCodeName(r.error().code))}})
-        .Increment();
+    t.requests->Increment(r.ok() ? nullptr : &r.error());
     if (!r.ok()) return r;
     // Charge the real usage instead of the estimate.
     double in = 0, out = 0;
     if (r->usage.is_object()) {
       in = NumberOr(r->usage.get_object().if_contains("prompt_tokens"), 0);
       out = NumberOr(r->usage.get_object().if_contains("completion_tokens"), 0);
-      tokens_.Add({{"provider", t.target.provider}, {"direction", "input"}}).Increment(in);
-      tokens_.Add({{"provider", t.target.provider}, {"direction", "output"}}).Increment(out);
+      p.metrics.tokens_in->Increment(in);
+      p.metrics.tokens_out->Increment(out);
       if (p.tpm) {
         std::lock_guard lock(p.mu);
         p.tpm->Adjust(static_cast<double>(std::min<int64_t>(estimate, p.config.limits.tpm)) - (in + out), now);
       }
     }
     r->cost = in / 1e6 * p.config.cost.input_per_mtok + out / 1e6 * p.config.cost.output_per_mtok;
-    if (r->cost > 0) cost_.Add({{"provider", t.target.provider}}).Increment(r->cost);
+    if (r->cost > 0) p.metrics.cost->Increment(r->cost);
     r->provider = t.target.provider;
     if (r->model.empty()) r->model = p.config.model;
     return r;

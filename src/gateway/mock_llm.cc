@@ -99,7 +99,53 @@ struct Request {
   std::string model = "mock-1";
   bool stream = false;
   bool include_usage = false;  // OpenAI: stream_options.include_usage
+  json::value schema;          // OpenAI: response_format json_schema's schema, if asked
 };
+
+// A small value that satisfies common schemas (structured output without a model):
+// required properties with values of their types, enums' first member, minimum numbers,
+// minItems items, minLength strings.
+json::value InstanceOf(const json::value& schema, int depth = 0) {
+  if (!schema.is_object() || depth > 16) return nullptr;
+  const auto& s = schema.get_object();
+  if (const auto* c = s.if_contains("const")) return *c;
+  if (const auto* e = s.if_contains("enum"); e && e->is_array() && !e->get_array().empty()) return e->get_array()[0];
+  for (const char* k : {"anyOf", "oneOf", "allOf"}) {
+    if (const auto* a = s.if_contains(k); a && a->is_array() && !a->get_array().empty()) return InstanceOf(a->get_array()[0], depth + 1);
+  }
+  std::string type = "object";
+  if (const auto* t = s.if_contains("type")) {
+    if (t->is_string()) type = t->get_string();
+    else if (t->is_array() && !t->get_array().empty() && t->get_array()[0].is_string()) type = t->get_array()[0].get_string();
+  } else if (!s.contains("properties")) {
+    return nullptr;
+  }
+  auto num = [&](const char* k, double def) {
+    const auto* v = s.if_contains(k);
+    return v && v->is_number() ? v->to_number<double>() : def;
+  };
+  if (type == "string") return json::string(std::string(static_cast<std::size_t>(std::max(1.0, num("minLength", 4))), 'x'));
+  if (type == "integer") return static_cast<int64_t>(std::ceil(std::max(num("minimum", 0), num("exclusiveMinimum", -1) + 1)));
+  if (type == "number") return std::max(num("minimum", 0), num("exclusiveMinimum", -1) + 1);
+  if (type == "boolean") return true;
+  if (type == "null") return nullptr;
+  if (type == "array") {
+    json::array a;
+    const auto* items = s.if_contains("items");
+    for (int i = 0; i < static_cast<int>(num("minItems", 0)); ++i) a.push_back(items ? InstanceOf(*items, depth + 1) : json::value(nullptr));
+    return a;
+  }
+  json::object o;
+  const auto* props = s.if_contains("properties");
+  if (const auto* req = s.if_contains("required"); req && req->is_array()) {
+    for (const auto& name : req->get_array()) {
+      if (!name.is_string()) continue;
+      const json::value* ps = props && props->is_object() ? props->get_object().if_contains(name.get_string()) : nullptr;
+      o[name.get_string()] = ps ? InstanceOf(*ps, depth + 1) : json::value("x");
+    }
+  }
+  return o;
+}
 
 // The text of a message's content: a string, or the text parts / blocks
 // ([{"type": "text", "text": ...}]) joined by newlines. Other parts are ignored.
@@ -147,6 +193,13 @@ std::string ParseMessages(const json::object& req, Request& out) {
 }
 
 std::string ParseOpenAi(const json::object& req, Request& out) {
+  if (const auto* rf = req.if_contains("response_format"); rf != nullptr && rf->is_object()) {
+    if (const auto* js = rf->get_object().if_contains("json_schema"); js && js->is_object()) {
+      if (const auto* sc = js->get_object().if_contains("schema")) out.schema = *sc;
+    } else if (const auto* t = rf->get_object().if_contains("type"); t && t->is_string() && t->get_string() == "json_object") {
+      out.schema = json::object{{"type", "object"}};
+    }
+  }
   if (const auto* o = req.if_contains("stream_options"); o != nullptr && o->is_object()) {
     const auto* u = o->get_object().if_contains("include_usage");
     out.include_usage = u != nullptr && u->is_bool() && u->get_bool();
@@ -531,7 +584,8 @@ MockDecision MockLlm::Handle(bool anthropic, std::string_view body,
     return out;
   }
 
-  a.text = AnswerText(req.prompt, d);
+  // Structured output: an instance of the schema, unless a directive scripts the reply.
+  a.text = !d.reply && !req.schema.is_null() ? json::serialize(InstanceOf(req.schema)) : AnswerText(req.prompt, d);
   a.completion_tokens = EstimateTokens(a.text);
   out.body = anthropic ? AnthropicBody(a) : OpenAiBody(a);
   if (!req.stream) return out;

@@ -1,5 +1,8 @@
 #include "keel/store/store.h"
 
+#include <algorithm>
+#include <thread>
+
 namespace keel::store {
 
 std::string_view RunStatusName(RunStatus s) {
@@ -33,9 +36,26 @@ std::string_view StepStatusName(StepStatus s) {
     case StepStatus::kRetrying: return "retrying";
     case StepStatus::kSucceeded: return "succeeded";
     case StepStatus::kFailed: return "failed";
+    case StepStatus::kWaiting: return "waiting";
   }
   return "running";
 }
+
+std::string_view TaskStatusName(TaskRecord::Status s) {
+  switch (s) {
+    case TaskRecord::Status::kPending: return "pending";
+    case TaskRecord::Status::kLeased: return "leased";
+    case TaskRecord::Status::kCompleted: return "completed";
+    case TaskRecord::Status::kFailed: return "failed";
+  }
+  return "pending";
+}
+
+void Store::WaitForTask(const std::string&, Duration max) {
+  std::this_thread::sleep_for(std::min(max, Duration(50)));
+}
+
+std::string ItemStepId(const std::string& step_id, int64_t index) { return step_id + "#" + std::to_string(index); }
 
 json::value ErrorToJson(const Error& error) {
   json::object o;

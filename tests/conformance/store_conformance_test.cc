@@ -236,6 +236,22 @@ class StoreConformance : public ::testing::TestWithParam<StoreFactory> {
     Must(store().FailStep(l, "a", Error(ErrorCode::kServerError, "boom"), {kind}), "FailStep");
     return id;
   }
+  // A run parked on step `step_id` (its first attempt): submitted, leased (it must be the
+  // one run due), the step started and suspended.
+  std::string ParkedRun(std::optional<Timestamp> wake_at, const json::value& waiting,
+                        const std::string& step_id = "wait") {
+    const std::string id = Submit();
+    const Lease l = LeaseOnly(id);
+    if (Must(store().StartStep(l, step_id), "StartStep") != 1) throw std::runtime_error("not attempt 1");
+    Must(store().SuspendStep(l, step_id, wake_at, waiting), "SuspendStep");
+    return id;
+  }
+  // NextDueAt does not say that anything is due within `horizon`.
+  ::testing::AssertionResult NothingDueWithin(Duration horizon) {
+    const auto next = NextDue();
+    if (!next || *next > clock_.Now() + horizon) return ::testing::AssertionSuccess();
+    return ::testing::AssertionFailure() << "NextDueAt says " << Ms(next) << ", now is " << Ms(clock_.Now());
+  }
 
   // Declared first: destroyed after the store that lives in it.
   keel::testing::TempDir dir_;
@@ -1284,6 +1300,693 @@ TEST_P(StoreConformance, NextDueAtTracksTheEarliestDueRun) {
   EXPECT_EQ(Ms(NextDue()), Ms(t0 + 15s));
   Must(store().CancelRun(b), "CancelRun");
   EXPECT_FALSE(NextDue().has_value());
+}
+
+// ---------------------------------------------------------------------------------------
+// Waiting runs: timers, signals, map items and child runs.
+
+// A copy of the record of `step_id` in `run`, if it has one.
+std::optional<StepRecord> FindStep(const RunRecord& run, const std::string& step_id) {
+  for (const auto& st : run.steps) {
+    if (st.step_id == step_id) return st;
+  }
+  return std::nullopt;
+}
+
+int64_t CountStatus(const StoreStats& s, RunStatus st) {
+  return s.runs_by_status.count(st) ? s.runs_by_status.at(st) : 0;
+}
+
+TEST_P(StoreConformance, SuspendStepParksTheRunUntilItsWakeAt) {
+  const std::string id = Submit();
+  const Timestamp t_lease = clock_.Now();
+  const Lease l = LeaseOnly(id);
+  Must(store().StartStep(l, "a"), "StartStep a");
+  EXPECT_EQ(Must(store().CompleteStep(l, "a", json::object{{"a", 1}}, std::string("nap"), std::nullopt),
+                 "CompleteStep a"),
+            1);
+  clock_.Advance(1s);
+  const Timestamp t_park = clock_.Now();
+  const Timestamp wake_at = t_park + 10min;
+  const json::value waiting = json::object{{"kind", "sleep"}, {"step_id", "nap"}, {"until_ms", Ms(wake_at)}};
+  Must(store().SuspendStep(l, "nap", wake_at, waiting), "SuspendStep");
+
+  const RunRecord parked = Get(id);
+  EXPECT_EQ(RunStatusName(parked.status), "waiting");
+  EXPECT_EQ(parked.waiting, waiting);
+  EXPECT_EQ(Ms(parked.updated_at), Ms(t_park));
+  EXPECT_EQ(Ms(parked.started_at), Ms(t_lease));
+  EXPECT_FALSE(parked.finished_at.has_value());
+  EXPECT_TRUE(parked.output.is_null());
+  ASSERT_EQ(parked.steps.size(), 2u);
+  EXPECT_EQ(StepStatusName(parked.steps[0].status), "succeeded");
+  EXPECT_EQ(parked.steps[1].step_id, "nap");
+  EXPECT_EQ(StepStatusName(parked.steps[1].status), "waiting");
+  EXPECT_EQ(parked.steps[1].attempts, 1);
+  EXPECT_FALSE(parked.steps[1].finished_at.has_value());
+  EXPECT_TRUE(parked.steps[1].output.is_null());
+  const Event parked_event = Events(id).back();
+  EXPECT_EQ(parked_event.type, "StepWaiting");
+  EXPECT_EQ(parked_event.step_id, "nap");
+  EXPECT_EQ(parked_event.attempt, 1);
+  EXPECT_EQ(Ms(parked_event.at), Ms(t_park));
+
+  // The lease was given up: every use of it is refused and changes nothing.
+  const auto n_events = Events(id).size();
+  EXPECT_TRUE(FailsWith(store().Heartbeat(l, kLeaseFor), ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().StartStep(l, "nap"), ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().SuspendStep(l, "nap", std::nullopt, waiting), ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().CompleteStep(l, "nap", json::object{}, std::nullopt, json::value(1)),
+                        ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().CompleteItem(l, "nap", 0, json::value(1)), ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().FailRun(l, Error(ErrorCode::kInternal, "x")), ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().ReleaseLease(l), ErrorCode::kLeaseLost));
+  EXPECT_EQ(Events(id).size(), n_events);
+  ExpectSameRun(Get(id), parked);
+  EXPECT_EQ(Get(id).waiting, waiting);
+
+  // Not due before wake_at; due at it.
+  EXPECT_EQ(Ms(NextDue()), Ms(wake_at));
+  EXPECT_FALSE(TryLease().has_value());
+  clock_.Advance(10min - 1ms);
+  EXPECT_FALSE(TryLease().has_value());
+  EXPECT_EQ(RunStatusName(Get(id).status), "waiting");
+  clock_.Advance(1ms);
+  ExpectDueNow();
+  const LeasedRun woken = LeaseNext("w2");
+  EXPECT_EQ(woken.run.id, id);
+  EXPECT_EQ(woken.lease.delivery, 2);
+  EXPECT_EQ(RunStatusName(woken.run.status), "running");
+  EXPECT_TRUE(woken.run.waiting.is_null());
+  ASSERT_EQ(woken.run.steps.size(), 2u);
+  EXPECT_EQ(StepStatusName(woken.run.steps[1].status), "waiting");
+  EXPECT_EQ(woken.run.steps[1].attempts, 1);
+  const RunRecord running = Get(id);
+  EXPECT_EQ(RunStatusName(running.status), "running");
+  EXPECT_TRUE(running.waiting.is_null());
+  EXPECT_EQ(Ms(running.started_at), Ms(t_lease));  // the run started at its first lease
+  // Parking gave the lease up; it did not expire.
+  const auto types = Types(Events(id));
+  EXPECT_EQ(std::count(types.begin(), types.end(), "LeaseExpired"), 0);
+
+  // The parked attempt goes on: no new attempt is counted.
+  EXPECT_EQ(Must(store().StartStep(woken.lease, "nap"), "StartStep after the wake"), 1);
+  const RunRecord resumed = Get(id);
+  ASSERT_EQ(resumed.steps.size(), 2u);
+  EXPECT_EQ(StepStatusName(resumed.steps[1].status), "running");
+  EXPECT_EQ(resumed.steps[1].attempts, 1);
+  EXPECT_EQ(Events(id).back().attempt, 1);
+  Must(store().CompleteStep(woken.lease, "nap", json::object{{"slept", true}}, std::nullopt, json::value("done")),
+       "CompleteStep nap");
+  const RunRecord done = Get(id);
+  EXPECT_EQ(RunStatusName(done.status), "succeeded");
+  EXPECT_TRUE(done.waiting.is_null());
+  ASSERT_EQ(done.steps.size(), 2u);
+  EXPECT_EQ(done.steps[1].attempts, 1);
+  EXPECT_EQ(done.steps[1].output, json::value(json::object{{"slept", true}}));
+}
+
+TEST_P(StoreConformance, SuspendWithAWakeAtAlreadyPassedIsDueAtOnce) {
+  const std::string id = ParkedRun(clock_.Now() - 1s, json::object{{"kind", "sleep"}});
+  EXPECT_EQ(RunStatusName(Get(id).status), "waiting");
+  ExpectDueNow();
+  EXPECT_EQ(Stats().queue_ready, 1);
+  const LeasedRun again = LeaseNext();
+  EXPECT_EQ(again.run.id, id);
+  EXPECT_EQ(Must(store().StartStep(again.lease, "wait"), "StartStep"), 1);
+}
+
+TEST_P(StoreConformance, WithoutWakeAtOnlyASignalWakesTheRun) {
+  const json::value waiting = json::object{{"kind", "signal"}, {"signal", "approval"}};
+  const std::string id = ParkedRun(std::nullopt, waiting, "approve");
+  EXPECT_EQ(Get(id).waiting, waiting);
+  EXPECT_TRUE(Get(id).signals.empty());
+  EXPECT_TRUE(NothingDueWithin(24h));
+  clock_.Advance(24h);
+  EXPECT_FALSE(TryLease().has_value());
+  EXPECT_TRUE(NothingDueWithin(24h));
+  clock_.Advance(24h * 365);
+  EXPECT_FALSE(TryLease().has_value());
+  EXPECT_EQ(Stats().queue_ready, 0);
+  EXPECT_EQ(RunStatusName(Get(id).status), "waiting");
+
+  const Timestamp t_signal = clock_.Now();
+  const json::value payload = json::object{{"approved", true}, {"by", "ana"}};
+  const RunRecord signalled = Must(store().SendSignal(id, "approval", payload), "SendSignal");
+  EXPECT_EQ(signalled.id, id);
+  ASSERT_EQ(signalled.signals.size(), 1u);
+  ASSERT_TRUE(signalled.signals.contains("approval"));
+  EXPECT_EQ(signalled.signals.at("approval").at("payload"), payload);
+  EXPECT_EQ(signalled.signals.at("approval").at("at_ms"), json::value(Ms(t_signal)));
+  const Event event = Events(id).back();
+  EXPECT_EQ(event.type, "SignalReceived");
+  EXPECT_EQ(Ms(event.at), Ms(t_signal));
+  EXPECT_EQ(Get(id).signals.at("approval").at("payload"), payload);
+
+  // Due at once, though it has no timer.
+  ExpectDueNow();
+  EXPECT_EQ(Stats().queue_ready, 1);
+  const LeasedRun woken = LeaseNext();
+  EXPECT_EQ(woken.run.id, id);
+  EXPECT_EQ(RunStatusName(woken.run.status), "running");
+  EXPECT_TRUE(woken.run.waiting.is_null());
+  ASSERT_TRUE(woken.run.signals.contains("approval"));
+  EXPECT_EQ(woken.run.signals.at("approval").at("payload"), payload);
+  EXPECT_EQ(Must(store().StartStep(woken.lease, "approve"), "StartStep"), 1);
+}
+
+TEST_P(StoreConformance, ASignalWakesAParkedRunBeforeItsWakeAtAndReplacesOneOfTheSameName) {
+  const Timestamp far = clock_.Now() + 24h * 7;
+  const std::string id = ParkedRun(far, json::object{{"kind", "signal"}, {"signal", "go"}});
+  EXPECT_EQ(Ms(NextDue()), Ms(far));
+  Must(store().SendSignal(id, "go", json::value(1)), "SendSignal go 1");
+  ExpectDueNow();
+  clock_.Advance(1s);
+  const Timestamp t2 = clock_.Now();
+  Must(store().SendSignal(id, "go", json::value(2)), "SendSignal go 2");
+  const RunRecord got = Must(store().SendSignal(id, "other", json::array{"x"}), "SendSignal other");
+  for (const RunRecord& run : {got, Get(id)}) {
+    ASSERT_EQ(run.signals.size(), 2u);
+    EXPECT_EQ(run.signals.at("go").at("payload"), json::value(2));
+    EXPECT_EQ(run.signals.at("go").at("at_ms"), json::value(Ms(t2)));
+    EXPECT_EQ(run.signals.at("other").at("payload"), json::value(json::array{"x"}));
+  }
+  const auto types = Types(Events(id));
+  EXPECT_EQ(std::count(types.begin(), types.end(), "SignalReceived"), 3);
+
+  // Due since the first signal: later ones do not push it back.
+  EXPECT_EQ(Stats().queue_ready, 1);
+  const LeasedRun woken = LeaseNext();
+  EXPECT_EQ(woken.run.id, id);
+  EXPECT_EQ(woken.run.signals.at("go").at("payload"), json::value(2));
+
+  // A signal to a running run changes neither its status nor its lease.
+  Must(store().SendSignal(id, "late", nullptr), "SendSignal late");
+  EXPECT_EQ(RunStatusName(Get(id).status), "running");
+  EXPECT_EQ(Get(id).signals.size(), 3u);
+  EXPECT_FALSE(TryLease("w2").has_value());
+  EXPECT_OK(store().Heartbeat(woken.lease, kLeaseFor));
+  EXPECT_EQ(Must(store().StartStep(woken.lease, "wait"), "StartStep"), 1);
+}
+
+TEST_P(StoreConformance, ASignalWhileLeasedMakesTheNextSuspendDueAtOnce) {
+  const json::value waiting = json::object{{"kind", "signal"}, {"signal", "approval"}};
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  Must(store().StartStep(l, "approve"), "StartStep");
+  // The signal arrives while the worker is about to park the run.
+  const RunRecord signalled = Must(store().SendSignal(id, "approval", json::value("yes")), "SendSignal");
+  EXPECT_EQ(RunStatusName(signalled.status), "running");
+  EXPECT_FALSE(TryLease("w2").has_value());  // the lease holds
+  EXPECT_OK(store().Heartbeat(l, kLeaseFor));
+  Must(store().SuspendStep(l, "approve", clock_.Now() + 24h * 7, waiting), "SuspendStep with a far wake_at");
+  EXPECT_EQ(RunStatusName(Get(id).status), "waiting");
+  ExpectDueNow();
+  const LeasedRun again = LeaseNext("w2");
+  EXPECT_EQ(again.run.id, id);
+  EXPECT_EQ(again.run.signals.at("approval").at("payload"), json::value("yes"));
+  EXPECT_EQ(Must(store().StartStep(again.lease, "approve"), "StartStep"), 1);
+
+  // The mark is used up: parked again, the run waits for its timer.
+  Must(store().SuspendStep(again.lease, "approve", clock_.Now() + 1h, waiting), "SuspendStep again");
+  EXPECT_FALSE(TryLease().has_value());
+  EXPECT_EQ(Ms(NextDue()), Ms(clock_.Now() + 1h));
+  clock_.Advance(1h);
+  const LeasedRun third = LeaseNext();
+  EXPECT_EQ(third.run.id, id);
+
+  // The same without a timer.
+  const std::string other = Submit();
+  const Lease lo = LeaseOnly(other);
+  Must(store().StartStep(lo, "approve"), "StartStep other");
+  Must(store().SendSignal(other, "approval", json::value("ok")), "SendSignal other");
+  Must(store().SuspendStep(lo, "approve", std::nullopt, waiting), "SuspendStep other without wake_at");
+  ExpectDueNow();
+  EXPECT_EQ(LeaseNext().run.id, other);
+}
+
+TEST_P(StoreConformance, SendSignalToAnUnknownOrEndedRunIsRefused) {
+  const std::string unknown = NewRunId(clock_.Now(), random_);
+  EXPECT_TRUE(FailsWith(store().SendSignal(unknown, "x", json::value(1)), ErrorCode::kNotFound));
+
+  // A parked run that is cancelled leaves the queue.
+  const std::string parked = ParkedRun(std::nullopt, json::object{{"kind", "signal"}});
+  const RunRecord cancelled = Must(store().CancelRun(parked), "CancelRun parked");
+  EXPECT_EQ(RunStatusName(cancelled.status), "cancelled");
+  EXPECT_FALSE(NextDue().has_value());
+  EXPECT_EQ(CountStatus(Stats(), RunStatus::kWaiting), 0);
+
+  const std::string succeeded = SucceededRun();
+  const std::string failed = EndedRun(Kind::kFail);
+  const std::string dead = EndedRun(Kind::kDeadLetter);
+  for (const auto& [id, status] : std::vector<std::pair<std::string, std::string>>{
+           {parked, "cancelled"}, {succeeded, "succeeded"}, {failed, "failed"}, {dead, "dead_lettered"}}) {
+    SCOPED_TRACE(status);
+    const auto n_events = Events(id).size();
+    EXPECT_TRUE(FailsWith(store().SendSignal(id, "x", json::value(1)), ErrorCode::kConflict));
+    EXPECT_EQ(RunStatusName(Get(id).status), status);
+    EXPECT_TRUE(Get(id).signals.empty());
+    EXPECT_EQ(Events(id).size(), n_events);
+  }
+  EXPECT_FALSE(NextDue().has_value());
+  EXPECT_FALSE(TryLease().has_value());
+
+  // A queued run takes a signal, stays queued, and hands it out with its lease.
+  const std::string queued = Submit();
+  const RunRecord q = Must(store().SendSignal(queued, "early", json::value(1)), "SendSignal queued");
+  EXPECT_EQ(RunStatusName(q.status), "queued");
+  const LeasedRun leased = LeaseNext();
+  EXPECT_EQ(leased.run.id, queued);
+  ASSERT_TRUE(leased.run.signals.contains("early"));
+  EXPECT_EQ(leased.run.signals.at("early").at("payload"), json::value(1));
+}
+
+TEST_P(StoreConformance, WaitingRunsSurviveReopen) {
+  const Timestamp t0 = clock_.Now();
+  // sleeper: parked on a timer an hour away.
+  const json::value sleep_waiting = json::object{{"kind", "sleep"}, {"until_ms", Ms(t0 + 1h)}};
+  const std::string sleeper = ParkedRun(t0 + 1h, sleep_waiting, "nap");
+  // approver: parked without a timer, then signalled: due, still waiting.
+  const json::value signal_waiting = json::object{{"kind", "signal"}, {"signal", "approval"}};
+  const std::string approver = ParkedRun(std::nullopt, signal_waiting, "approve");
+  clock_.Advance(1s);
+  const std::string marked = Submit();
+  const Lease l_marked = LeaseOnly(marked, 1h);
+  Must(store().StartStep(l_marked, "approve"), "StartStep marked");
+  // marked: signalled while leased, not parked yet.
+  Must(store().SendSignal(marked, "approval", json::object{{"who", "marked"}}), "SendSignal marked");
+  Must(store().SendSignal(approver, "approval", json::object{{"who", "approver"}}), "SendSignal approver");
+
+  const std::vector<std::string> ids{sleeper, approver, marked};
+  std::vector<RunRecord> before;
+  std::vector<std::vector<Event>> events_before;
+  for (const auto& id : ids) {
+    before.push_back(Get(id));
+    events_before.push_back(Events(id));
+  }
+  const StoreStats stats_before = Stats();
+  EXPECT_EQ(CountStatus(stats_before, RunStatus::kWaiting), 2);
+  EXPECT_EQ(CountStatus(stats_before, RunStatus::kRunning), 1);
+
+  Reopen();
+
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    SCOPED_TRACE(ids[i]);
+    const RunRecord got = Get(ids[i]);
+    ExpectSameRun(got, before[i]);
+    EXPECT_EQ(got.waiting, before[i].waiting);
+    EXPECT_EQ(json::value(got.signals), json::value(before[i].signals));
+    ExpectSameEvents(Events(ids[i]), events_before[i]);
+  }
+  EXPECT_EQ(RunStatusName(Get(sleeper).status), "waiting");
+  EXPECT_EQ(Get(sleeper).waiting, sleep_waiting);
+  EXPECT_EQ(StepStatusName(Get(sleeper).steps.at(0).status), "waiting");
+  EXPECT_EQ(RunStatusName(Get(approver).status), "waiting");
+  EXPECT_EQ(Get(approver).waiting, signal_waiting);
+  EXPECT_EQ(Get(approver).signals.at("approval").at("payload"), json::value(json::object{{"who", "approver"}}));
+  EXPECT_EQ(Get(marked).signals.at("approval").at("payload"), json::value(json::object{{"who", "marked"}}));
+  const StoreStats stats_after = Stats();
+  EXPECT_EQ(stats_after.runs_by_status, stats_before.runs_by_status);
+  EXPECT_EQ(stats_after.queue_ready, stats_before.queue_ready);
+  EXPECT_EQ(stats_after.queue_leased, stats_before.queue_leased);
+  EXPECT_EQ(stats_after.queue_delayed, stats_before.queue_delayed);
+
+  // The mark set by the signal survived too: parking `marked` makes it due at once.
+  clock_.Advance(1s);
+  Must(store().SuspendStep(l_marked, "approve", t0 + 24h, signal_waiting), "SuspendStep marked after reopen");
+  const LeasedRun first = LeaseNext();
+  EXPECT_EQ(first.run.id, approver);  // due since its signal
+  EXPECT_TRUE(first.run.waiting.is_null());
+  EXPECT_EQ(Must(store().StartStep(first.lease, "approve"), "StartStep approver"), 1);
+  Must(store().CompleteStep(first.lease, "approve", json::object{}, std::nullopt, json::value(1)), "CompleteStep");
+  const LeasedRun second = LeaseNext();
+  EXPECT_EQ(second.run.id, marked);
+  EXPECT_EQ(Must(store().StartStep(second.lease, "approve"), "StartStep marked"), 1);
+  Must(store().CompleteStep(second.lease, "approve", json::object{}, std::nullopt, json::value(2)), "CompleteStep");
+  EXPECT_FALSE(TryLease().has_value());
+  clock_.Set(t0 + 1h);
+  const LeasedRun third = LeaseNext();
+  EXPECT_EQ(third.run.id, sleeper);
+  EXPECT_EQ(Must(store().StartStep(third.lease, "nap"), "StartStep sleeper"), 1);
+}
+
+TEST_P(StoreConformance, StartStepAfterAWakeKeepsTheAttemptAcrossRetries) {
+  const std::string id = Submit();
+  const Lease l1 = LeaseOnly(id);
+  EXPECT_EQ(Must(store().StartStep(l1, "call"), "StartStep 1"), 1);
+  Must(store().FailStep(l1, "call", Error(ErrorCode::kTimeout, "t"), {Kind::kRetry, 0ms}), "FailStep 1");
+  const Lease l2 = LeaseOnly(id);
+  EXPECT_EQ(Must(store().StartStep(l2, "call"), "StartStep 2"), 2);
+  const json::value waiting = json::object{{"kind", "task"}};
+  Must(store().SuspendStep(l2, "call", clock_.Now() + 1min, waiting), "SuspendStep 1");
+  clock_.Advance(1min);
+  const Lease l3 = LeaseOnly(id);
+  EXPECT_EQ(Must(store().StartStep(l3, "call"), "StartStep after the first wake"), 2);
+  EXPECT_EQ(Get(id).steps.at(0).attempts, 2);
+  // Parked twice: still the same attempt.
+  Must(store().SuspendStep(l3, "call", clock_.Now() + 1min, waiting), "SuspendStep 2");
+  EXPECT_EQ(Get(id).steps.at(0).attempts, 2);
+  clock_.Advance(1min);
+  const Lease l4 = LeaseOnly(id);
+  EXPECT_EQ(Must(store().StartStep(l4, "call"), "StartStep after the second wake"), 2);
+  // A failure after the wake fails that attempt; the retry is a new one.
+  Must(store().FailStep(l4, "call", Error(ErrorCode::kTimeout, "t"), {Kind::kRetry, 0ms}), "FailStep 2");
+  const Lease l5 = LeaseOnly(id);
+  EXPECT_EQ(Must(store().StartStep(l5, "call"), "StartStep 3"), 3);
+  // An attempt interrupted by a lost lease (not parked) counts, as before.
+  clock_.Advance(kLeaseFor);
+  const Lease l6 = LeaseOnly(id);
+  EXPECT_EQ(Must(store().StartStep(l6, "call"), "StartStep 4"), 4);
+
+  std::vector<int> started;
+  for (const auto& e : Events(id)) {
+    if (e.type == "StepStarted") started.push_back(e.attempt);
+  }
+  EXPECT_EQ(started, (std::vector<int>{1, 2, 2, 2, 3, 4}));
+  std::vector<int> parked;
+  for (const auto& e : Events(id)) {
+    if (e.type == "StepWaiting") parked.push_back(e.attempt);
+  }
+  EXPECT_EQ(parked, (std::vector<int>{2, 2}));
+}
+
+TEST_P(StoreConformance, SuspendStepRefusesAStepThatIsNotRunning) {
+  const json::value waiting = json::object{{"kind", "sleep"}};
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  // Never started.
+  EXPECT_TRUE(FailsWith(store().SuspendStep(l, "nope", std::nullopt, waiting), ErrorCode::kConflict));
+  Must(store().StartStep(l, "a"), "StartStep a");
+  Must(store().CompleteStep(l, "a", json::object{}, std::string("b"), std::nullopt), "CompleteStep a");
+  // Succeeded.
+  EXPECT_TRUE(FailsWith(store().SuspendStep(l, "a", clock_.Now() + 1min, waiting), ErrorCode::kConflict));
+  // The refusals changed nothing: the run still runs under the same lease.
+  auto check_running = [&] {
+    const RunRecord run = Get(id);
+    EXPECT_EQ(RunStatusName(run.status), "running");
+    EXPECT_TRUE(run.waiting.is_null());
+    ASSERT_EQ(run.steps.size(), 2u);
+    EXPECT_EQ(StepStatusName(run.steps[0].status), "succeeded");
+    EXPECT_EQ(StepStatusName(run.steps[1].status), "running");
+    const auto types = Types(Events(id));
+    EXPECT_EQ(std::count(types.begin(), types.end(), "StepWaiting"), 0);
+  };
+  check_running();
+  EXPECT_OK(store().Heartbeat(l, kLeaseFor));
+  EXPECT_FALSE(TryLease("w2").has_value());
+
+  // Retrying (between attempts).
+  Must(store().FailStep(l, "b", Error(ErrorCode::kTimeout, "t"), {Kind::kRetry, 0ms}), "FailStep b");
+  const Lease l2 = LeaseOnly(id);
+  EXPECT_TRUE(FailsWith(store().SuspendStep(l2, "b", std::nullopt, waiting), ErrorCode::kConflict));
+  EXPECT_EQ(StepStatusName(Get(id).steps.at(1).status), "retrying");
+  EXPECT_OK(store().Heartbeat(l2, kLeaseFor));
+
+  // With an expired lease: kLeaseLost, and the step stays running.
+  Must(store().StartStep(l2, "b"), "StartStep b");
+  clock_.Advance(kLeaseFor);
+  EXPECT_TRUE(FailsWith(store().SuspendStep(l2, "b", std::nullopt, waiting), ErrorCode::kLeaseLost));
+  check_running();
+}
+
+TEST_P(StoreConformance, CompleteItemCheckpointsEachItemOnce) {
+  EXPECT_EQ(ItemStepId("fanout", 0), "fanout#0");
+  EXPECT_EQ(ItemStepId("fanout", 12), "fanout#12");
+
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id, 1min);
+  Must(store().StartStep(l, "fanout"), "StartStep fanout");
+  const Timestamp t_items = clock_.Now();
+  Must(store().CompleteItem(l, "fanout", 2, json::object{{"i", 2}}), "CompleteItem 2");
+  Must(store().CompleteItem(l, "fanout", 0, json::value("zero")), "CompleteItem 0");
+  Must(store().CompleteItem(l, "fanout", 12, json::array{1, 2}), "CompleteItem 12");
+  // Completing an item again keeps its first output.
+  clock_.Advance(1s);
+  EXPECT_OK(store().CompleteItem(l, "fanout", 2, json::object{{"i", "again"}}));
+
+  auto check = [&](const RunRecord& run) {
+    ASSERT_EQ(run.steps.size(), 4u);
+    EXPECT_EQ(run.steps[0].step_id, "fanout");  // started first
+    EXPECT_EQ(StepStatusName(run.steps[0].status), "running");
+    const std::vector<std::pair<std::string, json::value>> items{
+        {"fanout#2", json::object{{"i", 2}}}, {"fanout#0", json::value("zero")}, {"fanout#12", json::array{1, 2}}};
+    for (const auto& [item_id, output] : items) {
+      SCOPED_TRACE(item_id);
+      const auto item = FindStep(run, item_id);
+      ASSERT_TRUE(item.has_value());
+      EXPECT_EQ(StepStatusName(item->status), "succeeded");
+      EXPECT_EQ(item->output, output);
+      EXPECT_EQ(Ms(item->finished_at), Ms(t_items));
+      EXPECT_FALSE(item->error.has_value());
+    }
+    EXPECT_FALSE(FindStep(run, "fanout#1").has_value());
+  };
+  check(Get(id));
+  // A checkpointed item never runs again.
+  EXPECT_TRUE(FailsWith(store().StartStep(l, ItemStepId("fanout", 0)), ErrorCode::kConflict));
+  Reopen();
+  check(Get(id));
+
+  // The lease is checked: with an expired lease nothing is recorded.
+  clock_.Advance(1min);
+  EXPECT_TRUE(FailsWith(store().CompleteItem(l, "fanout", 5, json::value(5)), ErrorCode::kLeaseLost));
+  EXPECT_FALSE(FindStep(Get(id), "fanout#5").has_value());
+  const LeasedRun again = LeaseNext();
+  ASSERT_EQ(again.run.id, id);
+  check(again.run);  // LeaseRun hands the items out too
+  Must(store().CompleteItem(again.lease, "fanout", 5, json::value(5)), "CompleteItem 5");
+  const auto item5 = FindStep(Get(id), "fanout#5");
+  ASSERT_TRUE(item5.has_value());
+  EXPECT_EQ(item5->output, json::value(5));
+  // A superseded lease.
+  EXPECT_TRUE(FailsWith(store().CompleteItem(l, "fanout", 6, json::value(6)), ErrorCode::kLeaseLost));
+  EXPECT_FALSE(FindStep(Get(id), "fanout#6").has_value());
+  // A cancelled run's lease.
+  Must(store().CancelRun(id), "CancelRun");
+  EXPECT_TRUE(FailsWith(store().CompleteItem(again.lease, "fanout", 7, json::value(7)), ErrorCode::kLeaseLost));
+  EXPECT_FALSE(FindStep(Get(id), "fanout#7").has_value());
+  EXPECT_EQ(Get(id).steps.size(), 5u);
+}
+
+// An item whose execution was recorded (StartStep on its record id, e.g. to count its
+// attempts) is checkpointed by CompleteItem like any other: CompleteItem succeeding means
+// the item never runs again.
+TEST_P(StoreConformance, CompleteItemCheckpointsAnItemWhoseAttemptWasStarted) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  Must(store().StartStep(l, "fanout"), "StartStep fanout");
+  EXPECT_EQ(Must(store().StartStep(l, ItemStepId("fanout", 1)), "StartStep item 1"), 1);
+  Must(store().CompleteItem(l, "fanout", 1, json::value("one")), "CompleteItem 1");
+  const auto item = FindStep(Get(id), "fanout#1");
+  ASSERT_TRUE(item.has_value());
+  EXPECT_EQ(StepStatusName(item->status), "succeeded");
+  EXPECT_EQ(item->output, json::value("one"));
+  EXPECT_TRUE(FailsWith(store().StartStep(l, ItemStepId("fanout", 1)), ErrorCode::kConflict));
+}
+
+TEST_P(StoreConformance, AChildRunEndingWakesItsWaitingParent) {
+  enum class End { kSucceed, kFailStep, kDeadLetter, kFailRun, kCancel };
+  for (const End end : {End::kSucceed, End::kFailStep, End::kDeadLetter, End::kFailRun, End::kCancel}) {
+    SCOPED_TRACE("end #" + std::to_string(static_cast<int>(end)));
+    const std::string parent = Submit("parent");
+    const Lease lp = LeaseOnly(parent);
+    Must(store().StartStep(lp, "sub"), "StartStep sub");
+    NewRun child = MakeRun("child");
+    child.parent = parent + "/sub";
+    EXPECT_TRUE(Must(store().SubmitRun(child), "SubmitRun child").created);
+    EXPECT_EQ(Get(child.id).parent, child.parent);
+    EXPECT_EQ(Get(parent).parent, "");
+    const json::value waiting = json::object{{"kind", "child_run"}, {"run_id", child.id}};
+    Must(store().SuspendStep(lp, "sub", std::nullopt, waiting), "SuspendStep parent");
+
+    const Lease lc = LeaseOnly(child.id);  // the parent is not due
+    Must(store().StartStep(lc, "a"), "StartStep child");
+    EXPECT_FALSE(TryLease().has_value());
+    switch (end) {
+      case End::kSucceed:
+        Must(store().CompleteStep(lc, "a", json::object{}, std::nullopt, json::value("child out")), "CompleteStep");
+        break;
+      case End::kFailStep:
+        Must(store().FailStep(lc, "a", Error(ErrorCode::kInvalidRequest, "no"), {Kind::kFail}), "FailStep");
+        break;
+      case End::kDeadLetter:
+        Must(store().FailStep(lc, "a", Error(ErrorCode::kServerError, "502"), {Kind::kDeadLetter}), "FailStep");
+        break;
+      case End::kFailRun:
+        Must(store().FailRun(lc, Error(ErrorCode::kInvalidRequest, "cannot execute")), "FailRun");
+        break;
+      case End::kCancel:
+        Must(store().CancelRun(child.id), "CancelRun child");
+        break;
+    }
+    EXPECT_TRUE(IsTerminal(Get(child.id).status));
+    EXPECT_EQ(RunStatusName(Get(parent).status), "waiting");
+    ExpectDueNow();
+    const LeasedRun woken = LeaseNext();
+    EXPECT_EQ(woken.run.id, parent);
+    EXPECT_TRUE(woken.run.waiting.is_null());
+    EXPECT_EQ(Must(store().StartStep(woken.lease, "sub"), "StartStep sub after the wake"), 1);
+    Must(store().CompleteStep(woken.lease, "sub", json::object{}, std::nullopt, json::value("parent out")),
+         "CompleteStep parent");
+    EXPECT_FALSE(NextDue().has_value());
+  }
+}
+
+TEST_P(StoreConformance, AChildRunEndingWhileItsParentIsLeasedMarksTheParent) {
+  const std::string parent = Submit("parent");
+  const Lease lp = LeaseOnly(parent, 1h);
+  Must(store().StartStep(lp, "sub"), "StartStep sub");
+  NewRun child = MakeRun("child");
+  child.parent = parent + "/sub";
+  Must(store().SubmitRun(child), "SubmitRun child");
+  const Lease lc = LeaseOnly(child.id);
+  Must(store().StartStep(lc, "a"), "StartStep child");
+  Must(store().CompleteStep(lc, "a", json::object{}, std::nullopt, json::value("child out")), "CompleteStep child");
+  // The parent keeps running under its lease...
+  EXPECT_EQ(RunStatusName(Get(parent).status), "running");
+  EXPECT_FALSE(TryLease("w2").has_value());
+  EXPECT_OK(store().Heartbeat(lp, 1h));
+  // ...and parking it, even on a far timer, makes it due at once.
+  Must(store().SuspendStep(lp, "sub", clock_.Now() + 24h, json::object{{"kind", "child_run"}}), "SuspendStep");
+  ExpectDueNow();
+  const LeasedRun woken = LeaseNext("w2");
+  EXPECT_EQ(woken.run.id, parent);
+  EXPECT_EQ(Must(store().StartStep(woken.lease, "sub"), "StartStep sub"), 1);
+  Must(store().CompleteStep(woken.lease, "sub", json::object{}, std::nullopt, json::value("done")), "CompleteStep");
+
+  // A child of an ended parent, or of an unknown run, ends as usual and wakes nobody.
+  for (const std::string& parent_ref : {parent + "/sub", std::string("no-such-run/sub")}) {
+    SCOPED_TRACE(parent_ref);
+    NewRun orphan = MakeRun("child");
+    orphan.parent = parent_ref;
+    Must(store().SubmitRun(orphan), "SubmitRun orphan");
+    const Lease lo = LeaseOnly(orphan.id);
+    Must(store().StartStep(lo, "a"), "StartStep orphan");
+    Must(store().CompleteStep(lo, "a", json::object{}, std::nullopt, json::value(1)), "CompleteStep orphan");
+    EXPECT_EQ(RunStatusName(Get(orphan.id).status), "succeeded");
+    EXPECT_EQ(RunStatusName(Get(parent).status), "succeeded");
+    EXPECT_FALSE(NextDue().has_value());
+    EXPECT_FALSE(TryLease().has_value());
+  }
+}
+
+TEST_P(StoreConformance, GetStatsAndNextDueAtWithParkedRuns) {
+  const std::string never = ParkedRun(std::nullopt, json::object{{"kind", "signal"}, {"signal", "go"}});
+  {
+    const StoreStats s = Stats();
+    EXPECT_EQ(CountStatus(s, RunStatus::kWaiting), 1);
+    EXPECT_EQ(CountStatus(s, RunStatus::kRunning), 0);
+    EXPECT_EQ(CountStatus(s, RunStatus::kQueued), 0);
+    EXPECT_EQ(s.queue_ready, 0);
+    EXPECT_EQ(s.queue_leased, 0);
+    // Parked: in the queue, neither ready nor leased.
+    EXPECT_EQ(s.queue_delayed, 1);
+  }
+  // A run parked without a timer is never due by itself.
+  EXPECT_TRUE(NothingDueWithin(24h * 365));
+  clock_.Advance(24h * 30);
+  EXPECT_TRUE(NothingDueWithin(24h * 365));
+  EXPECT_FALSE(TryLease().has_value());
+  RunFilter by_status;
+  by_status.status = RunStatus::kWaiting;
+  EXPECT_EQ(Ids(ListAll(by_status)), (std::vector<std::string>{never}));
+
+  const Timestamp wake = clock_.Now() + 5min;
+  const std::string timer = ParkedRun(wake, json::object{{"kind", "sleep"}});
+  EXPECT_EQ(Ms(NextDue()), Ms(wake));  // the timer, not "never"
+  {
+    const StoreStats s = Stats();
+    EXPECT_EQ(CountStatus(s, RunStatus::kWaiting), 2);
+    EXPECT_EQ(s.queue_ready, 0);
+    EXPECT_EQ(s.queue_leased, 0);
+    EXPECT_EQ(s.queue_delayed, 2);
+  }
+  EXPECT_EQ(Ids(ListAll(by_status)), (std::vector<std::string>{timer, never}));
+
+  const std::string queued = Submit();
+  ExpectDueNow();
+  EXPECT_EQ(Stats().queue_ready, 1);
+  const Lease lq = LeaseOnly(queued);
+  Must(store().StartStep(lq, "a"), "StartStep");
+  Must(store().CompleteStep(lq, "a", json::object{}, std::nullopt, json::value(1)), "CompleteStep");
+  EXPECT_EQ(Ms(NextDue()), Ms(wake));
+  Reopen();
+  EXPECT_EQ(Ms(NextDue()), Ms(wake));
+  EXPECT_EQ(CountStatus(Stats(), RunStatus::kWaiting), 2);
+
+  clock_.Set(wake);
+  ExpectDueNow();
+  {
+    const StoreStats s = Stats();
+    EXPECT_EQ(s.queue_ready, 1);
+    EXPECT_EQ(s.queue_delayed, 1);
+  }
+  const LeasedRun woken = LeaseNext();
+  EXPECT_EQ(woken.run.id, timer);
+  {
+    const StoreStats s = Stats();
+    EXPECT_EQ(CountStatus(s, RunStatus::kWaiting), 1);
+    EXPECT_EQ(CountStatus(s, RunStatus::kRunning), 1);
+    EXPECT_EQ(s.queue_ready, 0);
+    EXPECT_EQ(s.queue_leased, 1);
+    EXPECT_EQ(s.queue_delayed, 1);
+  }
+  // The lease is what comes due next; the parked run still is not.
+  EXPECT_EQ(Ms(NextDue()), Ms(clock_.Now() + kLeaseFor));
+
+  Must(store().SendSignal(never, "go", json::value(true)), "SendSignal");
+  ExpectDueNow();
+  {
+    const StoreStats s = Stats();
+    EXPECT_EQ(s.queue_ready, 1);
+    EXPECT_EQ(s.queue_delayed, 0);
+  }
+  EXPECT_EQ(LeaseNext().run.id, never);
+}
+
+// The run SubmitRun returns is the run GetRun returns, its parent included.
+TEST_P(StoreConformance, SubmitRunReturnsTheParentOfAChildRun) {
+  NewRun child = MakeRun("child");
+  child.parent = "run-parent/sub";
+  child.idempotency_key = "child:run-parent/sub";
+  child.fingerprint = child.idempotency_key;
+  const SubmitResult created = Must(store().SubmitRun(child), "SubmitRun child");
+  EXPECT_TRUE(created.created);
+  EXPECT_EQ(created.run.parent, "run-parent/sub");
+  EXPECT_EQ(Get(child.id).parent, "run-parent/sub");
+  // As the replay of its idempotency key does.
+  NewRun replay = child;
+  replay.id = NewRunId(clock_.Now(), random_);
+  const SubmitResult replayed = Must(store().SubmitRun(replay), "SubmitRun replay");
+  EXPECT_FALSE(replayed.created);
+  EXPECT_EQ(replayed.run.id, child.id);
+  EXPECT_EQ(replayed.run.parent, "run-parent/sub");
+}
+
+// RunRecord::waiting says what a waiting run waits for; only steps are left out of lists.
+TEST_P(StoreConformance, ListedRunsCarryWaitingSignalsAndParent) {
+  const json::value waiting = json::object{{"kind", "signal"}, {"signal", "approval"}};
+  const std::string parent = Submit("parent");
+  const Lease lp = LeaseOnly(parent);
+  Must(store().StartStep(lp, "sub"), "StartStep");
+  Must(store().SendSignal(parent, "note", json::value("n")), "SendSignal");
+  NewRun child = MakeRun("child");
+  child.parent = parent + "/sub";
+  Must(store().SubmitRun(child), "SubmitRun child");
+  Must(store().SuspendStep(lp, "sub", clock_.Now() + 1h, waiting), "SuspendStep");
+
+  RunFilter by_status;
+  by_status.status = RunStatus::kWaiting;
+  const auto listed = ListAll(by_status);
+  ASSERT_EQ(listed.size(), 1u);
+  EXPECT_EQ(listed[0].id, parent);
+  EXPECT_EQ(listed[0].waiting, waiting);
+  EXPECT_TRUE(listed[0].signals.contains("note"));
+  RunFilter children;
+  children.pipeline = "child";
+  const auto listed_children = ListAll(children);
+  ASSERT_EQ(listed_children.size(), 1u);
+  EXPECT_EQ(listed_children[0].parent, child.parent);
 }
 
 // ---------------------------------------------------------------------------------------

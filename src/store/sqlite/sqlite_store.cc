@@ -19,7 +19,7 @@
 namespace keel::store {
 namespace {
 
-constexpr int kSchemaVersion = 1;
+constexpr int kSchemaVersion = 2;
 
 // SQLite failures inside this file travel as SqlError and become a Result at the edge of
 // each Store call (Write/Read below); no exception leaves this translation unit.
@@ -41,7 +41,10 @@ CREATE TABLE IF NOT EXISTS runs (
   created_at      INTEGER NOT NULL,
   updated_at      INTEGER NOT NULL,
   started_at      INTEGER,
-  finished_at     INTEGER
+  finished_at     INTEGER,
+  waiting         TEXT,
+  signals         TEXT,
+  parent          TEXT
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS definitions (
   id   TEXT PRIMARY KEY,
@@ -76,9 +79,28 @@ CREATE TABLE IF NOT EXISTS queue (
   due_at      INTEGER NOT NULL,
   lease_token TEXT,
   lease_owner TEXT,
-  deliveries  INTEGER NOT NULL DEFAULT 0
+  deliveries  INTEGER NOT NULL DEFAULT 0,
+  woken       INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS queue_by_due ON queue(due_at);
+CREATE TABLE IF NOT EXISTS tasks (
+  token             TEXT PRIMARY KEY,
+  run_id            TEXT NOT NULL,
+  step_id           TEXT NOT NULL,
+  attempt           INTEGER NOT NULL,
+  queue             TEXT NOT NULL,
+  input             TEXT NOT NULL,
+  status            TEXT NOT NULL,
+  worker_id         TEXT,
+  lease_expires     INTEGER,
+  heartbeat_timeout INTEGER NOT NULL,
+  output            TEXT,
+  error             TEXT,
+  retryable         INTEGER NOT NULL DEFAULT 1,
+  created_at        INTEGER NOT NULL,
+  UNIQUE (run_id, step_id, attempt)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tasks_by_queue ON tasks(queue, status, created_at);
 )sql";
 
 // A prepared statement in use; resets itself when it goes out of scope.
@@ -210,13 +232,17 @@ struct WriteOp {
   std::function<void(const Error* commit_error)> done;
 };
 
+// Schema migrations: kMigrations[v - 1] takes a database from version v to v + 1.
+constexpr const char* kMigrations[] = {
+    // 1 -> 2: waiting runs, signals, child runs.
+    "ALTER TABLE runs ADD COLUMN waiting TEXT; ALTER TABLE runs ADD COLUMN signals TEXT; "
+    "ALTER TABLE runs ADD COLUMN parent TEXT; ALTER TABLE queue ADD COLUMN woken INTEGER NOT NULL DEFAULT 0;",
+};
+static_assert(std::size(kMigrations) == kSchemaVersion - 1);
+
 constexpr const char* kRunColumns =
     "id, pipeline, status, input, output, error, idempotency_key, created_at, updated_at, "
-    "started_at, finished_at, definition_id";
-constexpr const char* kRunListColumns =
-    "id, pipeline, status, input, output, error, idempotency_key, created_at, updated_at, "
-    "started_at, finished_at";
-
+    "started_at, finished_at, definition_id, waiting, signals, parent";
 RunRecord ReadRunRow(const Stmt& s, bool with_definition) {
   RunRecord r;
   r.id = s.Text(0);
@@ -230,7 +256,15 @@ RunRecord ReadRunRow(const Stmt& s, bool with_definition) {
   r.updated_at = FromMillis(s.Int(8));
   r.started_at = s.OptTime(9);
   r.finished_at = s.OptTime(10);
-  if (with_definition) r.definition_id = s.Text(11);
+  if (with_definition) {
+    r.definition_id = s.Text(11);
+    r.waiting = s.Json(12);
+    if (!s.IsNull(13)) {
+      json::value sig = s.Json(13);
+      if (sig.is_object()) r.signals = std::move(sig.as_object());
+    }
+    r.parent = s.Text(14);
+  }
   return r;
 }
 
@@ -259,6 +293,7 @@ std::optional<RunRecord> LoadRun(Db& db, const std::string& id, bool with_steps)
       st.status = status == "succeeded" ? StepStatus::kSucceeded
                   : status == "retrying" ? StepStatus::kRetrying
                   : status == "failed"   ? StepStatus::kFailed
+                  : status == "waiting"  ? StepStatus::kWaiting
                                          : StepStatus::kRunning;
       st.attempts = static_cast<int>(s.Int(2));
       st.output = s.Json(3);
@@ -303,8 +338,8 @@ std::optional<int> StartStepRow(Db& db, Timestamp now, const std::string& run_id
     auto s = db.Prepare(
         "INSERT INTO steps(run_id, step_id, seq, status, attempts, started_at) "
         "VALUES(?1, ?2, (SELECT count(*) FROM steps WHERE run_id = ?1), 'running', 1, ?3) "
-        "ON CONFLICT(run_id, step_id) DO UPDATE SET status = 'running', attempts = attempts + 1 "
-        "WHERE status != 'succeeded' RETURNING attempts");
+        "ON CONFLICT(run_id, step_id) DO UPDATE SET status = 'running', "
+        "attempts = attempts + (status != 'waiting') WHERE status != 'succeeded' RETURNING attempts");
     s.Bind(1, run_id).Bind(2, step_id).Bind(3, ToMillis(now));
     if (s.Step()) attempt = static_cast<int>(s.Int(0));
     while (s.Step()) {
@@ -322,6 +357,74 @@ std::optional<int> StartStepRow(Db& db, Timestamp now, const std::string& run_id
 Error StepAlreadySucceeded(const std::string& run_id, const std::string& step_id) {
   return Error(ErrorCode::kConflict, "step \"" + step_id + "\" of run " + run_id +
                                          " already succeeded; a checkpointed step never runs again");
+}
+
+// Something a parked run waits for happened (a signal, a child run's end): a waiting run
+// is due at once; a leased one is marked, so that parking it again makes it due at once
+// instead (SuspendStep); any other run will look when it next runs.
+void Wake(Db& db, Timestamp now, const std::string& run_id) {
+  std::string status;
+  {
+    auto s = db.Prepare("SELECT status FROM runs WHERE id = ?1");
+    s.Bind(1, run_id);
+    if (!s.Step()) return;
+    status = s.Text(0);
+  }
+  if (status == "waiting") {
+    auto s = db.Prepare("UPDATE queue SET due_at = min(due_at, ?2) WHERE run_id = ?1 AND lease_token IS NULL");
+    s.Bind(1, run_id).Bind(2, ToMillis(now)).Run();
+    if (db.Changes() > 0) return;
+  }
+  auto s = db.Prepare("UPDATE queue SET woken = 1 WHERE run_id = ?1 AND lease_token IS NOT NULL");
+  s.Bind(1, run_id).Run();
+}
+
+constexpr const char* kTaskColumns =
+    "token, run_id, step_id, attempt, queue, input, status, worker_id, lease_expires, heartbeat_timeout, output, "
+    "error, retryable";
+
+TaskRecord ReadTaskRow(const Stmt& s) {
+  TaskRecord t;
+  t.token = s.Text(0);
+  t.run_id = s.Text(1);
+  t.step_id = s.Text(2);
+  t.attempt = static_cast<int>(s.Int(3));
+  t.queue = s.Text(4);
+  t.input = s.Json(5);
+  const std::string st = s.Text(6);
+  t.status = st == "leased"      ? TaskRecord::Status::kLeased
+             : st == "completed" ? TaskRecord::Status::kCompleted
+             : st == "failed"    ? TaskRecord::Status::kFailed
+                                 : TaskRecord::Status::kPending;
+  t.worker_id = s.Text(7);
+  t.lease_expires = s.OptTime(8);
+  t.heartbeat_timeout = Duration(s.Int(9));
+  t.output = s.Json(10);
+  if (!s.IsNull(11)) t.error = ErrorFromJson(s.Json(11));
+  t.retryable = s.Int(12) != 0;
+  return t;
+}
+
+std::optional<TaskRecord> LoadTask(Db& db, const std::string& token) {
+  auto s = db.Prepare(std::string("SELECT ") + kTaskColumns + " FROM tasks WHERE token = ?1");
+  s.Bind(1, token);
+  if (!s.Step()) return std::nullopt;
+  return ReadTaskRow(s);
+}
+
+// The task of `token` if a worker holds it now; else why not.
+Result<TaskRecord> HeldTask(Db& db, const std::string& token, Timestamp now) {
+  auto t = LoadTask(db, token);
+  if (!t) return Error(ErrorCode::kNotFound, "no task with token \"" + token + "\"", "token");
+  if (t->status != TaskRecord::Status::kLeased) {
+    return Error(ErrorCode::kConflict, "task " + token + " is " + std::string(TaskStatusName(t->status)) +
+                                           ", not held by a worker; the result is dropped");
+  }
+  if (!t->lease_expires || *t->lease_expires <= now) {
+    return Error(ErrorCode::kConflict, "the lease on task " + token +
+                                           " expired (no heartbeat in time); it is someone else's now and the result is dropped");
+  }
+  return *t;
 }
 
 void EndRun(Db& db, Txn& txn, const std::string& run_id, RunStatus status, const json::value& output,
@@ -345,6 +448,13 @@ void EndRun(Db& db, Txn& txn, const std::string& run_id, RunStatus status, const
   json::value data = nullptr;
   if (error) data = json::object{{"error", ErrorToJson(*error)}};
   AppendEvent(db, txn.now, run_id, type, {}, 0, data);
+  std::string parent;
+  {
+    auto s = db.Prepare("SELECT parent FROM runs WHERE id = ?1");
+    s.Bind(1, run_id);
+    if (s.Step() && !s.IsNull(0)) parent = s.Text(0);
+  }
+  if (!parent.empty()) Wake(db, txn.now, parent.substr(0, parent.find('/')));
 }
 
 class SqliteStore final : public Store {
@@ -412,6 +522,9 @@ class SqliteStore final : public Store {
                          "); run a newer keel");
       }
       writer_->Exec("BEGIN IMMEDIATE");
+      if (version > 0) {
+        for (int v = version; v < kSchemaVersion; ++v) writer_->Exec(kMigrations[v - 1]);
+      }
       writer_->Exec(kSchema);
       writer_->Exec(("PRAGMA user_version=" + std::to_string(kSchemaVersion)).c_str());
       writer_->Exec("COMMIT");
@@ -486,10 +599,10 @@ class SqliteStore final : public Store {
       {
         auto s = db.Prepare(
             "INSERT INTO runs(id, pipeline, status, input, definition_id, idempotency_key, fingerprint, "
-            "created_at, updated_at) VALUES(?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?7)");
+            "created_at, updated_at, parent) VALUES(?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?7, ?8)");
         s.Bind(1, run.id).Bind(2, run.pipeline).Bind(3, json::serialize(run.input))
             .Bind(4, definition_id).BindOptText(5, run.idempotency_key)
-            .BindOptText(6, run.fingerprint).Bind(7, now);
+            .BindOptText(6, run.fingerprint).Bind(7, now).BindOptText(8, run.parent);
         s.Run();
       }
       {
@@ -506,6 +619,7 @@ class SqliteStore final : public Store {
       r.definition = run.definition;
       r.definition_id = definition_id;
       r.idempotency_key = run.idempotency_key;
+      r.parent = run.parent;
       r.created_at = r.updated_at = txn.now;
       return SubmitResult{std::move(r), true};
     });
@@ -521,7 +635,7 @@ class SqliteStore final : public Store {
 
   Result<RunPage> ListRuns(const RunFilter& filter) override {
     const int limit = std::clamp(filter.limit, 1, 1000);
-    std::string sql = std::string("SELECT ") + kRunListColumns + " FROM runs";
+    std::string sql = std::string("SELECT ") + kRunColumns + " FROM runs";
     std::vector<std::string> where;
     if (filter.status) where.push_back("status = ?1");
     if (!filter.pipeline.empty()) where.push_back("pipeline = ?2");
@@ -535,7 +649,7 @@ class SqliteStore final : public Store {
       if (!filter.pipeline.empty()) s.Bind(2, filter.pipeline);
       if (!filter.cursor.empty()) s.Bind(3, filter.cursor);
       s.Bind(4, limit + 1);
-      while (s.Step()) page.runs.push_back(ReadRunRow(s, false));
+      while (s.Step()) page.runs.push_back(ReadRunRow(s, true));
       if (static_cast<int>(page.runs.size()) > limit) {
         page.runs.pop_back();
         page.next_cursor = page.runs.back().id;
@@ -606,12 +720,13 @@ class SqliteStore final : public Store {
         if (was_leased) {
           AppendEvent(db, txn.now, run_id, "LeaseExpired", {}, 0, json::object{{"delivery", deliveries}});
         }
-        if (run->status == RunStatus::kQueued) {
+        if (run->status == RunStatus::kQueued || run->status == RunStatus::kWaiting) {
           auto s = db.Prepare(
-              "UPDATE runs SET status = 'running', started_at = coalesce(started_at, ?2), updated_at = ?2 "
-              "WHERE id = ?1");
+              "UPDATE runs SET status = 'running', waiting = NULL, started_at = coalesce(started_at, ?2), "
+              "updated_at = ?2 WHERE id = ?1");
           s.Bind(1, run_id).Bind(2, now).Run();
           run->status = RunStatus::kRunning;
+          run->waiting = nullptr;
           if (!run->started_at) run->started_at = txn.now;
         }
         AppendEvent(db, txn.now, run_id, "RunLeased", {}, 0,
@@ -706,6 +821,196 @@ class SqliteStore final : public Store {
                disposition.kind == FailureDisposition::Kind::kFail ? RunStatus::kFailed : RunStatus::kDeadLettered,
                nullptr, error);
       }
+      return Unit{};
+    });
+  }
+
+  Result<void> SuspendStep(const Lease& lease, const std::string& step_id, std::optional<Timestamp> wake_at,
+                           const json::value& waiting) override {
+    return Write<Unit>([&](Db& db, Txn& txn) -> Result<Unit> {
+      if (auto e = CheckLease(db, lease, txn.now)) return *e;
+      int attempt = 0;
+      {
+        auto s = db.Prepare(
+            "UPDATE steps SET status = 'waiting' WHERE run_id = ?1 AND step_id = ?2 AND status = 'running' "
+            "RETURNING attempts");
+        s.Bind(1, lease.run_id).Bind(2, step_id);
+        if (!s.Step()) {
+          return Error(ErrorCode::kConflict, "step \"" + step_id + "\" of run " + lease.run_id + " is not running");
+        }
+        attempt = static_cast<int>(s.Int(0));
+        while (s.Step()) {
+        }
+      }
+      bool woken = false;
+      {
+        auto s = db.Prepare("SELECT woken FROM queue WHERE run_id = ?1");
+        s.Bind(1, lease.run_id);
+        woken = s.Step() && s.Int(0) != 0;
+      }
+      // Without a timer, "never" by itself: far in the future, yet a plain number.
+      constexpr int64_t kNever = int64_t{1} << 52;
+      const int64_t due = woken ? ToMillis(txn.now) : wake_at ? ToMillis(*wake_at) : kNever;
+      {
+        auto s = db.Prepare(
+            "UPDATE queue SET due_at = ?2, lease_token = NULL, lease_owner = NULL, woken = 0 WHERE run_id = ?1");
+        s.Bind(1, lease.run_id).Bind(2, due).Run();
+      }
+      {
+        auto s = db.Prepare("UPDATE runs SET status = 'waiting', waiting = ?2, updated_at = ?3 WHERE id = ?1");
+        s.Bind(1, lease.run_id).BindJson(2, waiting).Bind(3, ToMillis(txn.now)).Run();
+      }
+      json::object data{{"waiting", waiting}};
+      if (wake_at) data["wake_at_ms"] = ToMillis(*wake_at);
+      AppendEvent(db, txn.now, lease.run_id, "StepWaiting", step_id, attempt, data);
+      return Unit{};
+    });
+  }
+
+  Result<void> CompleteItem(const Lease& lease, const std::string& step_id, int64_t index,
+                            const json::value& output) override {
+    return Write<Unit>([&](Db& db, Txn& txn) -> Result<Unit> {
+      if (auto e = CheckLease(db, lease, txn.now)) return *e;
+      auto s = db.Prepare(
+          "INSERT INTO steps(run_id, step_id, seq, status, attempts, output, started_at, finished_at) "
+          "VALUES(?1, ?2, (SELECT count(*) FROM steps WHERE run_id = ?1), 'succeeded', 1, ?3, ?4, ?4) "
+          "ON CONFLICT(run_id, step_id) DO UPDATE SET status = 'succeeded', output = ?3, error = NULL, finished_at = ?4 "
+          "WHERE status != 'succeeded'");
+      s.Bind(1, lease.run_id).Bind(2, ItemStepId(step_id, index)).Bind(3, json::serialize(output))
+          .Bind(4, ToMillis(txn.now)).Run();
+      return Unit{};
+    });
+  }
+
+  Result<RunRecord> SendSignal(const std::string& run_id, const std::string& name, const json::value& payload) override {
+    return Write<RunRecord>([&](Db& db, Txn& txn) -> Result<RunRecord> {
+      auto run = LoadRun(db, run_id, false);
+      if (!run) return Error(ErrorCode::kNotFound, "no run with id \"" + run_id + "\"", "run_id");
+      if (IsTerminal(run->status)) {
+        return Error(ErrorCode::kConflict, "run " + run_id + " already ended (" +
+                                               std::string(RunStatusName(run->status)) + "); it takes no signals");
+      }
+      run->signals[name] = json::object{{"payload", payload}, {"at_ms", ToMillis(txn.now)}};
+      {
+        auto s = db.Prepare("UPDATE runs SET signals = ?2, updated_at = ?3 WHERE id = ?1");
+        s.Bind(1, run_id).Bind(2, json::serialize(run->signals)).Bind(3, ToMillis(txn.now)).Run();
+      }
+      AppendEvent(db, txn.now, run_id, "SignalReceived", {}, 0, json::object{{"name", name}, {"payload", payload}});
+      Wake(db, txn.now, run_id);
+      return *LoadRun(db, run_id, true);
+    });
+  }
+
+  // Any queue's new task wakes every waiter: each then looks at its own queue again.
+  void WaitForTask(const std::string&, Duration max) override {
+    std::unique_lock lock(task_mu_);
+    const uint64_t seen = task_seq_;
+    task_cv_.wait_for(lock, max, [&] { return task_seq_ != seen; });
+  }
+
+  Result<TaskRecord> EnsureTask(const Lease& lease, const std::string& step_id, int attempt, const std::string& queue,
+                                const json::value& input, Duration heartbeat_timeout) override {
+    auto r = EnsureTaskRow(lease, step_id, attempt, queue, input, heartbeat_timeout);
+    if (r.ok() && r->status == TaskRecord::Status::kPending) {
+      {
+        std::lock_guard lock(task_mu_);
+        ++task_seq_;
+      }
+      task_cv_.notify_all();
+    }
+    return r;
+  }
+
+  Result<TaskRecord> EnsureTaskRow(const Lease& lease, const std::string& step_id, int attempt, const std::string& queue,
+                                   const json::value& input, Duration heartbeat_timeout) {
+    return Write<TaskRecord>([&](Db& db, Txn& txn) -> Result<TaskRecord> {
+      if (auto e = CheckLease(db, lease, txn.now)) return *e;
+      {
+        auto s = db.Prepare(std::string("SELECT ") + kTaskColumns +
+                            " FROM tasks WHERE run_id = ?1 AND step_id = ?2 AND attempt = ?3");
+        s.Bind(1, lease.run_id).Bind(2, step_id).Bind(3, attempt);
+        if (s.Step()) return ReadTaskRow(s);
+      }
+      const std::string token = NewToken(random_);
+      auto s = db.Prepare(
+          "INSERT INTO tasks(token, run_id, step_id, attempt, queue, input, status, heartbeat_timeout, created_at) "
+          "VALUES(?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8)");
+      s.Bind(1, token).Bind(2, lease.run_id).Bind(3, step_id).Bind(4, attempt).Bind(5, queue)
+          .Bind(6, json::serialize(input)).Bind(7, heartbeat_timeout.count()).Bind(8, ToMillis(txn.now)).Run();
+      AppendEvent(db, txn.now, lease.run_id, "TaskQueued", step_id, attempt, json::object{{"queue", queue}});
+      return *LoadTask(db, token);
+    });
+  }
+
+  Result<std::optional<TaskRecord>> LeaseTask(const std::string& queue, const std::string& worker_id) override {
+    return Write<std::optional<TaskRecord>>([&](Db& db, Txn& txn) -> Result<std::optional<TaskRecord>> {
+      std::string token;
+      {
+        auto s = db.Prepare(
+            "SELECT token FROM tasks WHERE queue = ?1 AND status = 'pending' ORDER BY created_at LIMIT 1");
+        s.Bind(1, queue);
+        if (!s.Step()) return std::optional<TaskRecord>();
+        token = s.Text(0);
+      }
+      {
+        auto s = db.Prepare(
+            "UPDATE tasks SET status = 'leased', worker_id = ?2, lease_expires = ?3 + heartbeat_timeout WHERE token = ?1");
+        s.Bind(1, token).Bind(2, worker_id).Bind(3, ToMillis(txn.now)).Run();
+      }
+      auto t = LoadTask(db, token);
+      AppendEvent(db, txn.now, t->run_id, "TaskLeased", t->step_id, t->attempt, json::object{{"worker", worker_id}});
+      return std::optional<TaskRecord>(std::move(*t));
+    });
+  }
+
+  Result<TaskRecord> HeartbeatTask(const std::string& token) override {
+    return Write<TaskRecord>([&](Db& db, Txn& txn) -> Result<TaskRecord> {
+      auto t = HeldTask(db, token, txn.now);
+      if (!t.ok()) return t;
+      auto s = db.Prepare("UPDATE tasks SET lease_expires = ?2 + heartbeat_timeout WHERE token = ?1");
+      s.Bind(1, token).Bind(2, ToMillis(txn.now)).Run();
+      return *LoadTask(db, token);
+    });
+  }
+
+  Result<TaskRecord> CompleteTask(const std::string& token, const json::value& output) override {
+    return Write<TaskRecord>([&](Db& db, Txn& txn) -> Result<TaskRecord> {
+      auto t = HeldTask(db, token, txn.now);
+      if (!t.ok()) return t;
+      auto s = db.Prepare("UPDATE tasks SET status = 'completed', output = ?2, lease_expires = NULL WHERE token = ?1");
+      s.Bind(1, token).Bind(2, json::serialize(output)).Run();
+      AppendEvent(db, txn.now, t->run_id, "TaskCompleted", t->step_id, t->attempt, json::object{{"worker", t->worker_id}});
+      Wake(db, txn.now, t->run_id);
+      return *LoadTask(db, token);
+    });
+  }
+
+  Result<TaskRecord> FailTask(const std::string& token, const Error& error, bool retryable) override {
+    return Write<TaskRecord>([&](Db& db, Txn& txn) -> Result<TaskRecord> {
+      auto t = HeldTask(db, token, txn.now);
+      if (!t.ok()) return t;
+      auto s = db.Prepare(
+          "UPDATE tasks SET status = 'failed', error = ?2, retryable = ?3, lease_expires = NULL WHERE token = ?1");
+      s.Bind(1, token).BindJson(2, ErrorToJson(error)).Bind(3, retryable ? 1 : 0).Run();
+      AppendEvent(db, txn.now, t->run_id, "TaskFailed", t->step_id, t->attempt,
+                  json::object{{"worker", t->worker_id}, {"error", ErrorToJson(error)}, {"retryable", retryable}});
+      Wake(db, txn.now, t->run_id);
+      return *LoadTask(db, token);
+    });
+  }
+
+  Result<void> ExpireTask(const Lease& lease, const std::string& token) override {
+    return Write<Unit>([&](Db& db, Txn& txn) -> Result<Unit> {
+      if (auto e = CheckLease(db, lease, txn.now)) return *e;
+      auto t = LoadTask(db, token);
+      if (!t || t->run_id != lease.run_id) return Error(ErrorCode::kNotFound, "no task " + token + " of run " + lease.run_id);
+      const Error err(ErrorCode::kTimeout, "worker " + t->worker_id + " sent no heartbeat within " +
+                                               std::to_string(t->heartbeat_timeout.count()) + "ms");
+      auto s = db.Prepare(
+          "UPDATE tasks SET status = 'failed', error = ?2, retryable = 1, lease_expires = NULL "
+          "WHERE token = ?1 AND status IN ('leased', 'pending')");
+      s.Bind(1, token).BindJson(2, ErrorToJson(err)).Run();
+      AppendEvent(db, txn.now, lease.run_id, "TaskExpired", t->step_id, t->attempt, json::object{{"worker", t->worker_id}});
       return Unit{};
     });
   }
@@ -1000,6 +1305,9 @@ class SqliteStore final : public Store {
   int commits_since_checkpoint_ = 0;                   // writer thread only
   int wal_frames_ = 0;                                 // writer thread only (WAL hook)
   static constexpr int kWalRestartFrames = 16384;      // 64 MiB of 4 KiB pages
+  std::mutex task_mu_;
+  std::condition_variable task_cv_;
+  uint64_t task_seq_ = 0;  // GUARDED_BY(task_mu_): tasks queued so far
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<WriteOp> pending_;  // GUARDED_BY(mu_)

@@ -114,8 +114,9 @@ struct RouteConfig {
   int line = 0;
 };
 
-enum class StepKind { kLlm, kTransform };
+enum class StepKind { kLlm, kTransform, kHttp, kTask, kValidate, kChoice, kMap, kWaitForSignal, kSleep, kPipeline };
 std::string_view StepKindName(StepKind kind);
+std::optional<StepKind> StepKindFromName(std::string_view name);
 
 struct StepConfig {
   std::string id;
@@ -126,6 +127,11 @@ struct StepConfig {
   RetryConfig retry;
   /// Bound on one attempt of the step. Default: 60s.
   Duration timeout{60000};
+  /// When the step fails for good: null (the run fails), {"output": V} (the step succeeds
+  /// with V instead) or {"goto": ID} (the run goes on at step ID). Default: null.
+  json::value on_error;
+  /// The step after this one: empty for the next in the list, "end" to end the run.
+  std::string next;
   int line = 0;
 };
 
@@ -133,8 +139,11 @@ struct PipelineConfig {
   std::string name;
   std::string description;
   std::vector<StepConfig> steps;
+  /// A JSON Schema the input must satisfy at submit; null: any input. Default: null.
+  json::value input_schema;
   int line = 0;
 };
+
 
 struct ServerConfig {
   /// Largest request body accepted. Default: 1 MiB. Range: 1 KiB..64 MiB.
@@ -150,6 +159,12 @@ struct ServerConfig {
   Duration idle_timeout{60000};
 };
 
+struct HttpToolConfig {
+  /// Hosts ("host" or "host:port") that `http` steps may call besides the ones their URLs
+  /// name literally in the config. Default: none.
+  std::vector<std::string> allow_hosts;
+};
+
 struct EngineConfig {
   /// Runs executed at once by this node. Default: 64. Range: 0..1024 (0: no workers).
   int workers = 64;
@@ -161,6 +176,8 @@ struct EngineConfig {
   Duration poll_interval{200};
   /// Runs queued at most; a submit beyond answers 429. Default: 100000.
   int64_t max_queue_depth = 100000;
+  /// The top-level `http` key: what `http` steps may call.
+  HttpToolConfig http;
 };
 
 struct Config {
@@ -176,6 +193,9 @@ struct Config {
   std::map<std::string, RouteConfig> routes;
   std::map<std::string, PipelineConfig> pipelines;
 };
+
+/// The host ("host" or "host:port", lower-cased) of an http(s) URL; empty when it has none.
+std::string UrlHost(std::string_view url);
 
 /// Looks up environment variables for ${NAME} interpolation; nullopt when unset.
 using EnvLookup = std::function<std::optional<std::string>(const std::string&)>;

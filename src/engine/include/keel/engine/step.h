@@ -1,13 +1,18 @@
 #pragma once
 // How one kind of step executes. The executor is open for more kinds: each kind is a
-// StepRunner registered by kind; the engine knows none of them by name.
+// StepRunner registered by kind; the engine knows none of them by name, except `map`,
+// which it runs itself (it fans out over the other runners and checkpoints each item).
 
+#include <atomic>
 #include <memory>
+#include <optional>
 #include <string>
 
+#include "keel/core/clock.h"
 #include "keel/core/config.h"
 #include "keel/core/json.h"
 #include "keel/core/result.h"
+#include "keel/store/store.h"
 
 namespace keel::engine {
 
@@ -15,21 +20,61 @@ struct StepContext {
   const std::string& run_id;
   const StepConfig& step;
   int attempt = 1;
-  /// {"input": ..., "steps": {ID: {"output": ..., ...}}}: what templates may reference.
+  /// {"input": ..., "steps": {ID: {"output": ..., ...}}}: what templates may reference
+  /// (inside a map also "item" and "index").
   const json::value& scope;
   /// Stable across attempts of this step of this run: "<run_id>/<step_id>".
   const std::string& idempotency_key;
+  /// The run as leased: its signals, its definition, its step records.
+  const store::RunRecord& run;
+  /// This step's record (when it first started, whether it waited), if it has one.
+  const store::StepRecord* record = nullptr;
+  /// Now, by the engine's clock.
+  Timestamp now{};
+  /// Set when the run was cancelled or its lease lost: a long step should stop.
+  const std::atomic<bool>* cancelled = nullptr;
+  /// The lease the run is executed under (for steps that write to the store).
+  const store::Lease* lease = nullptr;
 };
 
 /// The checkpoint a step leaves: {"output": ...} plus kind-specific fields (an llm step
 /// adds "text", "model", "provider", "usage"). Templates see it as steps.ID.
 using StepRecordJson = json::object;
 
+/// What an attempt came to: done (with its checkpoint), or parked until something
+/// happens (a timer, a signal, a child run, an external task), holding no worker.
+struct StepOutcome {
+  StepRecordJson record;
+  /// The step to go to instead of the usual next one (a choice's branch).
+  std::string next;
+  bool suspend = false;
+  /// When suspended: wake by then at the latest (none: only a signal or a child's end).
+  std::optional<Timestamp> wake_at;
+  /// When suspended: what the run waits for, shown by GET /v1/runs/{id}.
+  json::value waiting;
+  /// A failure no retry can mend (a wait that timed out without a default, a child run
+  /// that failed): the step fails for good, whatever its retry policy; on_error applies.
+  std::optional<Error> fail;
+
+  static StepOutcome Done(StepRecordJson record) {
+    StepOutcome o;
+    o.record = std::move(record);
+    return o;
+  }
+  static StepOutcome Suspend(std::optional<Timestamp> wake_at, json::value waiting) {
+    StepOutcome o;
+    o.suspend = true;
+    o.wake_at = wake_at;
+    o.waiting = std::move(waiting);
+    return o;
+  }
+};
+
 class StepRunner {
  public:
   virtual ~StepRunner() = default;
   /// Executes one attempt. Blocking; bounded by the step's timeout.
-  virtual Result<StepRecordJson> Run(const StepContext& ctx) = 0;
+  virtual Result<StepOutcome> Run(const StepContext& ctx) = 0;
 };
 
 }  // namespace keel::engine

@@ -36,6 +36,7 @@ enum class StepStatus {
   kRetrying,   // the last attempt failed; the next waits for its backoff
   kSucceeded,  // checkpointed: never executed again for this run
   kFailed,     // the run ended on this step's error
+  kWaiting,    // parked (a timer, a signal, an external task, a child run): the attempt goes on
 };
 std::string_view StepStatusName(StepStatus s);
 
@@ -64,8 +65,18 @@ struct RunRecord {
   std::optional<Timestamp> started_at;
   std::optional<Timestamp> finished_at;
   /// Filled by GetRun and LeaseRun (in the order steps first started); empty in lists.
+  /// The items of a map step are records too, with ids "STEP#INDEX" (ItemStepId).
   std::vector<StepRecord> steps;
+  /// While `waiting`: what the run waits for (the waiting step's description); else null.
+  json::value waiting;
+  /// Signals received, by name: {"approval": {"payload": ..., "at_ms": ms}}.
+  json::object signals;
+  /// Set for a child run (a `pipeline` step): "RUN_ID/STEP_ID" of the parent's step.
+  std::string parent;
 };
+
+/// The record id of item `index` of map step `step_id`.
+std::string ItemStepId(const std::string& step_id, int64_t index);
 
 struct NewRun {
   std::string id;  // unique, chosen by the caller (NewRunId)
@@ -81,6 +92,9 @@ struct NewRun {
   std::string fingerprint;
   /// A submit while this many runs are queued or in flight is refused (kQueueFull).
   int64_t max_queue_depth = 100000;
+  /// For a child run: "RUN_ID/STEP_ID" of the parent's `pipeline` step, which is woken
+  /// (made due) when this run ends.
+  std::string parent;
 };
 
 struct SubmitResult {
@@ -129,6 +143,24 @@ struct StoreStats {
   int64_t queue_delayed = 0; // waiting for a backoff
 };
 
+/// One attempt of a `task` step, executed by an external worker.
+struct TaskRecord {
+  std::string token;  // the worker's handle on it (random, per attempt)
+  std::string run_id;
+  std::string step_id;
+  int attempt = 0;
+  std::string queue;
+  json::value input;
+  enum class Status { kPending, kLeased, kCompleted, kFailed } status = Status::kPending;
+  std::string worker_id;
+  std::optional<Timestamp> lease_expires;  // while leased
+  Duration heartbeat_timeout{30000};
+  json::value output;          // completed
+  std::optional<Error> error;  // failed
+  bool retryable = true;       // failed: whether the step may try again
+};
+std::string_view TaskStatusName(TaskRecord::Status s);
+
 /// What happens to a run whose step attempt failed.
 struct FailureDisposition {
   enum class Kind {
@@ -153,7 +185,7 @@ class Store {
   /// The run with its steps. kNotFound for an unknown id.
   virtual Result<RunRecord> GetRun(const std::string& run_id) = 0;
 
-  /// Runs, newest first, filtered; without steps.
+  /// Runs, newest first, filtered; without steps and definitions.
   virtual Result<RunPage> ListRuns(const RunFilter& filter) = 0;
 
   /// A run's events with seq > after_seq, oldest first, at most `limit`.
@@ -186,6 +218,53 @@ class Store {
   /// kConflict when the step is not running.
   virtual Result<void> FailStep(const Lease& lease, const std::string& step_id, const Error& error,
                                 const FailureDisposition& disposition) = 0;
+
+  /// Parks the run on `step_id` (which must be running): the step's attempt goes on
+  /// (StartStep on a waiting step does not count another attempt), the run is `waiting`
+  /// with `waiting` saying what for, and the lease is given up, so the run holds no
+  /// worker. It is due again at `wake_at`, or at once when a signal arrives or a child run
+  /// ends; without `wake_at`, only then. kConflict when the step is not running.
+  virtual Result<void> SuspendStep(const Lease& lease, const std::string& step_id,
+                                   std::optional<Timestamp> wake_at, const json::value& waiting) = 0;
+
+  /// Checkpoints one item of a map step (a record ItemStepId(step_id, index)) while the
+  /// run's lease is held; an item checkpointed once is never executed again.
+  virtual Result<void> CompleteItem(const Lease& lease, const std::string& step_id, int64_t index,
+                                    const json::value& output) = 0;
+
+  /// Delivers signal `name` to a run that has not ended: kept in RunRecord::signals (a
+  /// second signal of one name replaces the first), logged (SignalReceived), and a
+  /// waiting run is due at once. kNotFound for an unknown run, kConflict when it ended.
+  virtual Result<RunRecord> SendSignal(const std::string& run_id, const std::string& name,
+                                       const json::value& payload) = 0;
+
+  /// The task of attempt `attempt` of `step_id`, created (pending on `queue`) when it does
+  /// not exist yet: what a `task` step asks each time its run wakes.
+  virtual Result<TaskRecord> EnsureTask(const Lease& lease, const std::string& step_id, int attempt,
+                                        const std::string& queue, const json::value& input,
+                                        Duration heartbeat_timeout) = 0;
+
+  /// Hands the oldest pending task of `queue` to `worker_id` for its heartbeat timeout;
+  /// empty when there is none.
+  virtual Result<std::optional<TaskRecord>> LeaseTask(const std::string& queue, const std::string& worker_id) = 0;
+
+  /// Extends a leased task's lease by its heartbeat timeout. kConflict (the task is
+  /// someone else's by now) when its lease expired or it already ended; kNotFound for an
+  /// unknown token.
+  virtual Result<TaskRecord> HeartbeatTask(const std::string& token) = 0;
+
+  /// Ends a leased task: completed with `output`, or failed with `error` (retryable or
+  /// not). The run is woken. Same errors as HeartbeatTask.
+  virtual Result<TaskRecord> CompleteTask(const std::string& token, const json::value& output) = 0;
+  virtual Result<TaskRecord> FailTask(const std::string& token, const Error& error, bool retryable) = 0;
+
+  /// Returns when a task may have been queued on `queue` since the call began, or after
+  /// `max` (for long polls). The default looks again every 50 ms.
+  virtual void WaitForTask(const std::string& queue, Duration max);
+
+  /// Fails a task whose worker stopped heartbeating (its lease expired), under the run's
+  /// lease; a late complete is then refused.
+  virtual Result<void> ExpireTask(const Lease& lease, const std::string& token) = 0;
 
   /// Ends a run `failed` without a step to blame (e.g. its definition cannot execute).
   virtual Result<void> FailRun(const Lease& lease, const Error& error) = 0;
