@@ -14,8 +14,10 @@ PACKAGES=(
   libssl-dev                  # SHA-256 of request bodies
   prometheus-cpp-dev          # metrics registry and text format
   libgtest-dev libgmock-dev   # tests
+  json-schema-test-suite      # the official JSON Schema test suite (core/json_schema_test.cc)
   libbenchmark-dev wrk curl   # benchmarks
-  python3
+  nginx-light                 # the static upstream of bench/run_gateway.sh
+  python3                     # examples/worker.py and its tests
 )
 
 SUDO=""

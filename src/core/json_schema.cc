@@ -100,17 +100,19 @@ constexpr std::size_t kMaxQuotedBytes = 80;
 // ---------------------------------------------------------------------------------------
 // Values.
 
-bool IsNumber(const json::value& v) {
-  return v.is_int64() || v.is_uint64() || v.is_double();
-}
+bool IsNumber(const json::value& v) { return v.is_int64() || v.is_uint64() || v.is_double(); }
 
 // Exact for every int64, uint64 and double (a 64-bit mantissa).
 long double ToLongDouble(const json::value& v) {
   switch (v.kind()) {
-    case json::kind::int64: return static_cast<long double>(v.get_int64());
-    case json::kind::uint64: return static_cast<long double>(v.get_uint64());
-    case json::kind::double_: return static_cast<long double>(v.get_double());
-    default: return 0;
+    case json::kind::int64:
+      return static_cast<long double>(v.get_int64());
+    case json::kind::uint64:
+      return static_cast<long double>(v.get_uint64());
+    case json::kind::double_:
+      return static_cast<long double>(v.get_double());
+    default:
+      return 0;
   }
 }
 
@@ -124,13 +126,19 @@ bool IsIntegral(const json::value& v) {
 
 std::uint8_t TypeBitsOf(const json::value& v) {
   switch (v.kind()) {
-    case json::kind::null: return detail::kNullBit;
-    case json::kind::bool_: return detail::kBooleanBit;
-    case json::kind::object: return detail::kObjectBit;
-    case json::kind::array: return detail::kArrayBit;
-    case json::kind::string: return detail::kStringBit;
+    case json::kind::null:
+      return detail::kNullBit;
+    case json::kind::bool_:
+      return detail::kBooleanBit;
+    case json::kind::object:
+      return detail::kObjectBit;
+    case json::kind::array:
+      return detail::kArrayBit;
+    case json::kind::string:
+      return detail::kStringBit;
     case json::kind::int64:
-    case json::kind::uint64: return detail::kNumberBit | detail::kIntegerBit;
+    case json::kind::uint64:
+      return detail::kNumberBit | detail::kIntegerBit;
     case json::kind::double_:
       return IsIntegral(v) ? detail::kNumberBit | detail::kIntegerBit : detail::kNumberBit;
   }
@@ -143,9 +151,12 @@ bool JsonEqual(const json::value& a, const json::value& b) {
   if (IsNumber(a) && IsNumber(b)) return ToLongDouble(a) == ToLongDouble(b);
   if (a.kind() != b.kind()) return false;
   switch (a.kind()) {
-    case json::kind::null: return true;
-    case json::kind::bool_: return a.get_bool() == b.get_bool();
-    case json::kind::string: return a.get_string() == b.get_string();
+    case json::kind::null:
+      return true;
+    case json::kind::bool_:
+      return a.get_bool() == b.get_bool();
+    case json::kind::string:
+      return a.get_string() == b.get_string();
     case json::kind::array: {
       const auto& x = a.get_array();
       const auto& y = b.get_array();
@@ -165,7 +176,8 @@ bool JsonEqual(const json::value& a, const json::value& b) {
       }
       return true;
     }
-    default: return false;
+    default:
+      return false;
   }
 }
 
@@ -206,7 +218,8 @@ void AppendEqualityKey(const json::value& v, std::string& out) {
       out.push_back('}');
       break;
     }
-    default: out += json::serialize(v);
+    default:
+      out += json::serialize(v);
   }
 }
 
@@ -224,8 +237,11 @@ std::wstring DecodeUtf8(std::string_view s) {
   std::size_t i = 0;
   while (i < s.size()) {
     const auto b0 = static_cast<unsigned char>(s[i]);
-    std::size_t len = b0 < 0x80 ? 1 : (b0 >> 5) == 0x6 ? 2 : (b0 >> 4) == 0xE ? 3
-                      : (b0 >> 3) == 0x1E ? 4 : 0;
+    std::size_t len = b0 < 0x80           ? 1
+                      : (b0 >> 5) == 0x6  ? 2
+                      : (b0 >> 4) == 0xE  ? 3
+                      : (b0 >> 3) == 0x1E ? 4
+                                          : 0;
     char32_t cp = len == 1 ? b0 : len == 2 ? b0 & 0x1F : len == 3 ? b0 & 0x0F : b0 & 0x07;
     bool ok = len != 0 && i + len <= s.size();
     for (std::size_t k = 1; ok && k < len; ++k) {
@@ -286,9 +302,9 @@ std::string QuoteValue(const json::value& v) {
 
 std::string DescribeTypes(std::uint8_t types) {
   static constexpr std::pair<std::uint8_t, const char*> kNames[] = {
-      {detail::kStringBit, "a string"}, {detail::kNumberBit, "a number"},
+      {detail::kStringBit, "a string"},    {detail::kNumberBit, "a number"},
       {detail::kIntegerBit, "an integer"}, {detail::kBooleanBit, "a boolean"},
-      {detail::kObjectBit, "an object"}, {detail::kArrayBit, "an array"},
+      {detail::kObjectBit, "an object"},   {detail::kArrayBit, "an array"},
       {detail::kNullBit, "null"}};
   std::string out;
   for (const auto& [bit, name] : kNames) {
@@ -359,8 +375,8 @@ std::optional<std::string> DecodePointerToken(std::string_view raw) {
 bool IsIdentifier(std::string_view key) {
   if (key.empty() || (key[0] >= '0' && key[0] <= '9')) return false;
   for (const char c : key) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-                    (c >= '0' && c <= '9') || c == '_';
+    const bool ok =
+        (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
     if (!ok) return false;
   }
   return true;
@@ -449,12 +465,12 @@ std::wstring TranslatePattern(std::string_view source) {
 
 Result<Pattern> CompilePattern(std::string_view source, const std::string& location) {
   try {
-    return Pattern{std::string(source),
-                   boost::wregex(TranslatePattern(source),
-                                 boost::regex::ECMAScript | boost::regex::no_mod_m)};
+    return Pattern{
+        std::string(source),
+        boost::wregex(TranslatePattern(source), boost::regex::ECMAScript | boost::regex::no_mod_m)};
   } catch (const std::exception& e) {
-    return InvalidSchema(location, "invalid regular expression " + QuoteString(source) + ": " +
-                                       e.what());
+    return InvalidSchema(location,
+                         "invalid regular expression " + QuoteString(source) + ": " + e.what());
   }
 }
 
@@ -501,11 +517,10 @@ class Compiler {
   }
 
  private:
-  Result<SchemaNode*> Compile(const json::value& schema, const std::string& location,
-                              int depth) {
+  Result<SchemaNode*> Compile(const json::value& schema, const std::string& location, int depth) {
     if (depth > JsonSchema::kMaxDepth) {
-      return InvalidSchema(location, "schemas nested deeper than " +
-                                         std::to_string(JsonSchema::kMaxDepth));
+      return InvalidSchema(location,
+                           "schemas nested deeper than " + std::to_string(JsonSchema::kMaxDepth));
     }
     if (auto it = compiled_.find(&schema); it != compiled_.end()) return it->second;
     SchemaNode& node = *out_.nodes.emplace_back(std::make_unique<SchemaNode>());
@@ -516,8 +531,8 @@ class Compiler {
       return &node;
     }
     if (!schema.is_object()) {
-      return InvalidSchema(location, "a schema must be an object or a boolean, got " +
-                                         Describe(schema));
+      return InvalidSchema(location,
+                           "a schema must be an object or a boolean, got " + Describe(schema));
     }
     const json::object& obj = schema.get_object();
     if (ref_overrides_siblings_) {
@@ -531,15 +546,13 @@ class Compiler {
     }
     for (const auto& kv : obj) {
       const std::string_view key(kv.key().data(), kv.key().size());
-      KEEL_RETURN_IF_ERROR(
-          CompileKeyword(node, schema, key, kv.value(), location, depth));
+      KEEL_RETURN_IF_ERROR(CompileKeyword(node, schema, key, kv.value(), location, depth));
     }
     return &node;
   }
 
   Result<void> CompileKeyword(SchemaNode& node, const json::value& schema, std::string_view key,
-                              const json::value& value, const std::string& location,
-                              int depth) {
+                              const json::value& value, const std::string& location, int depth) {
     const json::object& obj = schema.get_object();
     const std::string at = location + "/" + PointerToken(key);
     const int next = depth + 1;
@@ -616,7 +629,8 @@ class Compiler {
     }
     // Applicators on object members.
     if (key == "properties") {
-      if (!value.is_object()) return InvalidSchema(at, "expected an object, got " + Describe(value));
+      if (!value.is_object())
+        return InvalidSchema(at, "expected an object, got " + Describe(value));
       for (const auto& kv : value.get_object()) {
         const std::string_view name(kv.key().data(), kv.key().size());
         auto sub = Compile(kv.value(), at + "/" + PointerToken(name), next);
@@ -626,7 +640,8 @@ class Compiler {
       return Ok();
     }
     if (key == "patternProperties") {
-      if (!value.is_object()) return InvalidSchema(at, "expected an object, got " + Describe(value));
+      if (!value.is_object())
+        return InvalidSchema(at, "expected an object, got " + Describe(value));
       for (const auto& kv : value.get_object()) {
         const std::string_view source(kv.key().data(), kv.key().size());
         const std::string sub_at = at + "/" + PointerToken(source);
@@ -638,7 +653,8 @@ class Compiler {
       }
       return Ok();
     }
-    if (key == "additionalProperties") return CompileInto(node.additional_properties, value, at, next);
+    if (key == "additionalProperties")
+      return CompileInto(node.additional_properties, value, at, next);
     // Applicators on the same instance.
     if (key == "allOf") return CompileSchemaList(node.all_of, value, at, next);
     if (key == "anyOf") return CompileSchemaList(node.any_of, value, at, next);
@@ -652,7 +668,8 @@ class Compiler {
     }
     if (key == "$defs" || key == "definitions") {
       // Compiled even when nothing refers to them: a mistake there is still a mistake.
-      if (!value.is_object()) return InvalidSchema(at, "expected an object, got " + Describe(value));
+      if (!value.is_object())
+        return InvalidSchema(at, "expected an object, got " + Describe(value));
       for (const auto& kv : value.get_object()) {
         const std::string_view name(kv.key().data(), kv.key().size());
         auto sub = Compile(kv.value(), at + "/" + PointerToken(name), next);
@@ -698,8 +715,10 @@ class Compiler {
     for (const auto& name : names) {
       const std::uint8_t bit = bit_of(name);
       if (bit == 0) {
-        return InvalidSchema(at, "expected a type name (null, boolean, object, array, number, "
-                                 "integer, string), got " + Describe(name));
+        return InvalidSchema(at,
+                             "expected a type name (null, boolean, object, array, number, "
+                             "integer, string), got " +
+                                 Describe(name));
       }
       if ((node.types & bit) != 0) {
         return InvalidSchema(at, "type " + Describe(name) + " is listed twice");
@@ -732,8 +751,8 @@ class Compiler {
     return Ok();
   }
 
-  Result<void> CompileInto(const SchemaNode*& out, const json::value& value,
-                           const std::string& at, int depth) {
+  Result<void> CompileInto(const SchemaNode*& out, const json::value& value, const std::string& at,
+                           int depth) {
     auto sub = Compile(value, at, depth);
     if (!sub.ok()) return std::move(sub).error();
     out = *sub;
@@ -781,7 +800,7 @@ class Compiler {
         const bool canonical = !token->empty() && (token->size() == 1 || (*token)[0] != '0');
         const auto& arr = target->get_array();
         target = ec == std::errc() && p == last && canonical && index < arr.size() ? &arr[index]
-                                                                                    : nullptr;
+                                                                                   : nullptr;
       } else {
         target = nullptr;
       }
@@ -801,8 +820,9 @@ class Compiler {
     const int s = state[&node];
     if (s == kDone) return Ok();
     if (s == kOnPath) {
-      return InvalidSchema(node.location, "a cycle of $ref/allOf/anyOf/oneOf/not that never "
-                                          "moves into the instance (it would recurse forever)");
+      return InvalidSchema(node.location,
+                           "a cycle of $ref/allOf/anyOf/oneOf/not that never "
+                           "moves into the instance (it would recurse forever)");
     }
     if (depth > JsonSchema::kMaxDepth) {
       return InvalidSchema(node.location, "a chain of $ref/allOf/anyOf/oneOf/not deeper than " +
@@ -865,11 +885,20 @@ class Validator {
     switch (v.kind()) {
       case json::kind::int64:
       case json::kind::uint64:
-      case json::kind::double_: ok = CheckNumber(s, v, path, want); break;
-      case json::kind::string: ok = CheckString(s, v.get_string(), path, want); break;
-      case json::kind::array: ok = CheckArray(s, v.get_array(), path, depth, want); break;
-      case json::kind::object: ok = CheckObject(s, v.get_object(), path, depth, want); break;
-      default: break;
+      case json::kind::double_:
+        ok = CheckNumber(s, v, path, want);
+        break;
+      case json::kind::string:
+        ok = CheckString(s, v.get_string(), path, want);
+        break;
+      case json::kind::array:
+        ok = CheckArray(s, v.get_array(), path, depth, want);
+        break;
+      case json::kind::object:
+        ok = CheckObject(s, v.get_object(), path, depth, want);
+        break;
+      default:
+        break;
     }
     return ok && CheckInPlace(s, v, path, depth, want);
   }
@@ -894,20 +923,21 @@ class Validator {
     return false;
   }
 
-  bool CheckNumber(const SchemaNode& s, const json::value& v, const InstancePath& path,
-                   bool want) {
+  bool CheckNumber(const SchemaNode& s, const json::value& v, const InstancePath& path, bool want) {
     const long double x = ToLongDouble(v);
     const char* what = s.types == detail::kIntegerBit ? "an integer" : "a number";
     auto fail = [&](const char* op, const Bound& b) {
       return Fail(want, path, [&] {
-        return std::string("expected ") + what + " " + op + " " + FormatNumber(*b.raw) +
-               ", got " + FormatNumber(v);
+        return std::string("expected ") + what + " " + op + " " + FormatNumber(*b.raw) + ", got " +
+               FormatNumber(v);
       });
     };
     if (s.minimum && x < s.minimum->value) return fail(">=", *s.minimum);
-    if (s.exclusive_minimum && x <= s.exclusive_minimum->value) return fail(">", *s.exclusive_minimum);
+    if (s.exclusive_minimum && x <= s.exclusive_minimum->value)
+      return fail(">", *s.exclusive_minimum);
     if (s.maximum && x > s.maximum->value) return fail("<=", *s.maximum);
-    if (s.exclusive_maximum && x >= s.exclusive_maximum->value) return fail("<", *s.exclusive_maximum);
+    if (s.exclusive_maximum && x >= s.exclusive_maximum->value)
+      return fail("<", *s.exclusive_maximum);
     if (s.multiple_of && !IsMultipleOf(v, x, *s.multiple_of)) {
       return Fail(want, path, [&] {
         return "expected a multiple of " + FormatNumber(*s.multiple_of->raw) + ", got " +
@@ -934,15 +964,13 @@ class Validator {
       if (s.min_length && n < *s.min_length) {
         return Fail(want, path, [&] {
           return "expected a string of at least " +
-                 Plural(*s.min_length, "character", "characters") + ", got " +
-                 std::to_string(n);
+                 Plural(*s.min_length, "character", "characters") + ", got " + std::to_string(n);
         });
       }
       if (s.max_length && n > *s.max_length) {
         return Fail(want, path, [&] {
           return "expected a string of at most " +
-                 Plural(*s.max_length, "character", "characters") + ", got " +
-                 std::to_string(n);
+                 Plural(*s.max_length, "character", "characters") + ", got " + std::to_string(n);
         });
       }
     }
@@ -959,19 +987,19 @@ class Validator {
     return true;
   }
 
-  bool CheckArray(const SchemaNode& s, const json::array& arr, const InstancePath& path,
-                  int depth, bool want) {
+  bool CheckArray(const SchemaNode& s, const json::array& arr, const InstancePath& path, int depth,
+                  bool want) {
     const std::size_t n = arr.size();
     if (s.min_items && n < *s.min_items) {
       return Fail(want, path, [&] {
-        return "expected an array of at least " + Plural(*s.min_items, "item", "items") +
-               ", got " + std::to_string(n);
+        return "expected an array of at least " + Plural(*s.min_items, "item", "items") + ", got " +
+               std::to_string(n);
       });
     }
     if (s.max_items && n > *s.max_items) {
       return Fail(want, path, [&] {
-        return "expected an array of at most " + Plural(*s.max_items, "item", "items") +
-               ", got " + std::to_string(n);
+        return "expected an array of at most " + Plural(*s.max_items, "item", "items") + ", got " +
+               std::to_string(n);
       });
     }
     const std::size_t prefix = std::min(n, s.prefix_items.size());
@@ -1026,8 +1054,7 @@ class Validator {
     }
     for (const std::string& name : s.required) {
       if (!obj.contains(name)) {
-        return Fail(want, path,
-                    [&] { return "missing required property " + QuoteString(name); });
+        return Fail(want, path, [&] { return "missing required property " + QuoteString(name); });
       }
     }
     if (s.properties.empty() && s.pattern_properties.empty() &&
@@ -1058,8 +1085,8 @@ class Validator {
     return true;
   }
 
-  bool CheckInPlace(const SchemaNode& s, const json::value& v, const InstancePath& path,
-                    int depth, bool want) {
+  bool CheckInPlace(const SchemaNode& s, const json::value& v, const InstancePath& path, int depth,
+                    bool want) {
     if (s.ref != nullptr && !Check(*s.ref, v, path, depth + 1, want)) return false;
     for (const SchemaNode* sub : s.all_of) {
       if (!Check(*sub, v, path, depth + 1, want)) return false;
@@ -1089,8 +1116,8 @@ class Validator {
       if (matching.size() > 1) {
         return Fail(want, path, [&] {
           return "expected a value matching exactly one schema of oneOf, got one matching "
-                 "oneOf[" + std::to_string(matching[0]) + "] and oneOf[" +
-                 std::to_string(matching[1]) + "]";
+                 "oneOf[" +
+                 std::to_string(matching[0]) + "] and oneOf[" + std::to_string(matching[1]) + "]";
         });
       }
     }
@@ -1107,8 +1134,8 @@ class Validator {
 
   // No branch of anyOf/oneOf matched: explains why with the first branch's violation.
   bool FailWithFirstBranch(bool want, const char* keyword, const char* how_many,
-                           const SchemaNode& first, const json::value& v,
-                           const InstancePath& path, int depth) {
+                           const SchemaNode& first, const json::value& v, const InstancePath& path,
+                           int depth) {
     if (!want) return false;
     (void)Check(first, v, path, depth + 1, true);  // fails again, now with a message
     const std::string where = path.ToString();

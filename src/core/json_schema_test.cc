@@ -103,7 +103,8 @@ TEST(JsonSchemaTest, TypeMessages) {
 
 TEST(JsonSchemaTest, LongValuesAreCutInMessages) {
   const std::string long_text(500, 'x');
-  const std::string message = ViolationOf(json::parse(R"({"type": "integer"})"), json::value(long_text));
+  const std::string message =
+      ViolationOf(json::parse(R"({"type": "integer"})"), json::value(long_text));
   EXPECT_LT(message.size(), 120u) << message;
   EXPECT_NE(message.find("...\""), std::string::npos) << message;
 }
@@ -152,7 +153,8 @@ TEST(JsonSchemaTest, BoundMessages) {
   const char* schema = R"({"properties": {"age": {"type": "integer", "minimum": 0}}})";
   EXPECT_EQ(Violation(schema, R"({"age": -3})"), "$.age: expected an integer >= 0, got -3");
   EXPECT_EQ(ViolationPath(schema, R"({"age": -3})"), "$.age");
-  EXPECT_EQ(Violation(R"({"exclusiveMinimum": 0.5})", "0.5"), "$: expected a number > 0.5, got 0.5");
+  EXPECT_EQ(Violation(R"({"exclusiveMinimum": 0.5})", "0.5"),
+            "$: expected a number > 0.5, got 0.5");
   EXPECT_EQ(Violation(R"({"maximum": 10})", "11"), "$: expected a number <= 10, got 11");
   EXPECT_EQ(Violation(R"({"exclusiveMaximum": 1e3})", "1000"),
             "$: expected a number < 1000, got 1000");
@@ -283,8 +285,8 @@ TEST(JsonSchemaTest, PrefixItems) {
 }
 
 TEST(JsonSchemaTest, Draft07ArrayFormItems) {
-  const char* schema =
-      R"({"items": [{"type": "integer"}, {"type": "string"}], "additionalItems": {"type": "boolean"}})";
+  const char* schema = R"({"items": [{"type": "integer"}, {"type": "string"}],
+                           "additionalItems": {"type": "boolean"}})";
   EXPECT_TRUE(Valid(schema, R"([1, "a", true, false])"));
   EXPECT_EQ(Violation(schema, R"([1, "a", 3])"), "$[2]: expected a boolean, got 3");
   EXPECT_TRUE(Valid(R"({"items": [{"type": "integer"}]})", R"([1, "anything"])"));
@@ -440,7 +442,8 @@ TEST(JsonSchemaTest, RecursiveRefToRoot) {
     "required": ["value"],
     "properties": {"value": {"type": "integer"}, "children": {"items": {"$ref": "#"}}},
     "additionalProperties": false})";
-  EXPECT_TRUE(Valid(tree, R"({"value": 1, "children": [{"value": 2, "children": [{"value": 3}]}]})"));
+  EXPECT_TRUE(
+      Valid(tree, R"({"value": 1, "children": [{"value": 2, "children": [{"value": 3}]}]})"));
   EXPECT_EQ(Violation(tree, R"({"value": 1, "children": [{"value": 2, "children": [{}]}]})"),
             R"($.children[0].children[0]: missing required property "value")");
 }
@@ -452,7 +455,8 @@ TEST(JsonSchemaTest, RefPointerEscapes) {
     "properties": {"x": {"$ref": "#/$defs/a~1b"}, "y": {"$ref": "#/$defs/c~0d"},
                    "z": {"$ref": "#/$defs/e%25f"}, "w": {"$ref": "#/properties/x"}}})";
   // "list" is not a schema: $defs values must be schemas.
-  EXPECT_NE(CompileError(schema).find("a schema must be an object or a boolean"), std::string::npos);
+  EXPECT_NE(CompileError(schema).find("a schema must be an object or a boolean"),
+            std::string::npos);
   const char* ok = R"({
     "$defs": {"a/b": {"type": "integer"}, "c~d": {"type": "string"}, "e%f": {"type": "null"}},
     "prefixItems": [{"type": "boolean"}],
@@ -498,7 +502,8 @@ TEST(JsonSchemaTest, AnnotationsAreAcceptedAndIgnored) {
                 "deprecated": true, "readOnly": false, "writeOnly": false}}})";
   EXPECT_TRUE(Valid(schema, R"({"email": "not an email"})"));  // format is an annotation
   EXPECT_FALSE(Valid(schema, R"({"email": 3})"));
-  EXPECT_TRUE(Valid(R"({"$schema": "http://json-schema.org/draft-07/schema#", "type": "integer"})", "1"));
+  EXPECT_TRUE(
+      Valid(R"({"$schema": "http://json-schema.org/draft-07/schema#", "type": "integer"})", "1"));
   EXPECT_TRUE(Valid(R"({"$schema": "https://json-schema.org/draft/2019-09/schema"})", "1"));
 }
 
@@ -507,7 +512,8 @@ TEST(JsonSchemaTest, AnnotationsAreAcceptedAndIgnored) {
 TEST(JsonSchemaTest, RefusesUnknownKeywordsWithTheirLocation) {
   EXPECT_EQ(CompileError(R"({"properties": {"x": {"if": {}, "then": {}}}})"),
             R"(unsupported JSON Schema keyword "if" at #/properties/x)");
-  EXPECT_EQ(CompileError(R"({"contains": {}})"), R"(unsupported JSON Schema keyword "contains" at #)");
+  EXPECT_EQ(CompileError(R"({"contains": {}})"),
+            R"(unsupported JSON Schema keyword "contains" at #)");
   EXPECT_EQ(CompileError(R"({"items": {"anyOf": [{}, {"unevaluatedProperties": false}]}})"),
             R"(unsupported JSON Schema keyword "unevaluatedProperties" at #/items/anyOf/1)");
   EXPECT_EQ(CompileError(R"({"properties": {"a/b": {"typo": 1}}})"),
@@ -526,8 +532,10 @@ TEST(JsonSchemaTest, RefusesWhatItCannotResolve) {
   EXPECT_NE(CompileError(R"({"$ref": "#foo"})").find("unsupported $ref"), std::string::npos);
   EXPECT_NE(CompileError(R"({"$ref": "#/$defs/missing"})").find("points to nothing"),
             std::string::npos);
-  EXPECT_NE(CompileError(R"({"$ref": "#/$defs/a%2", "$defs": {"a": {}}})").find("malformed"), std::string::npos);
-  EXPECT_NE(CompileError(R"({"$ref": "#/$defs/a~2", "$defs": {"a": {}}})").find("malformed"), std::string::npos);
+  EXPECT_NE(CompileError(R"({"$ref": "#/$defs/a%2", "$defs": {"a": {}}})").find("malformed"),
+            std::string::npos);
+  EXPECT_NE(CompileError(R"({"$ref": "#/$defs/a~2", "$defs": {"a": {}}})").find("malformed"),
+            std::string::npos);
   EXPECT_EQ(CompileError(R"({"$defs": {"a": {"$id": "a.json"}}})"),
             R"(unsupported "$id" in a subschema (embedded schema resources) at #/$defs/a)");
   EXPECT_NE(CompileError(R"({"$schema": "http://json-schema.org/draft-04/schema#"})")
@@ -576,11 +584,14 @@ TEST(JsonSchemaTest, RefusesMalformedKeywordValues) {
 
 TEST(JsonSchemaTest, RefusesRefCyclesThatNeverDescend) {
   EXPECT_NE(CompileError(R"({"$ref": "#"})").find("cycle"), std::string::npos);
-  EXPECT_NE(CompileError(R"({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"allOf": [{"$ref": "#/$defs/a"}]}}})")
-                .find("cycle"),
-            std::string::npos);
-  EXPECT_NE(CompileError(R"({"anyOf": [{"type": "string"}, {"not": {"$ref": "#"}}]})").find("cycle"),
-            std::string::npos);
+  EXPECT_NE(
+      CompileError(
+          R"({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"allOf": [{"$ref": "#/$defs/a"}]}}})")
+          .find("cycle"),
+      std::string::npos);
+  EXPECT_NE(
+      CompileError(R"({"anyOf": [{"type": "string"}, {"not": {"$ref": "#"}}]})").find("cycle"),
+      std::string::npos);
   // A cycle through properties or items descends into the instance: fine.
   EXPECT_EQ(CompileError(R"({"properties": {"next": {"$ref": "#"}}})"), "");
   EXPECT_EQ(CompileError(R"({"items": {"anyOf": [{"$ref": "#"}, {"type": "integer"}]}})"), "");
@@ -607,8 +618,8 @@ TEST(JsonSchemaTest, DeepInstancesHitTheDepthLimit) {
   EXPECT_NE(r.error().message.find("nested deeper than 128"), std::string::npos)
       << r.error().message;
   // Under "not", hitting the limit is still an error, not a pass.
-  const auto negated =
-      JsonSchema::Compile(J(R"({"not": {"$ref": "#/$defs/a"}, "$defs": {"a": {"items": {"$ref": "#/$defs/a"}}}})"));
+  const auto negated = JsonSchema::Compile(
+      J(R"({"not": {"$ref": "#/$defs/a"}, "$defs": {"a": {"items": {"$ref": "#/$defs/a"}}}})"));
   ASSERT_OK(negated);
   const auto n = negated->Validate(NestedArrays(JsonSchema::kMaxDepth + 10));
   ASSERT_FALSE(n.ok());
@@ -690,12 +701,13 @@ TEST(JsonSchemaSuiteTest, Draft07) {
   const char* env = std::getenv("KEEL_JSON_SCHEMA_TEST_SUITE");
   const fs::path dir = env != nullptr ? env : kSuiteDir;
   if (!fs::is_directory(dir)) {
-    GTEST_SKIP() << "JSON-Schema-Test-Suite not found at " << dir
-                 << "; install the Debian package " << kSuitePackage;
+    GTEST_SKIP() << "JSON-Schema-Test-Suite not found at " << dir << "; install the Debian package "
+                 << kSuitePackage;
   }
   std::vector<fs::path> files;
   for (const auto& entry : fs::directory_iterator(dir)) {
-    if (entry.is_regular_file() && entry.path().extension() == ".json") files.push_back(entry.path());
+    if (entry.is_regular_file() && entry.path().extension() == ".json")
+      files.push_back(entry.path());
   }
   // Of optional/: the numeric ones. Not format (an annotation here), ecmascript-regex
   // (it tests format: "regex") or content.
@@ -745,9 +757,9 @@ TEST(JsonSchemaSuiteTest, Draft07) {
     }
   }
   std::cout << "JSON-Schema-Test-Suite " << dir.string() << ": " << files.size() << " files, "
-            << groups_run << " groups run, " << groups_skipped << " groups skipped; cases: "
-            << cases_run << " run, " << cases_passed << " passed, " << cases_skipped
-            << " skipped\n";
+            << groups_run << " groups run, " << groups_skipped
+            << " groups skipped; cases: " << cases_run << " run, " << cases_passed << " passed, "
+            << cases_skipped << " skipped\n";
   for (const auto& [reason, count] : skip_reasons) {
     std::cout << "  skipped " << count << (count == 1 ? " group: " : " groups: ") << reason << "\n";
   }
