@@ -835,13 +835,15 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
       c.pipelines[name] = std::move(p);
     }
     // Child pipelines exist, and no pipeline runs itself, directly or through others.
-    std::function<void(const std::string&, std::vector<std::string>&)> visit = [&](const std::string& name,
-                                                                                   std::vector<std::string>& path) {
+    // `line`: the step that runs `name` (0 for a pipeline visited at the top).
+    std::function<void(const std::string&, std::vector<std::string>&, int)> visit = [&](const std::string& name,
+                                                                                        std::vector<std::string>& path,
+                                                                                        int line) {
       if (std::find(path.begin(), path.end(), name) != path.end()) {
         std::string chain;
         for (const auto& x : path) chain += x + " -> ";
-        throw ConfigError("pipeline \"" + path.front() + "\" runs itself as a child (" + chain + name +
-                          "): a run would never end");
+        throw ConfigError("line " + std::to_string(line) + ": pipeline \"" + path.front() + "\" runs itself as a child (" +
+                          chain + name + "): a run would never end");
       }
       path.push_back(name);
       for (const auto& s : c.pipelines.at(name).steps) {
@@ -851,13 +853,13 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
           throw ConfigError("line " + std::to_string(s.line) + ": step \"" + s.id + "\" runs pipeline \"" + child +
                             "\", which is not defined under pipelines");
         }
-        visit(child, path);
+        visit(child, path, s.line);
       }
       path.pop_back();
     };
     for (const auto& [name, p] : c.pipelines) {
       std::vector<std::string> path;
-      visit(name, path);
+      visit(name, path, p.line);
     }
   }
   if (const auto h = root["http"]) {
