@@ -343,7 +343,8 @@ class TaskStep final : public StepRunner {
     // Parked until the worker answers; while it holds the task, also when its lease ends.
     std::optional<Timestamp> wake;
     if (task->status == S::kLeased) wake = task->lease_expires;
-    const Timestamp deadline = StartedAt(ctx) + ctx.step.timeout;
+    // The step's timeout bounds each attempt: from when its task was queued.
+    const Timestamp deadline = task->created_at + ctx.step.timeout;
     if (ctx.now >= deadline) {
       (void)services_.store.ExpireTask(*ctx.lease, task->token);  // a late worker's answer is dropped
       return Error(ErrorCode::kTimeout, "task of step \"" + ctx.step.id + "\" was not done within the step's timeout of " +

@@ -124,3 +124,93 @@ inline json::value StreamBody(const std::string& model, const std::string& conte
 inline std::string Status(const json::value& run) { return std::string(run.at("status").as_string()); }
 
 }  // namespace keel::testing
+
+// ---- External workers and waiting runs (task_test.cc, crash_pipeline_test.cc) -------------
+// In their own namespace so that they clash with no test file's local helpers.
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <vector>
+
+namespace keel::testing::workers {
+
+/// The python3 on PATH; "" when there is none (the worker tests skip then).
+inline std::string Python3() {
+  const char* path = std::getenv("PATH");
+  std::stringstream dirs(path ? path : "");
+  for (std::string dir; std::getline(dirs, dir, ':');) {
+    const auto p = std::filesystem::path(dir.empty() ? "." : dir) / "python3";
+    std::error_code ec;
+    if (std::filesystem::is_regular_file(p, ec)) return p.string();
+  }
+  return {};
+}
+
+/// Starts examples/worker.py against `server` on `queue` with `handler`; `extra` are more
+/// flags (e.g. "--once"). The worker logs one line per event to stderr ("worker: ...").
+inline std::unique_ptr<Process> StartWorker(const std::string& server, const std::string& queue,
+                                            const std::string& handler, std::vector<std::string> extra = {}) {
+  std::vector<std::string> argv{Python3(), std::string(KEEL_SOURCE_DIR) + "/examples/worker.py", "--server", server,
+                                "--queue", queue, "--handler", handler, "--worker-id", "py-" + handler, "--wait-ms", "500"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  return std::make_unique<Process>(argv);
+}
+
+/// POST /v1/tasks/poll as a worker would.
+inline JsonResponse Poll(const std::string& base, const std::string& queue, const std::string& worker_id = "http-worker",
+                         int64_t wait_ms = 0) {
+  return HttpPostJson(base + "/v1/tasks/poll",
+                      json::object{{"queue", queue}, {"worker_id", worker_id}, {"wait_ms", wait_ms}});
+}
+
+/// POST /v1/tasks/{token}/{verb} (heartbeat, complete, fail) with `body`.
+inline JsonResponse TaskCall(const std::string& base, const std::string& token, const std::string& verb,
+                             const json::value& body = json::object{}) {
+  return HttpPostJson(base + "/v1/tasks/" + token + "/" + verb, body);
+}
+
+/// Submits a run; returns its id, "" (and a test failure) when not answered 201.
+inline std::string Submit(const std::string& base, const std::string& pipeline, const json::value& input) {
+  auto r = HttpPostJson(base + "/v1/runs", json::object{{"pipeline", pipeline}, {"input", input}});
+  EXPECT_EQ(r.status, 201) << r.raw;
+  return r.status == 201 ? std::string(r.body.at("id").as_string()) : std::string();
+}
+
+/// GETs the run until `pred` holds; the body that satisfied it, or nullopt on timeout.
+inline std::optional<json::value> AwaitRun(const std::string& base, const std::string& id,
+                                           const std::function<bool(const json::value&)>& pred,
+                                           std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
+  std::optional<json::value> hit;
+  Eventually(
+      [&] {
+        auto r = HttpGet(base + "/v1/runs/" + id);
+        if (r.status != 200 || !pred(r.body)) return false;
+        hit = r.body;
+        return true;
+      },
+      timeout);
+  return hit;
+}
+
+/// The run's record of step `id` (GET /v1/runs/{id} "steps"), or nullptr.
+inline const json::value* FindStep(const json::value& run, const std::string& id) {
+  for (const auto& s : run.at("steps").as_array()) {
+    if (s.at("id").as_string() == id) return &s;
+  }
+  return nullptr;
+}
+
+/// True when the run is `waiting` on a step of `kind` (task, signal, sleep, child_run).
+inline bool WaitingOn(const json::value& run, const std::string& kind) {
+  const auto* w = run.as_object().if_contains("waiting");
+  return Status(run) == "waiting" && w && w->is_object() && w->as_object().contains("kind") &&
+         w->at("kind").as_string() == kind;
+}
+
+}  // namespace keel::testing::workers

@@ -381,7 +381,7 @@ void Wake(Db& db, Timestamp now, const std::string& run_id) {
 
 constexpr const char* kTaskColumns =
     "token, run_id, step_id, attempt, queue, input, status, worker_id, lease_expires, heartbeat_timeout, output, "
-    "error, retryable";
+    "error, retryable, created_at";
 
 TaskRecord ReadTaskRow(const Stmt& s) {
   TaskRecord t;
@@ -402,6 +402,7 @@ TaskRecord ReadTaskRow(const Stmt& s) {
   t.output = s.Json(10);
   if (!s.IsNull(11)) t.error = ErrorFromJson(s.Json(11));
   t.retryable = s.Int(12) != 0;
+  t.created_at = FromMillis(s.Int(13));
   return t;
 }
 
@@ -959,6 +960,8 @@ class SqliteStore final : public Store {
       }
       auto t = LoadTask(db, token);
       AppendEvent(db, txn.now, t->run_id, "TaskLeased", t->step_id, t->attempt, json::object{{"worker", worker_id}});
+      // The run, parked while the task was pending, now also waits for this lease's end.
+      Wake(db, txn.now, t->run_id);
       return std::optional<TaskRecord>(std::move(*t));
     });
   }

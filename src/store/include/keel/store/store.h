@@ -158,6 +158,7 @@ struct TaskRecord {
   json::value output;          // completed
   std::optional<Error> error;  // failed
   bool retryable = true;       // failed: whether the step may try again
+  Timestamp created_at{};      // when the attempt queued it
 };
 std::string_view TaskStatusName(TaskRecord::Status s);
 

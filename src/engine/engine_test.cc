@@ -1,0 +1,559 @@
+// The engine in-process, on a ManualClock: timers (sleep, signal timeouts, task step
+// timeouts, heartbeat expiry, retry backoff) fire when the test advances the clock, never
+// because real time passed. The store, the gateway (the built-in mock provider) and the
+// engine all read the same clock.
+//
+// Real time is spent only to let the worker threads act: Soon() polls for an effect
+// of something the test did, and NothingHappens() gives the workers a few poll intervals
+// to (not) act before asserting that a run is still where it was.
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "keel/core/clock.h"
+#include "keel/core/config.h"
+#include "keel/core/ids.h"
+#include "keel/core/json.h"
+#include "keel/core/random.h"
+#include "keel/engine/engine.h"
+#include "keel/engine/pipeline.h"
+#include "keel/gateway/gateway.h"
+#include "keel/store/sqlite_store.h"
+#include "keel/store/store.h"
+#include "keel/testing/assert.h"
+#include "keel/testing/http.h"  // Eventually
+#include "keel/testing/process.h"  // TempDir
+
+namespace keel::engine {
+namespace {
+
+using namespace std::chrono_literals;
+using store::RunStatus;
+using ::testing::HasSubstr;
+
+// Real time: how long a test waits for the workers before it gives up (only reached when
+// it fails), and how long it lets them act before asserting that nothing changed.
+constexpr auto kPatience = 5s;
+constexpr auto kPollInterval = 5ms;
+constexpr auto kQuiet = 30ms;  // six poll intervals
+
+class EngineTest : public ::testing::Test {
+ protected:
+  // Builds store, gateway and engine from `yaml` (a keel.yaml with the pipelines; the
+  // `mock` provider is added), with `workers` workers, and starts the engine.
+  void Start(const std::string& pipelines_yaml, int workers = 2) {
+    const std::string yaml = "providers:\n  mock: {type: mock}\n" + pipelines_yaml;
+    auto config = ParseConfig(yaml, [](const std::string&) { return std::nullopt; }, "engine_test.yaml");
+    ASSERT_OK(config);
+    config_ = std::move(config).value();
+    config_.engine.workers = workers;
+    config_.engine.poll_interval = kPollInterval;
+
+    store::SqliteOptions sopts;
+    sopts.path = dir_.path() + "/keel.db";
+    auto store = store::OpenSqliteStore(sopts, clock_, random_);
+    ASSERT_OK(store);
+    store_ = std::move(store).value();
+    auto gateway = gateway::Gateway::Create(config_, registry_, clock_, random_);
+    ASSERT_OK(gateway);
+    gateway_ = std::move(gateway).value();
+    engine_ = Engine::Create(config_.engine, *store_, *gateway_, clock_, random_, registry_);
+    engine_->Start();
+  }
+
+  void TearDown() override {
+    if (engine_) engine_->Stop();
+    engine_.reset();
+    gateway_.reset();
+    store_.reset();
+  }
+
+  // Submits a run of `pipeline` as the API does, and wakes the workers.
+  std::string Submit(const std::string& pipeline, json::value input = json::object{}) {
+    const auto it = config_.pipelines.find(pipeline);
+    EXPECT_NE(it, config_.pipelines.end()) << pipeline;
+    if (it == config_.pipelines.end()) return "";
+    store::NewRun run;
+    run.id = NewRunId(clock_.Now(), random_);
+    run.pipeline = pipeline;
+    run.input = std::move(input);
+    run.definition = DefinitionToJson(it->second, &config_.pipelines);
+    auto submitted = store_->SubmitRun(run);
+    EXPECT_TRUE(submitted.ok()) << KEEL_TEST_RESULT_MSG(submitted);
+    engine_->Notify();
+    return run.id;
+  }
+
+  store::RunRecord Get(const std::string& id) {
+    auto r = store_->GetRun(id);
+    EXPECT_TRUE(r.ok()) << KEEL_TEST_RESULT_MSG(r);
+    return r.ok() ? std::move(r).value() : store::RunRecord{};
+  }
+
+  // Polls `fn` (real time, for the workers) until it holds; false after kPatience.
+  static bool Soon(const std::function<bool()>& fn) {
+    return testing::Eventually(fn, std::chrono::duration_cast<std::chrono::milliseconds>(kPatience));
+  }
+
+  // Waits (real time, for the workers) until run `id` is in `status`.
+  ::testing::AssertionResult Reaches(const std::string& id, RunStatus status) {
+    RunStatus last = RunStatus::kQueued;
+    const bool ok = Soon([&] {
+      auto r = store_->GetRun(id);
+      if (r.ok()) last = r->status;
+      return r.ok() && r->status == status;
+    });
+    if (ok) return ::testing::AssertionSuccess();
+    return ::testing::AssertionFailure() << "run " << id << " is " << store::RunStatusName(last) << ", not "
+                                         << store::RunStatusName(status);
+  }
+
+  // Lets the workers act for a few poll intervals (a worker that could lease the run would
+  // have), then says whether run `id` is still `status` with no new event.
+  ::testing::AssertionResult NothingHappens(const std::string& id, RunStatus status) {
+    auto before = store_->ListEvents(id, 0, 1000);
+    engine_->Notify();
+    std::this_thread::sleep_for(kQuiet);
+    auto after = store_->ListEvents(id, 0, 1000);
+    const auto run = Get(id);
+    if (run.status != status) {
+      return ::testing::AssertionFailure() << "run " << id << " is " << store::RunStatusName(run.status) << ", not "
+                                           << store::RunStatusName(status);
+    }
+    if (!before.ok() || !after.ok() || before->size() != after->size()) {
+      return ::testing::AssertionFailure() << "run " << id << " logged new events";
+    }
+    return ::testing::AssertionSuccess();
+  }
+
+  static const store::StepRecord* Step(const store::RunRecord& run, const std::string& step_id) {
+    for (const auto& s : run.steps) {
+      if (s.step_id == step_id) return &s;
+    }
+    return nullptr;
+  }
+
+  static std::string Kind(const store::RunRecord& run) {
+    if (!run.waiting.is_object()) return "";
+    const auto* k = run.waiting.as_object().if_contains("kind");
+    return k && k->is_string() ? std::string(k->as_string()) : "";
+  }
+
+  testing::TempDir dir_;
+  ManualClock clock_;
+  SeededRandom random_{7};
+  prometheus::Registry registry_;
+  Config config_;
+  std::unique_ptr<store::Store> store_;
+  std::unique_ptr<gateway::Gateway> gateway_;
+  std::unique_ptr<Engine> engine_;
+  const std::chrono::steady_clock::time_point real_start_ = std::chrono::steady_clock::now();
+
+  // Real time spent since the fixture was built.
+  std::chrono::milliseconds RealElapsed() const {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - real_start_);
+  }
+};
+
+TEST_F(EngineTest, SleepWaitsForTheClockNotForRealTime) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  nap:
+    steps:
+      - id: pause
+        sleep: {for: 1h}
+      - id: done
+        transform: {woke: true}
+)"));
+  const Timestamp t0 = clock_.Now();
+  const std::string id = Submit("nap");
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+  auto run = Get(id);
+  EXPECT_EQ(Kind(run), "sleep");
+  EXPECT_EQ(run.waiting.at("step_id"), "pause");
+  EXPECT_EQ(run.waiting.at("until_ms").to_number<int64_t>(), ToMillis(t0 + 1h));
+  ASSERT_NE(Step(run, "pause"), nullptr);
+  EXPECT_EQ(Step(run, "pause")->status, store::StepStatus::kWaiting);
+
+  clock_.Advance(1h - 1ms);
+  EXPECT_TRUE(NothingHappens(id, RunStatus::kWaiting));
+
+  clock_.Advance(1ms);
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  run = Get(id);
+  EXPECT_EQ(run.output, (json::object{{"woke", true}}));
+  ASSERT_NE(Step(run, "pause"), nullptr);
+  EXPECT_EQ(Step(run, "pause")->output.at("output").at("slept_ms").to_number<int64_t>(), 3'600'000);
+  EXPECT_EQ(Step(run, "pause")->attempts, 1);  // parking is not another attempt
+  EXPECT_TRUE(run.waiting.is_null());
+  EXPECT_LT(RealElapsed(), 1s);
+}
+
+TEST_F(EngineTest, SignalTimeoutGivesTheDefault) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  approve:
+    steps:
+      - id: wait
+        wait_for_signal: {name: approval, timeout: 24h, default: {decision: reject}}
+      - id: after
+        transform: {decision: "{{steps.wait.output.decision}}"}
+)"));
+  const Timestamp t0 = clock_.Now();
+  const std::string id = Submit("approve");
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+  auto run = Get(id);
+  EXPECT_EQ(Kind(run), "signal");
+  EXPECT_EQ(run.waiting.at("signal"), "approval");
+  EXPECT_EQ(run.waiting.at("timeout_at_ms").to_number<int64_t>(), ToMillis(t0 + 24h));
+
+  clock_.Advance(23h);
+  EXPECT_TRUE(NothingHappens(id, RunStatus::kWaiting));
+
+  clock_.Advance(24h);
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  run = Get(id);
+  EXPECT_EQ(run.output, (json::object{{"decision", "reject"}}));
+  ASSERT_NE(Step(run, "wait"), nullptr);
+  EXPECT_EQ(Step(run, "wait")->output.at("timed_out"), true);
+  EXPECT_LT(RealElapsed(), 1s);
+}
+
+TEST_F(EngineTest, SignalTimeoutWithoutDefaultFailsTheRun) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  approve:
+    steps:
+      - id: wait
+        wait_for_signal: {name: approval, timeout: 10m}
+)"));
+  const std::string id = Submit("approve");
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+  clock_.Advance(600s);
+  ASSERT_TRUE(Reaches(id, RunStatus::kFailed));
+  const auto run = Get(id);
+  ASSERT_TRUE(run.error.has_value());
+  EXPECT_EQ(run.error->code, ErrorCode::kTimeout);
+  EXPECT_THAT(run.error->message, HasSubstr("approval"));
+}
+
+TEST_F(EngineTest, SignalCompletesAWaitingRunWithoutTheClock) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  approve:
+    steps:
+      - id: wait
+        wait_for_signal: {name: go, timeout: 24h, default: {decision: reject}}
+      - id: after
+        transform: {decision: "{{steps.wait.output.decision}}"}
+)"));
+  const Timestamp t0 = clock_.Now();
+  const std::string id = Submit("approve");
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+
+  auto sent = store_->SendSignal(id, "go", json::object{{"decision", "approve"}});
+  ASSERT_OK(sent);
+  engine_->Notify();
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  EXPECT_EQ(clock_.Now(), t0);  // nothing advanced it
+  const auto run = Get(id);
+  EXPECT_EQ(run.output, (json::object{{"decision", "approve"}}));
+  ASSERT_NE(Step(run, "wait"), nullptr);
+  EXPECT_EQ(Step(run, "wait")->output.at("signal"), "go");
+  EXPECT_TRUE(run.signals.contains("go"));
+
+  // The run ended: a late signal is refused.
+  auto late = store_->SendSignal(id, "go", nullptr);
+  ASSERT_FALSE(late.ok());
+  EXPECT_EQ(late.error().code, ErrorCode::kConflict);
+}
+
+TEST_F(EngineTest, SignalSentBeforeTheWaitIsKept) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  later:
+    steps:
+      - id: pause
+        sleep: {for: 1m}
+      - id: wait
+        wait_for_signal: {name: go}
+)"));
+  const std::string id = Submit("later");
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+  ASSERT_EQ(Kind(Get(id)), "sleep");
+  ASSERT_OK(store_->SendSignal(id, "go", json::object{{"early", true}}));
+  engine_->Notify();
+  // The signal wakes the run, but the sleep is not over: it parks again.
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+  clock_.Advance(60s);
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  EXPECT_EQ(Get(id).output, (json::object{{"early", true}}));
+}
+
+TEST_F(EngineTest, UntakenTaskFailsItsAttemptAfterTheStepTimeout) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  work:
+    steps:
+      - id: job
+        task: {queue: nobody, input: {n: 1}}
+        timeout: 10s
+        retry: {max_attempts: 1}
+)"));
+  const std::string id = Submit("work");
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+  auto run = Get(id);
+  EXPECT_EQ(Kind(run), "task");
+  EXPECT_EQ(run.waiting.at("queue"), "nobody");
+  EXPECT_EQ(run.waiting.at("task"), "pending");
+
+  clock_.Advance(10s - 1ms);
+  EXPECT_TRUE(NothingHappens(id, RunStatus::kWaiting));
+
+  clock_.Advance(1ms);
+  ASSERT_TRUE(Reaches(id, RunStatus::kDeadLettered));
+  run = Get(id);
+  ASSERT_TRUE(run.error.has_value());
+  EXPECT_EQ(run.error->code, ErrorCode::kTimeout);
+  EXPECT_THAT(run.error->message, HasSubstr("step's timeout"));
+  ASSERT_NE(Step(run, "job"), nullptr);
+  EXPECT_EQ(Step(run, "job")->attempts, 1);
+  // The expired task is no longer handed out.
+  auto leased = store_->LeaseTask("nobody", "late-worker");
+  ASSERT_OK(leased);
+  EXPECT_FALSE(leased->has_value());
+  EXPECT_LT(RealElapsed(), 1s);
+}
+
+TEST_F(EngineTest, TaskCompletedByAWorkerEndsTheWait) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  work:
+    steps:
+      - id: job
+        task: {queue: q, input: {n: "{{input.n}}"}}
+      - id: after
+        transform: {got: "{{steps.job.output.answer}}"}
+)"));
+  const std::string id = Submit("work", json::object{{"n", 41}});
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+  auto task = store_->LeaseTask("q", "w1");
+  ASSERT_OK(task);
+  ASSERT_TRUE(task->has_value());
+  EXPECT_EQ((*task)->run_id, id);
+  EXPECT_EQ((*task)->input, (json::object{{"n", 41}}));
+  ASSERT_OK(store_->CompleteTask((*task)->token, json::object{{"answer", 42}}));
+  engine_->Notify();
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  EXPECT_EQ(Get(id).output, (json::object{{"got", 42}}));
+}
+
+TEST_F(EngineTest, QuietTaskWorkerLosesTheTask) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  work:
+    steps:
+      - id: job
+        task: {queue: q, heartbeat_timeout: 30s}
+        timeout: 10m
+        retry: {max_attempts: 1}
+)"));
+  const std::string id = Submit("work");
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+  auto first = store_->LeaseTask("q", "quiet");
+  ASSERT_OK(first);
+  ASSERT_TRUE(first->has_value());
+
+  // Not before the step's timeout, today (see the DISABLED_ test below).
+  clock_.Advance(600s);
+  engine_->Notify();
+  ASSERT_TRUE(Reaches(id, RunStatus::kDeadLettered));
+  const auto run = Get(id);
+  ASSERT_TRUE(run.error.has_value());
+  EXPECT_EQ(run.error->code, ErrorCode::kTimeout);
+  EXPECT_THAT(run.error->message, HasSubstr("sent no heartbeat"));
+  // Its late answer is dropped.
+  auto late = store_->CompleteTask((*first)->token, json::object{{"late", true}});
+  ASSERT_FALSE(late.ok());
+  EXPECT_EQ(late.error().code, ErrorCode::kConflict);
+}
+
+// KNOWN BUG (disabled until fixed): the run parked on a pending task sleeps until the
+// step's deadline; LeaseTask does not make it due at the task's lease expiry, so a worker
+// that goes quiet is noticed at the step's timeout, not at its heartbeat_timeout.
+TEST_F(EngineTest, DISABLED_QuietTaskWorkerIsNoticedAtItsHeartbeatTimeout) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  work:
+    steps:
+      - id: job
+        task: {queue: q, heartbeat_timeout: 30s}
+        timeout: 10m
+        retry: {max_attempts: 2, initial_backoff: 1s, max_backoff: 1s, jitter: 0}
+)"));
+  const std::string id = Submit("work");
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+  auto first = store_->LeaseTask("q", "quiet");
+  ASSERT_OK(first);
+  ASSERT_TRUE(first->has_value());
+  clock_.Advance(30s);
+  engine_->Notify();
+  ASSERT_TRUE(Soon([&] {
+    const auto run = Get(id);
+    const auto* s = Step(run, "job");
+    return s && s->status == store::StepStatus::kRetrying;
+  }));
+  clock_.Advance(1s);  // the backoff: attempt 2 queues a new task, with the time left
+  engine_->Notify();
+  std::optional<store::TaskRecord> second;
+  ASSERT_TRUE(Soon([&] {
+    auto t = store_->LeaseTask("q", "prompt");
+    if (t.ok() && t->has_value()) second = **t;
+    return second.has_value();
+  }));
+  EXPECT_NE(second->token, (*first)->token);
+  EXPECT_EQ(second->attempt, 2);
+  ASSERT_OK(store_->CompleteTask(second->token, json::object{{"ok", true}}));
+  engine_->Notify();
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+}
+
+// KNOWN BUG (disabled until fixed): a task step measures its timeout from the step's
+// FIRST attempt (StepRecord::started_at), so once an attempt has timed out every retry
+// queues a task and expires it at once: no worker can ever take it. StepConfig::timeout
+// is documented as the bound on one attempt.
+TEST_F(EngineTest, DISABLED_TaskRetryGetsItsOwnTimeout) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  work:
+    steps:
+      - id: job
+        task: {queue: q}
+        timeout: 10s
+        retry: {max_attempts: 2, initial_backoff: 1s, max_backoff: 1s, jitter: 0}
+)"));
+  const std::string id = Submit("work");
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+  clock_.Advance(10s);  // attempt 1: nobody took its task
+  engine_->Notify();
+  ASSERT_TRUE(Soon([&] {
+    const auto run = Get(id);
+    const auto* s = Step(run, "job");
+    return s && s->status == store::StepStatus::kRetrying;
+  }));
+  clock_.Advance(1s);
+  engine_->Notify();
+  std::optional<store::TaskRecord> second;
+  ASSERT_TRUE(Soon([&] {
+    auto t = store_->LeaseTask("q", "w");
+    if (t.ok() && t->has_value()) second = **t;
+    return second.has_value() || Get(id).status == RunStatus::kDeadLettered;
+  }));
+  ASSERT_TRUE(second.has_value()) << "attempt 2 timed out at once: " << Get(id).error.value_or(Error()).message;
+  EXPECT_EQ(second->attempt, 2);
+  ASSERT_OK(store_->CompleteTask(second->token, json::object{{"ok", true}}));
+  engine_->Notify();
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+}
+
+TEST_F(EngineTest, ParkedRunHoldsNoWorker) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  approve:
+    steps:
+      - id: wait
+        wait_for_signal: {name: go}
+  plain:
+    steps:
+      - id: only
+        transform: {n: "{{input.n}}"}
+)",
+        /*workers=*/1));
+  const std::string parked = Submit("approve");
+  ASSERT_TRUE(Reaches(parked, RunStatus::kWaiting));
+
+  const std::string a = Submit("plain", json::object{{"n", 1}});
+  const std::string b = Submit("plain", json::object{{"n", 2}});
+  ASSERT_TRUE(Reaches(a, RunStatus::kSucceeded));
+  ASSERT_TRUE(Reaches(b, RunStatus::kSucceeded));
+  EXPECT_EQ(Get(b).output, (json::object{{"n", 2}}));
+  EXPECT_EQ(Get(parked).status, RunStatus::kWaiting);
+
+  ASSERT_OK(store_->SendSignal(parked, "go", json::object{{"ok", true}}));
+  engine_->Notify();
+  ASSERT_TRUE(Reaches(parked, RunStatus::kSucceeded));
+}
+
+TEST_F(EngineTest, MapRunsEveryItemThroughTheMockInOrder) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  fan:
+    steps:
+      - id: each
+        map:
+          over: "{{input.items}}"
+          concurrency: 3
+          step: {llm: {route: mock, messages: [{role: user, content: "#mock reply=echo-{{item}}"}]}}
+)"));
+  json::array items;
+  for (int i = 0; i < 7; ++i) items.push_back(json::value("x" + std::to_string(i)));
+  const std::string id = Submit("fan", json::object{{"items", items}});
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  const auto run = Get(id);
+  ASSERT_TRUE(run.output.is_array());
+  ASSERT_EQ(run.output.as_array().size(), 7u);
+  for (int i = 0; i < 7; ++i) EXPECT_EQ(run.output.as_array()[i], json::value("echo-x" + std::to_string(i))) << i;
+  ASSERT_NE(Step(run, "each"), nullptr);
+  EXPECT_EQ(Step(run, "each")->output.at("items"), 7);
+}
+
+TEST_F(EngineTest, RetryBackoffWaitsForTheClock) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  flaky:
+    steps:
+      - id: ask
+        llm: {route: mock, messages: [{role: user, content: "#mock fail=503 times=1"}]}
+        retry: {max_attempts: 2, initial_backoff: 1m, max_backoff: 1m, jitter: 0}
+)"));
+  const std::string id = Submit("flaky");
+  // The first attempt fails (503): the run goes back to the queue for a minute, holding
+  // no lease (its status stays `running`: it is between two attempts of a step).
+  ASSERT_TRUE(Soon([&] {
+    const auto run = Get(id);
+    const auto* s = Step(run, "ask");
+    return s && s->status == store::StepStatus::kRetrying;
+  }));
+  EXPECT_TRUE(NothingHappens(id, RunStatus::kRunning));
+  clock_.Advance(60s - 1ms);
+  EXPECT_TRUE(NothingHappens(id, RunStatus::kRunning));
+  clock_.Advance(1ms);
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  const auto run = Get(id);
+  ASSERT_NE(Step(run, "ask"), nullptr);
+  EXPECT_EQ(Step(run, "ask")->attempts, 2);
+  EXPECT_LT(RealElapsed(), 1s);
+}
+
+TEST_F(EngineTest, OnErrorRecoversAFinalFailureWithoutTheClock) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  check:
+    steps:
+      - id: check
+        validate: {value: "{{input.v}}", schema: {type: integer}}
+        on_error: {output: fallback}
+)"));
+  const std::string id = Submit("check", json::object{{"v", "not a number"}});
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  EXPECT_EQ(Get(id).output, "fallback");
+}
+
+}  // namespace
+}  // namespace keel::engine
