@@ -600,7 +600,10 @@ TEST(ConfigTest, ExampleFileParses) {
   ASSERT_EQ(c->routes.at("default").targets.size(), 1u);
   EXPECT_EQ(c->routes.at("default").targets[0].provider, "mock");
 
-  ASSERT_EQ(c->pipelines.size(), 3u);
+  ASSERT_EQ(c->pipelines.size(), 4u);
+  ASSERT_EQ(c->pipelines.count("review"), 1u);
+  EXPECT_EQ(c->pipelines.at("review").steps[1].kind, StepKind::kMap);
+  EXPECT_FALSE(c->pipelines.at("review").input_schema.is_null());
   ASSERT_EQ(c->pipelines.count("summarize"), 1u);
   ASSERT_EQ(c->pipelines.count("triage"), 1u);
   ASSERT_EQ(c->pipelines.count("echo"), 1u);

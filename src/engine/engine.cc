@@ -357,6 +357,8 @@ class EngineImpl final : public Engine {
     std::optional<Error> first_error;  // GUARDED_BY(mu)
     bool final = false;                // GUARDED_BY(mu)
     auto work = [&] {
+      // One copy of the scope per thread (not per item: it holds the whole input).
+      json::value scope = ctx.scope;
       while (true) {
         {
           std::lock_guard lock(mu);
@@ -366,7 +368,6 @@ class EngineImpl final : public Engine {
         const std::size_t k = next.fetch_add(1);
         if (k >= todo.size()) return;
         const std::size_t i = todo[k];
-        json::value scope = ctx.scope;
         scope.as_object()["item"] = items[i];
         scope.as_object()["index"] = static_cast<int64_t>(i);
         const std::string idem = ctx.idempotency_key + "#" + std::to_string(i);

@@ -45,8 +45,10 @@ constexpr auto kQuiet = 30ms;  // six poll intervals
 
 class EngineTest : public ::testing::Test {
  protected:
-  // Builds store, gateway and engine from `yaml` (a keel.yaml with the pipelines; the
-  // `mock` provider is added), with `workers` workers, and starts the engine.
+  // Builds store, gateway and engine from `pipelines_yaml` (keel.yaml text with the
+  // `pipelines`; a `type: mock` provider named `mock` is added) with `workers` workers
+  // polling every kPollInterval, and starts the engine. Leases (30s) are timed by the
+  // manual clock too: tests advance it only while no run is leased.
   void Start(const std::string& pipelines_yaml, int workers = 2) {
     const std::string yaml = "providers:\n  mock: {type: mock}\n" + pipelines_yaml;
     auto config = ParseConfig(yaml, [](const std::string&) { return std::nullopt; }, "engine_test.yaml");
@@ -354,7 +356,7 @@ pipelines:
   EXPECT_EQ(Get(id).output, (json::object{{"got", 42}}));
 }
 
-TEST_F(EngineTest, QuietTaskWorkerLosesTheTask) {
+TEST_F(EngineTest, QuietTaskWorkerLosesTheTaskAtItsHeartbeatTimeout) {
   ASSERT_NO_FATAL_FAILURE(Start(R"(
 pipelines:
   work:
@@ -369,10 +371,16 @@ pipelines:
   auto first = store_->LeaseTask("q", "quiet");
   ASSERT_OK(first);
   ASSERT_TRUE(first->has_value());
+  engine_->Notify();  // the lease wakes the run, which parks again until the lease ends
+  ASSERT_TRUE(Soon([&] {
+    const auto run = Get(id);
+    return run.status == RunStatus::kWaiting && run.waiting.is_object() && run.waiting.as_object().contains("worker");
+  }));
+  EXPECT_EQ(Get(id).waiting.at("task"), "leased");
 
-  // Not before the step's timeout, today (see the DISABLED_ test below).
-  clock_.Advance(600s);
-  engine_->Notify();
+  clock_.Advance(30s - 1ms);
+  EXPECT_TRUE(NothingHappens(id, RunStatus::kWaiting));
+  clock_.Advance(1ms);  // not the step's timeout (10m): the worker's heartbeat timeout
   ASSERT_TRUE(Reaches(id, RunStatus::kDeadLettered));
   const auto run = Get(id);
   ASSERT_TRUE(run.error.has_value());
@@ -384,10 +392,7 @@ pipelines:
   EXPECT_EQ(late.error().code, ErrorCode::kConflict);
 }
 
-// KNOWN BUG (disabled until fixed): the run parked on a pending task sleeps until the
-// step's deadline; LeaseTask does not make it due at the task's lease expiry, so a worker
-// that goes quiet is noticed at the step's timeout, not at its heartbeat_timeout.
-TEST_F(EngineTest, DISABLED_QuietTaskWorkerIsNoticedAtItsHeartbeatTimeout) {
+TEST_F(EngineTest, QuietWorkersTaskIsHandedOutAgain) {
   ASSERT_NO_FATAL_FAILURE(Start(R"(
 pipelines:
   work:
@@ -402,14 +407,14 @@ pipelines:
   auto first = store_->LeaseTask("q", "quiet");
   ASSERT_OK(first);
   ASSERT_TRUE(first->has_value());
-  clock_.Advance(30s);
   engine_->Notify();
+  clock_.Advance(30s);
   ASSERT_TRUE(Soon([&] {
     const auto run = Get(id);
     const auto* s = Step(run, "job");
     return s && s->status == store::StepStatus::kRetrying;
   }));
-  clock_.Advance(1s);  // the backoff: attempt 2 queues a new task, with the time left
+  clock_.Advance(1s);  // the backoff: attempt 2 queues a new task
   engine_->Notify();
   std::optional<store::TaskRecord> second;
   ASSERT_TRUE(Soon([&] {
@@ -422,13 +427,10 @@ pipelines:
   ASSERT_OK(store_->CompleteTask(second->token, json::object{{"ok", true}}));
   engine_->Notify();
   ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  EXPECT_EQ(Get(id).output, (json::object{{"ok", true}}));
 }
 
-// KNOWN BUG (disabled until fixed): a task step measures its timeout from the step's
-// FIRST attempt (StepRecord::started_at), so once an attempt has timed out every retry
-// queues a task and expires it at once: no worker can ever take it. StepConfig::timeout
-// is documented as the bound on one attempt.
-TEST_F(EngineTest, DISABLED_TaskRetryGetsItsOwnTimeout) {
+TEST_F(EngineTest, TaskRetryGetsItsOwnTimeout) {
   ASSERT_NO_FATAL_FAILURE(Start(R"(
 pipelines:
   work:
@@ -447,17 +449,20 @@ pipelines:
     const auto* s = Step(run, "job");
     return s && s->status == store::StepStatus::kRetrying;
   }));
-  clock_.Advance(1s);
+  clock_.Advance(1s);  // the backoff: attempt 2 queues its task, with 10s of its own
   engine_->Notify();
-  std::optional<store::TaskRecord> second;
   ASSERT_TRUE(Soon([&] {
-    auto t = store_->LeaseTask("q", "w");
-    if (t.ok() && t->has_value()) second = **t;
-    return second.has_value() || Get(id).status == RunStatus::kDeadLettered;
-  }));
-  ASSERT_TRUE(second.has_value()) << "attempt 2 timed out at once: " << Get(id).error.value_or(Error()).message;
-  EXPECT_EQ(second->attempt, 2);
-  ASSERT_OK(store_->CompleteTask(second->token, json::object{{"ok", true}}));
+    const auto run = Get(id);
+    const auto* s = Step(run, "job");
+    return run.status == RunStatus::kWaiting && s && s->attempts == 2;
+  })) << store::RunStatusName(Get(id).status) << ": " << Get(id).error.value_or(Error()).message;
+  clock_.Advance(10s - 1ms);
+  EXPECT_TRUE(NothingHappens(id, RunStatus::kWaiting));
+  auto second = store_->LeaseTask("q", "w");
+  ASSERT_OK(second);
+  ASSERT_TRUE(second->has_value());
+  EXPECT_EQ((*second)->attempt, 2);
+  ASSERT_OK(store_->CompleteTask((*second)->token, json::object{{"ok", true}}));
   engine_->Notify();
   ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
 }

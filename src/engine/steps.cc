@@ -309,7 +309,11 @@ class TaskStep final : public StepRunner {
  public:
   explicit TaskStep(const StepServices& s) : services_(s) {}
 
-  Result<StepOutcome> Run(const StepContext& ctx) override {
+  Result<StepOutcome> Run(const StepContext& ctx) override { return Run(ctx, false); }
+
+ private:
+  // `retried`: a second look, after the task ended while this one decided to expire it.
+  Result<StepOutcome> Run(const StepContext& ctx, bool retried) {
     const auto& spec = ctx.step.spec.as_object();
     auto input = RenderTemplate(spec.contains("input") ? spec.at("input") : json::value(json::object{}), ctx.scope);
     if (!input.ok()) return std::move(input).error();
@@ -332,6 +336,8 @@ class TaskStep final : public StepRunner {
         if (task->lease_expires && *task->lease_expires <= ctx.now) {
           // The worker went quiet: this attempt failed; a retry queues a new task.
           auto expired = services_.store.ExpireTask(*ctx.lease, task->token);
+          // The worker answered just in time: take its answer.
+          if (!expired.ok() && expired.error().code == ErrorCode::kConflict && !retried) return Run(ctx, true);
           if (!expired.ok()) return std::move(expired).error();
           return Error(ErrorCode::kTimeout, "task of step \"" + ctx.step.id + "\": worker " + task->worker_id +
                                                 " sent no heartbeat within " + std::to_string(hb.count()) + "ms");
@@ -346,7 +352,8 @@ class TaskStep final : public StepRunner {
     // The step's timeout bounds each attempt: from when its task was queued.
     const Timestamp deadline = task->created_at + ctx.step.timeout;
     if (ctx.now >= deadline) {
-      (void)services_.store.ExpireTask(*ctx.lease, task->token);  // a late worker's answer is dropped
+      auto expired = services_.store.ExpireTask(*ctx.lease, task->token);  // a late worker's answer is dropped
+      if (!expired.ok() && expired.error().code == ErrorCode::kConflict && !retried) return Run(ctx, true);
       return Error(ErrorCode::kTimeout, "task of step \"" + ctx.step.id + "\" was not done within the step's timeout of " +
                                             std::to_string(ctx.step.timeout.count()) + "ms");
     }

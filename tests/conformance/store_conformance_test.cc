@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -17,6 +18,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -2311,6 +2313,660 @@ TEST_P(StoreConformance, ConcurrentLeasersLeaseEachRunExactlyOnce) {
   for (const auto& v : leased) {
     if (!v.empty()) EXPECT_OK(store().Heartbeat(v.front().lease, 1h));
   }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tasks for external workers.
+
+int64_t CountType(const std::vector<Event>& events, std::string_view type) {
+  return std::count_if(events.begin(), events.end(),
+                       [&](const Event& e) { return e.type == type; });
+}
+
+void ExpectSameTask(const TaskRecord& got, const TaskRecord& want) {
+  EXPECT_EQ(got.token, want.token);
+  EXPECT_EQ(got.run_id, want.run_id);
+  EXPECT_EQ(got.step_id, want.step_id);
+  EXPECT_EQ(got.attempt, want.attempt);
+  EXPECT_EQ(got.queue, want.queue);
+  EXPECT_EQ(got.input, want.input);
+  EXPECT_EQ(TaskStatusName(got.status), TaskStatusName(want.status));
+  EXPECT_EQ(got.worker_id, want.worker_id);
+  EXPECT_EQ(Ms(got.lease_expires), Ms(want.lease_expires));
+  EXPECT_EQ(got.heartbeat_timeout.count(), want.heartbeat_timeout.count());
+  EXPECT_EQ(got.output, want.output);
+  ExpectSameError(got.error, want.error);
+  EXPECT_EQ(got.retryable, want.retryable);
+  EXPECT_EQ(Ms(got.created_at), Ms(want.created_at));
+}
+
+// The task of `t`'s step and attempt as the store has it now, read through EnsureTask
+// under `lease` (there is no other way to read a task); it must return the existing task,
+// whatever its arguments say, never queue another.
+TaskRecord Look(Store& store, const Lease& lease, const TaskRecord& t) {
+  TaskRecord got = Must(store.EnsureTask(lease, t.step_id, t.attempt, "look-" + t.queue,
+                                         json::object{{"look", true}}, 1ms),
+                        "EnsureTask (look) " + t.step_id);
+  if (got.token != t.token)
+    throw std::runtime_error("EnsureTask queued another task for " + t.step_id);
+  return got;
+}
+
+// The task LeaseTask hands out; it must hand one out.
+TaskRecord MustLeaseTask(Store& store, const std::string& queue, const std::string& worker) {
+  auto t = Must(store.LeaseTask(queue, worker), "LeaseTask " + queue);
+  if (!t) throw std::runtime_error("LeaseTask " + queue + " handed out nothing");
+  return std::move(*t);
+}
+
+const json::value kTaskWaiting = json::object{{"kind", "task"}, {"step_id", "job"}};
+
+TEST_P(StoreConformance, EnsureTaskQueuesOnePendingTaskPerAttempt) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id, 1h);
+  ASSERT_EQ(Must(store().StartStep(l, "job"), "StartStep"), 1);
+  clock_.Advance(1s);
+  const Timestamp t_queued = clock_.Now();
+  const json::value input =
+      json::object{{"text", "hi"}, {"n", 3}, {"list", json::array{1, "two", nullptr}}};
+  const TaskRecord t = Must(store().EnsureTask(l, "job", 1, "gpu", input, 20s), "EnsureTask");
+  EXPECT_FALSE(t.token.empty());
+  EXPECT_EQ(t.run_id, id);
+  EXPECT_EQ(t.step_id, "job");
+  EXPECT_EQ(t.attempt, 1);
+  EXPECT_EQ(t.queue, "gpu");
+  EXPECT_EQ(t.input, input);
+  EXPECT_EQ(TaskStatusName(t.status), "pending");
+  EXPECT_TRUE(t.worker_id.empty());
+  EXPECT_FALSE(t.lease_expires.has_value());
+  EXPECT_EQ(t.heartbeat_timeout.count(), 20000);
+  EXPECT_TRUE(t.output.is_null());
+  EXPECT_FALSE(t.error.has_value());
+  EXPECT_EQ(Ms(t.created_at), Ms(t_queued));
+  const auto events = Events(id);
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back().type, "TaskQueued");
+  EXPECT_EQ(events.back().step_id, "job");
+  EXPECT_EQ(events.back().attempt, 1);
+  EXPECT_EQ(Ms(events.back().at), Ms(t_queued));
+  EXPECT_EQ(CountType(events, "TaskQueued"), 1);
+
+  // Asked again (the run woke): the same task, whatever the arguments say now.
+  clock_.Advance(5s);
+  ExpectSameTask(Must(store().EnsureTask(l, "job", 1, "cpu", json::object{{"other", true}}, 99s),
+                      "EnsureTask again"),
+                 t);
+  EXPECT_EQ(Events(id).size(), events.size());
+
+  // The next attempt has a task of its own, and so has another step.
+  const Timestamp t_second = clock_.Now();
+  const TaskRecord second =
+      Must(store().EnsureTask(l, "job", 2, "gpu", input, 20s), "EnsureTask attempt 2");
+  EXPECT_NE(second.token, t.token);
+  EXPECT_EQ(second.attempt, 2);
+  EXPECT_EQ(TaskStatusName(second.status), "pending");
+  EXPECT_EQ(Ms(second.created_at), Ms(t_second));
+  const TaskRecord other =
+      Must(store().EnsureTask(l, "other", 1, "gpu", input, 20s), "EnsureTask other");
+  EXPECT_EQ(other.step_id, "other");
+  EXPECT_EQ(other.attempt, 1);
+  EXPECT_EQ(std::set<std::string>({t.token, second.token, other.token}).size(), 3u);
+  const auto after = Events(id);
+  EXPECT_EQ(CountType(after, "TaskQueued"), 3);
+  EXPECT_EQ(after.back().step_id, "other");
+
+  // Another run's attempt 1 of "job" has another token: tokens do not follow from the key.
+  const std::string id2 = Submit();
+  const Lease l2 = LeaseOnly(id2, 1h);
+  const TaskRecord theirs =
+      Must(store().EnsureTask(l2, "job", 1, "gpu", input, 20s), "EnsureTask run 2");
+  EXPECT_EQ(theirs.run_id, id2);
+  EXPECT_NE(theirs.token, t.token);
+  EXPECT_NE(theirs.token, second.token);
+  ExpectSameTask(Look(store(), l, t), t);
+  EXPECT_EQ(CountType(Events(id2), "TaskQueued"), 1);
+}
+
+TEST_P(StoreConformance, EnsureTaskNeedsTheRunsLease) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id, 10s);
+  const TaskRecord t =
+      Must(store().EnsureTask(l, "job", 1, "q", json::object{}, 30s), "EnsureTask");
+  const json::value in = json::object{{"late", true}};
+
+  clock_.Advance(10s);  // the run's lease expired
+  const auto n_events = Events(id).size();
+  EXPECT_TRUE(FailsWith(store().EnsureTask(l, "job", 2, "q", in, 30s), ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().EnsureTask(l, "job", 1, "q", in, 30s),
+                        ErrorCode::kLeaseLost));  // even an existing one
+  EXPECT_EQ(Events(id).size(), n_events);
+
+  const LeasedRun second = LeaseNext("w2", 1h);  // supersedes `l`
+  ASSERT_EQ(second.run.id, id);
+  EXPECT_TRUE(FailsWith(store().EnsureTask(l, "job", 2, "q", in, 30s), ErrorCode::kLeaseLost));
+  Must(store().ReleaseLease(second.lease), "ReleaseLease");
+  EXPECT_TRUE(
+      FailsWith(store().EnsureTask(second.lease, "job", 2, "q", in, 30s), ErrorCode::kLeaseLost));
+
+  // None of the refused calls queued anything: attempt 1's task is the only one.
+  const auto events = Events(id);
+  EXPECT_EQ(CountType(events, "TaskQueued"), 1);
+  EXPECT_EQ(MustLeaseTask(store(), "q", "w").token, t.token);
+  EXPECT_FALSE(Must(store().LeaseTask("q", "w"), "LeaseTask").has_value());
+
+  // A cancelled run's lease is no lease.
+  const LeasedRun third = LeaseNext("w3", 1h);
+  ASSERT_EQ(third.run.id, id);
+  Must(store().CancelRun(id), "CancelRun");
+  EXPECT_TRUE(
+      FailsWith(store().EnsureTask(third.lease, "job", 2, "q", in, 30s), ErrorCode::kLeaseLost));
+  EXPECT_EQ(CountType(Events(id), "TaskQueued"), 1);
+  EXPECT_FALSE(Must(store().LeaseTask("q", "w"), "LeaseTask").has_value());
+}
+
+TEST_P(StoreConformance, LeaseTaskHandsOutTheOldestPendingTaskOfItsQueueOnly) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id, 1h);
+  const TaskRecord a =
+      Must(store().EnsureTask(l, "a", 1, "q", json::object{{"n", 1}}, 20s), "EnsureTask a");
+  clock_.Advance(1s);
+  const TaskRecord b =
+      Must(store().EnsureTask(l, "b", 1, "other", json::object{{"n", 2}}, 20s), "EnsureTask b");
+  clock_.Advance(1s);
+  const TaskRecord c =
+      Must(store().EnsureTask(l, "c", 1, "q", json::object{{"n", 3}}, 45s), "EnsureTask c");
+  clock_.Advance(1s);
+  const TaskRecord d =
+      Must(store().EnsureTask(l, "d", 1, "q", json::object{{"n", 4}}, 5s), "EnsureTask d");
+  clock_.Advance(1s);
+  EXPECT_FALSE(Must(store().LeaseTask("none", "w0"), "LeaseTask none").has_value());
+
+  const Timestamp t1 = clock_.Now();
+  const TaskRecord first = MustLeaseTask(store(), "q", "w1");
+  EXPECT_EQ(first.token, a.token);
+  EXPECT_EQ(first.run_id, id);
+  EXPECT_EQ(first.step_id, "a");
+  EXPECT_EQ(first.attempt, 1);
+  EXPECT_EQ(first.queue, "q");
+  EXPECT_EQ(first.input, json::value(json::object{{"n", 1}}));
+  EXPECT_EQ(TaskStatusName(first.status), "leased");
+  EXPECT_EQ(first.worker_id, "w1");
+  EXPECT_EQ(Ms(first.lease_expires), Ms(t1 + 20s));
+  EXPECT_EQ(first.heartbeat_timeout.count(), 20000);
+  EXPECT_EQ(Ms(first.created_at), Ms(a.created_at));
+  EXPECT_TRUE(first.output.is_null());
+  EXPECT_FALSE(first.error.has_value());
+  const Event leased_event = Events(id).back();
+  EXPECT_EQ(leased_event.type, "TaskLeased");
+  EXPECT_EQ(leased_event.step_id, "a");
+  EXPECT_EQ(leased_event.attempt, 1);
+  EXPECT_EQ(Ms(leased_event.at), Ms(t1));
+  // The store keeps what it handed out; the other tasks are untouched.
+  ExpectSameTask(Look(store(), l, a), first);
+  ExpectSameTask(Look(store(), l, b), b);
+  ExpectSameTask(Look(store(), l, c), c);
+  ExpectSameTask(Look(store(), l, d), d);
+
+  clock_.Advance(1s);
+  const Timestamp t2 = clock_.Now();
+  const TaskRecord second = MustLeaseTask(store(), "q", "w2");
+  EXPECT_EQ(second.token, c.token);
+  EXPECT_EQ(second.worker_id, "w2");
+  EXPECT_EQ(Ms(second.lease_expires), Ms(t2 + 45s));  // its own heartbeat timeout
+  const TaskRecord third = MustLeaseTask(store(), "q", "w3");
+  EXPECT_EQ(third.token, d.token);
+  EXPECT_EQ(Ms(third.lease_expires), Ms(t2 + 5s));
+  // Leased tasks are not handed out again; the other queue still has its task.
+  EXPECT_FALSE(Must(store().LeaseTask("q", "w4"), "LeaseTask q").has_value());
+  ExpectSameTask(Look(store(), l, b), b);
+  const TaskRecord fourth = MustLeaseTask(store(), "other", "w4");
+  EXPECT_EQ(fourth.token, b.token);
+  EXPECT_EQ(fourth.worker_id, "w4");
+  EXPECT_EQ(Ms(fourth.lease_expires), Ms(t2 + 20s));
+  EXPECT_FALSE(Must(store().LeaseTask("other", "w5"), "LeaseTask other").has_value());
+  EXPECT_EQ(CountType(Events(id), "TaskLeased"), 4);
+  ExpectSameTask(Look(store(), l, a), first);  // leasing the others left the first alone
+}
+
+TEST_P(StoreConformance, LeaseTaskWakesTheRun) {
+  // Parked without a timer on its pending task: the lease makes the run due at once.
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  Must(store().StartStep(l, "job"), "StartStep");
+  const TaskRecord t =
+      Must(store().EnsureTask(l, "job", 1, "q", json::object{}, 30s), "EnsureTask");
+  Must(store().SuspendStep(l, "job", std::nullopt, kTaskWaiting), "SuspendStep");
+  EXPECT_TRUE(NothingDueWithin(24h));
+  clock_.Advance(1h);
+  EXPECT_FALSE(TryLease().has_value());
+  EXPECT_EQ(MustLeaseTask(store(), "q", "worker").token, t.token);
+  ExpectDueNow();
+  EXPECT_EQ(Stats().queue_ready, 1);
+  const LeasedRun woken = LeaseNext("w2");
+  EXPECT_EQ(woken.run.id, id);
+  EXPECT_EQ(RunStatusName(woken.run.status), "running");
+  EXPECT_EQ(Must(store().StartStep(woken.lease, "job"), "StartStep after the wake"), 1);
+  EXPECT_EQ(TaskStatusName(Look(store(), woken.lease, t).status), "leased");
+
+  // Parked on a far timer: the lease of its task makes it due before it.
+  const std::string timed = Submit();
+  const Lease lt = LeaseOnly(timed);
+  Must(store().StartStep(lt, "job"), "StartStep timed");
+  const TaskRecord tt =
+      Must(store().EnsureTask(lt, "job", 1, "q2", json::object{}, 30s), "EnsureTask timed");
+  const Timestamp far = clock_.Now() + 24h * 7;
+  Must(store().SuspendStep(lt, "job", far, kTaskWaiting), "SuspendStep timed");
+  EXPECT_EQ(Ms(NextDue()), Ms(woken.lease.expires_at));  // only the leased run is in view
+  EXPECT_EQ(MustLeaseTask(store(), "q2", "worker").token, tt.token);
+  ExpectDueNow();
+  EXPECT_EQ(LeaseNext("w3").run.id, timed);
+
+  // Leased while its run is leased: the run keeps its lease, and parking it next makes it
+  // due at once.
+  const TaskRecord t2 =
+      Must(store().EnsureTask(woken.lease, "job", 2, "q", json::object{}, 30s), "EnsureTask 2");
+  EXPECT_EQ(MustLeaseTask(store(), "q", "worker").token, t2.token);
+  EXPECT_EQ(RunStatusName(Get(id).status), "running");
+  EXPECT_FALSE(TryLease("w4").has_value());
+  EXPECT_OK(store().Heartbeat(woken.lease, kLeaseFor));
+  Must(store().SuspendStep(woken.lease, "job", clock_.Now() + 24h * 7, kTaskWaiting),
+       "SuspendStep with a far wake_at");
+  EXPECT_EQ(RunStatusName(Get(id).status), "waiting");
+  ExpectDueNow();
+  EXPECT_EQ(LeaseNext("w4").run.id, id);
+}
+
+TEST_P(StoreConformance, HeartbeatTaskExtendsTheTaskLease) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id, 1h);
+  const TaskRecord t =
+      Must(store().EnsureTask(l, "job", 1, "q", json::object{}, 20s), "EnsureTask");
+  EXPECT_TRUE(
+      FailsWith(store().HeartbeatTask(t.token), ErrorCode::kConflict));  // pending: nobody holds it
+  ExpectSameTask(Look(store(), l, t), t);
+
+  const Timestamp t1 = clock_.Now();
+  const TaskRecord leased = MustLeaseTask(store(), "q", "w1");
+  ASSERT_EQ(leased.token, t.token);
+  EXPECT_EQ(Ms(leased.lease_expires), Ms(t1 + 20s));
+  clock_.Advance(15s);
+  const TaskRecord beat = Must(store().HeartbeatTask(t.token), "HeartbeatTask");
+  EXPECT_EQ(beat.token, t.token);
+  EXPECT_EQ(TaskStatusName(beat.status), "leased");
+  EXPECT_EQ(beat.worker_id, "w1");
+  EXPECT_EQ(Ms(beat.lease_expires), Ms(t1 + 35s));
+  ExpectSameTask(Look(store(), l, t), beat);
+
+  clock_.Advance(20s - 1ms);  // past the first expiry, 1 ms before the new one
+  const TaskRecord beat2 = Must(store().HeartbeatTask(t.token), "HeartbeatTask 2");
+  EXPECT_EQ(Ms(beat2.lease_expires), Ms(t1 + 55s - 1ms));
+
+  clock_.Advance(20s);  // expired by the store's clock
+  const auto n_events = Events(id).size();
+  EXPECT_TRUE(FailsWith(store().HeartbeatTask(t.token), ErrorCode::kConflict));
+  EXPECT_TRUE(FailsWith(store().HeartbeatTask(t.token), ErrorCode::kConflict));  // it stays expired
+  ExpectSameTask(Look(store(), l, t), beat2);
+  EXPECT_EQ(Events(id).size(), n_events);
+
+  EXPECT_TRUE(FailsWith(store().HeartbeatTask("no-such-token"), ErrorCode::kNotFound));
+}
+
+TEST_P(StoreConformance, CompleteTaskKeepsTheOutputAndWakesTheRun) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  Must(store().StartStep(l, "job"), "StartStep");
+  const TaskRecord t =
+      Must(store().EnsureTask(l, "job", 1, "q", json::object{{"n", 41}}, 30s), "EnsureTask");
+  const auto n_pending = Events(id).size();
+  EXPECT_TRUE(FailsWith(store().CompleteTask(t.token, json::value(1)),
+                        ErrorCode::kConflict));  // nobody holds it
+  EXPECT_EQ(Events(id).size(), n_pending);
+  ExpectSameTask(Look(store(), l, t), t);
+  Must(store().SuspendStep(l, "job", std::nullopt, kTaskWaiting), "SuspendStep");
+  const TaskRecord leased = MustLeaseTask(store(), "q", "w1");
+  ASSERT_EQ(leased.token, t.token);
+  // The lease woke the run: take it and park it again, so that only the completion wakes it.
+  const LeasedRun r2 = LeaseNext("r2");
+  ASSERT_EQ(r2.run.id, id);
+  EXPECT_EQ(Must(store().StartStep(r2.lease, "job"), "StartStep 2"), 1);
+  Must(store().SuspendStep(r2.lease, "job", std::nullopt, kTaskWaiting), "SuspendStep 2");
+  EXPECT_TRUE(NothingDueWithin(24h));
+
+  clock_.Advance(10s);
+  const Timestamp t_done = clock_.Now();
+  const json::value output = json::object{{"answer", 42}, {"list", json::array{1, 2}}};
+  const TaskRecord done = Must(store().CompleteTask(t.token, output), "CompleteTask");
+  EXPECT_EQ(done.token, t.token);
+  EXPECT_EQ(done.run_id, id);
+  EXPECT_EQ(done.step_id, "job");
+  EXPECT_EQ(done.attempt, 1);
+  EXPECT_EQ(TaskStatusName(done.status), "completed");
+  EXPECT_EQ(done.output, output);
+  EXPECT_FALSE(done.error.has_value());
+  EXPECT_EQ(done.worker_id, "w1");
+  EXPECT_FALSE(done.lease_expires.has_value());  // only while leased
+  EXPECT_EQ(done.input, json::value(json::object{{"n", 41}}));
+  const Event event = Events(id).back();
+  EXPECT_EQ(event.type, "TaskCompleted");
+  EXPECT_EQ(event.step_id, "job");
+  EXPECT_EQ(event.attempt, 1);
+  EXPECT_EQ(Ms(event.at), Ms(t_done));
+
+  // The run is due at once and finds the output.
+  ExpectDueNow();
+  const LeasedRun r3 = LeaseNext("r3");
+  ASSERT_EQ(r3.run.id, id);
+  ExpectSameTask(Look(store(), r3.lease, t), done);
+
+  // It ended: every later call is refused and changes nothing.
+  const auto n_events = Events(id).size();
+  EXPECT_TRUE(FailsWith(store().CompleteTask(t.token, json::value("again")), ErrorCode::kConflict));
+  EXPECT_TRUE(FailsWith(store().FailTask(t.token, Error(ErrorCode::kServerError, "x"), false),
+                        ErrorCode::kConflict));
+  EXPECT_TRUE(FailsWith(store().HeartbeatTask(t.token), ErrorCode::kConflict));
+  EXPECT_EQ(Events(id).size(), n_events);
+  ExpectSameTask(Look(store(), r3.lease, t), done);
+
+  EXPECT_TRUE(
+      FailsWith(store().CompleteTask("no-such-token", json::value(1)), ErrorCode::kNotFound));
+  EXPECT_TRUE(
+      FailsWith(store().FailTask("no-such-token", Error(ErrorCode::kServerError, "x"), true),
+                ErrorCode::kNotFound));
+}
+
+TEST_P(StoreConformance, FailTaskKeepsTheErrorAndWakesTheRun) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  Must(store().StartStep(l, "job"), "StartStep");
+  const TaskRecord t =
+      Must(store().EnsureTask(l, "job", 1, "q", json::object{}, 30s), "EnsureTask");
+  EXPECT_TRUE(FailsWith(store().FailTask(t.token, Error(ErrorCode::kServerError, "x"), true),
+                        ErrorCode::kConflict));
+  ExpectSameTask(Look(store(), l, t), t);
+  Must(store().SuspendStep(l, "job", clock_.Now() + 24h * 7, kTaskWaiting), "SuspendStep");
+  ASSERT_EQ(MustLeaseTask(store(), "q", "w1").token, t.token);
+  const LeasedRun r2 = LeaseNext("r2");
+  ASSERT_EQ(r2.run.id, id);
+  Must(store().StartStep(r2.lease, "job"), "StartStep 2");
+  Must(store().SuspendStep(r2.lease, "job", clock_.Now() + 24h * 7, kTaskWaiting), "SuspendStep 2");
+  EXPECT_TRUE(NothingDueWithin(24h));
+
+  clock_.Advance(3s);
+  const Timestamp t_failed = clock_.Now();
+  const Error error(ErrorCode::kInvalidRequest, "the input has no text");
+  const TaskRecord failed = Must(store().FailTask(t.token, error, false), "FailTask");
+  EXPECT_EQ(failed.token, t.token);
+  EXPECT_EQ(TaskStatusName(failed.status), "failed");
+  ExpectSameError(failed.error, error);
+  EXPECT_FALSE(failed.retryable);
+  EXPECT_TRUE(failed.output.is_null());
+  EXPECT_FALSE(failed.lease_expires.has_value());
+  EXPECT_EQ(failed.worker_id, "w1");
+  const Event event = Events(id).back();
+  EXPECT_EQ(event.type, "TaskFailed");
+  EXPECT_EQ(event.step_id, "job");
+  EXPECT_EQ(event.attempt, 1);
+  EXPECT_EQ(Ms(event.at), Ms(t_failed));
+
+  ExpectDueNow();
+  const LeasedRun r3 = LeaseNext("r3");
+  ASSERT_EQ(r3.run.id, id);
+  ExpectSameTask(Look(store(), r3.lease, t), failed);
+  const auto n_events = Events(id).size();
+  EXPECT_TRUE(FailsWith(store().CompleteTask(t.token, json::value(1)), ErrorCode::kConflict));
+  EXPECT_TRUE(FailsWith(store().FailTask(t.token, Error(ErrorCode::kTimeout, "again"), true),
+                        ErrorCode::kConflict));
+  EXPECT_TRUE(FailsWith(store().HeartbeatTask(t.token), ErrorCode::kConflict));
+  EXPECT_EQ(Events(id).size(), n_events);
+  ExpectSameTask(Look(store(), r3.lease, t), failed);
+
+  // A retryable failure says so.
+  const TaskRecord t2 =
+      Must(store().EnsureTask(r3.lease, "job", 2, "q", json::object{}, 30s), "EnsureTask 2");
+  ASSERT_EQ(MustLeaseTask(store(), "q", "w2").token, t2.token);
+  const Error oom(ErrorCode::kServerError, "out of memory");
+  const TaskRecord failed2 = Must(store().FailTask(t2.token, oom, true), "FailTask 2");
+  EXPECT_EQ(TaskStatusName(failed2.status), "failed");
+  EXPECT_TRUE(failed2.retryable);
+  ExpectSameError(failed2.error, oom);
+  ExpectSameTask(Look(store(), r3.lease, t2), failed2);
+  ExpectSameTask(Look(store(), r3.lease, t), failed);
+}
+
+TEST_P(StoreConformance, AnAnswerAfterTheTaskLeaseExpiredConflictsAndChangesNothing) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id, 1h);
+  Must(store().StartStep(l, "job"), "StartStep");
+  const TaskRecord t =
+      Must(store().EnsureTask(l, "job", 1, "q", json::object{}, 10s), "EnsureTask");
+  const Timestamp t1 = clock_.Now();
+  const TaskRecord leased = MustLeaseTask(store(), "q", "w1");
+  ASSERT_EQ(leased.token, t.token);
+  EXPECT_EQ(Ms(leased.lease_expires), Ms(t1 + 10s));
+  // LeaseTask marked the leased run: parking it makes it due; take it and park it again.
+  Must(store().SuspendStep(l, "job", std::nullopt, kTaskWaiting), "SuspendStep");
+  ExpectDueNow();
+  const LeasedRun r2 = LeaseNext("r2", 1h);
+  ASSERT_EQ(r2.run.id, id);
+  Must(store().StartStep(r2.lease, "job"), "StartStep 2");
+
+  clock_.Advance(10s);  // the task's lease expired: the worker sent no heartbeat
+  const auto n_events = Events(id).size();
+  EXPECT_TRUE(
+      FailsWith(store().CompleteTask(t.token, json::object{{"late", true}}), ErrorCode::kConflict));
+  EXPECT_TRUE(FailsWith(store().FailTask(t.token, Error(ErrorCode::kServerError, "late"), false),
+                        ErrorCode::kConflict));
+  EXPECT_TRUE(FailsWith(store().HeartbeatTask(t.token), ErrorCode::kConflict));
+  EXPECT_EQ(Events(id).size(), n_events);
+  const TaskRecord now = Look(store(), r2.lease, t);
+  ExpectSameTask(now, leased);
+  EXPECT_TRUE(now.output.is_null());
+  EXPECT_FALSE(now.error.has_value());
+  // Nor was the run woken (or marked): parked, nothing makes it due.
+  Must(store().SuspendStep(r2.lease, "job", std::nullopt, kTaskWaiting), "SuspendStep 2");
+  EXPECT_TRUE(NothingDueWithin(24h));
+}
+
+TEST_P(StoreConformance, ExpireTaskFailsALeasedOrPendingTaskAsARetryableTimeout) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id, 1h);
+  const TaskRecord held =
+      Must(store().EnsureTask(l, "a", 1, "q", json::object{}, 10s), "EnsureTask a");
+  const TaskRecord pending =
+      Must(store().EnsureTask(l, "b", 1, "q2", json::object{}, 10s), "EnsureTask b");
+  ASSERT_EQ(MustLeaseTask(store(), "q", "w1").token, held.token);
+
+  clock_.Advance(11s);  // the worker went quiet
+  const Timestamp t_expired = clock_.Now();
+  EXPECT_OK(store().ExpireTask(l, held.token));
+  const TaskRecord h = Look(store(), l, held);
+  EXPECT_EQ(TaskStatusName(h.status), "failed");
+  ASSERT_TRUE(h.error.has_value());
+  EXPECT_EQ(ErrorCodeName(h.error->code), ErrorCodeName(ErrorCode::kTimeout));
+  EXPECT_TRUE(h.retryable);
+  EXPECT_TRUE(h.output.is_null());
+  EXPECT_FALSE(h.lease_expires.has_value());
+  const Event event = Events(id).back();
+  EXPECT_EQ(event.type, "TaskExpired");
+  EXPECT_EQ(event.step_id, "a");
+  EXPECT_EQ(event.attempt, 1);
+  EXPECT_EQ(Ms(event.at), Ms(t_expired));
+
+  // The late worker is refused and changes nothing.
+  const auto n_events = Events(id).size();
+  EXPECT_TRUE(
+      FailsWith(store().CompleteTask(held.token, json::value("late")), ErrorCode::kConflict));
+  EXPECT_TRUE(FailsWith(store().FailTask(held.token, Error(ErrorCode::kServerError, "late"), false),
+                        ErrorCode::kConflict));
+  EXPECT_TRUE(FailsWith(store().HeartbeatTask(held.token), ErrorCode::kConflict));
+  EXPECT_EQ(Events(id).size(), n_events);
+  ExpectSameTask(Look(store(), l, held), h);
+
+  // A pending task: failed the same way, and no longer handed out.
+  EXPECT_OK(store().ExpireTask(l, pending.token));
+  const TaskRecord p = Look(store(), l, pending);
+  EXPECT_EQ(TaskStatusName(p.status), "failed");
+  ASSERT_TRUE(p.error.has_value());
+  EXPECT_EQ(ErrorCodeName(p.error->code), ErrorCodeName(ErrorCode::kTimeout));
+  EXPECT_TRUE(p.retryable);
+  EXPECT_FALSE(Must(store().LeaseTask("q2", "w2"), "LeaseTask q2").has_value());
+  EXPECT_EQ(CountType(Events(id), "TaskExpired"), 2);
+
+  // A task whose worker still holds a valid lease (the step's own timeout ran out).
+  const TaskRecord c = Must(store().EnsureTask(l, "c", 1, "q", json::object{}, 1h), "EnsureTask c");
+  ASSERT_EQ(MustLeaseTask(store(), "q", "w3").token, c.token);
+  EXPECT_OK(store().ExpireTask(l, c.token));
+  EXPECT_EQ(TaskStatusName(Look(store(), l, c).status), "failed");
+  EXPECT_TRUE(FailsWith(store().CompleteTask(c.token, json::value(1)), ErrorCode::kConflict));
+  EXPECT_TRUE(FailsWith(store().HeartbeatTask(c.token), ErrorCode::kConflict));
+  EXPECT_EQ(TaskStatusName(Look(store(), l, c).status), "failed");
+}
+
+TEST_P(StoreConformance, ExpireTaskNeedsTheRunsLease) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id, 10s);
+  const TaskRecord held =
+      Must(store().EnsureTask(l, "a", 1, "q", json::object{}, 1h), "EnsureTask a");
+  const TaskRecord pending =
+      Must(store().EnsureTask(l, "b", 1, "q2", json::object{}, 1h), "EnsureTask b");
+  ASSERT_EQ(MustLeaseTask(store(), "q", "w1").token, held.token);
+
+  clock_.Advance(10s);  // the run's lease expired
+  const auto n_events = Events(id).size();
+  EXPECT_TRUE(FailsWith(store().ExpireTask(l, held.token), ErrorCode::kLeaseLost));
+  EXPECT_TRUE(FailsWith(store().ExpireTask(l, pending.token), ErrorCode::kLeaseLost));
+  EXPECT_EQ(Events(id).size(), n_events);
+  // Both tasks go on: the worker finishes its own; the pending one is handed out.
+  EXPECT_OK(store().HeartbeatTask(held.token));
+  EXPECT_EQ(TaskStatusName(
+                Must(store().CompleteTask(held.token, json::value("ok")), "CompleteTask").status),
+            "completed");
+  const TaskRecord p = MustLeaseTask(store(), "q2", "w2");
+  EXPECT_EQ(p.token, pending.token);
+
+  // A superseded lease.
+  const LeasedRun second = LeaseNext("r2", 1h);
+  ASSERT_EQ(second.run.id, id);
+  EXPECT_TRUE(FailsWith(store().ExpireTask(l, pending.token), ErrorCode::kLeaseLost));
+  ExpectSameTask(Look(store(), second.lease, pending), p);
+
+  // Another run's lease does not reach this run's tasks.
+  const std::string other = Submit();
+  const Lease lo = LeaseOnly(other, 1h);
+  EXPECT_FALSE(store().ExpireTask(lo, pending.token).ok());
+  ExpectSameTask(Look(store(), second.lease, pending), p);
+  EXPECT_EQ(CountType(Events(id), "TaskExpired"), 0);
+  EXPECT_EQ(CountType(Events(other), "TaskExpired"), 0);
+  EXPECT_OK(store().CompleteTask(pending.token, json::value(2)));
+}
+
+TEST_P(StoreConformance, ExpireTaskLeavesAnEndedTaskAsItWas) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id, 1h);
+  const TaskRecord a =
+      Must(store().EnsureTask(l, "a", 1, "q", json::object{}, 10s), "EnsureTask a");
+  ASSERT_EQ(MustLeaseTask(store(), "q", "w1").token, a.token);
+  const TaskRecord done =
+      Must(store().CompleteTask(a.token, json::object{{"ok", true}}), "CompleteTask");
+  const TaskRecord b =
+      Must(store().EnsureTask(l, "b", 1, "q", json::object{}, 10s), "EnsureTask b");
+  ASSERT_EQ(MustLeaseTask(store(), "q", "w2").token, b.token);
+  const TaskRecord failed =
+      Must(store().FailTask(b.token, Error(ErrorCode::kInvalidRequest, "bad"), false), "FailTask");
+
+  // The run's step timed out just as the workers answered: what ExpireTask returns is not
+  // prescribed, but the answers stand and the log does not say the tasks expired.
+  clock_.Advance(1min);
+  (void)store().ExpireTask(l, a.token);
+  (void)store().ExpireTask(l, b.token);
+  ExpectSameTask(Look(store(), l, a), done);
+  ExpectSameTask(Look(store(), l, b), failed);
+  EXPECT_EQ(CountType(Events(id), "TaskExpired"), 0)
+      << "a task that completed or failed is logged as expired";
+}
+
+TEST_P(StoreConformance, TasksSurviveReopen) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id, 1h);
+  const TaskRecord pending =
+      Must(store().EnsureTask(l, "p", 1, "q", json::object{{"k", "p"}}, 20s), "EnsureTask p");
+  clock_.Advance(1s);
+  Must(store().EnsureTask(l, "h", 1, "q2", json::object{{"k", "h"}}, 20s), "EnsureTask h");
+  const TaskRecord held = MustLeaseTask(store(), "q2", "w1");
+  Must(store().EnsureTask(l, "d", 1, "q3", json::object{{"k", "d"}}, 20s), "EnsureTask d");
+  const TaskRecord d = MustLeaseTask(store(), "q3", "w2");
+  const TaskRecord done =
+      Must(store().CompleteTask(d.token, json::object{{"answer", 42}}), "CompleteTask");
+  Must(store().EnsureTask(l, "f", 1, "q4", json::object{{"k", "f"}}, 20s), "EnsureTask f");
+  const TaskRecord f = MustLeaseTask(store(), "q4", "w3");
+  const TaskRecord failed =
+      Must(store().FailTask(f.token, Error(ErrorCode::kInvalidRequest, "no"), false), "FailTask");
+  const auto events_before = Events(id);
+
+  Reopen();
+
+  ExpectSameTask(Look(store(), l, pending), pending);
+  ExpectSameTask(Look(store(), l, held), held);
+  ExpectSameTask(Look(store(), l, done), done);
+  ExpectSameTask(Look(store(), l, failed), failed);
+  ExpectSameEvents(Events(id), events_before);
+
+  // They go on as before.
+  clock_.Advance(19s);  // the held task's lease, taken 1 s after t0 for 20 s, has 1 s left
+  const TaskRecord beat = Must(store().HeartbeatTask(held.token), "HeartbeatTask after reopen");
+  EXPECT_EQ(Ms(beat.lease_expires), Ms(clock_.Now() + 20s));
+  EXPECT_OK(store().CompleteTask(held.token, json::value("after reopen")));
+  EXPECT_EQ(MustLeaseTask(store(), "q", "w4").token, pending.token);
+  EXPECT_FALSE(Must(store().LeaseTask("q3", "w5"), "LeaseTask q3").has_value());
+  EXPECT_TRUE(FailsWith(store().CompleteTask(done.token, json::value(1)), ErrorCode::kConflict));
+  EXPECT_TRUE(FailsWith(store().HeartbeatTask(failed.token), ErrorCode::kConflict));
+
+  // A task lease keeps its expiry across a reopen.
+  const TaskRecord again =
+      Must(store().EnsureTask(l, "x", 1, "q5", json::object{}, 5s), "EnsureTask x");
+  ASSERT_EQ(MustLeaseTask(store(), "q5", "w6").token, again.token);
+  Reopen();
+  clock_.Advance(5s);
+  EXPECT_TRUE(FailsWith(store().CompleteTask(again.token, json::value(1)), ErrorCode::kConflict));
+}
+
+TEST_P(StoreConformance, WaitForTaskWaitsAboutMaxWhenNothingIsQueued) {
+  const auto start = std::chrono::steady_clock::now();
+  store().WaitForTask("q", 300ms);
+  const auto waited = std::chrono::steady_clock::now() - start;
+  EXPECT_GE(waited, 280ms);
+  EXPECT_LT(waited, 5s);
+}
+
+TEST_P(StoreConformance, WaitForTaskReturnsEarlyWhenATaskIsQueued) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id, 1h);
+  std::atomic<bool> started{false};
+  std::atomic<bool> returned{false};
+  std::chrono::steady_clock::duration waited{};
+  std::thread waiter([&] {
+    started = true;
+    const auto start = std::chrono::steady_clock::now();
+    store().WaitForTask("q", 10s);
+    waited = std::chrono::steady_clock::now() - start;
+    returned = true;
+  });
+  while (!started) std::this_thread::yield();
+  // Give the waiter time to begin its wait; should it not have begun before a task was
+  // queued, another new task is queued every 500 ms (each a new attempt), a few times.
+  int queued = 0;
+  std::this_thread::sleep_for(100ms);
+  for (int i = 0; i < 8 && !returned; ++i) {
+    auto t = store().EnsureTask(l, "job", ++queued, "q", json::object{}, 30s);
+    EXPECT_TRUE(t.ok() && TaskStatusName(t->status) == "pending");
+    for (int j = 0; j < 50 && !returned; ++j) std::this_thread::sleep_for(10ms);
+  }
+  waiter.join();
+  EXPECT_GE(queued, 1);
+  EXPECT_LT(waited, 5s) << "WaitForTask(10s) took "
+                        << std::chrono::duration_cast<std::chrono::milliseconds>(waited).count()
+                        << " ms";
+  EXPECT_EQ(MustLeaseTask(store(), "q", "w").run_id, id);
 }
 
 INSTANTIATE_TEST_SUITE_P(Stores, StoreConformance, ::testing::ValuesIn(AllStores()),

@@ -1013,6 +1013,10 @@ class SqliteStore final : public Store {
           "UPDATE tasks SET status = 'failed', error = ?2, retryable = 1, lease_expires = NULL "
           "WHERE token = ?1 AND status IN ('leased', 'pending')");
       s.Bind(1, token).BindJson(2, ErrorToJson(err)).Run();
+      if (db.Changes() == 0) {
+        return Error(ErrorCode::kConflict, "task " + token + " already ended (" +
+                                               std::string(TaskStatusName(t->status)) + "); nothing to expire");
+      }
       AppendEvent(db, txn.now, lease.run_id, "TaskExpired", t->step_id, t->attempt, json::object{{"worker", t->worker_id}});
       return Unit{};
     });

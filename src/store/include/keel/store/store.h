@@ -264,7 +264,8 @@ class Store {
   virtual void WaitForTask(const std::string& queue, Duration max);
 
   /// Fails a task whose worker stopped heartbeating (its lease expired), under the run's
-  /// lease; a late complete is then refused.
+  /// lease; a late complete is then refused. kConflict (nothing changed, nothing logged)
+  /// when the task already ended: its answer stands.
   virtual Result<void> ExpireTask(const Lease& lease, const std::string& token) = 0;
 
   /// Ends a run `failed` without a step to blame (e.g. its definition cannot execute).
