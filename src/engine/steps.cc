@@ -39,6 +39,7 @@ class LlmStep final : public StepRunner {
     if (const auto* m = spec.if_contains("max_tokens"); m && m->is_int64()) req.body["max_tokens"] = *m;
     req.idempotency_key = ctx.idempotency_key;
     req.failover_only = true;  // the step retries durably, with its own backoff
+    req.cancelled = ctx.cancelled;
     req.timeout = ctx.step.timeout;
 
     const json::value* format = spec.if_contains("response_format");
@@ -202,6 +203,7 @@ class HttpStep final : public StepRunner {
     req.method = std::string(spec.at("method").as_string());
     req.url = *url;
     req.total_timeout = ctx.step.timeout;
+    req.cancelled = ctx.cancelled;
     req.connect_timeout = std::min<std::chrono::milliseconds>(ctx.step.timeout, std::chrono::milliseconds(5000));
     if (const auto* h = spec.if_contains("headers"); h && h->is_object()) {
       auto rendered = RenderTemplate(*h, ctx.scope);

@@ -508,6 +508,7 @@ class AnthropicProvider final : public Provider {
       http.headers.emplace_back("Idempotency-Key", req.idempotency_key);
     for (const auto& [k, v] : config_.headers) http.headers.emplace_back(k, v);
     http.body = json::serialize(body);
+    http.cancelled = req.cancelled;
     http.connect_timeout = std::min(config_.timeout.connect, timeout);
     http.total_timeout = std::min(config_.timeout.total, timeout);
     return http;

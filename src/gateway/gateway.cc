@@ -419,6 +419,10 @@ class GatewayImpl final : public Gateway {
     RouteState& route = *c.route;
     c.target = nullptr;
     c.delay = Duration(0);
+    if (req.cancelled != nullptr && req.cancelled->load()) {
+      c.result = Count(req.route, Error(ErrorCode::kCancelled, "route \"" + req.route + "\": the call was cancelled"));
+      return false;
+    }
     if (c.attempts < c.max_attempts && std::chrono::steady_clock::now() < c.deadline) {
       Refusal why = Refusal::kNone;
       Duration rate_wait = Duration::max();

@@ -218,6 +218,7 @@ class OpenAiProvider final : public Provider {
     if (!req.idempotency_key.empty()) http.headers.emplace_back("Idempotency-Key", req.idempotency_key);
     for (const auto& [k, v] : config_.headers) http.headers.emplace_back(k, v);
     http.body = std::move(body);
+    http.cancelled = req.cancelled;
     http.connect_timeout = std::min(config_.timeout.connect, timeout);
     http.total_timeout = std::min(config_.timeout.total, timeout);
     return http;

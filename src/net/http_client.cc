@@ -63,6 +63,8 @@ struct StreamState {
   std::chrono::steady_clock::time_point last_byte;
   bool any_byte = false;
   StreamTimeouts timeouts;
+  const std::atomic<bool>* cancelled = nullptr;
+  bool was_cancelled = false;
 };
 
 size_t OnStreamBody(char* data, size_t size, size_t n, void* user) {
@@ -85,8 +87,16 @@ size_t OnStreamBody(char* data, size_t size, size_t n, void* user) {
   return size * n;
 }
 
+int OnCancelProgress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
+  return static_cast<const std::atomic<bool>*>(user)->load() ? 1 : 0;
+}
+
 int OnStreamProgress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
   auto* st = static_cast<StreamState*>(user);
+  if (st->cancelled && st->cancelled->load()) {
+    st->was_cancelled = true;
+    return 1;
+  }
   const auto now = std::chrono::steady_clock::now();
   if (!st->any_byte && now - st->start > st->timeouts.first_byte) {
     st->timed_out = true;
@@ -130,6 +140,7 @@ Result<int> SendHttpStreaming(const ClientRequest& request, const StreamTimeouts
   StreamState st{&on_headers, &on_data, c};
   st.start = st.last_byte = std::chrono::steady_clock::now();
   st.timeouts = timeouts;
+  st.cancelled = request.cancelled;
   curl_slist* headers = SetCommon(c, request);
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, OnStreamBody);
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &st);
@@ -151,6 +162,7 @@ Result<int> SendHttpStreaming(const ClientRequest& request, const StreamTimeouts
   }
   if (rc != CURLE_OK) {
     const std::string what = " (" + request.method + " " + request.url + ")";
+    if (st.was_cancelled) return Error(ErrorCode::kCancelled, "cancelled" + what);
     if (st.timed_out) return Error(ErrorCode::kTimeout, "timed out: " + st.timeout_what + what);
     if (st.aborted_by_callback) return Error(ErrorCode::kCancelled, "the stream was abandoned by its reader" + what);
     if (rc == CURLE_OPERATION_TIMEDOUT) return Error(ErrorCode::kTimeout, std::string("timed out: ") + curl_easy_strerror(rc) + what);
@@ -177,11 +189,18 @@ Result<ClientResponse> SendHttp(const ClientRequest& request) {
   if (request.method != "GET" && request.method != "POST") {
     curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, request.method.c_str());
   }
+  if (request.cancelled != nullptr) {
+    curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
+    curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, OnCancelProgress);
+    curl_easy_setopt(c, CURLOPT_XFERINFODATA, const_cast<std::atomic<bool>*>(request.cancelled));
+  }
   const CURLcode rc = curl_easy_perform(c);
   curl_slist_free_all(headers);
   if (rc != CURLE_OK) {
     const std::string what = std::string(curl_easy_strerror(rc)) + " (" + request.method + " " + request.url + ")";
     switch (rc) {
+      case CURLE_ABORTED_BY_CALLBACK:
+        return Error(ErrorCode::kCancelled, "cancelled (" + request.method + " " + request.url + ")");
       case CURLE_OPERATION_TIMEDOUT:
         return Error(ErrorCode::kTimeout, "timed out: " + what);
       default:

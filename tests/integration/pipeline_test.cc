@@ -786,6 +786,26 @@ TEST_F(PipelineTest, CancellingAWaitingRunEndsItAndALaterSignalIsRefused) {
   EXPECT_EQ(StepOf(run, "after"), nullptr);
 }
 
+TEST_F(PipelineTest, CancellingARunAbandonsTheModelCallInFlight) {
+  // The call would take 8 s (the provider's timeout is 5 s); a cancel must end it sooner.
+  const auto id = Submit("two", json::object{{"id", "c1"}, {"first", "#mock sleep=8000"}, {"second", "never"}});
+  ASSERT_TRUE(Eventually([&] { return MockCount(mock_->url(), "first c1\n#mock sleep=8000") == 1; }));
+  const auto t0 = std::chrono::steady_clock::now();
+  auto cancelled = HttpPost(url() + "/v1/runs/" + id + "/cancel", "");
+  ASSERT_EQ(cancelled.status, 200) << cancelled.raw;
+  // The heartbeat sees the lease gone and the call in flight stops: its attempt ends
+  // `cancelled`, not `timeout` at 5 s.
+  ASSERT_TRUE(Eventually(
+      [&] {
+        return HttpGet(url() + "/metrics").raw.find("keel_step_errors_total{class=\"cancelled\",pipeline=\"two\"} 1") !=
+               std::string::npos;
+      },
+      std::chrono::seconds(4)));
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(4));
+  EXPECT_EQ(Status(Get(id)), "cancelled");
+  EXPECT_EQ(MockCount(mock_->url(), "second c1\nnever"), 0);
+}
+
 // ---- config refusals ------------------------------------------------------------------
 
 class PipelineConfigTest : public ::testing::Test {

@@ -12,6 +12,7 @@
 //
 // Thread-safe. A Gateway outlives every call made through it.
 
+#include <atomic>
 #include <boost/asio/any_io_executor.hpp>
 #include <functional>
 #include <memory>
@@ -43,6 +44,9 @@ struct ChatRequest {
   /// that retry durably themselves (pipeline steps retry with backoff in the run queue,
   /// holding no worker). Default: false.
   bool failover_only = false;
+  /// When set, the call stops (kCancelled): no further attempt starts, and a blocking
+  /// provider call in flight is abandoned within a second. Must outlive the call.
+  const std::atomic<bool>* cancelled = nullptr;
 };
 
 struct ChatResult {

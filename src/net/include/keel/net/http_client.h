@@ -3,6 +3,7 @@
 // TLS with certificate verification, the usual proxy variables (http_proxy, https_proxy,
 // no_proxy) honoured. Thread-safe: each thread uses its own curl handle.
 
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <string>
@@ -21,6 +22,9 @@ struct ClientRequest {
   std::chrono::milliseconds connect_timeout{2000};
   /// The whole exchange. Default: 60s.
   std::chrono::milliseconds total_timeout{60000};
+  /// When set, the blocking client abandons the exchange (kCancelled), checked at least
+  /// once a second. Must outlive the call. Default: none.
+  const std::atomic<bool>* cancelled = nullptr;
 };
 
 struct ClientResponse {
