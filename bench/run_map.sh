@@ -56,42 +56,8 @@ command -v curl >/dev/null || die "curl not found"
 ((ITEMS >= 1 && REPEAT >= 1)) || die "ITEMS and REPEAT must be >= 1"
 for c in $CONCURRENCY; do ((c >= 1 && c <= 256)) || die "a map concurrency is 1..256, not $c"; done
 
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/keel-bench-map.XXXXXX")
-pids=()
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for _ in $(seq 50); do
-    local alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    ((alive)) || break
-    sleep 0.1
-  done
-  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [[ $KEEP_TMP == 1 ]]; then echo "kept $tmp" >&2; else rm -rf "$tmp"; fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-now_ms() { date +%s%3N; }
-cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{print int(($14 + $15) * 1000 / hz)}' "/proc/$1/stat"; }
-rss_kb() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status"; }
-calc() { awk "BEGIN {printf \"$1\", $2}"; }
-
-wait_listening() {
-  local log=$1 pid=$2 addr=""
-  for _ in $(seq 100); do
-    addr=$(sed -n 's/.*"msg":"listening","addr":"\([^"]*\)".*/\1/p' "$log" | head -1)
-    [[ -n $addr ]] && { echo "$addr"; return 0; }
-    kill -0 "$pid" 2>/dev/null || { tail -20 "$log" >&2; die "process $pid exited during start-up"; }
-    sleep 0.1
-  done
-  tail -20 "$log" >&2
-  die "no listening line in $log after 10s"
-}
+source "$here/lib.sh"
+bench_init map
 
 mock_total() { curl -sf --max-time 30 "http://$mock_addr/mock/stats" | grep -o '"total":[0-9]*' | head -1 | cut -d: -f2; }
 

@@ -58,46 +58,10 @@ die() { echo "run_throughput: $*" >&2; exit 1; }
 command -v wrk >/dev/null || die "wrk not found"
 command -v curl >/dev/null || die "curl not found"
 
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/keel-bench.XXXXXX")
-pids=()
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  # Bounded wait for a graceful stop, then force.
-  for _ in $(seq 50); do
-    local alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    ((alive)) || break
-    sleep 0.1
-  done
-  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [[ $KEEP_TMP == 1 ]]; then echo "kept $tmp" >&2; else rm -rf "$tmp"; fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+source "$here/lib.sh"
+bench_init runs
 
-now_ms() { date +%s%3N; }
-
-# wait_listening LOG PID: prints HOST:PORT from the {"msg":"listening","addr":...} line.
-wait_listening() {
-  local log=$1 pid=$2 addr=""
-  for _ in $(seq 100); do
-    addr=$(sed -n 's/.*"msg":"listening","addr":"\([^"]*\)".*/\1/p' "$log" | head -1)
-    [[ -n $addr ]] && { echo "$addr"; return 0; }
-    kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; die "process $pid exited during start-up"; }
-    sleep 0.1
-  done
-  cat "$log" >&2
-  die "no listening line in $log after 10s"
-}
-
-rss_kb() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status"; }
-hwm_kb() { awk '$1 == "VmHWM:" {print $2}' "/proc/$1/status"; }
 # CPU time (user + system) of a process in ms.
-cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{print int(($14 + $15) * 1000 / hz)}' "/proc/$1/stat"; }
 
 # scrape FILE: fetches keel's /metrics into FILE.
 scrape() { curl -sf --max-time 10 "http://$keel_addr/metrics" -o "$1" || die "GET /metrics failed"; }
@@ -239,7 +203,6 @@ mock_total=$(curl -sf --max-time 30 "http://$mock_addr/mock/stats" | grep -o '"t
 [[ -n ${perf_hook_pid:-} ]] && wait "$perf_hook_pid" 2>/dev/null || true
 
 # --- report ---------------------------------------------------------------------------------
-calc() { awk "BEGIN {printf \"$1\", $2}"; }
 load_s=$(calc %.3f "($t1 - $t0) / 1000")
 e2e_s=$(calc %.3f "($t_last - $t0) / 1000")
 e2e_rate=$(calc %.0f "$ok / (($t_last - $t0) / 1000)")

@@ -66,50 +66,8 @@ command -v wrk >/dev/null || die "wrk not found"
 command -v curl >/dev/null || die "curl not found"
 ((N >= 1 && REPEAT >= 1)) || die "N and REPEAT must be >= 1"
 
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/keel-bench-waiting.XXXXXX")
-pids=()
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  stop_all
-  wait 2>/dev/null || true
-  if [[ $KEEP_TMP == 1 ]]; then echo "kept $tmp" >&2; else rm -rf "$tmp"; fi
-  exit "$rc"
-}
-# stop_all: SIGTERM to every process started, a bounded wait for a graceful stop, then SIGKILL.
-stop_all() {
-  ((${#pids[@]})) || return 0
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for _ in $(seq 50); do
-    local alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    ((alive)) || break
-    sleep 0.1
-  done
-  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-  pids=()
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-now_ms() { date +%s%3N; }
-rss_kb() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status"; }
-hwm_kb() { awk '$1 == "VmHWM:" {print $2}' "/proc/$1/status"; }
-cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{print int(($14 + $15) * 1000 / hz)}' "/proc/$1/stat"; }
-calc() { awk "BEGIN {printf \"$1\", $2}"; }
-
-# wait_listening LOG PID: prints HOST:PORT from the {"msg":"listening","addr":...} line.
-wait_listening() {
-  local log=$1 pid=$2 addr=""
-  for _ in $(seq 100); do
-    addr=$(sed -n 's/.*"msg":"listening","addr":"\([^"]*\)".*/\1/p' "$log" | head -1)
-    [[ -n $addr ]] && { echo "$addr"; return 0; }
-    kill -0 "$pid" 2>/dev/null || { tail -20 "$log" >&2; die "process $pid exited during start-up"; }
-    sleep 0.1
-  done
-  tail -20 "$log" >&2
-  die "no listening line in $log after 10s"
-}
+source "$here/lib.sh"
+bench_init waiting
 
 # runs_by_status: "queued running waiting succeeded bad" from keel's /metrics (bad: failed
 # + cancelled + dead_lettered).
