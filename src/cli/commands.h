@@ -14,6 +14,7 @@ const char* DefaultConfigYaml();
 
 void AddServeCommand(CLI::App& app);
 void AddConfigCommand(CLI::App& app);
+void AddMigrateCommand(CLI::App& app);
 void AddMockLlmCommand(CLI::App& app);
 void AddClientCommands(CLI::App& app);
 

@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   keel::cli::AddServeCommand(app);
   keel::cli::AddClientCommands(app);
   keel::cli::AddConfigCommand(app);
+  keel::cli::AddMigrateCommand(app);
   keel::cli::AddMockLlmCommand(app);
   try {
     app.parse(argc, argv);

@@ -94,6 +94,42 @@ void AddServeCommand(CLI::App& app) {
   cmd->callback([config, listen] { ExitCode() = Serve(*config, *listen); });
 }
 
+// keel migrate: brings the storage's schema to this keel's version (serve does it too, at
+// start); refuses a database of a newer version.
+int Migrate(const std::string& config_path) {
+  auto config = LoadConfig(config_path);
+  if (!config.ok()) {
+    std::cerr << "keel: " << config.error().message << "\n";
+    return 2;
+  }
+  const std::string path = config->storage.substr(std::string("sqlite://").size());
+  auto before = store::ReadSqliteSchemaVersion(path);
+  if (!before.ok()) {
+    std::cerr << "keel: storage: " << before.error().message << "\n";
+    return 1;
+  }
+  store::SqliteOptions sopts;
+  sopts.path = path;
+  sopts.read_connections = 1;
+  auto opened = store::OpenSqliteStore(sopts, *SystemClock::Instance(), *ProcessRandom());
+  if (!opened.ok()) {
+    std::cerr << "keel: storage: " << opened.error().message << "\n";
+    return 1;
+  }
+  const int to = store::SqliteSchemaVersion();
+  std::cout << config->storage << ": schema version " << to
+            << (*before == to ? " (up to date)" : *before == 0 ? " (created)" : " (migrated from " + std::to_string(*before) + ")")
+            << "\n";
+  return 0;
+}
+
+void AddMigrateCommand(CLI::App& app) {
+  auto* cmd = app.add_subcommand("migrate", "Create or migrate the storage's schema to this keel's version");
+  auto config = std::make_shared<std::string>();
+  cmd->add_option("--config", *config, "keel.yaml naming the storage (default: the built-in example config)");
+  cmd->callback([config] { ExitCode() = Migrate(*config); });
+}
+
 void AddConfigCommand(CLI::App& app) {
   auto* cmd = app.add_subcommand("config", "Work with configuration files");
   cmd->require_subcommand(1);

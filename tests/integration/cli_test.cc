@@ -24,6 +24,34 @@ Output RunKeel(std::vector<std::string> args, std::vector<std::string> env = {})
   return {code, err};
 }
 
+Output RunShell(const std::string& command) {
+  Process p({"/bin/sh", "-c", command});
+  const int code = p.Wait();
+  std::string err;
+  for (const auto& l : p.Lines()) err += l + "\n";
+  return {code, err};
+}
+
+TEST(CliTest, MigrateCreatesTheSchemaIsIdempotentAndRefusesANewerOne) {
+  // Process keeps stderr only: the report on stdout is sent there.
+  auto migrate = [](const std::string& cfg) {
+    return RunShell(std::string(KEEL_BINARY) + " migrate --config " + cfg + " 1>&2");
+  };
+  TempDir dir;
+  const std::string cfg = dir.path() + "/keel.yaml";
+  std::ofstream(cfg) << "storage: sqlite://" << dir.path() << "/data/keel.db\n";
+  auto out = migrate(cfg);
+  EXPECT_EQ(out.code, 0) << out.err;
+  EXPECT_NE(out.err.find("schema version 2 (created)"), std::string::npos) << out.err;
+  out = migrate(cfg);
+  EXPECT_EQ(out.code, 0) << out.err;
+  EXPECT_NE(out.err.find("(up to date)"), std::string::npos) << out.err;
+  ASSERT_EQ(RunShell("sqlite3 " + dir.path() + "/data/keel.db 'PRAGMA user_version=7'").code, 0);
+  out = migrate(cfg);
+  EXPECT_EQ(out.code, 1);
+  EXPECT_NE(out.err.find("schema version 7, newer than this keel understands"), std::string::npos) << out.err;
+}
+
 TEST(CliTest, ConfigCheckAcceptsTheExampleAndNamesTheLineOfAnError) {
   EXPECT_EQ(RunKeel({"config", "check", KEEL_SOURCE_DIR "/examples/keel.yaml"}).code, 0);
   TempDir dir;

@@ -24,6 +24,13 @@ struct SqliteOptions {
   int read_connections = 4;
 };
 
+/// The schema version this keel writes.
+int SqliteSchemaVersion();
+
+/// The schema version of the database at `path` (PRAGMA user_version), without changing
+/// it; 0 when the file does not exist or has no keel schema yet.
+Result<int> ReadSqliteSchemaVersion(const std::string& path);
+
 /// Opens (creating and migrating as needed) the database. `clock` and `random` must
 /// outlive the store.
 Result<std::unique_ptr<Store>> OpenSqliteStore(const SqliteOptions& options, const Clock& clock,
