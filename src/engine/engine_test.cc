@@ -408,6 +408,13 @@ pipelines:
   ASSERT_OK(first);
   ASSERT_TRUE(first->has_value());
   engine_->Notify();
+  // Leasing the task wakes the run, which parks again until the task's lease ends; the
+  // clock moves only once it is parked (a worker holding the run would lose its lease).
+  ASSERT_TRUE(Soon([&] {
+    const auto run = Get(id);
+    const auto* t = run.waiting.is_object() ? run.waiting.as_object().if_contains("task") : nullptr;
+    return run.status == RunStatus::kWaiting && t && *t == "leased";
+  }));
   clock_.Advance(30s);
   ASSERT_TRUE(Soon([&] {
     const auto run = Get(id);
