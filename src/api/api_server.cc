@@ -205,22 +205,22 @@ class ApiServerImpl final : public ApiServer {
       respond(Answer(name, HttpResponse(NotFoundOrMethod(req, segs))));
       return;
     }
-    if (h == &ApiServerImpl::ChatCompletions && ChatCompletionsAsync(req, respond)) return;
+    if (h == &ApiServerImpl::ChatCompletions) {
+      ChatCompletionsEntry(req, respond);
+      return;
+    }
     auto shared = std::make_shared<HttpRequest>(std::move(req));
     const bool queued = pool_.Submit([this, h, shared, name, respond]() mutable {
-      if (h == &ApiServerImpl::ChatCompletions) {
-        // Answers by itself: a streamed answer is written as it arrives.
-        ChatCompletionsStreaming(*shared, respond);
-        return;
-      }
       const auto segs2 = Segments(shared->path);
       respond(Answer(name, (this->*h)(*shared, segs2)));
     });
-    if (!queued) {
-      Error e(ErrorCode::kOverloaded, "keel is overloaded (too many requests waiting); retry later");
-      e.retry_after = Duration(1000);
-      respond(Answer(name, ErrorResponse(e)));
-    }
+    if (!queued) respond(Answer(name, Overloaded()));
+  }
+
+  static HttpResponse Overloaded() {
+    Error e(ErrorCode::kOverloaded, "keel is overloaded (too many requests waiting); retry later");
+    e.retry_after = Duration(1000);
+    return ErrorResponse(e);
   }
 
   HttpResponse Answer(const std::string& name, HttpResponse r) {
@@ -560,8 +560,7 @@ class ApiServerImpl final : public ApiServer {
   // POST /v1/runs/{id}/signals/{name}: the body (any JSON; empty means null) is the payload.
   HttpResponse SignalRun(const HttpRequest& req, const std::vector<std::string_view>& s) {
     const std::string name(s[4]);
-    if (name.empty() || name.size() > 128 ||
-        name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.") != std::string::npos) {
+    if (!IsSignalName(name)) {
       return ErrorResponse(BadRequest("a signal name holds 1 to 128 letters, digits, _, - and ., not \"" + name + "\"", "name"));
     }
     json::value payload = nullptr;
@@ -577,12 +576,15 @@ class ApiServerImpl final : public ApiServer {
     return JsonResponse(202, RunToJson(*run, true));
   }
 
-  // Only a marker for Route(): ChatCompletionsStreaming answers these requests.
+  // Only a marker for Route(): ChatCompletionsEntry answers these requests.
   HttpResponse ChatCompletions(const HttpRequest&, const std::vector<std::string_view>&) {
     return ErrorResponse(Error(ErrorCode::kInternal, "unreachable"));
   }
 
-  void ChatCompletionsStreaming(const HttpRequest& req, const net::Responder& respond) {
+  // POST /v1/chat/completions, parsed on the I/O thread. A whole answer is served from
+  // there too: the gateway calls providers asynchronously, so the request holds no thread
+  // while they answer. A streamed one goes to a handler thread (its writes block).
+  void ChatCompletionsEntry(const HttpRequest& req, const net::Responder& respond) {
     bool stream = false;
     auto call = ParseChatRequest(req, stream);
     if (!call.ok()) {
@@ -590,16 +592,26 @@ class ApiServerImpl final : public ApiServer {
       return;
     }
     if (!stream) {
-      respond(Answer("chat_completions", ChatAnswer(call->route, gateway_.Chat(*call))));
+      std::string route = call->route;
+      gateway_.ChatAsync(std::move(*call), respond.executor(),
+                         [this, respond, route = std::move(route)](Result<gateway::ChatResult> r) {
+                           respond(Answer("chat_completions", ChatAnswer(route, std::move(r))));
+                         });
       return;
     }
+    auto shared = std::make_shared<gateway::ChatRequest>(std::move(*call));
+    const bool queued = pool_.Submit([this, shared, respond] { ChatCompletionsStreaming(*shared, respond); });
+    if (!queued) respond(Answer("chat_completions", Overloaded()));
+  }
+
+  void ChatCompletionsStreaming(const gateway::ChatRequest& call, const net::Responder& respond) {
     // Streamed: the answer starts with the first chunk, so that every failure before it
     // (failed over or not) is still a plain HTTP error with its status.
     std::unique_ptr<net::ChunkedWriter> writer;
-    auto r = gateway_.ChatStream(*call, [&](const json::object& chunk) {
+    auto r = gateway_.ChatStream(call, [&](const json::object& chunk) {
       if (!writer) {
         writer = respond.StartStream(200, "text/event-stream",
-                                     {{"Cache-Control", "no-cache"}, {"X-Keel-Route", call->route}});
+                                     {{"Cache-Control", "no-cache"}, {"X-Keel-Route", call.route}});
         if (!writer) return false;
       }
       return writer->Write(FormatSse(json::serialize(chunk)));
@@ -607,7 +619,7 @@ class ApiServerImpl final : public ApiServer {
     if (!writer) {
       if (!r.ok()) {
         auto resp = ErrorResponse(r.error());
-        resp.headers.emplace_back("X-Keel-Route", call->route);
+        resp.headers.emplace_back("X-Keel-Route", call.route);
         respond(Answer("chat_completions", std::move(resp)));
         return;
       }
@@ -625,25 +637,6 @@ class ApiServerImpl final : public ApiServer {
       Answer("chat_completions", JsonResponse(502, nullptr));
     }
     writer->Finish();
-  }
-
-  // A whole (not streamed) chat completion, answered from the I/O thread: the gateway
-  // calls providers asynchronously, so the request holds no thread while they answer.
-  // False for a streamed request, which needs a handler thread (its writes block).
-  bool ChatCompletionsAsync(const HttpRequest& req, const net::Responder& respond) {
-    bool stream = false;
-    auto call = ParseChatRequest(req, stream);
-    if (stream) return false;
-    if (!call.ok()) {
-      respond(Answer("chat_completions", ErrorResponse(call.error())));
-      return true;
-    }
-    std::string route = call->route;
-    gateway_.ChatAsync(std::move(*call), respond.executor(),
-                       [this, respond, route = std::move(route)](Result<gateway::ChatResult> r) {
-                         respond(Answer("chat_completions", ChatAnswer(route, std::move(r))));
-                       });
-    return true;
   }
 
   HttpResponse ChatAnswer(const std::string& route, Result<gateway::ChatResult> r) {

@@ -39,6 +39,11 @@ std::optional<StepKind> StepKindFromName(std::string_view name) {
   return std::nullopt;
 }
 
+bool IsSignalName(std::string_view name) {
+  return !name.empty() && name.size() <= 128 &&
+         name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.") == std::string_view::npos;
+}
+
 std::string UrlHost(std::string_view url) {
   const auto scheme = url.find("://");
   if (scheme == std::string_view::npos) return {};
@@ -535,8 +540,7 @@ json::value ReadStepBody(Reader& r, const YAML::Node& body, StepKind kind, const
       r.Keys(body, what, {"name", "timeout", "default"});
       if (!body["name"]) Fail(body, what + " needs name: the signal to wait for");
       const std::string name = r.Str(body["name"], what + " name");
-      if (name.empty() || name.size() > 128 ||
-          name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.") != std::string::npos) {
+      if (!IsSignalName(name)) {
         Fail(body["name"], what + " name may hold only letters, digits, _, - and . (128 at most)");
       }
       json::object spec{{"name", name}};

@@ -103,6 +103,10 @@ const json::value* FindPath(const json::value& root, std::string_view path) {
   return cur;
 }
 
+double NumberOr(const json::value* v, double fallback) {
+  return v != nullptr && v->is_number() ? v->to_number<double>() : fallback;
+}
+
 std::string_view JsonKindName(const json::value& v) {
   switch (v.kind()) {
     case json::kind::null: return "null";

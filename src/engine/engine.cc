@@ -319,6 +319,12 @@ class EngineImpl final : public Engine {
     }
   }
 
+  // "an array", "a string", "null": a kind's name in a sentence.
+  static std::string WithArticle(std::string_view kind) {
+    if (kind == "null") return "null";
+    return (kind.front() == 'a' || kind.front() == 'o' ? "an " : "a ") + std::string(kind);
+  }
+
   // A map: each item of `over` through the item step, `concurrency` at once, each
   // checkpointed as it finishes; items checkpointed before (by an earlier attempt, or
   // before a crash) are not run again.
@@ -329,7 +335,7 @@ class EngineImpl final : public Engine {
     if (!over->is_array()) {
       StepOutcome o;
       o.fail = Error(ErrorCode::kInvalidRequest, "step \"" + ctx.step.id + "\": map over must be an array, but " +
-                                                     json::serialize(spec.at("over")) + " is " + JsonKind(*over));
+                                                     json::serialize(spec.at("over")) + " is " + WithArticle(JsonKindName(*over)));
       return o;
     }
     const auto& items = over->as_array();
@@ -422,14 +428,6 @@ class EngineImpl final : public Engine {
     return StepOutcome::Done(StepRecordJson{{"output", std::move(out)}, {"items", static_cast<int64_t>(n)}});
   }
 
-  static std::string JsonKind(const json::value& v) {
-    if (v.is_object()) return "an object";
-    if (v.is_string()) return "a string";
-    if (v.is_number()) return "a number";
-    if (v.is_bool()) return "a boolean";
-    if (v.is_null()) return "null";
-    return "an array";
-  }
 
   // A failed attempt: retried later (the lease is given up), or the step failed for
   // good. Then on_error may recover: the checkpoint to make instead and the step to go

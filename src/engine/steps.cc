@@ -95,9 +95,6 @@ class LlmStep final : public StepRunner {
   }
 
  private:
-  static double NumberOr(const json::value* v, double fallback) {
-    return v && v->is_number() ? v->to_number<double>() : fallback;
-  }
   gateway::Gateway& gateway_;
 };
 
@@ -247,7 +244,8 @@ class HttpStep final : public StepRunner {
   bool Allowed(const std::string& raw_url, const std::string& host) const {
     const std::string literal = UrlHost(raw_url);
     if (!literal.empty() && literal.find("{{") == std::string::npos && literal == host) return true;
-    const std::string bare = host.substr(0, host.rfind(':') == std::string::npos || host.back() == ']' ? host.size() : host.rfind(':'));
+    std::string bare = host;  // without its port ("[::1]" keeps its colons)
+    if (const auto colon = host.rfind(':'); colon != std::string::npos && host.back() != ']') bare = host.substr(0, colon);
     for (const auto& a : config_.http.allow_hosts) {
       if (a == host || a == bare) return true;
     }

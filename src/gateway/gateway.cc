@@ -109,10 +109,6 @@ struct RouteState {
 // Why a target did not take a call.
 enum class Refusal { kNone, kCircuitOpen, kConcurrency, kRateLimited, kWindow };
 
-double NumberOr(const json::value* v, double fallback) {
-  return v && v->is_number() ? v->to_number<double>() : fallback;
-}
-
 }  // namespace
 
 int64_t EstimatePromptTokens(const json::object& body) {
@@ -381,7 +377,7 @@ class GatewayImpl final : public Gateway {
     const ChatRequest& req = c.req;
     const auto it = routes_.find(req.route);
     if (it == routes_.end()) {
-      c.result = Count(req.route, Error(ErrorCode::kNotFound, "no route or provider named \"" + req.route + "\"", "model"));
+      c.result = Count(c, Error(ErrorCode::kNotFound, "no route or provider named \"" + req.route + "\"", "model"));
       return false;
     }
     RouteState& route = *it->second;
@@ -394,7 +390,7 @@ class GatewayImpl final : public Gateway {
     int64_t largest = 0;
     for (const auto& t : route.targets) largest = std::max(largest, t->provider->config.context_window);
     if (c.prompt_tokens > largest) {
-      c.result = Count(req.route, Error(ErrorCode::kContextLength,
+      c.result = Count(c, Error(ErrorCode::kContextLength,
                                         "the prompt (about " + std::to_string(c.prompt_tokens) +
                                             " tokens) is longer than the context window of every target of route \"" +
                                             req.route + "\" (largest: " + std::to_string(largest) + ")",
@@ -420,7 +416,7 @@ class GatewayImpl final : public Gateway {
     c.target = nullptr;
     c.delay = Duration(0);
     if (req.cancelled != nullptr && req.cancelled->load()) {
-      c.result = Count(req.route, Error(ErrorCode::kCancelled, "route \"" + req.route + "\": the call was cancelled"));
+      c.result = Count(c, Error(ErrorCode::kCancelled, "route \"" + req.route + "\": the call was cancelled"));
       return false;
     }
     if (c.attempts < c.max_attempts && std::chrono::steady_clock::now() < c.deadline) {
@@ -429,7 +425,7 @@ class GatewayImpl final : public Gateway {
       TargetState* target = Pick(route, c.tried, !req.failover_only, c.min_window,
                                  std::max(c.prompt_tokens, c.min_window + 1), c.estimate, why, rate_wait);
       if (target == nullptr && !c.last) {
-        c.result = Count(req.route, NoTarget(route, why, rate_wait));
+        c.result = Count(c, NoTarget(route, why, rate_wait));
         return false;
       }
       // Without a target, the last failure says more than "nothing is available".
@@ -473,7 +469,6 @@ class GatewayImpl final : public Gateway {
 
   // Folds an attempt's outcome in; true (with the result set) when the call is done.
   bool OnResult(Call& c, Result<ChatResult> r) {
-    const ChatRequest& req = c.req;
     if (r.ok()) {
       r->attempts = c.attempts;
       r->failovers = c.failovers;
@@ -487,7 +482,7 @@ class GatewayImpl final : public Gateway {
     if (c.forwarded) {
       // Part of the answer is out: it cannot be taken back or continued elsewhere.
       c.last->message = "the stream failed after its first token: " + c.last->message;
-      c.result = Count(req.route, std::move(*c.last));
+      c.result = Count(c, std::move(*c.last));
       return true;
     }
     if (c.last->code == ErrorCode::kContextLength) {
@@ -505,7 +500,7 @@ class GatewayImpl final : public Gateway {
   Result<ChatResult> End(Call& c) {
     const ChatRequest& req = c.req;
     if (!c.last) {
-      return Count(req.route, Error(ErrorCode::kTimeout, "route \"" + req.route + "\": the deadline of " +
+      return Count(c, Error(ErrorCode::kTimeout, "route \"" + req.route + "\": the deadline of " +
                                                              std::to_string(std::min(req.timeout, c.route->config.timeout).count()) +
                                                              "ms passed before any target answered"));
     }
@@ -514,7 +509,7 @@ class GatewayImpl final : public Gateway {
       c.last->message = "route \"" + req.route + "\": the deadline passed after " + std::to_string(c.attempts) +
                         " attempts; last failure: " + c.last->message;
     }
-    return Count(req.route, std::move(*c.last));
+    return Count(c, std::move(*c.last));
   }
 
   // Probes each provider with health checks on whose targets a circuit is half-open, so a
@@ -569,10 +564,11 @@ class GatewayImpl final : public Gateway {
              {{"provider", name}, {"healthy", healthy}, {"targets", static_cast<int64_t>(trial.size())}});
   }
 
-  Result<ChatResult> Count(const std::string& route, Error e) {
-    const auto it = routes_.find(route);
-    if (it != routes_.end()) it->second->calls->Increment(&e);
-    else calls_.Add({{"route", route}, {"outcome", std::string(ErrorCodeName(e.code))}}).Increment();
+  // The call's outcome in keel_gateway_requests_total. Names of unknown routes come from
+  // clients: they share one series, so that they cannot grow the registry without bound.
+  Result<ChatResult> Count(const Call& c, Error e) {
+    if (c.route != nullptr) c.route->calls->Increment(&e);
+    else unknown_route_calls_.Increment(&e);
     return e;
   }
 
@@ -829,6 +825,7 @@ class GatewayImpl final : public Gateway {
   prometheus::Family<prometheus::Counter>& probes_;
   std::map<std::string, std::unique_ptr<ProviderState>> providers_;
   std::map<std::string, std::unique_ptr<RouteState>> routes_;
+  OutcomeCounters unknown_route_calls_{calls_, {{"route", "(unknown)"}}};
 
   // Active health checks.
   std::map<std::string, std::vector<TargetState*>> targets_by_provider_;

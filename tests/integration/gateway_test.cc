@@ -237,6 +237,12 @@ TEST_F(GatewayTest, BadRequestsGetOpenAiShapedErrorsAndNoProviderIsCalled) {
   EXPECT_EQ(unknown.body.at("error").at("param").as_string(), "model");
   EXPECT_TRUE(unknown.body.at("error").at("message").is_string());
   EXPECT_TRUE(unknown.body.at("error").at("code").is_string());
+  // Names that are not routes come from clients: they share one metric series.
+  EXPECT_EQ(Call("nope-2", "x").status, 404);
+  const auto metrics = HttpGet(server_->url() + "/metrics").raw;
+  EXPECT_NE(metrics.find("keel_gateway_requests_total{outcome=\"not_found\",route=\"(unknown)\"} 2"), std::string::npos)
+      << metrics;
+  EXPECT_EQ(metrics.find("nope"), std::string::npos);
   EXPECT_EQ(HttpPost(url, "{not json").status, 400);
   EXPECT_EQ(HttpPostJson(url, json::object{{"model", "r"}}).body.at("error").at("param").as_string(), "messages");
   EXPECT_EQ(HttpPostJson(url, json::object{{"model", "r"}, {"messages", json::array{}}}).status, 400);

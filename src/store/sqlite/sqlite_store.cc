@@ -1350,22 +1350,13 @@ int SqliteSchemaVersion() { return kSchemaVersion; }
 Result<int> ReadSqliteSchemaVersion(const std::string& path) {
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) return 0;
-  sqlite3* db = nullptr;
-  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) != SQLITE_OK) {
-    std::string msg = db ? sqlite3_errmsg(db) : "out of memory";
-    sqlite3_close(db);
-    return Error(ErrorCode::kUnavailable, "cannot open " + path + ": " + msg);
+  try {
+    auto db = Db::Open(path, true);
+    auto s = db->Prepare("PRAGMA user_version");
+    return s.Step() ? static_cast<int>(s.Int(0)) : 0;
+  } catch (const SqlError& e) {
+    return Error(ErrorCode::kUnavailable, "cannot read the schema version of " + path + ": " + e.what());
   }
-  sqlite3_stmt* st = nullptr;
-  int version = -1;
-  if (sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &st, nullptr) == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW) {
-    version = sqlite3_column_int(st, 0);
-  }
-  std::string msg = sqlite3_errmsg(db);
-  sqlite3_finalize(st);
-  sqlite3_close(db);
-  if (version < 0) return Error(ErrorCode::kUnavailable, "cannot read the schema version of " + path + ": " + msg);
-  return version;
 }
 
 Result<std::unique_ptr<Store>> OpenSqliteStore(const SqliteOptions& options, const Clock& clock,

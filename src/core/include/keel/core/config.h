@@ -194,6 +194,9 @@ struct Config {
   std::map<std::string, PipelineConfig> pipelines;
 };
 
+/// Whether `name` may name a signal: 1 to 128 letters, digits, '_', '-' and '.'.
+bool IsSignalName(std::string_view name);
+
 /// The host ("host" or "host:port", lower-cased) of an http(s) URL; empty when it has none.
 std::string UrlHost(std::string_view url);
 

@@ -26,4 +26,7 @@ const json::value* FindPath(const json::value& root, std::string_view dotted_pat
 /// The name of a value's kind for error messages: "object", "array", "string", ...
 std::string_view JsonKindName(const json::value& v);
 
+/// `*v` as a double when it is a number; otherwise (absent, another kind) `fallback`.
+double NumberOr(const json::value* v, double fallback);
+
 }  // namespace keel
