@@ -18,6 +18,10 @@ PACKAGES=(
   libbenchmark-dev wrk curl   # benchmarks
   nginx-light                 # the static upstream of bench/run_gateway.sh
   python3                     # examples/worker.py and its tests
+  libpq-dev                   # the PostgreSQL store (libpq)
+  postgresql                  # a PostgreSQL server for the tests and benchmarks
+  libhiredis-dev              # shared rate-limit counters and cache on Redis
+  redis-server                # a Redis server for the tests
 )
 
 SUDO=""
