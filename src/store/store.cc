@@ -55,6 +55,8 @@ void Store::WaitForTask(const std::string&, Duration max) {
   std::this_thread::sleep_for(std::min(max, Duration(50)));
 }
 
+void Store::SetWorkListener(std::function<void()>) {}
+
 std::string ItemStepId(const std::string& step_id, int64_t index) { return step_id + "#" + std::to_string(index); }
 
 json::value ErrorToJson(const Error& error) {

@@ -10,6 +10,7 @@
 //    clock), was superseded, or the run was cancelled; they then change nothing.
 //  - Records returned are copies owned by the caller.
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -287,6 +288,13 @@ class Store {
   /// When the next queued run becomes due (now if one is due); empty when the queue is
   /// empty. Lets idle workers sleep exactly as long as needed.
   virtual Result<std::optional<Timestamp>> NextDueAt() = 0;
+
+  /// Registers `listener`, called when a run may have become due at once (queued, woken
+  /// by a signal, a task's answer or a child's end, released, redriven): by this process,
+  /// or, for a store that several nodes share, by any node. It runs on a store thread and
+  /// must return quickly (e.g. Engine::Notify). Replaces any earlier listener; an empty
+  /// function removes it. The default does nothing (workers then poll).
+  virtual void SetWorkListener(std::function<void()> listener);
 };
 
 /// JSON of an error in the stored shape {"type","message"[,"param"]}.
