@@ -55,6 +55,28 @@ std::string UrlHost(std::string_view url) {
   return host;
 }
 
+std::string RedactUrl(std::string_view url) {
+  std::string out(url);
+  const auto scheme = out.find("://");
+  if (scheme != std::string::npos) {
+    const std::size_t start = scheme + 3;
+    const std::size_t end = std::min(out.find_first_of("/?#", start), out.size());
+    const auto at = out.rfind('@', end == 0 ? 0 : end - 1);
+    if (at != std::string::npos && at >= start) {
+      const auto colon = out.find(':', start);
+      if (colon != std::string::npos && colon < at) out.replace(colon + 1, at - colon - 1, "***");
+    }
+  }
+  // A password given as a query parameter (libpq's ?password=...).
+  for (std::size_t p = out.find("password="); p != std::string::npos; p = out.find("password=", p + 1)) {
+    if (p > 0 && out[p - 1] != '?' && out[p - 1] != '&' && out[p - 1] != ' ') continue;
+    const std::size_t v = p + 9;
+    const std::size_t e = std::min(out.find_first_of("& #", v), out.size());
+    out.replace(v, e - v, "***");
+  }
+  return out;
+}
+
 Result<Duration> ParseDuration(std::string_view text) {
   auto bad = [&] {
     return Error(ErrorCode::kInvalidRequest,

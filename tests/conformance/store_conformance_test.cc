@@ -13,6 +13,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <ostream>
 #include <set>
@@ -27,10 +28,12 @@
 #include "keel/core/json.h"
 #include "keel/core/random.h"
 #include "keel/core/result.h"
+#include "keel/store/postgres_store.h"
 #include "keel/store/sqlite_store.h"
 #include "keel/store/store.h"
 #include "keel/testing/assert.h"
 #include "keel/testing/process.h"
+#include "keel/testing/services.h"
 
 namespace keel::store {
 namespace {
@@ -44,7 +47,15 @@ using Kind = FailureDisposition::Kind;
 struct StoreFactory {
   std::string name;
   std::function<Result<std::unique_ptr<Store>>(const std::string& dir, const Clock&, Random&)> open;
+  // Removes what `open` made outside `dir` (after the store is gone); may be empty.
+  std::function<void(const std::string& dir)> cleanup;
 };
+
+// A database of its own per test directory, on the run's shared PostgreSQL server
+// (tests/support/services.h): created on the first open, kept across reopens.
+std::string PostgresDatabaseFor(const std::string& dir) {
+  return "conformance_" + std::to_string(Fnv1a64(dir));
+}
 
 void PrintTo(const StoreFactory& f, std::ostream* os) { *os << f.name; }
 
@@ -56,7 +67,27 @@ std::vector<StoreFactory> AllStores() {
          options.path = dir + "/keel.db";
          return OpenSqliteStore(options, clock, random);
        }},
-      // {"postgres", ...}: a fresh schema per test directory, skipped without a server.
+      {"postgres",
+       [](const std::string& dir, const Clock& clock, Random& random) {
+         static std::mutex mu;
+         static std::set<std::string> created;
+         std::string url;
+         {
+           std::lock_guard lock(mu);
+           const std::string admin = keel::testing::SharedPostgresUrl();
+           const std::string name = PostgresDatabaseFor(dir);
+           url = admin.substr(0, admin.rfind('/') + 1) + name;
+           if (created.insert(dir).second) url = keel::testing::CreateDatabase(admin, name);
+         }
+         PostgresOptions options;
+         options.url = url;
+         options.pool_size = 8;
+         return OpenPostgresStore(options, clock, random);
+       },
+       [](const std::string& dir) {
+         keel::testing::Psql(keel::testing::SharedPostgresUrl(),
+                             "DROP DATABASE IF EXISTS \"" + PostgresDatabaseFor(dir) + "\" WITH (FORCE)");
+       }},
   };
 }
 
@@ -158,6 +189,10 @@ constexpr Duration kLeaseFor = 30s;
 class StoreConformance : public ::testing::TestWithParam<StoreFactory> {
  protected:
   void SetUp() override { Open(); }
+  void TearDown() override {
+    store_.reset();
+    if (GetParam().cleanup) GetParam().cleanup(dir_.path());
+  }
 
   void Open() {
     auto opened = GetParam().open(dir_.path(), clock_, random_);

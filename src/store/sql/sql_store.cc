@@ -375,10 +375,24 @@ Result<SubmitResult> SqlStore::SubmitRun(const NewRun& run) {
     }
     int64_t queued = txn.queue_rows;
     if (queued < 0) {
-      // Counting stops at the bound: the cost stays small however long the queue is.
-      auto s = db.Prepare("SELECT count(*) FROM (SELECT 1 FROM queue LIMIT ?1) AS q");
-      s.Bind(1, std::max<int64_t>(run.max_queue_depth, 0));
-      queued = s.Step() ? s.Int(0) : 0;
+      // Concurrent submits (counting stops at the bound, so a count stays cheap however
+      // long the queue). Far from the bound they go side by side under a shared lock:
+      // fewer than kExactWithin submits are ever in flight at once, so together they
+      // cannot pass it. Near it they go one at a time under the exclusive lock, which
+      // waits for the shared holders, and count again what all of them committed.
+      constexpr int64_t kExactWithin = 1000;
+      auto count = [&] {
+        auto s = db.Prepare("SELECT count(*) FROM (SELECT 1 FROM queue LIMIT ?1) AS q");
+        s.Bind(1, std::max<int64_t>(run.max_queue_depth, 0));
+        return s.Step() ? s.Int(0) : int64_t{0};
+      };
+      queued = count();
+      if (queued >= run.max_queue_depth - kExactWithin) {
+        db.Lock("queue-depth");
+        queued = count();
+      } else {
+        db.Lock("queue-depth", /*shared=*/true);
+      }
     }
     if (queued >= run.max_queue_depth) {
       Error e(ErrorCode::kQueueFull,

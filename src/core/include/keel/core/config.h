@@ -200,6 +200,10 @@ bool IsSignalName(std::string_view name);
 /// The host ("host" or "host:port", lower-cased) of an http(s) URL; empty when it has none.
 std::string UrlHost(std::string_view url);
 
+/// `url` with its password (in the user info, or a `password=` parameter) replaced by
+/// "***": what may appear in messages and logs.
+std::string RedactUrl(std::string_view url);
+
 /// Looks up environment variables for ${NAME} interpolation; nullopt when unset.
 using EnvLookup = std::function<std::optional<std::string>(const std::string&)>;
 
