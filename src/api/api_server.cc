@@ -175,6 +175,8 @@ class ApiServerImpl final : public ApiServer {
 
   ~ApiServerImpl() override { Stop(); }
 
+  void set_ops_only(bool v) { ops_only_ = v; }
+
   Result<void> Listen(net::ServerOptions options) {
     auto server = net::HttpServer::Create(options, [this](HttpRequest&& req, net::Responder respond) {
       Dispatch(std::move(req), std::move(respond));
@@ -202,7 +204,7 @@ class ApiServerImpl final : public ApiServer {
     std::string name;
     Handler h = Route(req, segs, name);
     if (h == nullptr) {
-      respond(Answer(name, HttpResponse(NotFoundOrMethod(req, segs))));
+      respond(Answer(name, HttpResponse(NotFoundHere(req, segs))));
       return;
     }
     if (h == &ApiServerImpl::ChatCompletions) {
@@ -233,7 +235,7 @@ class ApiServerImpl final : public ApiServer {
     if (s.size() == 1 && s[0] == "healthz" && m == "GET") return name = "healthz", &ApiServerImpl::Healthz;
     if (s.size() == 1 && s[0] == "readyz" && m == "GET") return name = "readyz", &ApiServerImpl::Readyz;
     if (s.size() == 1 && s[0] == "metrics" && m == "GET") return name = "metrics", &ApiServerImpl::Metrics;
-    if (s.size() < 2 || s[0] != "v1") return nullptr;
+    if (ops_only_ || s.size() < 2 || s[0] != "v1") return nullptr;
     if (s[1] == "runs") {
       if (s.size() == 2 && m == "POST") return name = "submit_run", &ApiServerImpl::SubmitRun;
       if (s.size() == 2 && m == "GET") return name = "list_runs", &ApiServerImpl::ListRuns;
@@ -284,6 +286,15 @@ class ApiServerImpl final : public ApiServer {
       return r;
     }
     return ErrorResponse(Error(ErrorCode::kNotFound, "no such endpoint: " + req.method + " " + req.path));
+  }
+
+  HttpResponse NotFoundHere(const HttpRequest& req, const std::vector<std::string_view>& s) {
+    if (ops_only_) {
+      return ErrorResponse(Error(ErrorCode::kNotFound, "no such endpoint: " + req.method + " " + req.path +
+                                                           " (this is a worker node: it serves /healthz, /readyz and "
+                                                           "/metrics only; send API calls to a keel serve node)"));
+    }
+    return NotFoundOrMethod(req, s);
   }
 
   HttpResponse Healthz(const HttpRequest&, const std::vector<std::string_view>&) {
@@ -777,6 +788,7 @@ class ApiServerImpl final : public ApiServer {
   const Config& config_;
   store::Store& store_;
   engine::Engine* engine_;
+  bool ops_only_ = false;
   gateway::Gateway& gateway_;
   const Clock& clock_;
   Random& random_;
@@ -800,8 +812,9 @@ class ApiServerImpl final : public ApiServer {
 Result<std::unique_ptr<ApiServer>> ApiServer::Create(const Config& config, net::ServerOptions server,
                                                      store::Store& store, engine::Engine* engine,
                                                      gateway::Gateway& gateway, const Clock& clock, Random& random,
-                                                     prometheus::Registry& registry) {
+                                                     prometheus::Registry& registry, bool ops_only) {
   auto api = std::make_unique<ApiServerImpl>(config, store, engine, gateway, clock, random, registry);
+  api->set_ops_only(ops_only);
   KEEL_RETURN_IF_ERROR(api->Listen(std::move(server)));
   return std::unique_ptr<ApiServer>(std::move(api));
 }

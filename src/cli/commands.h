@@ -13,6 +13,7 @@ int& ExitCode();
 const char* DefaultConfigYaml();
 
 void AddServeCommand(CLI::App& app);
+void AddWorkerCommand(CLI::App& app);
 void AddConfigCommand(CLI::App& app);
 void AddMigrateCommand(CLI::App& app);
 void AddMockLlmCommand(CLI::App& app);

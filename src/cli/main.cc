@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_version_flag("--version", "keel 0.1.0");
   keel::cli::AddServeCommand(app);
+  keel::cli::AddWorkerCommand(app);
   keel::cli::AddClientCommands(app);
   keel::cli::AddConfigCommand(app);
   keel::cli::AddMigrateCommand(app);

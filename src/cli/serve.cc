@@ -9,6 +9,7 @@
 #include "keel/engine/engine.h"
 #include "keel/gateway/gateway.h"
 #include "keel/obs/log.h"
+#include "keel/store/postgres_store.h"
 #include "keel/store/sqlite_store.h"
 
 namespace keel::cli {
@@ -29,7 +30,28 @@ Result<Config> LoadConfig(const std::string& path) {
   return ParseConfig(ss.str(), GetEnv, path);
 }
 
-int Serve(const std::string& config_path, const std::string& listen_flag) {
+// The storage the config names, opened (created or migrated as needed). `pool_size`
+// overrides postgres.pool_size when > 0.
+Result<std::unique_ptr<store::Store>> OpenStorage(const Config& config, const Clock& clock, Random& random,
+                                                  int read_connections = 4) {
+  if (config.storage.rfind("sqlite://", 0) == 0) {
+    store::SqliteOptions o;
+    o.path = config.storage.substr(std::string("sqlite://").size());
+    o.read_connections = read_connections;
+    return store::OpenSqliteStore(o, clock, random);
+  }
+  store::PostgresOptions o;
+  o.url = config.storage;
+  o.pool_size = config.postgres.pool_size;
+  o.connect_timeout = config.postgres.connect_timeout;
+  o.pool_timeout = config.postgres.pool_timeout;
+  o.statement_timeout = config.postgres.statement_timeout;
+  return store::OpenPostgresStore(o, clock, random);
+}
+
+// A node: the API and workers (`keel serve`), or workers only (`keel worker`, with the
+// operations endpoints when it has a --listen address).
+int RunNode(const std::string& config_path, const std::string& listen_flag, bool api_node) {
   BlockStopSignals();
   auto config = LoadConfig(config_path);
   if (!config.ok()) {
@@ -38,9 +60,14 @@ int Serve(const std::string& config_path, const std::string& listen_flag) {
   }
   obs::SetLogLevel(obs::ParseLogLevel(config->log_level));
   net::ServerOptions server;
+  const std::string listen = api_node ? (listen_flag.empty() ? config->listen : listen_flag) : listen_flag;
   std::string error;
-  if (!ParseListen(listen_flag.empty() ? config->listen : listen_flag, server.host, server.port, error)) {
+  if (!listen.empty() && !ParseListen(listen, server.host, server.port, error)) {
     std::cerr << "keel: " << error << "\n";
+    return 2;
+  }
+  if (!api_node && config->engine.workers == 0) {
+    std::cerr << "keel: engine.workers is 0: a worker node with no workers has nothing to do\n";
     return 2;
   }
   server.max_body_bytes = config->server.max_body_bytes;
@@ -51,9 +78,7 @@ int Serve(const std::string& config_path, const std::string& listen_flag) {
   const Clock& clock = *SystemClock::Instance();
   Random& random = *ProcessRandom();
   prometheus::Registry registry;
-  store::SqliteOptions sopts;
-  sopts.path = config->storage.substr(std::string("sqlite://").size());
-  auto store = store::OpenSqliteStore(sopts, clock, random);
+  auto store = OpenStorage(*config, clock, random);
   if (!store.ok()) {
     std::cerr << "keel: storage: " << store.error().message << "\n";
     return 1;
@@ -64,21 +89,37 @@ int Serve(const std::string& config_path, const std::string& listen_flag) {
     return 1;
   }
   auto engine = engine::Engine::Create(config->engine, **store, **gateway, clock, random, registry);
-  auto api = api::ApiServer::Create(*config, server, **store, engine.get(), **gateway, clock, random, registry);
-  if (!api.ok()) {
-    std::cerr << "keel: " << api.error().message << "\n";
-    return 1;
+  // Runs queued or woken anywhere (on this node, or on another sharing the database)
+  // wake an idle worker at once.
+  (*store)->SetWorkListener([e = engine.get()] { e->Notify(); });
+  std::unique_ptr<api::ApiServer> api;
+  if (!listen.empty()) {
+    auto created = api::ApiServer::Create(*config, server, **store, engine.get(), **gateway, clock, random, registry,
+                                          /*ops_only=*/!api_node);
+    if (!created.ok()) {
+      std::cerr << "keel: " << created.error().message << "\n";
+      return 1;
+    }
+    api = std::move(created).value();
   }
   engine->Start();
-  obs::LogInfo("listening", {{"addr", server.host + ":" + std::to_string((*api)->port())},
-                             {"storage", config->storage},
-                             {"workers", config->engine.workers},
-                             {"pipelines", static_cast<int64_t>(config->pipelines.size())}});
+  const std::string storage = RedactUrl(config->storage);
+  const char* role = api_node ? "serve" : "worker";
+  if (api) {
+    obs::LogInfo("listening", {{"addr", server.host + ":" + std::to_string(api->port())},
+                               {"role", role},
+                               {"storage", storage},
+                               {"workers", config->engine.workers},
+                               {"pipelines", static_cast<int64_t>(config->pipelines.size())}});
+  } else {
+    obs::LogInfo("worker started", {{"role", role}, {"storage", storage}, {"workers", config->engine.workers}});
+  }
   const char* sig = WaitForStopSignal();
-  obs::LogInfo("draining", {{"signal", sig}});
-  (*api)->SetDraining();
+  obs::LogInfo("draining", {{"signal", sig}, {"drain_timeout_ms", static_cast<int64_t>(config->engine.drain_timeout.count())}});
+  if (api) api->SetDraining();
   engine->Stop();
-  (*api)->Stop();
+  (*store)->SetWorkListener({});
+  if (api) api->Stop();
   obs::LogInfo("stopped");
   return 0;
 }
@@ -86,12 +127,23 @@ int Serve(const std::string& config_path, const std::string& listen_flag) {
 }  // namespace
 
 void AddServeCommand(CLI::App& app) {
-  auto* cmd = app.add_subcommand("serve", "Run the keel server: the HTTP API and the workers");
+  auto* cmd = app.add_subcommand("serve", "Run a keel node: the HTTP API and the workers");
   auto config = std::make_shared<std::string>();
   auto listen = std::make_shared<std::string>();
   cmd->add_option("--config", *config, "keel.yaml to load (default: the built-in example config)");
   cmd->add_option("--listen", *listen, "HOST:PORT to listen on; overrides the config (port 0: any free port)");
-  cmd->callback([config, listen] { ExitCode() = Serve(*config, *listen); });
+  cmd->callback([config, listen] { ExitCode() = RunNode(*config, *listen, /*api_node=*/true); });
+}
+
+void AddWorkerCommand(CLI::App& app) {
+  auto* cmd = app.add_subcommand(
+      "worker", "Run a worker node: executes the runs queued in the shared storage (postgres://), serves no API");
+  auto config = std::make_shared<std::string>();
+  auto listen = std::make_shared<std::string>();
+  cmd->add_option("--config", *config, "keel.yaml to load (default: the built-in example config)");
+  cmd->add_option("--listen", *listen,
+                  "HOST:PORT for /healthz, /readyz and /metrics (port 0: any free port); default: none");
+  cmd->callback([config, listen] { ExitCode() = RunNode(*config, *listen, /*api_node=*/false); });
 }
 
 // keel migrate: brings the storage's schema to this keel's version (serve does it too, at
@@ -102,22 +154,25 @@ int Migrate(const std::string& config_path) {
     std::cerr << "keel: " << config.error().message << "\n";
     return 2;
   }
-  const std::string path = config->storage.substr(std::string("sqlite://").size());
-  auto before = store::ReadSqliteSchemaVersion(path);
+  const bool sqlite = config->storage.rfind("sqlite://", 0) == 0;
+  store::PostgresOptions pg;
+  pg.url = config->storage;
+  pg.connect_timeout = config->postgres.connect_timeout;
+  auto before = sqlite ? store::ReadSqliteSchemaVersion(config->storage.substr(std::string("sqlite://").size()))
+                       : store::ReadPostgresSchemaVersion(pg);
   if (!before.ok()) {
     std::cerr << "keel: storage: " << before.error().message << "\n";
     return 1;
   }
-  store::SqliteOptions sopts;
-  sopts.path = path;
-  sopts.read_connections = 1;
-  auto opened = store::OpenSqliteStore(sopts, *SystemClock::Instance(), *ProcessRandom());
+  Config one = *config;
+  one.postgres.pool_size = 1;
+  auto opened = OpenStorage(one, *SystemClock::Instance(), *ProcessRandom(), /*read_connections=*/1);
   if (!opened.ok()) {
     std::cerr << "keel: storage: " << opened.error().message << "\n";
     return 1;
   }
-  const int to = store::SqliteSchemaVersion();
-  std::cout << config->storage << ": schema version " << to
+  const int to = sqlite ? store::SqliteSchemaVersion() : store::PostgresSchemaVersion();
+  std::cout << RedactUrl(config->storage) << ": schema version " << to
             << (*before == to ? " (up to date)" : *before == 0 ? " (created)" : " (migrated from " + std::to_string(*before) + ")")
             << "\n";
   return 0;

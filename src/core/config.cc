@@ -775,13 +775,35 @@ PipelineConfig ReadPipeline(Reader& r, const std::string& name, const YAML::Node
 Config ReadConfig(Reader& r, const YAML::Node& root) {
   Config c;
   if (!root || root.IsNull()) return c;
-  r.Keys(root, "the top level", {"listen", "storage", "log_level", "server", "engine", "providers", "routes", "pipelines", "http"});
+  r.Keys(root, "the top level",
+         {"listen", "storage", "postgres", "log_level", "server", "engine", "providers", "routes", "pipelines", "http"});
   if (root["listen"]) c.listen = r.Str(root["listen"], "listen");
   if (root["storage"]) {
     c.storage = r.Str(root["storage"], "storage");
-    if (c.storage.rfind("sqlite://", 0) != 0 || c.storage.size() == 9) {
-      Fail(root["storage"], "storage must be sqlite://PATH (postgres:// comes in a later release), not \"" + c.storage + "\"");
+    const bool sqlite = c.storage.rfind("sqlite://", 0) == 0 && c.storage.size() > 9;
+    const bool postgres = c.storage.rfind("postgres://", 0) == 0 || c.storage.rfind("postgresql://", 0) == 0;
+    if (!sqlite && !postgres) {
+      Fail(root["storage"], "storage must be sqlite://PATH or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE, not \"" +
+                                RedactUrl(c.storage) + "\"");
     }
+    if (postgres) {
+      const auto rest = std::string_view(c.storage).substr(c.storage.find("://") + 3);
+      const auto authority = rest.substr(0, rest.find_first_of("/?"));
+      if (authority.empty() || authority.back() == '@' || rest.find('/') == std::string_view::npos ||
+          rest.find_first_of(" \t\n") != std::string_view::npos) {
+        Fail(root["storage"], "storage: \"" + RedactUrl(c.storage) +
+                                  "\" is not a PostgreSQL URL; write postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE");
+      }
+    }
+  }
+  if (const auto pg = root["postgres"]) {
+    r.Keys(pg, "postgres", {"pool_size", "connect_timeout", "pool_timeout", "statement_timeout"});
+    if (pg["pool_size"]) c.postgres.pool_size = static_cast<int>(r.Int(pg["pool_size"], "postgres.pool_size", 1, 1000));
+    if (pg["connect_timeout"]) {
+      c.postgres.connect_timeout = r.Dur(pg["connect_timeout"], "postgres.connect_timeout", Duration(1000));
+    }
+    if (pg["pool_timeout"]) c.postgres.pool_timeout = r.Dur(pg["pool_timeout"], "postgres.pool_timeout", Duration(1));
+    if (pg["statement_timeout"]) c.postgres.statement_timeout = r.Dur(pg["statement_timeout"], "postgres.statement_timeout");
   }
   if (root["log_level"]) {
     c.log_level = r.Str(root["log_level"], "log_level");
@@ -804,7 +826,8 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
     if (s["idle_timeout"]) c.server.idle_timeout = r.Dur(s["idle_timeout"], "server.idle_timeout", Duration(1000));
   }
   if (const auto e = root["engine"]) {
-    r.Keys(e, "engine", {"workers", "lease_timeout", "heartbeat_interval", "poll_interval", "max_queue_depth"});
+    r.Keys(e, "engine",
+           {"workers", "lease_timeout", "heartbeat_interval", "poll_interval", "max_queue_depth", "drain_timeout"});
     if (e["workers"]) c.engine.workers = static_cast<int>(r.Int(e["workers"], "engine.workers", 0, 1024));
     if (e["lease_timeout"]) {
       c.engine.lease_timeout = r.Dur(e["lease_timeout"], "engine.lease_timeout");
@@ -818,6 +841,7 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
     }
     if (e["poll_interval"]) c.engine.poll_interval = r.Dur(e["poll_interval"], "engine.poll_interval", Duration(1));
     if (e["max_queue_depth"]) c.engine.max_queue_depth = r.Int(e["max_queue_depth"], "engine.max_queue_depth", 1, 1'000'000'000);
+    if (e["drain_timeout"]) c.engine.drain_timeout = r.Dur(e["drain_timeout"], "engine.drain_timeout");
   }
   if (const auto ps = root["providers"]) {
     if (!ps.IsMap()) Fail(ps, "providers must be a mapping of names to providers");

@@ -272,8 +272,57 @@ TEST(ConfigTest, WrongTypesAreRefused) {
   ExpectConfigError("server:\n  max_body_bytes: lots\n", {"line 2", "not a size"});
   ExpectConfigError("providers: [mock]\n", {"line 1", "providers must be a mapping"});
   ExpectConfigError("log_level: loud\n", {"line 1", "log_level"});
-  ExpectConfigError("storage: postgres://db/keel\n", {"line 1", "storage must be sqlite://"});
+  ExpectConfigError("storage: mysql://db/keel\n", {"line 1", "storage must be sqlite://PATH or postgres://"});
   ExpectConfigError("storage: sqlite://\n", {"line 1", "storage"});
+}
+
+TEST(ConfigTest, PostgresStorageAndItsPool) {
+  auto c = ParseConfig(R"(storage: postgres://keel:${PGPASS}@db.internal:5433/keel?sslmode=require
+postgres: {pool_size: 32, connect_timeout: 3s, pool_timeout: 250ms, statement_timeout: 0s}
+engine: {drain_timeout: 10s}
+)",
+                       Env({{"PGPASS", "s3cret"}}));
+  ASSERT_OK(c);
+  EXPECT_EQ(c->storage, "postgres://keel:s3cret@db.internal:5433/keel?sslmode=require");
+  EXPECT_EQ(c->postgres.pool_size, 32);
+  EXPECT_EQ(c->postgres.connect_timeout, milliseconds(3000));
+  EXPECT_EQ(c->postgres.pool_timeout, milliseconds(250));
+  EXPECT_EQ(c->postgres.statement_timeout, milliseconds(0));
+  EXPECT_EQ(c->engine.drain_timeout, milliseconds(10000));
+  ASSERT_OK(ParseConfig("storage: postgresql://keel@127.0.0.1/keel\n", Env()));
+}
+
+TEST(ConfigTest, PostgresDefaults) {
+  auto c = ParseConfig("storage: postgres://keel@127.0.0.1/keel\n", Env());
+  ASSERT_OK(c);
+  EXPECT_EQ(c->postgres.pool_size, 16);
+  EXPECT_EQ(c->postgres.connect_timeout, milliseconds(5000));
+  EXPECT_EQ(c->postgres.pool_timeout, milliseconds(5000));
+  EXPECT_EQ(c->postgres.statement_timeout, milliseconds(30000));
+  EXPECT_EQ(c->engine.drain_timeout, milliseconds(30000));
+}
+
+TEST(ConfigTest, BadPostgresSettingsAreRefusedWithoutShowingThePassword) {
+  ExpectConfigError("storage: postgres://\n", {"line 1", "not a PostgreSQL URL"});
+  ExpectConfigError("storage: postgres://keel:pw@/keel\n", {"line 1", "not a PostgreSQL URL"});
+  ExpectConfigError("storage: postgres://keel@host\n", {"line 1", "not a PostgreSQL URL", "/DATABASE"});
+  auto r = ParseConfig("storage: postgres://keel:hunter2@\n", Env());
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().message.find("hunter2"), std::string::npos) << r.error().message;
+  ExpectConfigError("postgres: {pool_size: 0}\n", {"line 1", "postgres.pool_size", "between 1 and 1000"});
+  ExpectConfigError("postgres: {connect_timeout: 10ms}\n", {"line 1", "postgres.connect_timeout"});
+  ExpectConfigError("postgres: {pool: 3}\n", {"line 1", "pool"});
+  ExpectConfigError("engine: {drain_timeout: soon}\n", {"line 1", "not a duration"});
+}
+
+TEST(ConfigTest, RedactUrlHidesPasswords) {
+  EXPECT_EQ(RedactUrl("postgres://keel:s3cret@db:5432/keel"), "postgres://keel:***@db:5432/keel");
+  EXPECT_EQ(RedactUrl("postgres://keel@db/keel"), "postgres://keel@db/keel");
+  EXPECT_EQ(RedactUrl("postgres://db/keel?user=k&password=s3cret&sslmode=require"),
+            "postgres://db/keel?user=k&password=***&sslmode=require");
+  EXPECT_EQ(RedactUrl("redis://:pw@127.0.0.1:6379/0"), "redis://:***@127.0.0.1:6379/0");
+  EXPECT_EQ(RedactUrl("sqlite://keel-data/keel.db"), "sqlite://keel-data/keel.db");
+  EXPECT_EQ(RedactUrl("postgres://a:b@c@host/db"), "postgres://a:***@host/db");
 }
 
 TEST(ConfigTest, OutOfRangeValuesAreRefused) {

@@ -5,6 +5,7 @@
 #include <map>
 #include <mutex>
 #include <prometheus/counter.h>
+#include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <thread>
 #include <unistd.h>
@@ -49,7 +50,14 @@ class EngineImpl final : public Engine {
                            .Name("keel_runs_finished_total")
                            .Help("Runs that reached a terminal state on this node, by pipeline and status")
                            .Register(registry)),
-        node_id_(MakeNodeId()) {}
+        storage_up_(prometheus::BuildGauge()
+                        .Name("keel_storage_up")
+                        .Help("Whether this node's workers reach the storage (1) or not (0): set by their lease calls")
+                        .Register(registry)
+                        .Add({})),
+        node_id_(MakeNodeId()) {
+    storage_up_.Set(1);
+  }
 
   ~EngineImpl() override { Stop(); }
 
@@ -70,11 +78,22 @@ class EngineImpl final : public Engine {
 
   void Stop() override {
     {
-      std::lock_guard lock(mu_);
+      std::unique_lock lock(mu_);
       if (stopping_) return;
       stopping_ = true;
+      cv_.notify_all();
+      // Steps in flight may finish within drain_timeout; then they are stopped and
+      // their runs handed back (FailStep for a retry at once), for another node to take.
+      const bool finished = idle_cv_.wait_for(lock, config_.drain_timeout, [&] { return busy_ == 0; });
+      if (!finished) {
+        aborting_ = true;
+        obs::LogWarn("drain timeout passed; stopping the steps in flight and handing their runs back",
+                     {{"runs", static_cast<int64_t>(active_.size())},
+                      {"drain_timeout_ms", static_cast<int64_t>(config_.drain_timeout.count())}});
+        for (auto& [id, a] : active_) a.cancelled->store(true);
+        heartbeat_cv_.notify_all();  // wakes waits for the storage to come back
+      }
     }
-    cv_.notify_all();
     for (auto& t : workers_) {
       if (t.joinable()) t.join();
     }
@@ -103,6 +122,31 @@ class EngineImpl final : public Engine {
     return stopping_;
   }
 
+  bool Aborting() {
+    std::lock_guard lock(mu_);
+    return aborting_;
+  }
+
+  // A write that must not be lost to a passing storage outage (a checkpoint, a failure,
+  // a park): while the storage answers kUnavailable (a database restart), it is tried
+  // again with backoff, for as long as the lease could still be valid. Once the storage
+  // is back, a lease that expired meanwhile answers kLeaseLost and the write is dropped.
+  template <typename F>
+  auto Persist(F&& write) -> decltype(write()) {
+    auto r = write();
+    Duration wait{50};
+    const auto give_up = std::chrono::steady_clock::now() + config_.lease_timeout;
+    while (!r.ok() && r.error().code == ErrorCode::kUnavailable && std::chrono::steady_clock::now() + wait < give_up) {
+      {
+        std::unique_lock lock(mu_);
+        if (heartbeat_cv_.wait_for(lock, wait, [&] { return aborting_; })) break;
+      }
+      wait = std::min(wait * 2, Duration(1000));
+      r = write();
+    }
+    return r;
+  }
+
   void WorkerLoop(const std::string& worker_id) {
     while (!Stopping()) {
       uint64_t seen;
@@ -112,10 +156,31 @@ class EngineImpl final : public Engine {
       }
       auto leased = store_.LeaseRun(worker_id, config_.lease_timeout);
       if (leased.ok() && leased->has_value()) {
+        // There may be more: one notification can stand for many runs (another node's
+        // NOTIFY carries any number of commits), so pass the word on to an idle worker.
+        cv_.notify_one();
+        {
+          std::lock_guard lock(mu_);
+          ++busy_;
+        }
         Execute(std::move(**leased));
+        {
+          std::lock_guard lock(mu_);
+          --busy_;
+        }
+        idle_cv_.notify_all();
         continue;
       }
-      if (!leased.ok()) obs::LogWarn("lease failed", {{"error", leased.error().message}});
+      if (!leased.ok()) {
+        // Said once per outage, not once per worker and poll.
+        if (!storage_down_.exchange(true)) {
+          obs::LogWarn("storage unavailable; workers wait for it", {{"error", leased.error().message}});
+          storage_up_.Set(0);
+        }
+      } else if (storage_down_.exchange(false)) {
+        obs::LogInfo("storage available again");
+        storage_up_.Set(1);
+      }
       // Idle: sleep until notified, until the next queued run is due, or poll_interval.
       Duration wait = config_.poll_interval;
       if (leased.ok()) {
@@ -270,6 +335,16 @@ class EngineImpl final : public Engine {
 
       StepRecordJson rec;
       std::string next;
+      if (!ok && Aborting()) {
+        // Stopped by the drain timeout, not by a fault of the step: the attempt is
+        // recorded as interrupted and the run is due at once, for another node.
+        const Error interrupted(ErrorCode::kCancelled, "attempt " + std::to_string(attempt) + " of step \"" + step->id +
+                                                           "\" was interrupted: node " + node_id_ + " was draining");
+        auto handed = store_.FailStep(lease, step->id, interrupted, {FailureDisposition::Kind::kRetry, Duration(0)});
+        if (!handed.ok()) LogAbandon(run.id, step->id, handed.error());
+        else obs::LogInfo("run handed back (drain)", {{"run_id", run.id}, {"step_id", step->id}, {"attempt", attempt}});
+        return;
+      }
       if (!ok) {
         const bool retryable_kind = !result.ok();
         Error error = result.ok() ? *result->fail : std::move(result).error();
@@ -278,7 +353,7 @@ class EngineImpl final : public Engine {
         rec = std::move(recovered->first);
         next = std::move(recovered->second);
       } else if (result->suspend) {
-        auto parked = store_.SuspendStep(lease, step->id, result->wake_at, result->waiting);
+        auto parked = Persist([&] { return store_.SuspendStep(lease, step->id, result->wake_at, result->waiting); });
         if (!parked.ok()) LogAbandon(run.id, step->id, parked.error());
         else obs::LogDebug("step waiting", {{"run_id", run.id}, {"step_id", step->id}});
         return;
@@ -296,7 +371,7 @@ class EngineImpl final : public Engine {
       // Draining: checkpoint this step and hand the run back rather than start another.
       const bool hand_back = !last && Stopping();
       if (hand_back) next_step.reset();
-      auto committed = store_.CompleteStep(lease, step->id, rec, next_step, run_output);
+      auto committed = Persist([&] { return store_.CompleteStep(lease, step->id, rec, next_step, run_output); });
       if (!committed.ok()) {
         LogAbandon(run.id, step->id, committed.error());
         return;
@@ -392,7 +467,7 @@ class EngineImpl final : public Engine {
         }
         if (!err) {
           json::value out = r->record["output"];
-          auto saved = store_.CompleteItem(lease, ctx.step.id, static_cast<int64_t>(i), out);
+          auto saved = Persist([&] { return store_.CompleteItem(lease, ctx.step.id, static_cast<int64_t>(i), out); });
           if (saved.ok()) {
             std::lock_guard lock(mu);
             outputs[i] = std::move(out);
@@ -469,7 +544,7 @@ class EngineImpl final : public Engine {
              {{"run_id", run.id}, {"step_id", step.id}, {"attempt", attempt},
               {"error_type", ErrorCodeName(error.code)}, {"error", error.message},
               {"retry_in_ms", d.delay.count()}});
-    auto r = store_.FailStep(lease, step.id, error, d);
+    auto r = Persist([&] { return store_.FailStep(lease, step.id, error, d); });
     if (!r.ok()) {
       LogAbandon(run.id, step.id, r.error());
       return std::nullopt;
@@ -514,6 +589,8 @@ class EngineImpl final : public Engine {
   prometheus::Family<prometheus::Counter>& step_errors_;
   prometheus::Family<prometheus::Counter>& retries_;
   prometheus::Family<prometheus::Counter>& runs_finished_;
+  prometheus::Gauge& storage_up_;
+  std::atomic<bool> storage_down_{false};
   std::string node_id_;
   std::mutex definitions_mu_;
   std::map<std::string, std::shared_ptr<const PipelineConfig>> definitions_;  // GUARDED_BY(definitions_mu_)
@@ -521,7 +598,10 @@ class EngineImpl final : public Engine {
   mutable std::mutex mu_;
   std::condition_variable cv_;            // workers wait here for work
   std::condition_variable heartbeat_cv_;  // the heartbeat thread waits here
+  std::condition_variable idle_cv_;       // Stop waits here for busy workers
   bool stopping_ = false;        // GUARDED_BY(mu_)
+  bool aborting_ = false;        // GUARDED_BY(mu_): the drain timeout passed
+  int busy_ = 0;                 // GUARDED_BY(mu_): workers executing a run
   bool heartbeat_stop_ = false;  // GUARDED_BY(mu_)
   uint64_t notifications_ = 0;   // GUARDED_BY(mu_)
   uint64_t next_active_ = 0;     // GUARDED_BY(mu_)

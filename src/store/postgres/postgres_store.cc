@@ -220,6 +220,8 @@ class PgConn final : public Conn {
       PQfinish(raw);
       return nullptr;
     }
+    // Notices ("relation ... already exists, skipping") are not for keel's users.
+    PQsetNoticeProcessor(raw, [](void*, const char*) {}, nullptr);
     auto conn = std::unique_ptr<PgConn>(new PgConn(raw));
     try {
       // A statement (lock waits included) is bounded; a node that stalls inside a

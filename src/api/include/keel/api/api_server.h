@@ -20,13 +20,13 @@ namespace keel::api {
 class ApiServer {
  public:
   /// Listens at `listen` (host and port of `server`, port 0 for an ephemeral one).
-  /// `engine` may be null (no workers on this node). Everything passed must outlive the
-  /// server.
+  /// `engine` may be null (no workers on this node). `ops_only`: only /healthz, /readyz
+  /// and /metrics (a `keel worker` node). Everything passed must outlive the server.
   static Result<std::unique_ptr<ApiServer>> Create(const Config& config, net::ServerOptions server,
                                                    store::Store& store, engine::Engine* engine,
                                                    gateway::Gateway& gateway,
                                                    const Clock& clock, Random& random,
-                                                   prometheus::Registry& registry);
+                                                   prometheus::Registry& registry, bool ops_only = false);
   virtual ~ApiServer() = default;
   virtual uint16_t port() const = 0;
   /// Answers 503 on /readyz from now on (for a load balancer), keeps serving the rest.

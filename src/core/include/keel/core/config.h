@@ -176,15 +176,33 @@ struct EngineConfig {
   Duration poll_interval{200};
   /// Runs queued at most; a submit beyond answers 429. Default: 100000.
   int64_t max_queue_depth = 100000;
+  /// On SIGTERM, how long steps in flight may go on before they are stopped and their
+  /// runs handed back to the queue for another node. Default: 30s.
+  Duration drain_timeout{30000};
   /// The top-level `http` key: what `http` steps may call.
   HttpToolConfig http;
+};
+
+/// The `postgres` key: the connection pool of a node whose storage is postgres://.
+struct PostgresConfig {
+  /// Connections per node, opened on demand. Default: 16. Range: 1..1000.
+  int pool_size = 16;
+  /// Bound on opening one connection. Default: 5s. Range: >= 1s.
+  Duration connect_timeout{5000};
+  /// Bound on waiting for a free connection; past it the call answers 503. Default: 5s.
+  Duration pool_timeout{5000};
+  /// Server-side bound on one statement, lock waits included (0: none). Default: 30s.
+  Duration statement_timeout{30000};
 };
 
 struct Config {
   /// Default: 127.0.0.1:7420.
   std::string listen = "127.0.0.1:7420";
-  /// "sqlite://PATH" (relative to the working directory). Default: sqlite://keel-data/keel.db
+  /// "sqlite://PATH" (relative to the working directory) or a PostgreSQL URL
+  /// "postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?PARAM=VALUE...]" (libpq's).
+  /// Default: sqlite://keel-data/keel.db
   std::string storage = "sqlite://keel-data/keel.db";
+  PostgresConfig postgres;
   /// debug | info | warn | error. Default: info.
   std::string log_level = "info";
   ServerConfig server;

@@ -33,8 +33,11 @@ class Engine {
   virtual void Start() = 0;
   /// Says that a run was queued, so an idle worker looks at once. Thread-safe.
   virtual void Notify() = 0;
-  /// Drains: no new leases; runs in flight finish the step they are in, then give their
-  /// lease back. Returns when every worker has stopped. Idempotent.
+  /// Drains: no new leases; runs in flight finish the step they are in, checkpoint it and
+  /// give their lease back. Steps still running after engine.drain_timeout are stopped
+  /// (llm and http calls are abandoned, maps take no more items); their attempts are
+  /// recorded as interrupted and their runs are due at once, for another node. Returns
+  /// when every worker has stopped. Idempotent.
   virtual void Stop() = 0;
   /// Whether Stop() has begun.
   virtual bool draining() const = 0;
