@@ -66,6 +66,11 @@ int RunNode(const std::string& config_path, const std::string& listen_flag, bool
     std::cerr << "keel: " << error << "\n";
     return 2;
   }
+  if (!api_node && config->storage.rfind("sqlite://", 0) == 0) {
+    std::cerr << "keel: keel worker needs storage that nodes share (postgres://...); with sqlite:// the workers run "
+                 "inside keel serve\n";
+    return 2;
+  }
   if (!api_node && config->engine.workers == 0) {
     std::cerr << "keel: engine.workers is 0: a worker node with no workers has nothing to do\n";
     return 2;

@@ -135,8 +135,9 @@ uint16_t ListeningPort(const std::string& line) {
   return static_cast<uint16_t>(std::stoi(a.substr(a.rfind(':') + 1)));
 }
 
-KeelServer::KeelServer(const std::string& dir, const std::string& config_yaml) : dir_(dir) {
-  std::vector<std::string> argv{KEEL_BINARY, "serve", "--listen", "127.0.0.1:0"};
+KeelServer::KeelServer(const std::string& dir, const std::string& config_yaml, const std::string& command)
+    : dir_(dir) {
+  std::vector<std::string> argv{KEEL_BINARY, command, "--listen", "127.0.0.1:0"};
   if (!config_yaml.empty()) {
     std::ofstream(dir + "/keel.yaml") << config_yaml;
     argv.push_back("--config");

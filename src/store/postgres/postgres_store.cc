@@ -500,7 +500,12 @@ class PostgresStore final : public sql::SqlStore {
     if (!migrated.ok()) return std::move(migrated).error();
     pool_.Put(std::move(c));
     notifier_ = std::thread([this] { NotifierLoop(); });
-    if (pool_.options().listen) listener_ = std::thread([this] { ListenLoop(); });
+    if (pool_.options().listen) {
+      // Listening before Open returns: a node that says it is up hears every submit.
+      auto listening = Listen();
+      if (!listening) return Error(ErrorCode::kUnavailable, "cannot listen for notifications on " + RedactUrl(url));
+      listener_ = std::thread([this, l = std::move(listening)]() mutable { ListenLoop(std::move(l)); });
+    }
     return Ok();
   }
 
@@ -618,33 +623,35 @@ class PostgresStore final : public sql::SqlStore {
     }
   }
 
-  // Listens on a connection of its own; after each (re)connect it also reports work, in
+  // A connection that listens on both channels; null when the server cannot be reached.
+  std::unique_ptr<PgConn> Listen() {
+    std::string error;
+    auto c = PgConn::Connect(pool_.options(), error);
+    if (!c) return nullptr;
+    try {
+      c->Exec((std::string("LISTEN ") + kWorkChannel + "; LISTEN " + kTaskChannel).c_str());
+    } catch (const SqlError&) {
+      return nullptr;
+    }
+    return c;
+  }
+
+  // Listens on a connection of its own; after each reconnect it also reports work, in
   // case a notification went by while it was away.
-  void ListenLoop() {
-    std::unique_ptr<PgConn> c;
+  void ListenLoop(std::unique_ptr<PgConn> c) {
     Duration backoff{100};
-    bool first = true;
     while (!Stopping()) {
       if (!c) {
-        std::string error;
-        c = PgConn::Connect(pool_.options(), error);
-        if (c) {
-          try {
-            c->Exec((std::string("LISTEN ") + kWorkChannel + "; LISTEN " + kTaskChannel).c_str());
-          } catch (const SqlError&) {
-            c.reset();
-          }
-        }
+        c = Listen();
         if (!c) {
           WaitStop(backoff);
           backoff = std::min(backoff * 2, Duration(5000));
           continue;
         }
         backoff = Duration(100);
-        if (!std::exchange(first, false)) {
-          WorkArrived();
-          TasksArrived();
-        }
+        obs::LogInfo("postgres listener reconnected");
+        WorkArrived();
+        TasksArrived();
       }
       pollfd p{PQsocket(c->raw()), POLLIN, 0};
       const int n = ::poll(&p, 1, 250);

@@ -48,12 +48,14 @@ class Process {
   bool eof_ = false;                // GUARDED_BY(mu_)
 };
 
-/// A `keel serve` on an ephemeral loopback port, in its own temporary directory.
+/// A `keel serve` (or `keel worker`) on an ephemeral loopback port, in its own temporary
+/// directory.
 class KeelServer {
  public:
   /// Writes `config_yaml` (may be empty: the built-in default) to dir/keel.yaml and starts
-  /// `keel serve` in `dir`, listening on 127.0.0.1:0. Waits for the "listening" line.
-  KeelServer(const std::string& dir, const std::string& config_yaml);
+  /// `keel COMMAND` ("serve" or "worker") in `dir`, listening on 127.0.0.1:0. Waits for
+  /// the "listening" line (port() is 0 when none came).
+  KeelServer(const std::string& dir, const std::string& config_yaml, const std::string& command = "serve");
   /// The base URL, "http://127.0.0.1:PORT".
   const std::string& url() const { return url_; }
   uint16_t port() const { return port_; }
