@@ -228,7 +228,10 @@ TEST_F(TaskTest, AWaitingRunShowsItsTaskAndAnsweringItFinishesTheRun) {
   EXPECT_EQ(task.at("heartbeat_timeout_ms").as_int64(), 300);
   const std::string token(task.at("token").as_string());
   EXPECT_EQ(TaskCall(url(), token, "heartbeat").status, 200);
-  EXPECT_EQ(Status(HttpGet(url() + "/v1/runs/" + id).body), "waiting");
+  // Taking the task wakes the run for a moment (it parks again with the task's lease as
+  // its timer); it is waiting again, not ended or failed.
+  EXPECT_TRUE(AwaitRun(url(), id, [](const json::value& r) { return WaitingOn(r, "task"); }))
+      << json::serialize(HttpGet(url() + "/v1/runs/" + id).body);
   // complete needs an output.
   EXPECT_EQ(TaskCall(url(), token, "complete", json::object{{"result", 1}}).status, 400);
   auto done = TaskCall(url(), token, "complete", json::object{{"output", {{"answer", 42}}}});

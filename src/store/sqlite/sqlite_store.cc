@@ -1,6 +1,12 @@
 #include "keel/store/sqlite_store.h"
 
+#include <fcntl.h>
 #include <sqlite3.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <condition_variable>
 #include <deque>
@@ -213,6 +219,11 @@ class SqliteStore final : public sql::SqlStore {
       : SqlStore(clock, random), options_(std::move(options)) {}
 
   ~SqliteStore() override {
+    Close();
+    if (lock_fd_ >= 0) ::close(lock_fd_);  // releases the lock
+  }
+
+  void Close() {
     {
       std::lock_guard lock(mu_);
       stopping_ = true;
@@ -233,6 +244,27 @@ class SqliteStore final : public sql::SqlStore {
     if (checkpoint_thread_.joinable()) checkpoint_thread_.join();
   }
 
+  // One process at a time: the group-committing writer and its queue count assume it
+  // (several nodes share PostgreSQL instead). An flock on PATH.lock, released by the
+  // kernel when the process dies, however it dies.
+  Result<void> LockFile() {
+    const std::string path = options_.path + ".lock";
+    lock_fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (lock_fd_ < 0) return Error(ErrorCode::kUnavailable, "cannot open " + path + ": " + std::strerror(errno));
+    if (::flock(lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+      char pid[32] = {0};
+      const auto n = ::pread(lock_fd_, pid, sizeof pid - 1, 0);
+      std::string holder = n > 0 ? std::string(pid, static_cast<std::size_t>(n)) : std::string("?");
+      while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
+      return Error(ErrorCode::kUnavailable,
+                   "the database " + options_.path + " is in use by another keel process (pid " + holder +
+                       "); SQLite serves one node: stop the other one, or share a postgres:// storage between nodes");
+    }
+    const std::string pid = std::to_string(::getpid()) + "\n";
+    if (::ftruncate(lock_fd_, 0) == 0) (void)!::pwrite(lock_fd_, pid.data(), pid.size(), 0);
+    return Ok();
+  }
+
   Result<void> Open() {
     try {
       const auto parent = std::filesystem::path(options_.path).parent_path();
@@ -243,6 +275,7 @@ class SqliteStore final : public sql::SqlStore {
           return Error(ErrorCode::kUnavailable, "cannot create directory " + parent.string() + ": " + ec.message());
         }
       }
+      KEEL_RETURN_IF_ERROR(LockFile());
       writer_ = Db::Open(options_.path, false);
       writer_->Exec("PRAGMA journal_mode=WAL");
       writer_->Exec("PRAGMA synchronous=FULL");
@@ -467,6 +500,7 @@ class SqliteStore final : public sql::SqlStore {
   }
 
   SqliteOptions options_;
+  int lock_fd_ = -1;
 
   std::unique_ptr<Db> writer_;  // used by the writer thread only (after Open)
   int64_t queue_rows_ = 0;      // writer thread only

@@ -9,6 +9,7 @@
 
 #include <memory>
 #include <set>
+#include <unistd.h>
 #include <stdexcept>
 #include <string>
 
@@ -261,6 +262,26 @@ TEST_F(SqliteSchemaTest, ANewerSchemaIsRefused) {
   RawDb db(DbPath());
   EXPECT_EQ(db.Int("PRAGMA user_version"), 99);
   EXPECT_EQ(db.Int("SELECT count(*) FROM sqlite_master WHERE name = 'runs'"), 0);
+}
+
+}  // namespace
+}  // namespace keel::store
+
+namespace keel::store {
+namespace {
+
+// SQLite serves one process: a second keel on the same file is refused, not let in to
+// corrupt the first one's bookkeeping; the lock goes with the store (or the process).
+TEST_F(SqliteSchemaTest, ASecondStoreOnTheSameFileIsRefusedUntilTheFirstCloses) {
+  auto first = MustOpen();
+  auto second = Open();
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.error().code, ErrorCode::kUnavailable);
+  EXPECT_THAT(second.error().message, HasSubstr("in use by another keel process (pid " + std::to_string(getpid())));
+  EXPECT_THAT(second.error().message, HasSubstr("postgres://"));
+  first.reset();
+  auto third = Open();
+  EXPECT_OK(third);
 }
 
 }  // namespace
