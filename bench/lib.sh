@@ -1,26 +1,46 @@
 # Shared by the bench/ scripts: a temporary directory, the processes a script starts
 # (stopped on exit: TERM, a bounded wait, then KILL), and small measuring helpers.
 # Usage, after defining die():  source "$here/lib.sh"; bench_init NAME
-# Then append each started process's pid to `pids`.
+# Then append each started process's pid to `pids`. Commands appended to `exit_hooks`
+# (strings, eval'ed) run on exit after those processes stopped, e.g. to stop a database.
 
 bench_init() {
   tmp=$(mktemp -d "${TMPDIR:-/tmp}/keel-bench-$1.XXXXXX")
   pids=()
+  exit_hooks=()
   trap bench_cleanup EXIT
   trap 'exit 130' INT TERM
 }
 
-# Stops every process in `pids` (TERM, up to 5 s, then KILL) and forgets them.
-stop_all() {
-  ((${#pids[@]})) || return 0
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+# stop_pids PID...: stops those processes (TERM, up to 5 s, then KILL) and reaps them.
+stop_pids() {
+  (($#)) || return 0
+  local pid
+  for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
   for _ in $(seq 50); do
     local alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
     ((alive)) || break
     sleep 0.1
   done
-  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  for pid in "$@"; do kill -KILL "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+}
+
+# forget_pids PID...: removes those pids from `pids` (once stop_pids stopped them).
+forget_pids() {
+  local keep=() pid gone g
+  for pid in "${pids[@]}"; do
+    gone=0
+    for g in "$@"; do [[ $pid == "$g" ]] && gone=1; done
+    ((gone)) || keep+=("$pid")
+  done
+  pids=("${keep[@]}")
+}
+
+# Stops every process in `pids` and forgets them.
+stop_all() {
+  ((${#pids[@]})) || return 0
+  stop_pids "${pids[@]}"
   pids=()
 }
 
@@ -28,6 +48,8 @@ bench_cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   stop_all
+  local hook
+  for hook in "${exit_hooks[@]}"; do eval "$hook" || true; done
   wait 2>/dev/null || true
   if [[ ${KEEP_TMP:-0} == 1 ]]; then echo "kept $tmp" >&2; else rm -rf "$tmp"; fi
   exit "$rc"

@@ -15,6 +15,14 @@
 #   services.sh redis-stop DIR
 #   services.sh stop-all DIR         both, if running (a CTest cleanup fixture)
 #
+# Environment:
+#   KEEL_PG_DURABLE=1  initdb a PostgreSQL with durable commits (fsync, synchronous_commit
+#                      and full_page_writes on: PostgreSQL's defaults), for benchmarks that
+#                      compare with keel's durable SQLite. Default: fsync and
+#                      full_page_writes off (a killed server loses nothing, only a machine
+#                      crash would). Read when DIR/pg is created; the cluster keeps it
+#                      across stops and restarts.
+#
 # PostgreSQL refuses to run as root: as root, the servers run as the `postgres` user.
 set -euo pipefail
 
@@ -52,12 +60,17 @@ case "$cmd" in
       as_owner "$bin/initdb" -D "$data" -U keel -A trust -E UTF8 --no-locale >"$dir/pg-initdb.log" 2>&1 ||
         { cat "$dir/pg-initdb.log" >&2; exit 1; }
       # Throwaway test data: no fsync (a killed server loses nothing the OS holds;
-      # only a machine crash would), room for many keel nodes' pools.
+      # only a machine crash would), unless KEEL_PG_DURABLE=1; room for many keel nodes'
+      # pools.
+      if [ "${KEEL_PG_DURABLE:-0}" = 1 ]; then
+        durability=$'fsync = on\nsynchronous_commit = on\nfull_page_writes = on'
+      else
+        durability=$'fsync = off\nfull_page_writes = off'
+      fi
       cat >>"$data/postgresql.conf" <<EOF
 listen_addresses = '127.0.0.1'
 unix_socket_directories = ''
-fsync = off
-full_page_writes = off
+$durability
 max_connections = 300
 shared_buffers = 128MB
 EOF
