@@ -197,23 +197,38 @@ class EngineImpl final : public Engine {
   struct Active {
     store::Lease lease;
     std::shared_ptr<std::atomic<bool>> cancelled;  // set when the lease is lost (cancel)
+    Timestamp renewed_at{};                        // when the lease was taken or last extended
   };
 
+  // Extends the leases that need it: those last renewed half a heartbeat interval ago or
+  // more (a lease renewed at each tick would be wasted on the many runs that end within
+  // one: their leases never come near expiring). A lease is thus renewed at most 1.5
+  // intervals after the previous renewal, well within lease_timeout (3 intervals by
+  // default).
   void HeartbeatLoop() {
     std::unique_lock lock(mu_);
     while (!heartbeat_stop_) {
       heartbeat_cv_.wait_for(lock, config_.heartbeat_interval, [&] { return heartbeat_stop_; });
       if (heartbeat_stop_) break;
-      std::vector<Active> leases;
-      for (const auto& [id, a] : active_) leases.push_back(a);
+      const Timestamp due = clock_.Now() - config_.heartbeat_interval / 2;
+      std::vector<std::pair<uint64_t, Active>> leases;
+      for (const auto& [id, a] : active_) {
+        if (a.renewed_at <= due) leases.emplace_back(id, a);
+      }
       lock.unlock();
-      for (auto& a : leases) {
+      for (auto& [id, a] : leases) {
+        const Timestamp at = clock_.Now();
         auto r = store_.Heartbeat(a.lease, config_.lease_timeout);
-        if (!r.ok()) {
-          obs::LogWarn("heartbeat failed", {{"run_id", a.lease.run_id}, {"error", r.error().message}});
-          // Cancelled or taken over: the step in flight should stop.
-          if (r.error().code == ErrorCode::kLeaseLost) a.cancelled->store(true);
+        std::lock_guard relock(mu_);
+        const auto it = active_.find(id);
+        if (r.ok()) {
+          if (it != active_.end()) it->second.renewed_at = at;
+          continue;
         }
+        if (it == active_.end()) continue;  // the run ended meanwhile: nothing was lost
+        obs::LogWarn("heartbeat failed", {{"run_id", a.lease.run_id}, {"error", r.error().message}});
+        // Cancelled or taken over: the step in flight should stop.
+        if (r.error().code == ErrorCode::kLeaseLost) a.cancelled->store(true);
       }
       lock.lock();
     }
@@ -222,7 +237,7 @@ class EngineImpl final : public Engine {
   uint64_t Track(const store::Lease& lease, std::shared_ptr<std::atomic<bool>> cancelled) {
     std::lock_guard lock(mu_);
     const uint64_t id = ++next_active_;
-    active_[id] = Active{lease, std::move(cancelled)};
+    active_[id] = Active{lease, std::move(cancelled), clock_.Now()};
     return id;
   }
   void Untrack(uint64_t id) {

@@ -288,9 +288,31 @@ class PgConn final : public Conn {
   int64_t Changes() const override { return changes_; }
 
   void Lock(std::string_view key, bool shared) override {
+    const auto hash = static_cast<int64_t>(Fnv1a64(key));
+    if (begin_pending_) {
+      // The transaction's first statement: BEGIN and the lock in one round trip (the
+      // key is a number of keel's making, never text of a client's).
+      begin_pending_ = false;
+      Exec(("BEGIN; SELECT 1 FROM (SELECT pg_advisory_xact_lock" + std::string(shared ? "_shared" : "") + "(" +
+            std::to_string(hash) + ")) AS l")
+               .c_str());
+      return;
+    }
     auto s = Prepare(shared ? "SELECT 1 FROM (SELECT pg_advisory_xact_lock_shared(?1)) AS l"
                             : "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?1)) AS l");
-    s.Bind(1, static_cast<int64_t>(Fnv1a64(key))).Run();
+    s.Bind(1, hash).Run();
+  }
+
+  // Starts a transaction whose BEGIN goes with its first statement (see Lock).
+  void BeginLazily() { begin_pending_ = true; }
+  // Sends a BEGIN still pending, before a statement.
+  void Begun() {
+    if (std::exchange(begin_pending_, false)) Exec("BEGIN");
+  }
+  // Ends the transaction: COMMIT or ROLLBACK, or nothing when it never began.
+  void End(bool commit) {
+    if (std::exchange(begin_pending_, false)) return;
+    Exec(commit ? "COMMIT" : "ROLLBACK");
   }
 
   bool TryLock(std::string_view key) override {
@@ -325,10 +347,12 @@ class PgConn final : public Conn {
   PGconn* conn_;
   std::unordered_map<std::string, std::unique_ptr<PgStmt>> cache_;
   int64_t changes_ = 0;
+  bool begin_pending_ = false;
 };
 
 bool PgStmt::Step() {
   if (res_ == nullptr) {
+    conn_.Begun();
     std::vector<const char*> params(values_.size());
     for (std::size_t i = 0; i < values_.size(); ++i) params[i] = values_[i] ? values_[i]->c_str() : nullptr;
     res_ = PQexecPrepared(conn_.raw(), name_.c_str(), static_cast<int>(params.size()), params.data(), nullptr, nullptr, 0);
@@ -517,12 +541,12 @@ class PostgresStore final : public sql::SqlStore {
       std::unique_ptr<PgConn> c = std::move(acquired).value();
       bool committing = false;
       try {
-        c->Exec("BEGIN");
+        c->BeginLazily();
         txn = Txn{};
         txn.now = clock_.Now();
         const bool ok = fn(*c, txn);
         committing = ok;
-        c->Exec(ok ? "COMMIT" : "ROLLBACK");
+        c->End(ok);
         pool_.Release(std::move(c));
         return Ok();
       } catch (const SqlError& e) {

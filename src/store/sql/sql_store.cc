@@ -140,8 +140,9 @@ Error StepNotRunning(const std::string& run_id, const std::string& step_id) {
 // Something a parked run waits for happened (a signal, a child run's end): a waiting run
 // is due at once; a leased one is marked, so that parking it again makes it due at once
 // instead (SuspendStep); any other run will look when it next runs. The caller holds the
-// run's lock.
-void Wake(Conn& db, Txn& txn, const std::string& run_id) {
+// run's lock. `urgent`: tell idle workers at once (not for a wake that only re-arms the
+// run's timer, which a worker's next look serves as well).
+void Wake(Conn& db, Txn& txn, const std::string& run_id, bool urgent = true) {
   std::string status;
   {
     auto s = db.Prepare("SELECT status FROM runs WHERE id = ?1");
@@ -155,7 +156,7 @@ void Wake(Conn& db, Txn& txn, const std::string& run_id) {
         "WHERE run_id = ?1 AND lease_token IS NULL");
     s.Bind(1, run_id).Bind(2, ToMillis(txn.now)).Run();
     if (db.Changes() > 0) {
-      txn.work_due = true;
+      txn.work_due = txn.work_due || urgent;
       return;
     }
   }
@@ -300,6 +301,10 @@ Result<T> SqlStore::Read(const std::function<Result<T>(Conn&)>& fn) {
 }
 
 void SqlStore::Committed(const Txn& txn) {
+  if (txn.counted_submit && txn.queue_delta > 0) {
+    std::lock_guard lock(queue_count_mu_);
+    if (queue_count_) queue_count_->submitted_since += txn.queue_delta;
+  }
   if (!txn.new_definitions.empty()) {
     std::lock_guard lock(definitions_mu_);
     if (known_definitions_.size() > 100000) known_definitions_.clear();  // bound: ids are per version
@@ -375,24 +380,37 @@ Result<SubmitResult> SqlStore::SubmitRun(const NewRun& run) {
     }
     int64_t queued = txn.queue_rows;
     if (queued < 0) {
-      // Concurrent submits (counting stops at the bound, so a count stays cheap however
-      // long the queue). Far from the bound they go side by side under a shared lock:
-      // fewer than kExactWithin submits are ever in flight at once, so together they
-      // cannot pass it. Near it they go one at a time under the exclusive lock, which
-      // waits for the shared holders, and count again what all of them committed.
-      constexpr int64_t kExactWithin = 1000;
+      // Concurrent submits (several nodes, or a pool of connections). Far from the bound
+      // they go side by side under a shared lock, trusting a recent count (at most
+      // kCountFor old, plus this node's submits since): to pass the bound together they
+      // would need `exact_within` submits in flight, or made elsewhere within kCountFor.
+      // Near it they go one at a time under the exclusive lock, which waits for the shared
+      // holders to commit, and count again. A count stops at the bound, so it stays cheap
+      // however long the queue is.
+      const int64_t exact_within = std::max<int64_t>(1000, run.max_queue_depth / 10);
       auto count = [&] {
         auto s = db.Prepare("SELECT count(*) FROM (SELECT 1 FROM queue LIMIT ?1) AS q");
         s.Bind(1, std::max<int64_t>(run.max_queue_depth, 0));
-        return s.Step() ? s.Int(0) : int64_t{0};
+        const int64_t n = s.Step() ? s.Int(0) : 0;
+        std::lock_guard lock(queue_count_mu_);
+        queue_count_ = QueueCount{n, std::chrono::steady_clock::now(), 0};
+        return n;
       };
-      queued = count();
-      if (queued >= run.max_queue_depth - kExactWithin) {
+      std::optional<int64_t> recent;
+      {
+        std::lock_guard lock(queue_count_mu_);
+        if (queue_count_ && std::chrono::steady_clock::now() - queue_count_->at < kCountFor) {
+          recent = queue_count_->rows + queue_count_->submitted_since;
+        }
+      }
+      queued = recent && *recent < run.max_queue_depth - exact_within ? *recent : count();
+      if (queued >= run.max_queue_depth - exact_within) {
         db.Lock("queue-depth");
         queued = count();
       } else {
         db.Lock("queue-depth", /*shared=*/true);
       }
+      txn.counted_submit = true;
     }
     if (queued >= run.max_queue_depth) {
       Error e(ErrorCode::kQueueFull,
@@ -853,8 +871,12 @@ Result<std::optional<TaskRecord>> SqlStore::LeaseTask(const std::string& queue, 
       }
       auto t = LoadTask(db, token);
       AppendEvent(db, txn.now, t->run_id, "TaskLeased", t->step_id, t->attempt, json::object{{"worker", worker_id}});
-      // The run, parked while the task was pending, now also waits for this lease's end.
-      Wake(db, txn, t->run_id);
+      // The run, parked while the task was pending, now also waits for this lease's end:
+      // it parks again with the lease's expiry as its timer. Nothing waits on that, so
+      // no worker is woken for it (a worker's next look takes it): a run re-parking at the
+      // moment of a crash counts an interrupted attempt and hands out a new task, and
+      // waking a worker at once would put that moment right after every take.
+      Wake(db, txn, t->run_id, /*urgent=*/false);
       return std::optional<TaskRecord>(std::move(*t));
     }
     return std::optional<TaskRecord>();

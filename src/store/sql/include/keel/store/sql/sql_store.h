@@ -9,6 +9,7 @@
 // serial order of a run's writes as a single writer does. Leasing skips rows and runs
 // locked by others instead of waiting for them. docs/storage.md has the protocol.
 
+#include <chrono>
 #include <condition_variable>
 #include <functional>
 #include <mutex>
@@ -39,6 +40,8 @@ struct Txn {
   bool work_due = false;
   /// Queues on which a task became pending.
   std::vector<std::string> task_queues;
+  /// A submit that counted the queue itself (queue_rows was -1).
+  bool counted_submit = false;
 };
 
 class SqlStore : public Store {
@@ -117,6 +120,16 @@ class SqlStore : public Store {
 
   std::mutex definitions_mu_;
   std::unordered_set<std::string> known_definitions_;  // GUARDED_BY(definitions_mu_); committed ids
+
+  // The last count of the queue, for submits far from max_queue_depth (SubmitRun).
+  struct QueueCount {
+    int64_t rows = 0;
+    std::chrono::steady_clock::time_point at;
+    int64_t submitted_since = 0;  // runs this store queued since
+  };
+  static constexpr std::chrono::milliseconds kCountFor{100};
+  std::mutex queue_count_mu_;
+  std::optional<QueueCount> queue_count_;  // GUARDED_BY(queue_count_mu_)
 
   std::mutex listener_mu_;
   std::function<void()> listener_;  // GUARDED_BY(listener_mu_)
