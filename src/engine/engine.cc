@@ -308,9 +308,16 @@ class EngineImpl final : public Engine {
     const StepConfig* step = &pipeline.steps[cur];
     const store::StepRecord* record = nullptr;
     if (const auto it = records.find(step->id); it != records.end()) record = it->second;
-    // An attempt that was in flight when its worker died counts as used (a parked one
-    // does not: it is waiting, not lost).
-    if (record && record->status == StepStatus::kRunning && record->attempts >= step->retry.max_attempts) {
+    // A step that parks (a task, a wait, a sleep, a child run) does its work outside the
+    // worker: an attempt of it interrupted by a crash (typically while it looked at what
+    // it waits for and parked again) is resumed, not counted again. Its task, timer,
+    // signals and child run are the attempt's, and still there.
+    const bool parks = step->kind == StepKind::kTask || step->kind == StepKind::kWaitForSignal ||
+                       step->kind == StepKind::kSleep || step->kind == StepKind::kPipeline;
+    const bool resume = parks && record && record->status == StepStatus::kRunning && record->attempts > 0;
+    // Any other attempt that was in flight when its worker died counts as used (a parked
+    // one does not: it is waiting, not lost).
+    if (!resume && record && record->status == StepStatus::kRunning && record->attempts >= step->retry.max_attempts) {
       Error err = record->error.value_or(Error(ErrorCode::kTimeout, "attempt " + std::to_string(record->attempts) +
                                                                         " of step \"" + step->id +
                                                                         "\" was interrupted (its worker was lost)"));
@@ -320,12 +327,18 @@ class EngineImpl final : public Engine {
       }
       return;
     }
-    auto started = store_.StartStep(lease, step->id);
-    if (!started.ok()) {
-      LogAbandon(run.id, step->id, started.error());
-      return;
+    int attempt = 0;
+    if (resume) {
+      attempt = record->attempts;
+      obs::LogInfo("resuming an interrupted attempt", {{"run_id", run.id}, {"step_id", step->id}, {"attempt", attempt}});
+    } else {
+      auto started = store_.StartStep(lease, step->id);
+      if (!started.ok()) {
+        LogAbandon(run.id, step->id, started.error());
+        return;
+      }
+      attempt = *started;
     }
-    int attempt = *started;
     json::value scope = json::object{{"input", run.input}, {"steps", std::move(steps_scope)}};
 
     while (true) {

@@ -356,6 +356,49 @@ pipelines:
   EXPECT_EQ(Get(id).output, (json::object{{"got", 42}}));
 }
 
+// A crash in the moment a task step looks at its task again (after the task was taken)
+// leaves the step `running`: the attempt is resumed, not counted again, and the task the
+// worker holds is still the step's, so the worker's answer is taken.
+TEST_F(EngineTest, ATaskStepInterruptedWhileItParksAgainResumesItsAttempt) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  work:
+    steps:
+      - id: job
+        task: {queue: q, input: {n: "{{input.n}}"}, heartbeat_timeout: 10m}
+      - id: after
+        transform: {got: "{{steps.job.output.answer}}"}
+)"));
+  const std::string id = Submit("work", json::object{{"n", 1}});
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+  engine_->Stop();  // no worker of this engine runs from here on
+  auto task = store_->LeaseTask("q", "w1");
+  ASSERT_OK(task);
+  ASSERT_TRUE(task->has_value());
+  // The run woke to park again with the task's lease as its timer; a node took it, started
+  // the step again and died before parking it.
+  auto leased = store_->LeaseRun("dead-node", 30s);
+  ASSERT_OK(leased);
+  ASSERT_TRUE(leased->has_value());
+  ASSERT_OK(store_->StartStep((*leased)->lease, "job"));
+  ASSERT_EQ(StepStatusName(Step(Get(id), "job")->status), "running");
+  clock_.Advance(31s);  // its lease expires; the task's (10m) does not
+  engine_ = Engine::Create(config_.engine, *store_, *gateway_, clock_, random_, registry_);
+  engine_->Start();
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+  ASSERT_OK(store_->CompleteTask((*task)->token, json::object{{"answer", 42}}));
+  engine_->Notify();
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  const auto run = Get(id);
+  EXPECT_EQ(run.output, (json::object{{"got", 42}}));
+  EXPECT_EQ(Step(run, "job")->attempts, 1);
+  auto events = store_->ListEvents(id, 0, 1000);
+  ASSERT_OK(events);
+  int queued = 0;
+  for (const auto& e : *events) queued += e.type == "TaskQueued";
+  EXPECT_EQ(queued, 1) << "the interrupted attempt handed out a second task";
+}
+
 TEST_F(EngineTest, QuietTaskWorkerLosesTheTaskAtItsHeartbeatTimeout) {
   ASSERT_NO_FATAL_FAILURE(Start(R"(
 pipelines:

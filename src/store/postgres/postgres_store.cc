@@ -148,6 +148,12 @@ SqlError::Kind KindOf(PGconn* conn, const PGresult* res) {
 
 class PgConn;
 
+// Frees a PGresult when it goes out of scope.
+struct ResultGuard {
+  PGresult* r;
+  ~ResultGuard() { PQclear(r); }
+};
+
 // A server-side prepared statement of one connection. Statements are written with ?N
 // parameters (sql.h); the ones used are renumbered $1..$k in order of their numbers, so
 // that a statement may leave numbers out (every $k must be used for PostgreSQL to infer
@@ -164,6 +170,7 @@ class PgStmt final : public sql::StmtImpl {
     if (const int p = Pos(i); p >= 0) values_[static_cast<std::size_t>(p)].reset();
   }
   bool Step() override;
+  void Send() override;
   bool IsNull(int c) const override { return PQgetisnull(res_, row_, c) != 0; }
   int64_t Int(int c) const override {
     if (IsNull(c)) return 0;  // as SQLite reads NULL
@@ -171,7 +178,9 @@ class PgStmt final : public sql::StmtImpl {
     const int n = PQgetlength(res_, row_, c);
     int64_t out = 0;
     const auto [p, ec] = std::from_chars(v, v + n, out);
-    if (ec != std::errc() || p != v + n) throw SqlError("postgres: column " + std::to_string(c) + " is not an integer: " + std::string(v, static_cast<std::size_t>(n)));
+    if (ec != std::errc() || p != v + n) {
+      throw SqlError("postgres: column " + std::to_string(c) + " is not an integer: " + std::string(v, static_cast<std::size_t>(n)));
+    }
     return out;
   }
   std::string Text(int c) const override {
@@ -186,9 +195,16 @@ class PgStmt final : public sql::StmtImpl {
   }
 
  private:
-  int Pos(int i) const { return i >= 0 && static_cast<std::size_t>(i) < position_.size() ? position_[static_cast<std::size_t>(i)] : -1; }
+  int Pos(int i) const {
+    return i >= 0 && static_cast<std::size_t>(i) < position_.size() ? position_[static_cast<std::size_t>(i)] : -1;
+  }
   void Set(int i, std::string v) {
     if (const int p = Pos(i); p >= 0) values_[static_cast<std::size_t>(p)] = std::move(v);
+  }
+  std::vector<const char*> Params() const {
+    std::vector<const char*> params(values_.size());
+    for (std::size_t i = 0; i < values_.size(); ++i) params[i] = values_[i] ? values_[i]->c_str() : nullptr;
+    return params;
   }
 
   PgConn& conn_;
@@ -201,6 +217,13 @@ class PgStmt final : public sql::StmtImpl {
 };
 
 // One connection with its prepared statements. Used by one thread at a time.
+//
+// A pooled connection runs in libpq's pipeline mode: statements whose results are not
+// needed (Stmt::Send: an event appended, a row updated) are sent without waiting, and go
+// to the server with the next statement whose result is needed, or with the COMMIT. A
+// transaction thus costs a round trip per statement that is read, not per statement.
+// Errors of a sent statement surface at that next read (the transaction is lost either
+// way). The listener's and the notifier's connections stay in the ordinary mode.
 class PgConn final : public Conn {
  public:
   // Opens a connection; nullptr with `error` set on failure.
@@ -240,6 +263,12 @@ class PgConn final : public Conn {
     PQfinish(conn_);
   }
 
+  // Switches to pipeline mode (a pooled connection, idle).
+  void EnterPipeline() {
+    if (PQenterPipelineMode(conn_) != 1) throw SqlError("postgres: cannot enter pipeline mode: " + OneLine(PQerrorMessage(conn_)), SqlError::Kind::kConnection);
+    pipeline_ = true;
+  }
+
   Stmt Prepare(const std::string& sql) override {
     auto it = cache_.find(sql);
     if (it == cache_.end()) {
@@ -269,16 +298,14 @@ class PgConn final : public Conn {
         }
       }
       const std::string name = "k" + std::to_string(cache_.size() + 1);
-      PGresult* res = PQprepare(conn_, name.c_str(), text.c_str(), static_cast<int>(used.size()), nullptr);
-      const bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
-      if (!ok) {
-        struct Clear {
-          PGresult* r;
-          ~Clear() { PQclear(r); }
-        } clear{res};
-        Throw(conn_, res, text);
+      if (pipeline_) {
+        if (PQsendPrepare(conn_, name.c_str(), text.c_str(), static_cast<int>(used.size()), nullptr) != 1) LostConnection();
+        ++unread_;
+        ResultGuard done{Read(text)};
+      } else {
+        ResultGuard res{PQprepare(conn_, name.c_str(), text.c_str(), static_cast<int>(used.size()), nullptr)};
+        if (PQresultStatus(res.r) != PGRES_COMMAND_OK) Throw(conn_, res.r, text);
       }
-      PQclear(res);
       it = cache_.emplace(sql, std::make_unique<PgStmt>(*this, name, std::move(position), static_cast<int>(used.size())))
                .first;
     }
@@ -288,31 +315,11 @@ class PgConn final : public Conn {
   int64_t Changes() const override { return changes_; }
 
   void Lock(std::string_view key, bool shared) override {
-    const auto hash = static_cast<int64_t>(Fnv1a64(key));
-    if (begin_pending_) {
-      // The transaction's first statement: BEGIN and the lock in one round trip (the
-      // key is a number of keel's making, never text of a client's).
-      begin_pending_ = false;
-      Exec(("BEGIN; SELECT 1 FROM (SELECT pg_advisory_xact_lock" + std::string(shared ? "_shared" : "") + "(" +
-            std::to_string(hash) + ")) AS l")
-               .c_str());
-      return;
-    }
     auto s = Prepare(shared ? "SELECT 1 FROM (SELECT pg_advisory_xact_lock_shared(?1)) AS l"
                             : "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?1)) AS l");
-    s.Bind(1, hash).Run();
-  }
-
-  // Starts a transaction whose BEGIN goes with its first statement (see Lock).
-  void BeginLazily() { begin_pending_ = true; }
-  // Sends a BEGIN still pending, before a statement.
-  void Begun() {
-    if (std::exchange(begin_pending_, false)) Exec("BEGIN");
-  }
-  // Ends the transaction: COMMIT or ROLLBACK, or nothing when it never began.
-  void End(bool commit) {
-    if (std::exchange(begin_pending_, false)) return;
-    Exec(commit ? "COMMIT" : "ROLLBACK");
+    s.Bind(1, static_cast<int64_t>(Fnv1a64(key)));
+    // The statements after it wait for it on the server: no need to wait here.
+    s.Send();
   }
 
   bool TryLock(std::string_view key) override {
@@ -323,56 +330,143 @@ class PgConn final : public Conn {
 
   std::string_view SkipLocked() const override { return " FOR UPDATE SKIP LOCKED"; }
 
-  // Runs a statement without parameters (BEGIN, COMMIT, DDL).
+  // Starts a transaction: in pipeline mode its BEGIN goes with the first statement read.
+  void Begin(const char* begin = "BEGIN") {
+    if (!pipeline_) return Exec(begin);
+    SendSimple(begin);
+  }
+  // COMMIT or ROLLBACK, with whatever is still unsent or unread.
+  void End(bool commit) { Exec(commit ? "COMMIT" : "ROLLBACK"); }
+
+  // Runs one statement without parameters (BEGIN, COMMIT, SET, DDL; several only outside
+  // pipeline mode) and waits for it.
   void Exec(const char* sql) {
-    PGresult* res = PQexec(conn_, sql);
-    const auto st = PQresultStatus(res);
-    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
-      struct Clear {
-        PGresult* r;
-        ~Clear() { PQclear(r); }
-      } clear{res};
-      Throw(conn_, res, sql);
+    if (pipeline_) {
+      SendSimple(sql);
+      ResultGuard done{Read(sql)};
+      return;
     }
-    PQclear(res);
+    ResultGuard res{PQexec(conn_, sql)};
+    const auto st = PQresultStatus(res.r);
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) Throw(conn_, res.r, sql);
+  }
+
+  // Executes a prepared statement and returns its result (the caller frees it).
+  PGresult* Execute(const std::string& name, const std::vector<const char*>& params) {
+    if (!pipeline_) {
+      PGresult* res = PQexecPrepared(conn_, name.c_str(), static_cast<int>(params.size()), params.data(), nullptr, nullptr, 0);
+      const auto st = PQresultStatus(res);
+      if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
+        ResultGuard failed{res};
+        Throw(conn_, res, name);
+      }
+      NoteChanges(res);
+      return res;
+    }
+    SendPrepared(name, params);
+    PGresult* res = Read(name);
+    NoteChanges(res);
+    return res;
+  }
+
+  // Sends a prepared statement whose result is not needed (pipeline mode; otherwise it
+  // runs at once).
+  void SendPrepared(const std::string& name, const std::vector<const char*>& params) {
+    if (!pipeline_) {
+      PQclear(Execute(name, params));
+      return;
+    }
+    if (PQsendQueryPrepared(conn_, name.c_str(), static_cast<int>(params.size()), params.data(), nullptr, nullptr, 0) != 1) {
+      LostConnection();
+    }
+    ++unread_;
   }
 
   // Whether the connection can go back to the pool.
-  bool Reusable() const { return PQstatus(conn_) == CONNECTION_OK && PQtransactionStatus(conn_) == PQTRANS_IDLE; }
+  bool Reusable() const {
+    return PQstatus(conn_) == CONNECTION_OK && PQtransactionStatus(conn_) == PQTRANS_IDLE && unread_ == 0;
+  }
   PGconn* raw() const { return conn_; }
-  void set_changes(int64_t n) { changes_ = n; }
 
  private:
   explicit PgConn(PGconn* conn) : conn_(conn) {}
+
+  void SendSimple(const char* sql) {
+    if (PQsendQueryParams(conn_, sql, 0, nullptr, nullptr, nullptr, nullptr, 0) != 1) LostConnection();
+    ++unread_;
+  }
+
+  [[noreturn]] void LostConnection() {
+    throw SqlError("postgres: " + OneLine(PQerrorMessage(conn_)), SqlError::Kind::kConnection);
+  }
+
+  void NoteChanges(const PGresult* res) {
+    const char* changed = PQcmdTuples(const_cast<PGresult*>(res));
+    if (changed != nullptr && *changed != '\0') changes_ = std::atoll(changed);
+  }
+
+  // Pipeline mode: sends what is pending with a sync point, reads the results of
+  // everything sent, and returns the last one's (the caller frees it). The first error
+  // among them is thrown once the sync point is read, so the connection stays usable.
+  PGresult* Read(std::string_view what) {
+    if (PQpipelineSync(conn_) != 1) LostConnection();
+    PGresult* last = nullptr;
+    std::optional<SqlError> error;
+    const int expected = std::exchange(unread_, 0);
+    for (int i = 0; i < expected; ++i) {
+      PGresult* r = PQgetResult(conn_);
+      if (r == nullptr || PQstatus(conn_) != CONNECTION_OK) {
+        PQclear(r);
+        PQclear(last);
+        LostConnection();
+      }
+      const auto st = PQresultStatus(r);
+      if (st == PGRES_FATAL_ERROR || st == PGRES_PIPELINE_ABORTED) {
+        if (!error) {
+          try {
+            Throw(conn_, r, st == PGRES_FATAL_ERROR ? what : std::string_view());
+          } catch (const SqlError& e) {
+            error = e;
+          }
+        }
+        PQclear(r);
+      } else if (i + 1 == expected) {
+        last = r;
+      } else {
+        PQclear(r);
+      }
+      // Each statement's results end with a null.
+      while (PGresult* extra = PQgetResult(conn_)) PQclear(extra);
+    }
+    ResultGuard sync{PQgetResult(conn_)};
+    if (sync.r == nullptr || PQresultStatus(sync.r) != PGRES_PIPELINE_SYNC) {
+      PQclear(last);
+      LostConnection();
+    }
+    if (error) {
+      PQclear(last);
+      throw *error;
+    }
+    return last;
+  }
+
   PGconn* conn_;
   std::unordered_map<std::string, std::unique_ptr<PgStmt>> cache_;
   int64_t changes_ = 0;
-  bool begin_pending_ = false;
+  bool pipeline_ = false;
+  int unread_ = 0;  // statements sent whose results are not read yet
 };
 
 bool PgStmt::Step() {
   if (res_ == nullptr) {
-    conn_.Begun();
-    std::vector<const char*> params(values_.size());
-    for (std::size_t i = 0; i < values_.size(); ++i) params[i] = values_[i] ? values_[i]->c_str() : nullptr;
-    res_ = PQexecPrepared(conn_.raw(), name_.c_str(), static_cast<int>(params.size()), params.data(), nullptr, nullptr, 0);
-    const auto st = PQresultStatus(res_);
-    if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
-      PGresult* failed = res_;
-      res_ = nullptr;
-      struct Clear {
-        PGresult* r;
-        ~Clear() { PQclear(r); }
-      } clear{failed};
-      Throw(conn_.raw(), failed, name_);
-    }
-    const char* changed = PQcmdTuples(res_);
-    if (changed != nullptr && *changed != '\0') conn_.set_changes(std::atoll(changed));
+    res_ = conn_.Execute(name_, Params());
     rows_ = PQntuples(res_);
     row_ = -1;
   }
   return ++row_ < rows_;
 }
+
+void PgStmt::Send() { conn_.SendPrepared(name_, Params()); }
 
 // Connections opened on demand up to a bound; a connection that failed is dropped, and
 // with it every idle one (after a server restart they are all dead).
@@ -399,6 +493,14 @@ class Pool {
     }
     std::string error;
     auto c = PgConn::Connect(options_, error);
+    if (c) {
+      try {
+        c->EnterPipeline();
+      } catch (const SqlError& e) {
+        error = e.what();
+        c.reset();
+      }
+    }
     if (!c) {
       {
         std::lock_guard lock(mu_);
@@ -435,7 +537,9 @@ class Pool {
     cv_.notify_all();
   }
 
+  // Adds a connection that is open and idle, switching it to pipeline mode.
   void Put(std::unique_ptr<PgConn> c) {
+    c->EnterPipeline();
     std::lock_guard lock(mu_);
     ++open_;
     idle_.push_back(std::move(c));
@@ -522,7 +626,11 @@ class PostgresStore final : public sql::SqlStore {
     if (!c) return Error(ErrorCode::kUnavailable, "cannot connect to PostgreSQL at " + RedactUrl(url) + ": " + error);
     auto migrated = Migrate(*c);
     if (!migrated.ok()) return std::move(migrated).error();
-    pool_.Put(std::move(c));
+    try {
+      pool_.Put(std::move(c));
+    } catch (const SqlError& e) {
+      return Error(ErrorCode::kUnavailable, e.what());
+    }
     notifier_ = std::thread([this] { NotifierLoop(); });
     if (pool_.options().listen) {
       // Listening before Open returns: a node that says it is up hears every submit.
@@ -541,7 +649,7 @@ class PostgresStore final : public sql::SqlStore {
       std::unique_ptr<PgConn> c = std::move(acquired).value();
       bool committing = false;
       try {
-        c->BeginLazily();
+        c->Begin();
         txn = Txn{};
         txn.now = clock_.Now();
         const bool ok = fn(*c, txn);
@@ -581,9 +689,9 @@ class PostgresStore final : public sql::SqlStore {
       if (!acquired.ok()) return std::move(acquired).error();
       std::unique_ptr<PgConn> c = std::move(acquired).value();
       try {
-        c->Exec("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
+        c->Begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
         fn(*c);
-        c->Exec("COMMIT");
+        c->End(true);
         pool_.Release(std::move(c));
         return Ok();
       } catch (const SqlError& e) {

@@ -13,6 +13,9 @@ std::string RunKey(std::string_view run_id) { return "run:" + std::string(run_id
 constexpr const char* kRunColumns =
     "id, pipeline, status, input, output, error, idempotency_key, created_at, updated_at, "
     "started_at, finished_at, definition_id, waiting, signals, parent";
+constexpr const char* kRunColumnsOfR =
+    "r.id, r.pipeline, r.status, r.input, r.output, r.error, r.idempotency_key, r.created_at, r.updated_at, "
+    "r.started_at, r.finished_at, r.definition_id, r.waiting, r.signals, r.parent";
 
 RunRecord ReadRunRow(const Stmt& s) {
   RunRecord r;
@@ -40,15 +43,12 @@ RunRecord ReadRunRow(const Stmt& s) {
 std::optional<RunRecord> LoadRun(Conn& db, const std::string& id, bool with_steps) {
   std::optional<RunRecord> run;
   {
-    auto s = db.Prepare(std::string("SELECT ") + kRunColumns + " FROM runs WHERE id = ?1");
+    auto s = db.Prepare(std::string("SELECT ") + kRunColumnsOfR +
+                        ", d.body FROM runs r LEFT JOIN definitions d ON d.id = r.definition_id WHERE r.id = ?1");
     s.Bind(1, id);
     if (!s.Step()) return std::nullopt;
     run = ReadRunRow(s);
-  }
-  {
-    auto s = db.Prepare("SELECT body FROM definitions WHERE id = ?1");
-    s.Bind(1, run->definition_id);
-    if (s.Step()) run->definition = s.Json(0);
+    run->definition = s.Json(15);
   }
   if (with_steps) {
     auto s = db.Prepare(
@@ -77,12 +77,34 @@ std::optional<RunRecord> LoadRun(Conn& db, const std::string& id, bool with_step
 
 Error NoRun(const std::string& run_id) { return Error(ErrorCode::kNotFound, "no run with id \"" + run_id + "\"", "run_id"); }
 
-void AppendEvent(Conn& db, Timestamp now, const std::string& run_id, std::string_view type,
-                 std::string_view step_id = {}, int attempt = 0, const json::value& data = nullptr) {
-  auto s = db.Prepare("INSERT INTO events(run_id, type, step_id, attempt, at, data) VALUES(?1, ?2, ?3, ?4, ?5, ?6)");
-  s.Bind(1, run_id).Bind(2, type).BindOptText(3, step_id).Bind(5, ToMillis(now)).BindJson(6, data);
-  if (attempt > 0) s.Bind(4, attempt); else s.BindNull(4);
-  s.Run();
+// Appends an event to the write's log: written with the write's other events in one
+// statement when its work is done (FlushEvents), in the order appended.
+void AppendEvent(Txn& txn, const std::string& run_id, std::string_view type, std::string_view step_id = {},
+                 int attempt = 0, const json::value& data = nullptr) {
+  txn.events.push_back(Txn::Event{run_id, std::string(type), std::string(step_id), attempt, data});
+}
+
+void FlushEvents(Conn& db, Txn& txn) {
+  constexpr std::size_t kPerStatement = 8;
+  for (std::size_t i = 0; i < txn.events.size(); i += kPerStatement) {
+    const std::size_t n = std::min(kPerStatement, txn.events.size() - i);
+    std::string sql = "INSERT INTO events(run_id, type, step_id, attempt, at, data) VALUES";
+    for (std::size_t k = 0; k < n; ++k) {
+      const std::size_t b = k * 6;
+      sql += (k ? ", (?" : " (?") + std::to_string(b + 1) + ", ?" + std::to_string(b + 2) + ", ?" + std::to_string(b + 3) +
+             ", ?" + std::to_string(b + 4) + ", ?" + std::to_string(b + 5) + ", ?" + std::to_string(b + 6) + ")";
+    }
+    auto s = db.Prepare(sql);
+    for (std::size_t k = 0; k < n; ++k) {
+      const auto& e = txn.events[i + k];
+      const int b = static_cast<int>(k * 6);
+      s.Bind(b + 1, e.run_id).Bind(b + 2, e.type).BindOptText(b + 3, e.step_id).Bind(b + 5, ToMillis(txn.now))
+          .BindJson(b + 6, e.data);
+      if (e.attempt > 0) s.Bind(b + 4, e.attempt); else s.BindNull(b + 4);
+    }
+    s.Send();
+  }
+  txn.events.clear();
 }
 
 // Takes the run's lock, then: kLeaseLost unless `lease` is the run's current, unexpired
@@ -106,7 +128,8 @@ std::optional<Error> CheckLease(Conn& db, const Lease& lease, Timestamp now, boo
 
 // Starts the next attempt of a step; nullopt when the step already succeeded (a
 // checkpointed step never runs again).
-std::optional<int> StartStepRow(Conn& db, Timestamp now, const std::string& run_id, const std::string& step_id) {
+std::optional<int> StartStepRow(Conn& db, Txn& txn, const std::string& run_id, const std::string& step_id) {
+  const Timestamp now = txn.now;
   std::optional<int> attempt;
   {
     auto s = db.Prepare(
@@ -122,9 +145,9 @@ std::optional<int> StartStepRow(Conn& db, Timestamp now, const std::string& run_
   if (!attempt) return std::nullopt;
   {
     auto s = db.Prepare("UPDATE runs SET updated_at = ?2 WHERE id = ?1");
-    s.Bind(1, run_id).Bind(2, ToMillis(now)).Run();
+    s.Bind(1, run_id).Bind(2, ToMillis(now)).Send();
   }
-  AppendEvent(db, now, run_id, "StepStarted", step_id, *attempt);
+  AppendEvent(txn, run_id, "StepStarted", step_id, *attempt);
   return attempt;
 }
 
@@ -161,7 +184,7 @@ void Wake(Conn& db, Txn& txn, const std::string& run_id, bool urgent = true) {
     }
   }
   auto s = db.Prepare("UPDATE queue SET woken = 1 WHERE run_id = ?1 AND lease_token IS NOT NULL");
-  s.Bind(1, run_id).Run();
+  s.Bind(1, run_id).Send();
 }
 
 // The `seq` of map items: after every step's, in index order.
@@ -218,11 +241,14 @@ Result<TaskRecord> HeldTask(Conn& db, const std::string& token, Timestamp now) {
 
 void EndRun(Conn& db, Txn& txn, const std::string& run_id, RunStatus status, const json::value& output,
             const std::optional<Error>& error) {
+  std::string parent;
   {
     auto s = db.Prepare(
-        "UPDATE runs SET status = ?2, output = ?3, error = ?4, finished_at = ?5, updated_at = ?5 WHERE id = ?1");
+        "UPDATE runs SET status = ?2, output = ?3, error = ?4, finished_at = ?5, updated_at = ?5 WHERE id = ?1 "
+        "RETURNING parent");
     s.Bind(1, run_id).Bind(2, RunStatusName(status)).BindJson(3, output).Bind(5, ToMillis(txn.now));
     if (error) s.BindJson(4, ErrorToJson(*error)); else s.BindNull(4);
+    if (s.Step() && !s.IsNull(0)) parent = s.Text(0);
     s.Run();
   }
   {
@@ -236,13 +262,7 @@ void EndRun(Conn& db, Txn& txn, const std::string& run_id, RunStatus status, con
                                                        : "RunDeadLettered";
   json::value data = nullptr;
   if (error) data = json::object{{"error", ErrorToJson(*error)}};
-  AppendEvent(db, txn.now, run_id, type, {}, 0, data);
-  std::string parent;
-  {
-    auto s = db.Prepare("SELECT parent FROM runs WHERE id = ?1");
-    s.Bind(1, run_id);
-    if (s.Step() && !s.IsNull(0)) parent = s.Text(0);
-  }
+  AppendEvent(txn, run_id, type, {}, 0, data);
   if (!parent.empty()) {
     // A child's lock is always taken before its parent's, never the other way round.
     const std::string parent_id = parent.substr(0, parent.find('/'));
@@ -264,6 +284,7 @@ Result<R> SqlStore::Write(const std::function<Result<T>(Conn&, Txn&)>& fn) {
       [&](Conn& db, Txn& t) {
         try {
           out.emplace(fn(db, t));
+          if (out->ok()) FlushEvents(db, t);
         } catch (const SqlError& e) {
           if (e.kind != SqlError::Kind::kStatement) throw;  // the backend retries or gives up
           out.emplace(Error(ErrorCode::kUnavailable, e.what()));
@@ -373,11 +394,6 @@ Result<SubmitResult> SqlStore::SubmitRun(const NewRun& run) {
         return SubmitResult{*LoadRun(db, existing_id, true), false};
       }
     }
-    {
-      auto s = db.Prepare("SELECT 1 FROM runs WHERE id = ?1");
-      s.Bind(1, run.id);
-      if (s.Step()) return Error(ErrorCode::kConflict, "a run with id " + run.id + " already exists");
-    }
     int64_t queued = txn.queue_rows;
     if (queued < 0) {
       // Concurrent submits (several nodes, or a pool of connections). Far from the bound
@@ -429,24 +445,27 @@ Result<SubmitResult> SqlStore::SubmitRun(const NewRun& run) {
     if (!KnownDefinition(definition_id)) {
       if (definition_body.empty()) definition_body = json::serialize(run.definition);
       auto s = db.Prepare("INSERT INTO definitions(id, body) VALUES(?1, ?2) ON CONFLICT DO NOTHING");
-      s.Bind(1, definition_id).Bind(2, definition_body).Run();
+      s.Bind(1, definition_id).Bind(2, definition_body).Send();
       txn.new_definitions.push_back(definition_id);
     }
     {
+      // A taken id inserts nothing (and returns no row) rather than failing the write.
       auto s = db.Prepare(
           "INSERT INTO runs(id, pipeline, status, input, definition_id, idempotency_key, fingerprint, "
-          "created_at, updated_at, parent) VALUES(?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?7, ?8)");
+          "created_at, updated_at, parent) VALUES(?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?7, ?8) "
+          "ON CONFLICT(id) DO NOTHING RETURNING id");
       s.Bind(1, run.id).Bind(2, run.pipeline).Bind(3, json::serialize(run.input))
           .Bind(4, definition_id).BindOptText(5, run.idempotency_key)
           .BindOptText(6, run.fingerprint).Bind(7, now).BindOptText(8, run.parent);
+      if (!s.Step()) return Error(ErrorCode::kConflict, "a run with id " + run.id + " already exists");
       s.Run();
     }
     {
       auto s = db.Prepare("INSERT INTO queue(run_id, due_at) VALUES(?1, ?2)");
-      s.Bind(1, run.id).Bind(2, now).Run();
+      s.Bind(1, run.id).Bind(2, now).Send();
       txn.queue_delta += 1;
     }
-    AppendEvent(db, txn.now, run.id, "RunSubmitted", {}, 0, json::object{{"pipeline", run.pipeline}});
+    AppendEvent(txn, run.id, "RunSubmitted", {}, 0, json::object{{"pipeline", run.pipeline}});
     txn.work_due = true;
     RunRecord r;
     r.id = run.id;
@@ -563,21 +582,21 @@ Result<std::optional<LeasedRun>> SqlStore::LeaseRun(const std::string& worker_id
         auto s = db.Prepare(
             "UPDATE queue SET due_at = ?2, lease_token = ?3, lease_owner = ?4, deliveries = deliveries + 1 "
             "WHERE run_id = ?1");
-        s.Bind(1, run_id).Bind(2, ToMillis(lease.expires_at)).Bind(3, lease.token).Bind(4, worker_id).Run();
+        s.Bind(1, run_id).Bind(2, ToMillis(lease.expires_at)).Bind(3, lease.token).Bind(4, worker_id).Send();
       }
       if (was_leased) {
-        AppendEvent(db, txn.now, run_id, "LeaseExpired", {}, 0, json::object{{"delivery", deliveries}});
+        AppendEvent(txn, run_id, "LeaseExpired", {}, 0, json::object{{"delivery", deliveries}});
       }
       if (run->status == RunStatus::kQueued || run->status == RunStatus::kWaiting) {
         auto s = db.Prepare(
             "UPDATE runs SET status = 'running', waiting = NULL, started_at = coalesce(started_at, ?2), "
             "updated_at = ?2 WHERE id = ?1");
-        s.Bind(1, run_id).Bind(2, now).Run();
+        s.Bind(1, run_id).Bind(2, now).Send();
         run->status = RunStatus::kRunning;
         run->waiting = nullptr;
         if (!run->started_at) run->started_at = txn.now;
       }
-      AppendEvent(db, txn.now, run_id, "RunLeased", {}, 0,
+      AppendEvent(txn, run_id, "RunLeased", {}, 0,
                   json::object{{"worker", worker_id}, {"delivery", lease.delivery}});
       return std::optional<LeasedRun>(LeasedRun{std::move(lease), std::move(*run)});
     }
@@ -590,7 +609,7 @@ Result<Timestamp> SqlStore::Heartbeat(const Lease& lease, Duration lease_for) {
     if (auto e = CheckLease(db, lease, txn.now, /*shared=*/true)) return *e;
     const Timestamp expires = txn.now + lease_for;
     auto s = db.Prepare("UPDATE queue SET due_at = ?2 WHERE run_id = ?1");
-    s.Bind(1, lease.run_id).Bind(2, ToMillis(expires)).Run();
+    s.Bind(1, lease.run_id).Bind(2, ToMillis(expires)).Send();
     return expires;
   });
 }
@@ -598,7 +617,7 @@ Result<Timestamp> SqlStore::Heartbeat(const Lease& lease, Duration lease_for) {
 Result<int> SqlStore::StartStep(const Lease& lease, const std::string& step_id) {
   return Write<int>([&](Conn& db, Txn& txn) -> Result<int> {
     if (auto e = CheckLease(db, lease, txn.now)) return *e;
-    const auto attempt = StartStepRow(db, txn.now, lease.run_id, step_id);
+    const auto attempt = StartStepRow(db, txn, lease.run_id, step_id);
     if (!attempt) return StepAlreadySucceeded(lease.run_id, step_id);
     return *attempt;
   });
@@ -619,13 +638,13 @@ Result<int> SqlStore::CompleteStep(const Lease& lease, const std::string& step_i
       attempt = static_cast<int>(s.Int(0));
       s.Run();
     }
-    AppendEvent(db, txn.now, lease.run_id, "StepSucceeded", step_id, attempt);
+    AppendEvent(txn, lease.run_id, "StepSucceeded", step_id, attempt);
     if (run_output) {
       EndRun(db, txn, lease.run_id, RunStatus::kSucceeded, *run_output, std::nullopt);
       return 0;
     }
     if (next_step) {
-      const auto next = StartStepRow(db, txn.now, lease.run_id, *next_step);
+      const auto next = StartStepRow(db, txn, lease.run_id, *next_step);
       if (!next) return StepAlreadySucceeded(lease.run_id, *next_step);
       return *next;
     }
@@ -651,12 +670,12 @@ Result<void> SqlStore::FailStep(const Lease& lease, const std::string& step_id, 
     }
     json::object data{{"error", ErrorToJson(error)}};
     if (retry) data["retry_in_ms"] = disposition.delay.count();
-    AppendEvent(db, txn.now, lease.run_id, "AttemptFailed", step_id, attempt, data);
+    AppendEvent(txn, lease.run_id, "AttemptFailed", step_id, attempt, data);
     if (retry) {
       auto s = db.Prepare("UPDATE queue SET due_at = ?2, lease_token = NULL, lease_owner = NULL WHERE run_id = ?1");
-      s.Bind(1, lease.run_id).Bind(2, ToMillis(txn.now + disposition.delay)).Run();
+      s.Bind(1, lease.run_id).Bind(2, ToMillis(txn.now + disposition.delay)).Send();
       auto r = db.Prepare("UPDATE runs SET updated_at = ?2 WHERE id = ?1");
-      r.Bind(1, lease.run_id).Bind(2, ToMillis(txn.now)).Run();
+      r.Bind(1, lease.run_id).Bind(2, ToMillis(txn.now)).Send();
       if (disposition.delay.count() <= 0) txn.work_due = true;
     } else {
       EndRun(db, txn, lease.run_id,
@@ -694,15 +713,15 @@ Result<void> SqlStore::SuspendStep(const Lease& lease, const std::string& step_i
     {
       auto s = db.Prepare(
           "UPDATE queue SET due_at = ?2, lease_token = NULL, lease_owner = NULL, woken = 0 WHERE run_id = ?1");
-      s.Bind(1, lease.run_id).Bind(2, due).Run();
+      s.Bind(1, lease.run_id).Bind(2, due).Send();
     }
     {
       auto s = db.Prepare("UPDATE runs SET status = 'waiting', waiting = ?2, updated_at = ?3 WHERE id = ?1");
-      s.Bind(1, lease.run_id).BindJson(2, waiting).Bind(3, ToMillis(txn.now)).Run();
+      s.Bind(1, lease.run_id).BindJson(2, waiting).Bind(3, ToMillis(txn.now)).Send();
     }
     json::object data{{"waiting", waiting}};
     if (wake_at) data["wake_at_ms"] = ToMillis(*wake_at);
-    AppendEvent(db, txn.now, lease.run_id, "StepWaiting", step_id, attempt, data);
+    AppendEvent(txn, lease.run_id, "StepWaiting", step_id, attempt, data);
     return Unit{};
   });
 }
@@ -720,7 +739,7 @@ Result<void> SqlStore::CompleteItem(const Lease& lease, const std::string& step_
     // Items order after the steps by their index: no count over the run's records (a
     // cost per item that grew with the map).
     s.Bind(1, lease.run_id).Bind(2, ItemStepId(step_id, index)).Bind(3, json::serialize(output))
-        .Bind(4, ToMillis(txn.now)).Bind(5, kItemSeqBase + index).Run();
+        .Bind(4, ToMillis(txn.now)).Bind(5, kItemSeqBase + index).Send();
     return Unit{};
   });
 }
@@ -737,8 +756,8 @@ Result<void> SqlStore::ReleaseLease(const Lease& lease) {
   return Write<Unit>([&](Conn& db, Txn& txn) -> Result<Unit> {
     if (auto e = CheckLease(db, lease, txn.now)) return *e;
     auto s = db.Prepare("UPDATE queue SET due_at = ?2, lease_token = NULL, lease_owner = NULL WHERE run_id = ?1");
-    s.Bind(1, lease.run_id).Bind(2, ToMillis(txn.now)).Run();
-    AppendEvent(db, txn.now, lease.run_id, "LeaseReleased");
+    s.Bind(1, lease.run_id).Bind(2, ToMillis(txn.now)).Send();
+    AppendEvent(txn, lease.run_id, "LeaseReleased");
     txn.work_due = true;
     return Unit{};
   });
@@ -759,9 +778,9 @@ Result<RunRecord> SqlStore::SendSignal(const std::string& run_id, const std::str
     run->signals[name] = json::object{{"payload", payload}, {"at_ms", ToMillis(txn.now)}};
     {
       auto s = db.Prepare("UPDATE runs SET signals = ?2, updated_at = ?3 WHERE id = ?1");
-      s.Bind(1, run_id).Bind(2, json::serialize(run->signals)).Bind(3, ToMillis(txn.now)).Run();
+      s.Bind(1, run_id).Bind(2, json::serialize(run->signals)).Bind(3, ToMillis(txn.now)).Send();
     }
-    AppendEvent(db, txn.now, run_id, "SignalReceived", {}, 0, json::object{{"name", name}, {"payload", payload}});
+    AppendEvent(txn, run_id, "SignalReceived", {}, 0, json::object{{"name", name}, {"payload", payload}});
     Wake(db, txn, run_id);
     return *LoadRun(db, run_id, true);
   });
@@ -793,24 +812,24 @@ Result<RunRecord> SqlStore::RedriveRun(const std::string& run_id) {
     const int64_t now = ToMillis(txn.now);
     {
       auto s = db.Prepare("DELETE FROM steps WHERE run_id = ?1 AND status <> 'succeeded'");
-      s.Bind(1, run_id).Run();
+      s.Bind(1, run_id).Send();
     }
     {
       auto s = db.Prepare(
           "UPDATE runs SET status = 'queued', error = NULL, output = NULL, finished_at = NULL, updated_at = ?2 "
           "WHERE id = ?1");
-      s.Bind(1, run_id).Bind(2, now).Run();
+      s.Bind(1, run_id).Bind(2, now).Send();
     }
     {
       auto s = db.Prepare(
           "INSERT INTO queue(run_id, due_at) VALUES(?1, ?2) ON CONFLICT(run_id) DO UPDATE SET "
           "due_at = ?2, lease_token = NULL, lease_owner = NULL");
-      s.Bind(1, run_id).Bind(2, now).Run();
+      s.Bind(1, run_id).Bind(2, now).Send();
       txn.queue_delta += 1;
     }
     json::object data;
     if (run->error) data["previous_error"] = ErrorToJson(*run->error);
-    AppendEvent(db, txn.now, run_id, "RunRedriven", {}, 0, data);
+    AppendEvent(txn, run_id, "RunRedriven", {}, 0, data);
     txn.work_due = true;
     return *LoadRun(db, run_id, true);
   });
@@ -839,8 +858,8 @@ Result<TaskRecord> SqlStore::EnsureTask(const Lease& lease, const std::string& s
         "INSERT INTO tasks(token, run_id, step_id, attempt, queue, input, status, heartbeat_timeout, created_at) "
         "VALUES(?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8)");
     s.Bind(1, token).Bind(2, lease.run_id).Bind(3, step_id).Bind(4, attempt).Bind(5, queue)
-        .Bind(6, json::serialize(input)).Bind(7, heartbeat_timeout.count()).Bind(8, ToMillis(txn.now)).Run();
-    AppendEvent(db, txn.now, lease.run_id, "TaskQueued", step_id, attempt, json::object{{"queue", queue}});
+        .Bind(6, json::serialize(input)).Bind(7, heartbeat_timeout.count()).Bind(8, ToMillis(txn.now)).Send();
+    AppendEvent(txn, lease.run_id, "TaskQueued", step_id, attempt, json::object{{"queue", queue}});
     txn.task_queues.push_back(queue);
     return *LoadTask(db, token);
   });
@@ -867,10 +886,10 @@ Result<std::optional<TaskRecord>> SqlStore::LeaseTask(const std::string& queue, 
         auto s = db.Prepare(
             "UPDATE tasks SET status = 'leased', worker_id = ?2, lease_expires = ?3 + heartbeat_timeout "
             "WHERE token = ?1");
-        s.Bind(1, token).Bind(2, worker_id).Bind(3, ToMillis(txn.now)).Run();
+        s.Bind(1, token).Bind(2, worker_id).Bind(3, ToMillis(txn.now)).Send();
       }
       auto t = LoadTask(db, token);
-      AppendEvent(db, txn.now, t->run_id, "TaskLeased", t->step_id, t->attempt, json::object{{"worker", worker_id}});
+      AppendEvent(txn, t->run_id, "TaskLeased", t->step_id, t->attempt, json::object{{"worker", worker_id}});
       // The run, parked while the task was pending, now also waits for this lease's end:
       // it parks again with the lease's expiry as its timer. Nothing waits on that, so
       // no worker is woken for it (a worker's next look takes it): a run re-parking at the
@@ -903,7 +922,7 @@ Result<TaskRecord> SqlStore::WithHeldTask(const std::string& token,
 Result<TaskRecord> SqlStore::HeartbeatTask(const std::string& token) {
   return WithHeldTask(token, [&](Conn& db, Txn& txn, const TaskRecord&) -> Result<TaskRecord> {
     auto s = db.Prepare("UPDATE tasks SET lease_expires = ?2 + heartbeat_timeout WHERE token = ?1");
-    s.Bind(1, token).Bind(2, ToMillis(txn.now)).Run();
+    s.Bind(1, token).Bind(2, ToMillis(txn.now)).Send();
     return *LoadTask(db, token);
   });
 }
@@ -911,8 +930,8 @@ Result<TaskRecord> SqlStore::HeartbeatTask(const std::string& token) {
 Result<TaskRecord> SqlStore::CompleteTask(const std::string& token, const json::value& output) {
   return WithHeldTask(token, [&](Conn& db, Txn& txn, const TaskRecord& t) -> Result<TaskRecord> {
     auto s = db.Prepare("UPDATE tasks SET status = 'completed', output = ?2, lease_expires = NULL WHERE token = ?1");
-    s.Bind(1, token).Bind(2, json::serialize(output)).Run();
-    AppendEvent(db, txn.now, t.run_id, "TaskCompleted", t.step_id, t.attempt, json::object{{"worker", t.worker_id}});
+    s.Bind(1, token).Bind(2, json::serialize(output)).Send();
+    AppendEvent(txn, t.run_id, "TaskCompleted", t.step_id, t.attempt, json::object{{"worker", t.worker_id}});
     Wake(db, txn, t.run_id);
     return *LoadTask(db, token);
   });
@@ -922,8 +941,8 @@ Result<TaskRecord> SqlStore::FailTask(const std::string& token, const Error& err
   return WithHeldTask(token, [&](Conn& db, Txn& txn, const TaskRecord& t) -> Result<TaskRecord> {
     auto s = db.Prepare(
         "UPDATE tasks SET status = 'failed', error = ?2, retryable = ?3, lease_expires = NULL WHERE token = ?1");
-    s.Bind(1, token).BindJson(2, ErrorToJson(error)).Bind(3, retryable ? 1 : 0).Run();
-    AppendEvent(db, txn.now, t.run_id, "TaskFailed", t.step_id, t.attempt,
+    s.Bind(1, token).BindJson(2, ErrorToJson(error)).Bind(3, retryable ? 1 : 0).Send();
+    AppendEvent(txn, t.run_id, "TaskFailed", t.step_id, t.attempt,
                 json::object{{"worker", t.worker_id}, {"error", ErrorToJson(error)}, {"retryable", retryable}});
     Wake(db, txn, t.run_id);
     return *LoadTask(db, token);
@@ -945,7 +964,7 @@ Result<void> SqlStore::ExpireTask(const Lease& lease, const std::string& token) 
       return Error(ErrorCode::kConflict, "task " + token + " already ended (" + std::string(TaskStatusName(t->status)) +
                                              "); nothing to expire");
     }
-    AppendEvent(db, txn.now, lease.run_id, "TaskExpired", t->step_id, t->attempt, json::object{{"worker", t->worker_id}});
+    AppendEvent(txn, lease.run_id, "TaskExpired", t->step_id, t->attempt, json::object{{"worker", t->worker_id}});
     return Unit{};
   });
 }

@@ -42,6 +42,13 @@ class StmtImpl {
   virtual void BindNull(int i) = 0;
   /// Executes on first call; true while a row is available.
   virtual bool Step() = 0;
+  /// Executes a statement whose rows and change count are not needed. A backend may
+  /// send it without waiting: it then runs, in order, before the next statement that is
+  /// read, and its error (if any) is raised there. Default: runs it to the end.
+  virtual void Send() {
+    while (Step()) {
+    }
+  }
   virtual bool IsNull(int c) const = 0;
   virtual int64_t Int(int c) const = 0;
   virtual std::string Text(int c) const = 0;
@@ -73,11 +80,15 @@ class Stmt {
 
   /// Steps once; true when a row is available.
   bool Step() { return impl_->Step(); }
-  /// Steps to the end (for statements whose rows do not matter).
+  /// Steps to the end (for statements whose rows do not matter; Changes() is then the
+  /// statement's).
   void Run() {
     while (Step()) {
     }
   }
+  /// Runs a statement whose rows and change count do not matter, possibly later (see
+  /// StmtImpl::Send); the Stmt must not be read after.
+  void Send() { impl_->Send(); }
 
   bool IsNull(int c) const { return impl_->IsNull(c); }
   int64_t Int(int c) const { return impl_->Int(c); }

@@ -42,6 +42,15 @@ struct Txn {
   std::vector<std::string> task_queues;
   /// A submit that counted the queue itself (queue_rows was -1).
   bool counted_submit = false;
+  /// Events this write appends, written together when its work is done.
+  struct Event {
+    std::string run_id;
+    std::string type;
+    std::string step_id;
+    int attempt = 0;
+    json::value data;
+  };
+  std::vector<Event> events;
 };
 
 class SqlStore : public Store {
