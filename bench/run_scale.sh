@@ -353,7 +353,8 @@ measure() {
 }
 
 # --- shared services: PostgreSQL (durable) and the mock --------------------------------------
-exit_hooks+=("\"$services\" stop-all \"$tmp/pg\" >/dev/null 2>&1")
+if [[ $KEEP_TMP == 1 ]]; then pg_stop=postgres-stop; else pg_stop=postgres-remove; fi
+exit_hooks+=("\"$services\" $pg_stop \"$tmp/pg\" >/dev/null 2>&1")
 admin_url=$(KEEL_PG_DURABLE=1 "$services" postgres-start "$tmp/pg") || die "PostgreSQL did not start"
 pg_port=$(cat "$tmp/pg/postgres.port")
 pg_log=$tmp/pg/pg/server.log

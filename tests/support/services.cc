@@ -139,9 +139,7 @@ PostgresServer::PostgresServer(std::string dir) : dir_(std::move(dir)) {
   running_ = true;
 }
 
-PostgresServer::~PostgresServer() {
-  if (running_) Stop("fast");
-}
+PostgresServer::~PostgresServer() { Services("postgres-remove " + Quote(dir_)); }
 
 void PostgresServer::Stop(const std::string& mode) {
   Services("postgres-stop " + Quote(dir_) + " " + mode);

@@ -10,6 +10,7 @@
 #   services.sh postgres-stop DIR [fast|immediate]
 #                                    stop it (immediate: like a crash; the data stays)
 #   services.sh postgres-restart DIR start it again on the same port after a stop
+#   services.sh postgres-remove DIR  stop it and delete its data
 #   services.sh redis-start DIR      start redis-server; prints redis://127.0.0.1:PORT,
 #                                    also written to DIR/redis.url
 #   services.sh redis-stop DIR
@@ -23,7 +24,9 @@
 #                      crash would). Read when DIR/pg is created; the cluster keeps it
 #                      across stops and restarts.
 #
-# PostgreSQL refuses to run as root: as root, the servers run as the `postgres` user.
+# PostgreSQL refuses to run as root: as root, the servers run as the `postgres` user, and
+# when that user cannot reach DIR (a checkout under /root, say) the data lives in a
+# directory of its own under /tmp, named in DIR/pg.path and deleted by postgres-remove.
 set -euo pipefail
 
 cmd="${1:?usage: services.sh COMMAND DIR}"
@@ -41,7 +44,24 @@ pg_bin() {
 }
 
 as_owner() {
-  if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+  if [ "$(id -u)" -eq 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
+}
+
+# The data directory of DIR's server (decided once, when it is created).
+pg_data() {
+  if [ -f "$dir/pg.path" ]; then cat "$dir/pg.path"; return; fi
+  if [ "$(id -u)" -eq 0 ] && ! runuser -u postgres -- test -x "$dir" 2>/dev/null; then
+    chmod o+x "$dir" 2>/dev/null || true
+  fi
+  if [ "$(id -u)" -eq 0 ] && ! runuser -u postgres -- test -x "$dir" 2>/dev/null; then
+    local d
+    d="$(mktemp -d "${TMPDIR:-/tmp}/keel-test-pg.XXXXXX")"
+    chmod 755 "$d"
+    echo "$d/pg" >"$dir/pg.path"
+    echo "$d/pg"
+    return
+  fi
+  echo "$dir/pg"
 }
 
 free_port() {
@@ -51,11 +71,10 @@ free_port() {
 case "$cmd" in
   postgres-start|postgres-restart)
     bin="$(pg_bin)"
-    data="$dir/pg"
+    data="$(pg_data)"
     if [ ! -f "$data/PG_VERSION" ]; then
       mkdir -p "$data"
-      # The server's user must reach its data directory through ours.
-      if [ "$(id -u)" -eq 0 ]; then chown postgres: "$data"; chmod o+x "$dir"; fi
+      if [ "$(id -u)" -eq 0 ]; then chown postgres: "$data"; fi
       chmod 700 "$data"
       as_owner "$bin/initdb" -D "$data" -U keel -A trust -E UTF8 --no-locale >"$dir/pg-initdb.log" 2>&1 ||
         { cat "$dir/pg-initdb.log" >&2; exit 1; }
@@ -88,9 +107,18 @@ EOF
   postgres-stop)
     bin="$(pg_bin)"
     mode="${3:-fast}"
-    if [ -f "$dir/pg/postmaster.pid" ]; then
-      as_owner "$bin/pg_ctl" -D "$dir/pg" -m "$mode" -w -t 60 stop >/dev/null
+    data="$(pg_data)"
+    if [ -f "$data/postmaster.pid" ]; then
+      as_owner "$bin/pg_ctl" -D "$data" -m "$mode" -w -t 60 stop >/dev/null
     fi
+    ;;
+  postgres-remove)
+    "$0" postgres-stop "$dir" fast || true
+    if [ -f "$dir/pg.path" ]; then
+      rm -rf "$(dirname "$(cat "$dir/pg.path")")"
+      rm -f "$dir/pg.path"
+    fi
+    rm -rf "$dir/pg"
     ;;
   redis-start)
     port="$(free_port)"
@@ -113,7 +141,7 @@ EOF
     fi
     ;;
   stop-all)
-    "$0" postgres-stop "$dir" fast || true
+    "$0" postgres-remove "$dir" || true
     "$0" redis-stop "$dir" || true
     ;;
   *)

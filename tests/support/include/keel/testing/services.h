@@ -29,7 +29,7 @@ std::string Psql(const std::string& url, const std::string& sql);
 class PostgresServer {
  public:
   explicit PostgresServer(std::string dir);
-  ~PostgresServer();  // stops it (fast)
+  ~PostgresServer();  // stops it (fast) and deletes its data
   PostgresServer(const PostgresServer&) = delete;
   PostgresServer& operator=(const PostgresServer&) = delete;
 
