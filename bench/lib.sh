@@ -73,3 +73,48 @@ wait_listening() {
   tail -20 "$log" >&2
   die "no listening line in $log after 10s"
 }
+
+# bench3_yaml: the provider (the mock at $mock_addr), route and 3-step pipeline "bench3"
+# (llm -> llm -> transform) of the throughput benchmarks, as keel.yaml lines.
+bench3_yaml() {
+  cat <<EOF
+providers:
+  mock: {type: openai, base_url: "http://$mock_addr/v1", model: mock-1}
+routes:
+  default: {strategy: priority, targets: [{provider: mock}]}
+pipelines:
+  bench3:
+    description: "Benchmark: llm -> llm -> transform"
+    steps:
+      - id: draft
+        llm:
+          route: default
+          messages:
+            - {role: system, content: "You write terse answers."}
+            - {role: user, content: "Answer ticket {{input.n}} from {{input.customer}}:\n{{input.ticket}}"}
+      - id: refine
+        llm:
+          route: default
+          messages:
+            - {role: user, content: "Improve this answer to ticket {{input.n}} (client {{input.worker}}):\n{{steps.draft.text}}"}
+      - id: result
+        transform: {n: "{{input.n}}", answer: "{{steps.refine.text}}", model: "{{steps.refine.model}}"}
+EOF
+}
+
+# Reading keel's /metrics (saved to a file).
+# msum FILE NAME [LABEL-SUBSTRING]: sum of the samples of metric NAME (optionally only the
+# series whose label set contains LABEL-SUBSTRING); 0 when absent.
+msum() {
+  awk -v n="$2" -v l="${3:-}" '{k = $1; sub(/\{.*/, "", k)} k == n && index($1, l) {s += $NF}
+                               END {printf "%.0f\n", s + 0}' "$1"
+}
+# other_codes FILE: submit answers other than 201 and 429, from keel's own request counter.
+other_codes() {
+  awk '{k = $1; sub(/\{.*/, "", k)} k == "keel_http_requests_total" && index($1, "handler=\"submit_run\"") &&
+       !index($1, "code=\"201\"") && !index($1, "code=\"429\"") {s += $NF} END {printf "%.0f\n", s + 0}' "$1"
+}
+terminal_bad() {  # runs that ended in a terminal state other than succeeded
+  echo $(( $(msum "$1" keel_runs 'status="failed"') + $(msum "$1" keel_runs 'status="dead_lettered"') +
+           $(msum "$1" keel_runs 'status="cancelled"') ))
+}

@@ -119,21 +119,6 @@ chmod 711 "$tmp"
 # --- helpers --------------------------------------------------------------------------------
 # scrape ADDR FILE: fetches a node's /metrics into FILE.
 scrape() { curl -sf --max-time 10 "http://$1/metrics" -o "$2" || die "GET http://$1/metrics failed"; }
-# msum FILE NAME [LABEL-SUBSTRING]: sum of the samples of metric NAME (optionally only the
-# series whose label set contains LABEL-SUBSTRING); 0 when absent.
-msum() {
-  awk -v n="$2" -v l="${3:-}" '{k = $1; sub(/\{.*/, "", k)} k == n && index($1, l) {s += $NF}
-                               END {printf "%.0f\n", s + 0}' "$1"
-}
-# other_codes FILE: submit answers other than 201 and 429, from keel's own request counter.
-other_codes() {
-  awk '{k = $1; sub(/\{.*/, "", k)} k == "keel_http_requests_total" && index($1, "handler=\"submit_run\"") &&
-       !index($1, "code=\"201\"") && !index($1, "code=\"429\"") {s += $NF} END {printf "%.0f\n", s + 0}' "$1"
-}
-terminal_bad() {  # runs that ended in a terminal state other than succeeded
-  echo $(( $(msum "$1" keel_runs 'status="failed"') + $(msum "$1" keel_runs 'status="dead_lettered"') +
-           $(msum "$1" keel_runs 'status="cancelled"') ))
-}
 # worker_sum NAME: sum of metric NAME over the worker nodes' /metrics (scraped now).
 worker_sum() {
   local s=0 a
@@ -173,33 +158,15 @@ psql_admin() { psql "$admin_url" -X -q -v ON_ERROR_STOP=1 -c "$1" >/dev/null || 
 # keel.yaml for the mock, STORAGE, WORKERS and POOL.
 write_config() {
   local file=$1 storage=$2 workers=$3 pool=$4
-  cat >"$file" <<EOF
+  {
+    cat <<EOF
 listen: 127.0.0.1:0
 storage: $storage
 postgres: {pool_size: $pool}
 engine: {workers: $workers${MAX_QUEUE_DEPTH:+, max_queue_depth: $MAX_QUEUE_DEPTH}}
-providers:
-  mock: {type: openai, base_url: "http://$mock_addr/v1", model: mock-1}
-routes:
-  default: {strategy: priority, targets: [{provider: mock}]}
-pipelines:
-  bench3:
-    description: "Benchmark: llm -> llm -> transform"
-    steps:
-      - id: draft
-        llm:
-          route: default
-          messages:
-            - {role: system, content: "You write terse answers."}
-            - {role: user, content: "Answer ticket {{input.n}} from {{input.customer}}:\n{{input.ticket}}"}
-      - id: refine
-        llm:
-          route: default
-          messages:
-            - {role: user, content: "Improve this answer to ticket {{input.n}} (client {{input.worker}}):\n{{steps.draft.text}}"}
-      - id: result
-        transform: {n: "{{input.n}}", answer: "{{steps.refine.text}}", model: "{{steps.refine.model}}"}
 EOF
+    bench3_yaml
+  } >"$file"
 }
 
 problems=()

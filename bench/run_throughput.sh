@@ -65,21 +65,6 @@ bench_init runs
 
 # scrape FILE: fetches keel's /metrics into FILE.
 scrape() { curl -sf --max-time 10 "http://$keel_addr/metrics" -o "$1" || die "GET /metrics failed"; }
-# msum FILE NAME [LABEL-SUBSTRING]: sum of the samples of metric NAME (optionally only the
-# series whose label set contains LABEL-SUBSTRING); 0 when absent.
-msum() {
-  awk -v n="$2" -v l="${3:-}" '{k = $1; sub(/\{.*/, "", k)} k == n && index($1, l) {s += $NF}
-                               END {printf "%.0f\n", s + 0}' "$1"
-}
-# other_codes FILE: submit answers other than 201 and 429, from keel's own request counter.
-other_codes() {
-  awk '{k = $1; sub(/\{.*/, "", k)} k == "keel_http_requests_total" && index($1, "handler=\"submit_run\"") &&
-       !index($1, "code=\"201\"") && !index($1, "code=\"429\"") {s += $NF} END {printf "%.0f\n", s + 0}' "$1"
-}
-terminal_bad() {  # runs that ended in a terminal state other than succeeded
-  echo $(( $(msum "$1" keel_runs 'status="failed"') + $(msum "$1" keel_runs 'status="dead_lettered"') +
-           $(msum "$1" keel_runs 'status="cancelled"') ))
-}
 
 # --- start the mock and keel -------------------------------------------------------------
 cd "$tmp"
@@ -88,32 +73,14 @@ mock_pid=$!
 pids+=("$mock_pid")
 mock_addr=$(wait_listening "$tmp/mock.log" "$mock_pid")
 
-cat >"$tmp/keel.yaml" <<EOF
+{
+  cat <<EOF
 listen: 127.0.0.1:0
 storage: sqlite://$tmp/data/keel.db
 engine: {workers: $WORKERS${MAX_QUEUE_DEPTH:+, max_queue_depth: $MAX_QUEUE_DEPTH}}
-providers:
-  mock: {type: openai, base_url: "http://$mock_addr/v1", model: mock-1}
-routes:
-  default: {strategy: priority, targets: [{provider: mock}]}
-pipelines:
-  bench3:
-    description: "Benchmark: llm -> llm -> transform"
-    steps:
-      - id: draft
-        llm:
-          route: default
-          messages:
-            - {role: system, content: "You write terse answers."}
-            - {role: user, content: "Answer ticket {{input.n}} from {{input.customer}}:\n{{input.ticket}}"}
-      - id: refine
-        llm:
-          route: default
-          messages:
-            - {role: user, content: "Improve this answer to ticket {{input.n}} (client {{input.worker}}):\n{{steps.draft.text}}"}
-      - id: result
-        transform: {n: "{{input.n}}", answer: "{{steps.refine.text}}", model: "{{steps.refine.model}}"}
 EOF
+  bench3_yaml
+} >"$tmp/keel.yaml"
 
 "$KEEL" serve --config "$tmp/keel.yaml" --listen 127.0.0.1:0 2>"$tmp/keel.log" &
 keel_pid=$!

@@ -643,17 +643,35 @@ class PostgresStore final : public sql::SqlStore {
 
  protected:
   Result<void> Transact(const std::function<bool(Conn&, Txn&)>& fn, Txn& txn) override {
+    return InTransaction("BEGIN", /*writes=*/true, [&](PgConn& c) {
+      txn = Txn{};
+      txn.now = clock_.Now();
+      return fn(c, txn);
+    });
+  }
+
+  Result<void> Snapshot(const std::function<void(Conn&)>& fn) override {
+    return InTransaction("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", /*writes=*/false, [&](PgConn& c) {
+      fn(c);
+      return true;
+    });
+  }
+
+  // Runs `body` in one transaction on a pooled connection: COMMIT when it returns true,
+  // ROLLBACK when false. A deadlock or serialization failure runs it again (up to 5
+  // times); a connection lost before the commit, once more on a fresh connection (the
+  // server may be back). A write whose COMMIT got no answer is not run again: its outcome
+  // is unknown.
+  Result<void> InTransaction(const char* begin, bool writes, const std::function<bool(PgConn&)>& body) {
     for (int attempt = 1;; ++attempt) {
       auto acquired = pool_.Acquire();
       if (!acquired.ok()) return std::move(acquired).error();
       std::unique_ptr<PgConn> c = std::move(acquired).value();
       bool committing = false;
       try {
-        c->Begin();
-        txn = Txn{};
-        txn.now = clock_.Now();
-        const bool ok = fn(*c, txn);
-        committing = ok;
+        c->Begin(begin);
+        const bool ok = body(*c);
+        committing = ok && writes;
         c->End(ok);
         pool_.Release(std::move(c));
         return Ok();
@@ -671,40 +689,8 @@ class PostgresStore final : public sql::SqlStore {
           return Error(ErrorCode::kUnavailable, std::string("the database connection was lost while committing; the "
                                                             "outcome is unknown: ") + e.what());
         }
-        // A deadlock or serialization failure: again, a few times. A connection lost
-        // before the commit: once more on a fresh connection (the server may be back).
         const int max_attempts = connection ? 2 : 5;
         if (e.kind == SqlError::Kind::kStatement || attempt >= max_attempts) {
-          Error err(ErrorCode::kUnavailable, e.what());
-          err.retry_after = Duration(1000);
-          return err;
-        }
-      }
-    }
-  }
-
-  Result<void> Snapshot(const std::function<void(Conn&)>& fn) override {
-    for (int attempt = 1;; ++attempt) {
-      auto acquired = pool_.Acquire();
-      if (!acquired.ok()) return std::move(acquired).error();
-      std::unique_ptr<PgConn> c = std::move(acquired).value();
-      try {
-        c->Begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
-        fn(*c);
-        c->End(true);
-        pool_.Release(std::move(c));
-        return Ok();
-      } catch (const SqlError& e) {
-        const bool connection = e.kind == SqlError::Kind::kConnection;
-        if (!connection) {
-          try {
-            c->Exec("ROLLBACK");
-          } catch (const SqlError&) {
-          }
-        }
-        pool_.Release(std::move(c));
-        if (connection) pool_.DropIdle();
-        if (!connection || attempt >= 2) {
           Error err(ErrorCode::kUnavailable, e.what());
           err.retry_after = Duration(1000);
           return err;

@@ -77,6 +77,14 @@ std::optional<RunRecord> LoadRun(Conn& db, const std::string& id, bool with_step
 
 Error NoRun(const std::string& run_id) { return Error(ErrorCode::kNotFound, "no run with id \"" + run_id + "\"", "run_id"); }
 
+// Takes the run's lock and loads it (without its steps); kNotFound for an unknown id.
+Result<RunRecord> LockedRun(Conn& db, const std::string& run_id) {
+  db.Lock(RunKey(run_id));
+  auto run = LoadRun(db, run_id, false);
+  if (!run) return NoRun(run_id);
+  return std::move(*run);
+}
+
 // Appends an event to the write's log: written with the write's other events in one
 // statement when its work is done (FlushEvents), in the order appended.
 void AppendEvent(Txn& txn, const std::string& run_id, std::string_view type, std::string_view step_id = {},
@@ -768,9 +776,8 @@ Result<void> SqlStore::ReleaseLease(const Lease& lease) {
 
 Result<RunRecord> SqlStore::SendSignal(const std::string& run_id, const std::string& name, const json::value& payload) {
   return Write<RunRecord>([&](Conn& db, Txn& txn) -> Result<RunRecord> {
-    db.Lock(RunKey(run_id));
-    auto run = LoadRun(db, run_id, false);
-    if (!run) return NoRun(run_id);
+    auto run = LockedRun(db, run_id);
+    if (!run.ok()) return std::move(run).error();
     if (IsTerminal(run->status)) {
       return Error(ErrorCode::kConflict, "run " + run_id + " already ended (" + std::string(RunStatusName(run->status)) +
                                              "); it takes no signals");
@@ -788,9 +795,8 @@ Result<RunRecord> SqlStore::SendSignal(const std::string& run_id, const std::str
 
 Result<RunRecord> SqlStore::CancelRun(const std::string& run_id) {
   return Write<RunRecord>([&](Conn& db, Txn& txn) -> Result<RunRecord> {
-    db.Lock(RunKey(run_id));
-    auto run = LoadRun(db, run_id, false);
-    if (!run) return NoRun(run_id);
+    auto run = LockedRun(db, run_id);
+    if (!run.ok()) return std::move(run).error();
     if (IsTerminal(run->status)) {
       return Error(ErrorCode::kConflict, "run " + run_id + " already ended (" + std::string(RunStatusName(run->status)) +
                                              "); nothing to cancel");
@@ -802,9 +808,8 @@ Result<RunRecord> SqlStore::CancelRun(const std::string& run_id) {
 
 Result<RunRecord> SqlStore::RedriveRun(const std::string& run_id) {
   return Write<RunRecord>([&](Conn& db, Txn& txn) -> Result<RunRecord> {
-    db.Lock(RunKey(run_id));
-    auto run = LoadRun(db, run_id, false);
-    if (!run) return NoRun(run_id);
+    auto run = LockedRun(db, run_id);
+    if (!run.ok()) return std::move(run).error();
     if (run->status != RunStatus::kDeadLettered && run->status != RunStatus::kFailed) {
       return Error(ErrorCode::kConflict, "run " + run_id + " is " + std::string(RunStatusName(run->status)) +
                                              "; only dead_lettered or failed runs can be redriven");
