@@ -8,6 +8,7 @@
 
 #include "keel/core/ids.h"
 #include "keel/core/json_schema.h"
+#include "keel/core/lru.h"
 #include "keel/core/sse.h"
 #include "keel/engine/pipeline.h"
 #include "keel/net/worker_pool.h"
@@ -400,10 +401,30 @@ class ApiServerImpl final : public ApiServer {
     return r;
   }
 
+  // While the storage cannot be reached (a database restart), the last answer this node
+  // gave for a run is served again, marked stale (RFC 9111's Age and Warning 110, and
+  // X-Keel-Stale), instead of a 503: a client that polls a run keeps its view.
   HttpResponse GetRun(const HttpRequest&, const std::vector<std::string_view>& s) {
-    auto run = store_.GetRun(std::string(s[2]));
-    if (!run.ok()) return ErrorResponse(run.error());
-    return JsonResponse(200, RunToJson(*run, true));
+    const std::string id(s[2]);
+    auto run = store_.GetRun(id);
+    if (!run.ok()) {
+      if (run.error().code == ErrorCode::kUnavailable) {
+        if (auto last = last_runs_.Get(id)) {
+          HttpResponse r;
+          r.status = 200;
+          r.body = (*last)->body;
+          const auto age = std::chrono::duration_cast<std::chrono::seconds>(clock_.Now() - (*last)->at).count();
+          r.headers.emplace_back("Age", std::to_string(std::max<int64_t>(0, age)));
+          r.headers.emplace_back("Warning", "110 keel \"Response is Stale\"");
+          r.headers.emplace_back("X-Keel-Stale", "true");
+          return r;
+        }
+      }
+      return ErrorResponse(run.error());
+    }
+    auto r = JsonResponse(200, RunToJson(*run, true));
+    if (r.body.size() <= kLastRunMaxBytes) last_runs_.Put(id, std::make_shared<const LastRun>(LastRun{r.body, clock_.Now()}));
+    return r;
   }
 
   HttpResponse ListWith(const HttpRequest& req, std::optional<store::RunStatus> forced) {
@@ -789,6 +810,13 @@ class ApiServerImpl final : public ApiServer {
   store::Store& store_;
   engine::Engine* engine_;
   bool ops_only_ = false;
+  // The last answers of GET /v1/runs/{id} (GetRun): 2,048 runs of at most 16 KiB each.
+  struct LastRun {
+    std::string body;
+    Timestamp at;
+  };
+  static constexpr std::size_t kLastRunMaxBytes = 16 << 10;
+  LruMap<std::shared_ptr<const LastRun>> last_runs_{2048};
   gateway::Gateway& gateway_;
   const Clock& clock_;
   Random& random_;

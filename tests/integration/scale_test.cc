@@ -198,6 +198,8 @@ TEST(ScaleTest, APostgresRestartUnderLoadLosesNothing) {
     }
   });
   ASSERT_TRUE(Eventually([&] { return submitted.load() >= 15; }, 30s));
+  const auto seen = HttpGet(api.url() + "/v1/runs/" + ids[0]);  // read once before the crash
+  ASSERT_EQ(seen.status, 200) << seen.raw;
   server.Stop("immediate");  // the database crashes under load
   ASSERT_TRUE(Eventually([&] { return HttpGet(api.url() + "/readyz").status == 503; }, 10s));
   // The nodes keep answering what does not need the database.
@@ -205,8 +207,15 @@ TEST(ScaleTest, APostgresRestartUnderLoadLosesNothing) {
   EXPECT_EQ(HttpGet(worker.url() + "/healthz").status, 200);
   auto models = HttpGet(api.url() + "/v1/models");
   EXPECT_EQ(models.status, 200);
+  // A run this node has answered for is served again, marked stale; another is a 503.
+  auto stale = HttpGet(api.url() + "/v1/runs/" + ids[0]);
+  EXPECT_EQ(stale.status, 200) << stale.raw;
+  EXPECT_EQ(stale.body.at("id"), seen.body.at("id"));
+  EXPECT_EQ(stale.Header("x-keel-stale"), "true");
+  EXPECT_FALSE(stale.Header("age").empty());
   auto down = HttpGet(api.url() + "/v1/runs/run_00000000000000000000000000");
   EXPECT_EQ(down.status, 503) << down.raw;
+  EXPECT_FALSE(down.Header("retry-after").empty()) << down.raw;
   server.Start();
   ASSERT_TRUE(Eventually([&] { return HttpGet(api.url() + "/readyz").status == 200; }, 20s));
   client.join();
