@@ -12,6 +12,7 @@
 #   services.sh postgres-restart DIR start it again on the same port after a stop
 #   services.sh redis-start DIR      start redis-server; prints redis://127.0.0.1:PORT,
 #                                    also written to DIR/redis.url
+#   services.sh redis-restart DIR    start it again on the same port after a stop
 #   services.sh redis-stop DIR
 #   services.sh stop-all DIR         both, if running (a CTest cleanup fixture)
 #
@@ -79,8 +80,12 @@ EOF
       as_owner "$bin/pg_ctl" -D "$dir/pg" -m "$mode" -w -t 60 stop >/dev/null
     fi
     ;;
-  redis-start)
-    port="$(free_port)"
+  redis-start|redis-restart)
+    if [ "$cmd" = redis-restart ] && [ -f "$dir/redis.port" ]; then
+      port="$(cat "$dir/redis.port")"
+    else
+      port="$(free_port)"
+    fi
     redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --save '' --appendonly no \
       --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" >/dev/null
     for _ in $(seq 1 200); do
