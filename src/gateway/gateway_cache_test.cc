@@ -22,8 +22,8 @@ class GatewayCacheTest : public ::testing::Test {
  protected:
   // Two mock providers ("mock", "other") and the routes of `routes_yaml`.
   void Start(const std::string& routes_yaml, const std::string& providers_extra = "") {
-    auto config = ParseConfig("providers:\n  mock: {type: mock" + providers_extra + "}\n  other: {type: mock}\nroutes:\n" +
-                                  routes_yaml,
+    auto config = ParseConfig("providers:\n  mock: {type: mock" + providers_extra +
+                                  "}\n  other: {type: mock}\nroutes:\n" + routes_yaml,
                               [](const std::string&) { return std::nullopt; });
     ASSERT_OK(config);
     auto g = Gateway::Create(*config, registry_, clock_, random_);
@@ -31,10 +31,12 @@ class GatewayCacheTest : public ::testing::Test {
     gateway_ = std::move(g).value();
   }
 
-  static ChatRequest Request(const std::string& route, const std::string& content, CacheMode mode = CacheMode::kDefault) {
+  static ChatRequest Request(const std::string& route, const std::string& content,
+                             CacheMode mode = CacheMode::kDefault) {
     ChatRequest req;
     req.route = route;
-    req.body = json::object{{"messages", json::array{json::object{{"role", "user"}, {"content", content}}}}};
+    req.body = json::object{
+        {"messages", json::array{json::object{{"role", "user"}, {"content", content}}}}};
     req.cache = mode;
     return req;
   }
@@ -46,13 +48,15 @@ class GatewayCacheTest : public ::testing::Test {
     if (at == std::string::npos) return -1;
     return std::stod(text.substr(at + series.size() + 2));
   }
-  double Calls(const std::string& route, const std::string& provider, const std::string& outcome = "ok") {
-    const double v = Metric("keel_llm_requests_total{outcome=\"" + outcome + "\",provider=\"" + provider +
-                            "\",route=\"" + route + "\"}");
+  double Calls(const std::string& route, const std::string& provider,
+               const std::string& outcome = "ok") {
+    const double v = Metric("keel_llm_requests_total{outcome=\"" + outcome + "\",provider=\"" +
+                            provider + "\",route=\"" + route + "\"}");
     return v < 0 ? 0 : v;
   }
   double CacheResults(const std::string& route, const std::string& result) {
-    const double v = Metric("keel_gateway_cache_total{result=\"" + result + "\",route=\"" + route + "\"}");
+    const double v =
+        Metric("keel_gateway_cache_total{result=\"" + result + "\",route=\"" + route + "\"}");
     return v < 0 ? 0 : v;
   }
 
@@ -89,8 +93,10 @@ TEST_F(GatewayCacheTest, ASecondIdenticalCallIsAHitThatCallsNoProvider) {
 }
 
 TEST_F(GatewayCacheTest, RoutesWithoutACacheAndOtherRoutesAreUntouched) {
-  Start("  plain: {targets: [{provider: mock}]}\n  a: {targets: [{provider: mock}], cache: {ttl: 1h}}\n"
-        "  b: {targets: [{provider: mock}], cache: {ttl: 1h}}\n");
+  Start(
+      "  plain: {targets: [{provider: mock}]}\n  a: {targets: [{provider: mock}], cache: {ttl: "
+      "1h}}\n"
+      "  b: {targets: [{provider: mock}], cache: {ttl: 1h}}\n");
   for (int i = 0; i < 2; ++i) {
     auto r = gateway_->Chat(Request("plain", "x"));
     ASSERT_OK(r);
@@ -121,8 +127,10 @@ TEST_F(GatewayCacheTest, AnEntryExpiresAfterItsTtl) {
 }
 
 TEST_F(GatewayCacheTest, StaleIfErrorServesAnExpiredAnswerWhenEveryAttemptFailsOver) {
-  Start("  r: {targets: [{provider: mock}], cache: {ttl: 10s, stale_if_error: 1m}, retry: {max_attempts: 2, "
-        "initial_backoff: 1ms, max_backoff: 1ms}}\n");
+  Start(
+      "  r: {targets: [{provider: mock}], cache: {ttl: 10s, stale_if_error: 1m}, retry: "
+      "{max_attempts: 2, "
+      "initial_backoff: 1ms, max_backoff: 1ms}}\n");
   // The mock answers this prompt once, then fails it with 503.
   const std::string prompt = "breaks later\n#mock fail=503 after=1";
   auto first = gateway_->Chat(Request("r", prompt));
@@ -156,7 +164,8 @@ TEST_F(GatewayCacheTest, StaleIsNotServedForAnErrorThatDoesNotFailOver) {
 }
 
 TEST_F(GatewayCacheTest, StaleIsServedWhenEveryTargetIsAtItsRateLimit) {
-  Start("  r: {targets: [{provider: mock}], cache: {ttl: 1s, stale_if_error: 1h}}\n", ", limits: {rpm: 1}");
+  Start("  r: {targets: [{provider: mock}], cache: {ttl: 1s, stale_if_error: 1h}}\n",
+        ", limits: {rpm: 1}");
   ASSERT_OK(gateway_->Chat(Request("r", "limited")));
   clock_.Advance(milliseconds(2000));  // 2/60 of a request refilled: still limited
   auto r = gateway_->Chat(Request("r", "limited"));
@@ -170,8 +179,10 @@ TEST_F(GatewayCacheTest, StaleIsServedWhenEveryTargetIsAtItsRateLimit) {
 }
 
 TEST_F(GatewayCacheTest, NoCacheDoesNotReadButStoresAndNoStoreDoesNeither) {
-  Start("  r: {targets: [{provider: mock}], cache: {ttl: 1h, stale_if_error: 1h}, retry: {initial_backoff: 1ms, "
-        "max_backoff: 1ms}}\n");
+  Start(
+      "  r: {targets: [{provider: mock}], cache: {ttl: 1h, stale_if_error: 1h}, retry: "
+      "{initial_backoff: 1ms, "
+      "max_backoff: 1ms}}\n");
   // no-store: a provider answers and nothing is kept.
   auto bypass = gateway_->Chat(Request("r", "q", CacheMode::kNoStore));
   ASSERT_OK(bypass);
@@ -199,7 +210,8 @@ TEST_F(GatewayCacheTest, StreamsBypassTheCache) {
   Start("  r: {targets: [{provider: mock}], cache: {ttl: 1h}}\n");
   ASSERT_EQ(gateway_->Chat(Request("r", "s"))->cache, CacheStatus::kMiss);
   int chunks = 0;
-  auto streamed = gateway_->ChatStream(Request("r", "s"), [&](const json::object&) { return ++chunks > 0; });
+  auto streamed =
+      gateway_->ChatStream(Request("r", "s"), [&](const json::object&) { return ++chunks > 0; });
   ASSERT_OK(streamed);
   EXPECT_GT(chunks, 0);
   EXPECT_EQ(streamed->cache, CacheStatus::kBypass);
@@ -228,7 +240,8 @@ TEST_F(GatewayCacheTest, TheAsynchronousPathReadsAndStoresTheSameCache) {
   std::vector<CacheStatus> seen;
   auto call = [&] {
     std::optional<Result<ChatResult>> out;
-    auto working = boost::asio::make_work_guard(io);  // the blocking mock runs on the gateway's pool meanwhile
+    auto working =
+        boost::asio::make_work_guard(io);  // the blocking mock runs on the gateway's pool meanwhile
     gateway_->ChatAsync(Request("r", "async"), io.get_executor(), [&](Result<ChatResult> r) {
       out = std::move(r);
       working.reset();

@@ -2,10 +2,9 @@
 // shared; a corrupt cached value is a miss; with Redis gone, each gateway decides with its
 // own limits and cache and no call fails for it.
 
-#include <unistd.h>
-
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <csignal>
 
@@ -34,7 +33,8 @@ struct Node {
     return std::stod(text.substr(at + series.size() + 2));
   }
   double ProviderCalls() {
-    const double v = Metric("keel_llm_requests_total{outcome=\"ok\",provider=\"mock\",route=\"r\"}");
+    const double v =
+        Metric("keel_llm_requests_total{outcome=\"ok\",provider=\"mock\",route=\"r\"}");
     return v < 0 ? 0 : v;
   }
 };
@@ -43,17 +43,22 @@ class GatewayRedisTest : public ::testing::Test {
  protected:
   void SetUp() override {
     std::signal(SIGPIPE, SIG_IGN);
-    prefix_ = "gwtest:" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()) + ":" +
-              std::to_string(getpid()) + "-" +
-              std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()) + ":";
+    prefix_ =
+        "gwtest:" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()) +
+        ":" + std::to_string(getpid()) + "-" +
+        std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()) + ":";
   }
 
   // A node whose provider "mock" (in-process) has `limits` and whose route "r" caches.
-  std::unique_ptr<Node> StartNode(const std::string& redis_url, const std::string& limits = "{rpm: 3}") {
-    const std::string yaml = "redis: {url: \"" + redis_url + "\", key_prefix: \"" + prefix_ +
-                             "\", timeout: 200ms, retry_interval: 1s}\n"
-                             "providers:\n  mock: {type: mock, limits: " + limits + "}\n"
-                             "routes:\n  r: {targets: [{provider: mock}], retry: {max_attempts: 1}, cache: {ttl: 1h}}\n";
+  std::unique_ptr<Node> StartNode(const std::string& redis_url,
+                                  const std::string& limits = "{rpm: 3}") {
+    const std::string yaml =
+        "redis: {url: \"" + redis_url + "\", key_prefix: \"" + prefix_ +
+        "\", timeout: 200ms, retry_interval: 1s}\n"
+        "providers:\n  mock: {type: mock, limits: " +
+        limits +
+        "}\n"
+        "routes:\n  r: {targets: [{provider: mock}], retry: {max_attempts: 1}, cache: {ttl: 1h}}\n";
     auto config = ParseConfig(yaml, [](const std::string&) { return std::nullopt; });
     EXPECT_TRUE(config.ok()) << config.error().message;
     auto node = std::make_unique<Node>();
@@ -66,7 +71,8 @@ class GatewayRedisTest : public ::testing::Test {
   static ChatRequest Request(const std::string& content) {
     ChatRequest req;
     req.route = "r";
-    req.body = json::object{{"messages", json::array{json::object{{"role", "user"}, {"content", content}}}}};
+    req.body = json::object{
+        {"messages", json::array{json::object{{"role", "user"}, {"content", content}}}}};
     return req;
   }
 
@@ -82,7 +88,8 @@ TEST_F(GatewayRedisTest, TwoNodesShareOneRpmLimit) {
   std::optional<Error> refusal;
   for (int i = 0; i < 4; ++i) {
     for (Node* node : {a.get(), b.get()}) {
-      auto r = node->gateway->Chat(Request("call " + std::to_string(i) + (node == a.get() ? "a" : "b")));
+      auto r =
+          node->gateway->Chat(Request("call " + std::to_string(i) + (node == a.get() ? "a" : "b")));
       if (r.ok()) {
         ++admitted;
       } else {
@@ -124,7 +131,8 @@ TEST_F(GatewayRedisTest, ACorruptCachedValueIsAMissAndIsReplaced) {
   prometheus::Registry registry;
   auto raw = detail::RedisClient::Create(rc, registry, clock_);
   const std::string key = prefix_ + "cache:" + detail::CacheKey("chat", "r", req.body);
-  ASSERT_OK(raw->Command(detail::RedisOp::kCacheSet, {"SET", key, "{\"v\": 1, \"stored_at_ms\": \"garbage", "PX", "60000"}));
+  ASSERT_OK(raw->Command(detail::RedisOp::kCacheSet,
+                         {"SET", key, "{\"v\": 1, \"stored_at_ms\": \"garbage", "PX", "60000"}));
   auto r = a->gateway->Chat(req);
   ASSERT_OK(r);
   EXPECT_EQ(r->cache, CacheStatus::kMiss);
@@ -141,7 +149,8 @@ TEST_F(GatewayRedisTest, WithRedisGoneLocalLimitsAndCacheServeAndNothingFails) {
   testing::TempDir dir;
   testing::RedisServer server(dir.path() + "/redis");
   auto node = StartNode(server.url());
-  ASSERT_OK(node->gateway->Chat(Request("before")));  // shared: Redis's bucket and this node's both charged
+  ASSERT_OK(node->gateway->Chat(
+      Request("before")));  // shared: Redis's bucket and this node's both charged
   EXPECT_EQ(node->Metric("keel_redis_up"), 1);
   server.Stop();
   // This node's cache answers what it stored...
@@ -159,7 +168,8 @@ TEST_F(GatewayRedisTest, WithRedisGoneLocalLimitsAndCacheServeAndNothingFails) {
   EXPECT_EQ(limited.error().code, ErrorCode::kRateLimited);
   EXPECT_GE(node->Metric("keel_redis_fallbacks_total{op=\"rate_take\"}"), 3);
   EXPECT_GE(node->Metric("keel_redis_fallbacks_total{op=\"cache_get\"}"), 3);
-  EXPECT_EQ(node->Metric("keel_redis_errors_total{op=\"cache_get\"}"), 1);  // one failure, then degraded
+  EXPECT_EQ(node->Metric("keel_redis_errors_total{op=\"cache_get\"}"),
+            1);  // one failure, then degraded
   // Back after the retry interval: shared again.
   server.Start();
   clock_.Advance(milliseconds(1000));

@@ -2,10 +2,10 @@
 
 #include <hiredis/hiredis.h>
 #include <openssl/evp.h>
+#include <prometheus/family.h>
 
 #include <cerrno>
 #include <chrono>
-#include <prometheus/family.h>
 #include <utility>
 
 #include "keel/obs/log.h"
@@ -13,8 +13,8 @@
 namespace keel::gateway::detail {
 namespace {
 
-constexpr RedisOp kAllOps[kRedisOps] = {RedisOp::kPing, RedisOp::kRateTake, RedisOp::kRateAdjust, RedisOp::kCacheGet,
-                                        RedisOp::kCacheSet};
+constexpr RedisOp kAllOps[kRedisOps] = {RedisOp::kPing, RedisOp::kRateTake, RedisOp::kRateAdjust,
+                                        RedisOp::kCacheGet, RedisOp::kCacheSet};
 
 std::string Sha1Hex(std::string_view data) {
   unsigned char md[EVP_MAX_MD_SIZE];
@@ -32,12 +32,24 @@ std::string Sha1Hex(std::string_view data) {
 RedisReply Copy(const redisReply& r) {
   RedisReply out;
   switch (r.type) {
-    case REDIS_REPLY_STRING: out.kind = RedisReply::Kind::kString; break;
-    case REDIS_REPLY_STATUS: out.kind = RedisReply::Kind::kStatus; break;
-    case REDIS_REPLY_ERROR: out.kind = RedisReply::Kind::kError; break;
-    case REDIS_REPLY_INTEGER: out.kind = RedisReply::Kind::kInteger; break;
-    case REDIS_REPLY_ARRAY: out.kind = RedisReply::Kind::kArray; break;
-    default: out.kind = RedisReply::Kind::kNil; break;
+    case REDIS_REPLY_STRING:
+      out.kind = RedisReply::Kind::kString;
+      break;
+    case REDIS_REPLY_STATUS:
+      out.kind = RedisReply::Kind::kStatus;
+      break;
+    case REDIS_REPLY_ERROR:
+      out.kind = RedisReply::Kind::kError;
+      break;
+    case REDIS_REPLY_INTEGER:
+      out.kind = RedisReply::Kind::kInteger;
+      break;
+    case REDIS_REPLY_ARRAY:
+      out.kind = RedisReply::Kind::kArray;
+      break;
+    default:
+      out.kind = RedisReply::Kind::kNil;
+      break;
   }
   if (r.str != nullptr) out.str.assign(r.str, r.len);
   out.integer = r.integer;
@@ -62,42 +74,52 @@ std::string Describe(const redisContext* c, int saved_errno, Duration timeout) {
     return "no answer within the timeout of " + std::to_string(timeout.count()) + "ms";
   }
   if (c->err == REDIS_ERR_EOF) return "the server closed the connection";
-  return c->errstr[0] != '\0' ? std::string(c->errstr) : "connection error " + std::to_string(c->err);
+  return c->errstr[0] != '\0' ? std::string(c->errstr)
+                              : "connection error " + std::to_string(c->err);
 }
 
 }  // namespace
 
 std::string_view RedisOpName(RedisOp op) {
   switch (op) {
-    case RedisOp::kPing: return "ping";
-    case RedisOp::kRateTake: return "rate_take";
-    case RedisOp::kRateAdjust: return "rate_adjust";
-    case RedisOp::kCacheGet: return "cache_get";
-    case RedisOp::kCacheSet: return "cache_set";
+    case RedisOp::kPing:
+      return "ping";
+    case RedisOp::kRateTake:
+      return "rate_take";
+    case RedisOp::kRateAdjust:
+      return "rate_adjust";
+    case RedisOp::kCacheGet:
+      return "cache_get";
+    case RedisOp::kCacheSet:
+      return "cache_set";
   }
   return "unknown";
 }
 
-RedisScript::RedisScript(std::string source) : source_(std::move(source)), sha1_(Sha1Hex(source_)) {}
+RedisScript::RedisScript(std::string source)
+    : source_(std::move(source)), sha1_(Sha1Hex(source_)) {}
 
 void RedisClient::ContextFree::operator()(redisContext* c) const { redisFree(c); }
 
-RedisClient::RedisClient(const RedisConfig& config, prometheus::Registry& registry, const Clock& clock)
+RedisClient::RedisClient(const RedisConfig& config, prometheus::Registry& registry,
+                         const Clock& clock)
     : config_(config),
       clock_(clock),
-      up_gauge_(prometheus::BuildGauge()
-                    .Name("keel_redis_up")
-                    .Help("1 while Redis is usable, 0 while keel is degraded to local limits and cache")
-                    .Register(registry)
-                    .Add({})) {
+      up_gauge_(
+          prometheus::BuildGauge()
+              .Name("keel_redis_up")
+              .Help("1 while Redis is usable, 0 while keel is degraded to local limits and cache")
+              .Register(registry)
+              .Add({})) {
   auto& errors = prometheus::BuildCounter()
                      .Name("keel_redis_errors_total")
                      .Help("Redis calls that failed (refused, timed out, error reply), by op")
                      .Register(registry);
-  auto& fallbacks = prometheus::BuildCounter()
-                        .Name("keel_redis_fallbacks_total")
-                        .Help("Calls served by local limits or cache because Redis was not usable, by op")
-                        .Register(registry);
+  auto& fallbacks =
+      prometheus::BuildCounter()
+          .Name("keel_redis_fallbacks_total")
+          .Help("Calls served by local limits or cache because Redis was not usable, by op")
+          .Register(registry);
   for (RedisOp op : kAllOps) {
     errors_.push_back(&errors.Add({{"op", std::string(RedisOpName(op))}}));
     fallbacks_.push_back(&fallbacks.Add({{"op", std::string(RedisOpName(op))}}));
@@ -107,7 +129,8 @@ RedisClient::RedisClient(const RedisConfig& config, prometheus::Registry& regist
 
 RedisClient::~RedisClient() = default;
 
-std::unique_ptr<RedisClient> RedisClient::Create(const RedisConfig& config, prometheus::Registry& registry,
+std::unique_ptr<RedisClient> RedisClient::Create(const RedisConfig& config,
+                                                 prometheus::Registry& registry,
                                                  const Clock& clock) {
   std::unique_ptr<RedisClient> client(new RedisClient(config, registry, clock));
   const auto& a = config.address;
@@ -169,7 +192,8 @@ RedisClient::Connection RedisClient::Connect(std::string& why) {
   return c;
 }
 
-std::optional<RedisReply> RedisClient::RoundTrip(redisContext* c, const std::vector<std::string_view>& args,
+std::optional<RedisReply> RedisClient::RoundTrip(redisContext* c,
+                                                 const std::vector<std::string_view>& args,
                                                  std::string& why) {
   std::vector<const char*> argv;
   std::vector<std::size_t> lens;
@@ -178,7 +202,8 @@ std::optional<RedisReply> RedisClient::RoundTrip(redisContext* c, const std::vec
     lens.push_back(a.size());
   }
   errno = 0;
-  auto* raw = static_cast<redisReply*>(redisCommandArgv(c, static_cast<int>(argv.size()), argv.data(), lens.data()));
+  auto* raw = static_cast<redisReply*>(
+      redisCommandArgv(c, static_cast<int>(argv.size()), argv.data(), lens.data()));
   if (raw == nullptr) {
     t_failed_errno = errno;
     why = Describe(c, t_failed_errno, config_.timeout);
@@ -238,8 +263,10 @@ Result<RedisReply> RedisClient::Run(RedisOp op, const Exchange& exchange) {
     if (!reply) {
       // A pooled connection the server closed meanwhile (it restarted): once more on a new
       // one. A timeout is not retried: it would double the wait.
-      const bool stale = reused && (c->err == REDIS_ERR_EOF ||
-                                    (c->err == REDIS_ERR_IO && (t_failed_errno == ECONNRESET || t_failed_errno == EPIPE)));
+      const bool stale =
+          reused &&
+          (c->err == REDIS_ERR_EOF ||
+           (c->err == REDIS_ERR_IO && (t_failed_errno == ECONNRESET || t_failed_errno == EPIPE)));
       c.reset();
       if (!stale) break;
     }
@@ -258,7 +285,8 @@ Result<RedisReply> RedisClient::Command(RedisOp op, const std::vector<std::strin
   return Run(op, [&](redisContext* c, std::string& why) { return RoundTrip(c, args, why); });
 }
 
-Result<RedisReply> RedisClient::Eval(RedisOp op, const RedisScript& script, const std::vector<std::string_view>& keys,
+Result<RedisReply> RedisClient::Eval(RedisOp op, const RedisScript& script,
+                                     const std::vector<std::string_view>& keys,
                                      const std::vector<std::string_view>& args) {
   const std::string nkeys = std::to_string(keys.size());
   std::vector<std::string_view> argv{"EVALSHA", script.sha1(), nkeys};
@@ -292,7 +320,9 @@ Error RedisClient::Fail(RedisOp op, std::string why) {
     }
     released_.notify_all();
     obs::LogWarn("redis unavailable: rate limits and caches fall back to this node's own",
-                 {{"op", RedisOpName(op)}, {"reason", why}, {"retry_interval_ms", config_.retry_interval.count()}});
+                 {{"op", RedisOpName(op)},
+                  {"reason", why},
+                  {"retry_interval_ms", config_.retry_interval.count()}});
   }
   return Fallback(op, std::move(why));
 }

@@ -21,6 +21,10 @@
 // Thread-safe. The retry interval is measured with the injected Clock (tests move it); the
 // waits for the network are real time.
 
+#include <prometheus/counter.h>
+#include <prometheus/gauge.h>
+#include <prometheus/registry.h>
+
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -28,9 +32,6 @@
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <prometheus/counter.h>
-#include <prometheus/gauge.h>
-#include <prometheus/registry.h>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -78,8 +79,8 @@ class RedisClient {
   /// fails, the client starts degraded (with its warn line) and keel serves with local
   /// limits and cache; it never refuses to start for Redis. `registry` and `clock` must
   /// outlive the client.
-  static std::unique_ptr<RedisClient> Create(const RedisConfig& config, prometheus::Registry& registry,
-                                             const Clock& clock);
+  static std::unique_ptr<RedisClient> Create(const RedisConfig& config,
+                                             prometheus::Registry& registry, const Clock& clock);
   ~RedisClient();
   RedisClient(const RedisClient&) = delete;
   RedisClient& operator=(const RedisClient&) = delete;
@@ -90,7 +91,8 @@ class RedisClient {
 
   /// EVALSHA of `script` with `keys` and `args` (SCRIPT LOAD and again on NOSCRIPT). Same
   /// failures as Command.
-  Result<RedisReply> Eval(RedisOp op, const RedisScript& script, const std::vector<std::string_view>& keys,
+  Result<RedisReply> Eval(RedisOp op, const RedisScript& script,
+                          const std::vector<std::string_view>& keys,
                           const std::vector<std::string_view>& args);
 
   /// False while degraded.
@@ -112,7 +114,8 @@ class RedisClient {
   // interval has passed, for one caller per interval.
   bool Usable();
   Connection Connect(std::string& why);
-  std::optional<RedisReply> RoundTrip(redisContext* c, const std::vector<std::string_view>& args, std::string& why);
+  std::optional<RedisReply> RoundTrip(redisContext* c, const std::vector<std::string_view>& args,
+                                      std::string& why);
   void Release(Connection c);
   Error Fallback(RedisOp op, std::string why);
   Error Fail(RedisOp op, std::string why);

@@ -4,12 +4,11 @@
 // timeouts, error replies, and the token-bucket semantics of the scripts.
 
 #include <arpa/inet.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
-
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 
 #include <csignal>
 #include <thread>
@@ -59,9 +58,10 @@ class RedisClientTest : public ::testing::Test {
     RedisConfig c;
     if (address.ok()) c.address = *address;
     // Unique per run, so that a test run again soon after meets no state of the last run.
-    c.key_prefix = "test:" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()) + ":" +
-                   std::to_string(getpid()) + "-" +
-                   std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()) + ":";
+    c.key_prefix =
+        "test:" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()) +
+        ":" + std::to_string(getpid()) + "-" +
+        std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()) + ":";
     c.timeout = milliseconds(200);
     c.retry_interval = milliseconds(1000);
     return c;
@@ -73,8 +73,12 @@ class RedisClientTest : public ::testing::Test {
     if (at == std::string::npos) return -1;
     return std::stod(text.substr(at + series.size() + 2));
   }
-  double Errors(const char* op) { return Metric(std::string("keel_redis_errors_total{op=\"") + op + "\"}"); }
-  double Fallbacks(const char* op) { return Metric(std::string("keel_redis_fallbacks_total{op=\"") + op + "\"}"); }
+  double Errors(const char* op) {
+    return Metric(std::string("keel_redis_errors_total{op=\"") + op + "\"}");
+  }
+  double Fallbacks(const char* op) {
+    return Metric(std::string("keel_redis_fallbacks_total{op=\"") + op + "\"}");
+  }
 
   ManualClock clock_;
   prometheus::Registry registry_;
@@ -85,7 +89,8 @@ TEST_F(RedisClientTest, RunsCommandsAndReportsUp) {
   EXPECT_TRUE(client->up());
   EXPECT_EQ(Metric("keel_redis_up"), 1);
   const std::string key = client->config().key_prefix + "k";
-  auto set = client->Command(RedisOp::kCacheSet, {"SET", key, std::string("v\0w", 3), "PX", "60000"});
+  auto set =
+      client->Command(RedisOp::kCacheSet, {"SET", key, std::string("v\0w", 3), "PX", "60000"});
   ASSERT_OK(set);
   EXPECT_EQ(set->kind, RedisReply::Kind::kStatus);
   auto get = client->Command(RedisOp::kCacheGet, {"GET", key});
@@ -193,7 +198,8 @@ TEST_F(RedisClientTest, AServerThatDoesNotAnswerCostsOneTimeoutPerInterval) {
 }
 
 TEST_F(RedisClientTest, AWrongPasswordDegradesWithTheReasonAndNeverThePassword) {
-  auto client = RedisClient::Create(Config(testing::SharedRedisUrl().insert(8, ":not-the-password@")), registry_, clock_);
+  auto client = RedisClient::Create(
+      Config(testing::SharedRedisUrl().insert(8, ":not-the-password@")), registry_, clock_);
   EXPECT_FALSE(client->up());
   EXPECT_EQ(Errors("ping"), 1);
   clock_.Advance(milliseconds(1000));
@@ -225,7 +231,8 @@ TEST_F(RedisClientTest, ConcurrentCallersUseThePool) {
   std::vector<std::thread> threads;
   for (int t = 0; t < 8; ++t) {
     threads.emplace_back([&] {
-      for (int i = 0; i < 200; ++i) ok += client->Command(RedisOp::kCacheGet, {"PING"}).ok() ? 1 : 0;
+      for (int i = 0; i < 200; ++i)
+        ok += client->Command(RedisOp::kCacheGet, {"PING"}).ok() ? 1 : 0;
     });
   }
   for (auto& t : threads) t.join();
@@ -244,12 +251,14 @@ class SharedLimitsTest : public RedisClientTest {
   }
   // The stored level of a bucket ("rpm" or "tpm") of provider "p"; nullopt when absent.
   std::optional<double> Level(const char* which) {
-    auto r = client_->Command(RedisOp::kPing, {"HGET", client_->config().key_prefix + "rate:{p}:" + which, "tokens"});
+    auto r = client_->Command(
+        RedisOp::kPing, {"HGET", client_->config().key_prefix + "rate:{p}:" + which, "tokens"});
     if (!r.ok() || r->kind != RedisReply::Kind::kString) return std::nullopt;
     return std::stod(r->str);
   }
   int64_t Pttl(const char* which) {
-    auto r = client_->Command(RedisOp::kPing, {"PTTL", client_->config().key_prefix + "rate:{p}:" + which});
+    auto r = client_->Command(RedisOp::kPing,
+                              {"PTTL", client_->config().key_prefix + "rate:{p}:" + which});
     return r.ok() ? r->integer : -100;
   }
   std::unique_ptr<RedisClient> client_;

@@ -33,8 +33,8 @@ std::string CacheKey(std::string_view kind, std::string_view route, const json::
     keyed.emplace(k, kv.value());
   }
   // Lengths first, so that no kind or route name can run into the next part.
-  std::string text = std::to_string(kind.size()) + ":" + std::string(kind) + std::to_string(route.size()) + ":" +
-                     std::string(route) + CanonicalJson(keyed);
+  std::string text = std::to_string(kind.size()) + ":" + std::string(kind) +
+                     std::to_string(route.size()) + ":" + std::string(route) + CanonicalJson(keyed);
   return Sha256Hex(text);
 }
 
@@ -51,7 +51,8 @@ std::string EncodeCacheEntry(const CacheEntry& entry) {
 
 Result<CacheEntry> DecodeCacheEntry(std::string_view value) {
   auto bad = [](const char* why) {
-    return Error(ErrorCode::kInvalidOutput, std::string("a cached answer that does not decode: ") + why);
+    return Error(ErrorCode::kInvalidOutput,
+                 std::string("a cached answer that does not decode: ") + why);
   };
   auto parsed = ParseJson(value);
   if (!parsed.ok()) return bad("not JSON");
@@ -65,9 +66,9 @@ Result<CacheEntry> DecodeCacheEntry(std::string_view value) {
   const auto* text = o.if_contains("text");
   const auto* usage = o.if_contains("usage");
   auto* response = o.if_contains("response");
-  if (at == nullptr || !at->is_int64() || provider == nullptr || !provider->is_string() || model == nullptr ||
-      !model->is_string() || text == nullptr || !text->is_string() || usage == nullptr || response == nullptr ||
-      !response->is_object()) {
+  if (at == nullptr || !at->is_int64() || provider == nullptr || !provider->is_string() ||
+      model == nullptr || !model->is_string() || text == nullptr || !text->is_string() ||
+      usage == nullptr || response == nullptr || !response->is_object()) {
     return bad("a missing or mistyped field");
   }
   auto answer = std::make_shared<CachedAnswer>();
@@ -114,8 +115,12 @@ std::size_t LruCache::size() const {
   return order_.size();
 }
 
-RouteCache::RouteCache(const RouteCacheConfig& config, RedisClient* redis, prometheus::Counter* corrupt)
-    : config_(config), redis_(redis), corrupt_(corrupt), local_(static_cast<std::size_t>(config.max_entries)) {}
+RouteCache::RouteCache(const RouteCacheConfig& config, RedisClient* redis,
+                       prometheus::Counter* corrupt)
+    : config_(config),
+      redis_(redis),
+      corrupt_(corrupt),
+      local_(static_cast<std::size_t>(config.max_entries)) {}
 
 std::string RouteCache::RedisKey(const std::string& key) const {
   return redis_->config().key_prefix + "cache:" + key;
@@ -126,7 +131,8 @@ std::optional<CacheEntry> RouteCache::Lookup(const std::string& key, Timestamp n
   if ((mine && now - mine->stored_at < config_.ttl) || redis_ == nullptr) return mine;
   const std::string redis_key = RedisKey(key);
   auto r = redis_->Command(RedisOp::kCacheGet, {"GET", redis_key});
-  if (!r.ok() || r->kind != RedisReply::Kind::kString) return mine;  // unusable (counted there) or absent
+  if (!r.ok() || r->kind != RedisReply::Kind::kString)
+    return mine;  // unusable (counted there) or absent
   auto shared = DecodeCacheEntry(r->str);
   if (!shared.ok()) {
     if (corrupt_ != nullptr) corrupt_->Increment();

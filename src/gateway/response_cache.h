@@ -5,12 +5,13 @@
 // memory and, when Redis is configured, entries in Redis shared by every node; the LRU is
 // then a near cache in front of Redis and what serves alone while Redis is not usable.
 
+#include <prometheus/counter.h>
+
 #include <cstdint>
 #include <list>
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <prometheus/counter.h>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -67,8 +68,8 @@ class LruCache {
   using Order = std::list<std::pair<std::string, CacheEntry>>;  // most recently used first
   const std::size_t max_entries_;
   mutable std::mutex mu_;
-  Order order_;                                                  // GUARDED_BY(mu_)
-  std::unordered_map<std::string, Order::iterator> index_;        // GUARDED_BY(mu_)
+  Order order_;                                             // GUARDED_BY(mu_)
+  std::unordered_map<std::string, Order::iterator> index_;  // GUARDED_BY(mu_)
 };
 
 /// One route's cache. Thread-safe.

@@ -16,9 +16,10 @@ json::object Body(std::string_view json_text) { return json::parse(json_text).as
 
 CacheEntry Entry(const std::string& text, Timestamp at) {
   auto a = std::make_shared<CachedAnswer>();
-  a->response = json::object{{"id", "chatcmpl-1"},
-                             {"object", "chat.completion"},
-                             {"choices", json::array{json::object{{"message", json::object{{"content", text}}}}}}};
+  a->response = json::object{
+      {"id", "chatcmpl-1"},
+      {"object", "chat.completion"},
+      {"choices", json::array{json::object{{"message", json::object{{"content", text}}}}}}};
   a->text = text;
   a->model = "model-1";
   a->provider = "p";
@@ -29,8 +30,10 @@ CacheEntry Entry(const std::string& text, Timestamp at) {
 const Timestamp kT0 = FromMillis(1'700'000'000'000);
 
 TEST(CacheKeyTest, IsTheSameForTheSameRequestWhateverTheKeyOrder) {
-  const auto a = Body(R"({"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 5})");
-  const auto b = Body(R"({"max_tokens": 5, "temperature": 0, "messages": [{"content": "hi", "role": "user"}]})");
+  const auto a = Body(
+      R"({"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 5})");
+  const auto b = Body(
+      R"({"max_tokens": 5, "temperature": 0, "messages": [{"content": "hi", "role": "user"}]})");
   EXPECT_EQ(CacheKey("chat", "r", a), CacheKey("chat", "r", b));
   EXPECT_EQ(CacheKey("chat", "r", a).size(), 64u);
   EXPECT_EQ(CacheKey("chat", "r", a).find_first_not_of("0123456789abcdef"), std::string::npos);
@@ -44,9 +47,14 @@ TEST(CacheKeyTest, IgnoresStreamUserAndModelOnly) {
   const std::string key = CacheKey("chat", "r", base);
   EXPECT_NE(key, CacheKey("chat", "other", base));
   EXPECT_NE(key, CacheKey("embeddings", "r", base));
-  EXPECT_NE(key, CacheKey("chat", "r", Body(R"({"messages": [{"role": "user", "content": "hi!"}]})")));
-  EXPECT_NE(key, CacheKey("chat", "r", Body(R"({"messages": [{"role": "user", "content": "hi"}], "temperature": 1})")));
-  EXPECT_NE(key, CacheKey("chat", "r", Body(R"({"messages": [{"role": "user", "content": "hi"}], "seed": 1})")));
+  EXPECT_NE(key,
+            CacheKey("chat", "r", Body(R"({"messages": [{"role": "user", "content": "hi!"}]})")));
+  EXPECT_NE(
+      key,
+      CacheKey("chat", "r",
+               Body(R"({"messages": [{"role": "user", "content": "hi"}], "temperature": 1})")));
+  EXPECT_NE(key, CacheKey("chat", "r",
+                          Body(R"({"messages": [{"role": "user", "content": "hi"}], "seed": 1})")));
   // Lengths keep parts apart: route "ab" + kind "c" is not route "a" + kind "bc".
   EXPECT_NE(CacheKey("c", "ab", base), CacheKey("bc", "a", base));
 }
@@ -70,12 +78,17 @@ TEST(CacheEntryCodingTest, AnythingElseIsRefused) {
     o.erase(field);
     return json::serialize(o);
   };
-  for (const std::string& bad :
-       {std::string(""), std::string("not json"), std::string("[]"), std::string("{}"), good.substr(0, good.size() / 2),
-        std::string(R"({"v": 2, "stored_at_ms": 1, "provider": "p", "model": "m", "text": "", "usage": null, "response": {}})"),
-        std::string(R"({"v": 1, "stored_at_ms": "1", "provider": "p", "model": "m", "text": "", "usage": null, "response": {}})"),
-        std::string(R"({"v": 1, "stored_at_ms": 1, "provider": "p", "model": "m", "text": "", "usage": null, "response": []})"),
-        without("stored_at_ms"), without("response"), without("provider"), without("usage")}) {
+  for (
+      const std::string& bad :
+      {std::string(""), std::string("not json"), std::string("[]"), std::string("{}"),
+       good.substr(0, good.size() / 2),
+       std::string(
+           R"({"v": 2, "stored_at_ms": 1, "provider": "p", "model": "m", "text": "", "usage": null, "response": {}})"),
+       std::string(
+           R"({"v": 1, "stored_at_ms": "1", "provider": "p", "model": "m", "text": "", "usage": null, "response": {}})"),
+       std::string(
+           R"({"v": 1, "stored_at_ms": 1, "provider": "p", "model": "m", "text": "", "usage": null, "response": []})"),
+       without("stored_at_ms"), without("response"), without("provider"), without("usage")}) {
     auto r = DecodeCacheEntry(bad);
     ASSERT_FALSE(r.ok()) << bad;
     EXPECT_EQ(r.error().code, ErrorCode::kInvalidOutput);

@@ -87,21 +87,24 @@ std::string SharedLimits::Key(const std::string& provider, const char* which) co
   return redis_.config().key_prefix + "rate:{" + provider + "}:" + which;
 }
 
-Result<Duration> SharedLimits::Take(const std::string& provider, int64_t rpm, int64_t tpm, double tokens) {
+Result<Duration> SharedLimits::Take(const std::string& provider, int64_t rpm, int64_t tpm,
+                                    double tokens) {
   const std::string rpm_key = Key(provider, "rpm"), tpm_key = Key(provider, "tpm");
   const std::string a1 = std::to_string(rpm), a2 = std::to_string(tpm), a3 = Number(tokens);
   auto r = redis_.Eval(RedisOp::kRateTake, TakeScript(), {rpm_key, tpm_key}, {a1, a2, a3});
   if (!r.ok()) return std::move(r).error();
   if (r->kind != RedisReply::Kind::kInteger || r->integer < 0) {
-    return Error(ErrorCode::kInternal, "redis: the rate-limit script answered something other than a wait");
+    return Error(ErrorCode::kInternal,
+                 "redis: the rate-limit script answered something other than a wait");
   }
   return Duration(r->integer);
 }
 
-Result<void> SharedLimits::Adjust(const std::string& provider, int64_t rpm, int64_t tpm, double requests,
-                                  double tokens) {
+Result<void> SharedLimits::Adjust(const std::string& provider, int64_t rpm, int64_t tpm,
+                                  double requests, double tokens) {
   const std::string rpm_key = Key(provider, "rpm"), tpm_key = Key(provider, "tpm");
-  const std::string a1 = std::to_string(rpm), a2 = std::to_string(tpm), a3 = Number(requests), a4 = Number(tokens);
+  const std::string a1 = std::to_string(rpm), a2 = std::to_string(tpm), a3 = Number(requests),
+                    a4 = Number(tokens);
   auto r = redis_.Eval(RedisOp::kRateAdjust, AdjustScript(), {rpm_key, tpm_key}, {a1, a2, a3, a4});
   if (!r.ok()) return std::move(r).error();
   return Ok();

@@ -36,7 +36,8 @@ class SharedLimits {
   /// limit; negative values take more, down below zero if need be. For a call whose
   /// usage differed from its estimate (tokens: estimate - usage), and for an admission
   /// whose call was not made (requests 1, tokens: the estimate).
-  Result<void> Adjust(const std::string& provider, int64_t rpm, int64_t tpm, double requests, double tokens);
+  Result<void> Adjust(const std::string& provider, int64_t rpm, int64_t tpm, double requests,
+                      double tokens);
 
  private:
   std::string Key(const std::string& provider, const char* which) const;

@@ -4,7 +4,6 @@
 // nodes sharing limits and answers through one Redis, and Redis failing under them.
 
 #include <gtest/gtest.h>
-
 #include <unistd.h>
 
 #include <fstream>
@@ -23,7 +22,8 @@ double MetricValue(const std::string& text, const std::string& series) {
 }
 
 std::string Provider(const std::string& url, const std::string& extra = "") {
-  return "  llm: {type: openai, base_url: " + url + "/v1, model: mock-1, timeout: {connect: 1s, total: 5s}" + extra + "}\n";
+  return "  llm: {type: openai, base_url: " + url +
+         "/v1, model: mock-1, timeout: {connect: 1s, total: 5s}" + extra + "}\n";
 }
 
 class CacheTest : public ::testing::Test {
@@ -32,8 +32,9 @@ class CacheTest : public ::testing::Test {
   std::unique_ptr<KeelServer> StartNode(const std::string& providers, const std::string& routes,
                                         const std::string& top = "") {
     dirs_.push_back(std::make_unique<TempDir>());
-    auto node = std::make_unique<KeelServer>(dirs_.back()->path(), "storage: sqlite://data/keel.db\n" + top +
-                                                                       "providers:\n" + providers + "routes:\n" + routes);
+    auto node = std::make_unique<KeelServer>(
+        dirs_.back()->path(), "storage: sqlite://data/keel.db\n" + top + "providers:\n" +
+                                  providers + "routes:\n" + routes);
     EXPECT_NE(node->port(), 0) << "keel serve did not start";
     return node;
   }
@@ -43,13 +44,14 @@ class CacheTest : public ::testing::Test {
   std::string Metrics(const KeelServer& node) { return HttpGet(node.url() + "/metrics").raw; }
   // A key prefix of this test's own on the shared Redis.
   static std::string Prefix() {
-    return "it:" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()) + ":" +
-           std::to_string(getpid()) + "-" + std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()) +
-           ":";
+    return "it:" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()) +
+           ":" + std::to_string(getpid()) + "-" +
+           std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()) + ":";
   }
-  static std::string Redis(const std::string& url, const std::string& prefix, const std::string& extra = "") {
-    return "redis: {url: \"" + url + "\", key_prefix: \"" + prefix + "\", timeout: 200ms, retry_interval: 1s" + extra +
-           "}\n";
+  static std::string Redis(const std::string& url, const std::string& prefix,
+                           const std::string& extra = "") {
+    return "redis: {url: \"" + url + "\", key_prefix: \"" + prefix +
+           "\", timeout: 200ms, retry_interval: 1s" + extra + "}\n";
   }
 
   std::vector<std::unique_ptr<TempDir>> dirs_;
@@ -57,7 +59,8 @@ class CacheTest : public ::testing::Test {
 
 TEST_F(CacheTest, ASecondIdenticalCallIsAHitThatNoProviderSees) {
   MockLlm mock;
-  auto node = StartNode(Provider(mock.url()), "  r: {targets: [{provider: llm}], cache: {ttl: 1h}}\n");
+  auto node =
+      StartNode(Provider(mock.url()), "  r: {targets: [{provider: llm}], cache: {ttl: 1h}}\n");
   auto first = Call(*node, "what is a cache?");
   ASSERT_EQ(first.status, 200) << first.raw;
   EXPECT_EQ(first.Header("x-keel-cache"), "miss");
@@ -72,7 +75,8 @@ TEST_F(CacheTest, ASecondIdenticalCallIsAHitThatNoProviderSees) {
   EXPECT_EQ(second.body.at("model").as_string(), "mock-1");
   EXPECT_EQ(MockCount(mock.url(), "what is a cache?"), 1);
   // Key order, `user` and `stream: false` do not make another request.
-  json::value reordered = json::parse(R"({"messages": [{"content": "what is a cache?", "role": "user"}],
+  json::value reordered =
+      json::parse(R"({"messages": [{"content": "what is a cache?", "role": "user"}],
                                           "user": "someone", "stream": false, "model": "r"})");
   auto third = HttpPostJson(node->url() + "/v1/chat/completions", reordered);
   EXPECT_EQ(third.Header("x-keel-cache"), "hit");
@@ -84,19 +88,22 @@ TEST_F(CacheTest, ASecondIdenticalCallIsAHitThatNoProviderSees) {
 
 TEST_F(CacheTest, AnAnswerExpiresAfterItsTtl) {
   MockLlm mock;
-  auto node = StartNode(Provider(mock.url()), "  r: {targets: [{provider: llm}], cache: {ttl: 300ms}}\n");
+  auto node =
+      StartNode(Provider(mock.url()), "  r: {targets: [{provider: llm}], cache: {ttl: 300ms}}\n");
   ASSERT_EQ(Call(*node, "short-lived").Header("x-keel-cache"), "miss");
   // Hits until the ttl passes (by the server's clock), then a provider is called again.
-  ASSERT_TRUE(Eventually([&] { return Call(*node, "short-lived").Header("x-keel-cache") == "miss"; },
-                         std::chrono::seconds(10)));
+  ASSERT_TRUE(
+      Eventually([&] { return Call(*node, "short-lived").Header("x-keel-cache") == "miss"; },
+                 std::chrono::seconds(10)));
   EXPECT_EQ(MockCount(mock.url(), "short-lived"), 2);
 }
 
 TEST_F(CacheTest, StaleIfErrorServesTheExpiredAnswerWhenTheUpstreamFails) {
   MockLlm mock;
-  auto node = StartNode(Provider(mock.url()),
-                        "  r:\n    targets: [{provider: llm}]\n    cache: {ttl: 200ms, stale_if_error: 1h}\n"
-                        "    retry: {max_attempts: 2, initial_backoff: 1ms, max_backoff: 2ms}\n");
+  auto node = StartNode(
+      Provider(mock.url()),
+      "  r:\n    targets: [{provider: llm}]\n    cache: {ttl: 200ms, stale_if_error: 1h}\n"
+      "    retry: {max_attempts: 2, initial_backoff: 1ms, max_backoff: 2ms}\n");
   // The mock answers this prompt once, then answers 503 to it.
   const std::string prompt = "ask once\n#mock fail=503 after=1";
   auto first = Call(*node, prompt);
@@ -125,13 +132,15 @@ TEST_F(CacheTest, StaleIfErrorServesTheExpiredAnswerWhenTheUpstreamFails) {
 
 TEST_F(CacheTest, CacheControlNoCacheAndNoStore) {
   MockLlm mock;
-  auto node = StartNode(Provider(mock.url()), "  r: {targets: [{provider: llm}], cache: {ttl: 1h}}\n");
+  auto node =
+      StartNode(Provider(mock.url()), "  r: {targets: [{provider: llm}], cache: {ttl: 1h}}\n");
   // no-store: neither read nor stored.
   auto bypass = Call(*node, "q", {{"Cache-Control", "no-store"}});
   ASSERT_EQ(bypass.status, 200);
   EXPECT_EQ(bypass.Header("x-keel-cache"), "bypass");
   EXPECT_EQ(Call(*node, "q").Header("x-keel-cache"), "miss");
-  EXPECT_EQ(Call(*node, "q", {{"Cache-Control", "max-age=0, No-Store"}}).Header("x-keel-cache"), "bypass");
+  EXPECT_EQ(Call(*node, "q", {{"Cache-Control", "max-age=0, No-Store"}}).Header("x-keel-cache"),
+            "bypass");
   EXPECT_EQ(MockCount(mock.url(), "q"), 3);
   // no-cache: a provider answers although the answer is stored, and the new one is kept.
   auto fresh = Call(*node, "q", {{"Cache-Control", "no-cache"}});
@@ -145,7 +154,8 @@ TEST_F(CacheTest, CacheControlNoCacheAndNoStore) {
 
 TEST_F(CacheTest, StreamsBypassTheCacheAndEmbeddingsUseIt) {
   MockLlm mock;
-  auto node = StartNode(Provider(mock.url()), "  r: {targets: [{provider: llm}], cache: {ttl: 1h}}\n");
+  auto node =
+      StartNode(Provider(mock.url()), "  r: {targets: [{provider: llm}], cache: {ttl: 1h}}\n");
   for (int i = 0; i < 2; ++i) {
     auto s = StreamCall(node->url(), StreamBody("r", "streamed"));
     ASSERT_EQ(s.status, 200) << s.raw;
@@ -154,7 +164,8 @@ TEST_F(CacheTest, StreamsBypassTheCacheAndEmbeddingsUseIt) {
   EXPECT_EQ(MockCount(mock.url(), "streamed"), 2);
   EXPECT_EQ(Call(*node, "streamed").Header("x-keel-cache"), "miss");  // streams stored nothing
   EXPECT_EQ(MockCount(mock.url(), "streamed"), 3);
-  EXPECT_EQ(MetricValue(Metrics(*node), "keel_gateway_cache_total{result=\"bypass\",route=\"r\"}"), 2);
+  EXPECT_EQ(MetricValue(Metrics(*node), "keel_gateway_cache_total{result=\"bypass\",route=\"r\"}"),
+            2);
 
   const std::string url = node->url() + "/v1/embeddings";
   const json::value body = json::object{{"model", "r"}, {"input", json::array{"alpha", "beta"}}};
@@ -171,13 +182,17 @@ TEST_F(CacheTest, StreamsBypassTheCacheAndEmbeddingsUseIt) {
 
 TEST_F(CacheTest, PipelineLlmStepsRecordTheCacheResult) {
   MockLlm mock;
-  auto node = StartNode(Provider(mock.url()), "  r: {targets: [{provider: llm}], cache: {ttl: 1h}}\n",
-                        "engine: {workers: 2, poll_interval: 50ms}\n"
-                        "pipelines:\n  ask:\n    steps:\n"
-                        "      - id: answer\n        llm: {route: r, messages: [{role: user, content: \"{{input.q}}\"}]}\n");
+  auto node =
+      StartNode(Provider(mock.url()), "  r: {targets: [{provider: llm}], cache: {ttl: 1h}}\n",
+                "engine: {workers: 2, poll_interval: 50ms}\n"
+                "pipelines:\n  ask:\n    steps:\n"
+                "      - id: answer\n        llm: {route: r, messages: [{role: user, content: "
+                "\"{{input.q}}\"}]}\n");
   std::vector<std::string> seen;
   for (int i = 0; i < 2; ++i) {
-    auto submitted = HttpPostJson(node->url() + "/v1/runs", json::object{{"pipeline", "ask"}, {"input", json::object{{"q", "cached step"}}}});
+    auto submitted = HttpPostJson(
+        node->url() + "/v1/runs",
+        json::object{{"pipeline", "ask"}, {"input", json::object{{"q", "cached step"}}}});
     ASSERT_EQ(submitted.status, 201) << submitted.raw;
     auto run = WaitForTerminal(node->url(), std::string(submitted.body.at("id").as_string()));
     ASSERT_EQ(Status(run), "succeeded") << json::serialize(run);
@@ -192,8 +207,10 @@ TEST_F(CacheTest, PipelineLlmStepsRecordTheCacheResult) {
 TEST_F(CacheTest, TwoNodesOnOneRedisShareAnRpmLimit) {
   MockLlm mock;
   const std::string top = Redis(SharedRedisUrl(), Prefix());
-  auto a = StartNode(Provider(mock.url(), ", limits: {rpm: 4}"), "  r: {targets: [{provider: llm}]}\n", top);
-  auto b = StartNode(Provider(mock.url(), ", limits: {rpm: 4}"), "  r: {targets: [{provider: llm}]}\n", top);
+  auto a = StartNode(Provider(mock.url(), ", limits: {rpm: 4}"),
+                     "  r: {targets: [{provider: llm}]}\n", top);
+  auto b = StartNode(Provider(mock.url(), ", limits: {rpm: 4}"),
+                     "  r: {targets: [{provider: llm}]}\n", top);
   int ok = 0;
   JsonResponse refused;
   for (int i = 0; i < 4; ++i) {
@@ -242,7 +259,8 @@ TEST_F(CacheTest, RedisStoppedMidTestDegradesToLocalLimitsAndCache) {
   TempDir redis_dir;
   RedisServer redis(redis_dir.path() + "/redis");
   auto node = StartNode(Provider(mock.url(), ", limits: {rpm: 100}"),
-                        "  r: {targets: [{provider: llm}], cache: {ttl: 1h}}\n", Redis(redis.url(), Prefix()));
+                        "  r: {targets: [{provider: llm}], cache: {ttl: 1h}}\n",
+                        Redis(redis.url(), Prefix()));
   ASSERT_EQ(Call(*node, "before").status, 200);
   EXPECT_EQ(MetricValue(Metrics(*node), "keel_redis_up"), 1);
   redis.Stop();
@@ -275,21 +293,26 @@ TEST_F(CacheTest, RedisStoppedMidTestDegradesToLocalLimitsAndCache) {
   // Back: after retry_interval a request finds Redis again, and says so once.
   redis.Start();
   int n = 0;  // new prompts: a call this node's cache answers asks Redis nothing
-  ASSERT_TRUE(Eventually([&] {
-    EXPECT_EQ(Call(*node, "after " + std::to_string(n++)).status, 200);
-    return MetricValue(Metrics(*node), "keel_redis_up") == 1;
-  }, std::chrono::seconds(10)));
-  EXPECT_FALSE(node->process().WaitForLine([](const std::string& l) {
-    return l.find("redis available again") != std::string::npos;
-  }).empty());
+  ASSERT_TRUE(Eventually(
+      [&] {
+        EXPECT_EQ(Call(*node, "after " + std::to_string(n++)).status, 200);
+        return MetricValue(Metrics(*node), "keel_redis_up") == 1;
+      },
+      std::chrono::seconds(10)));
+  EXPECT_FALSE(node->process()
+                   .WaitForLine([](const std::string& l) {
+                     return l.find("redis available again") != std::string::npos;
+                   })
+                   .empty());
 }
 
 TEST_F(CacheTest, ARedisThatRefusesKeelIsADegradedModeNotAnOutage) {
   MockLlm mock;
   // The shared server has no password: AUTH with one is answered with an error.
   const std::string url = SharedRedisUrl().insert(8, ":wrong-password@");
-  auto node = StartNode(Provider(mock.url(), ", limits: {rpm: 100}"),
-                        "  r: {targets: [{provider: llm}], cache: {ttl: 1h}}\n", Redis(url, Prefix()));
+  auto node =
+      StartNode(Provider(mock.url(), ", limits: {rpm: 100}"),
+                "  r: {targets: [{provider: llm}], cache: {ttl: 1h}}\n", Redis(url, Prefix()));
   // The start says so at once.
   const std::string warn = node->process().WaitForLine(
       [](const std::string& l) { return l.find("redis unavailable") != std::string::npos; });
