@@ -50,9 +50,9 @@ run() {  # url connections route -> WRK_RESULT line
     "$1/v1/chat/completions" | grep WRK_RESULT
 }
 field() { echo "$1" | tr ' ' '\n' | grep "^$2=" | cut -d= -f2; }
-start_keel() {  # config log -> sets STARTED_PID and STARTED_URL
+start_keel() {  # config log pid-variable -> sets the pid variable and STARTED_URL
   "$KEEL" serve --config "$1" --listen 127.0.0.1:0 2> "$2" &
-  STARTED_PID=$!
+  printf -v "$3" '%s' "$!"
   local p=""
   for _ in $(seq 1 100); do
     p=$(grep -o '"addr":"127.0.0.1:[0-9]*"' "$2" | head -1 | grep -o '[0-9]*"$' | tr -d '"' || true)
@@ -69,7 +69,7 @@ if [ "$MODE" = limits ]; then
   for which in local redis; do
     {
       echo "storage: sqlite://$tmp/keel-$which.db"
-      echo "log_level: warn"
+      echo "log_level: info"
       echo "engine: {workers: 0}"
       echo "server: {handler_threads: 128, io_threads: ${IO_THREADS:-2}}"
       [ "$which" = redis ] && echo "redis: {url: \"$redis_url\", key_prefix: \"bench:\"}"
@@ -86,8 +86,8 @@ routes:
 YAML
     } > "$tmp/keel-$which.yaml"
   done
-  start_keel "$tmp/keel-local.yaml" "$tmp/keel-local.log"; KEEL_PID=$STARTED_PID; local_url=$STARTED_URL
-  start_keel "$tmp/keel-redis.yaml" "$tmp/keel-redis.log"; KEEL_REDIS_PID=$STARTED_PID; redis_keel_url=$STARTED_URL
+  start_keel "$tmp/keel-local.yaml" "$tmp/keel-local.log" KEEL_PID; local_url=$STARTED_URL
+  start_keel "$tmp/keel-redis.yaml" "$tmp/keel-redis.log" KEEL_REDIS_PID; redis_keel_url=$STARTED_URL
   # name|url|connections|route
   rows=("no limits, 64 conns|$local_url|64|plain"
         "rpm, local buckets, 64 conns|$local_url|64|rpm"
