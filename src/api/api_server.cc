@@ -1,6 +1,8 @@
 #include "keel/api/api_server.h"
 
+#include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <charconv>
 #include <map>
 #include <prometheus/counter.h>
@@ -690,6 +692,34 @@ class ApiServerImpl final : public ApiServer {
     h.emplace_back("X-Keel-Attempts", std::to_string(r.attempts));
     h.emplace_back("X-Keel-Failovers", std::to_string(r.failovers));
     h.emplace_back("X-Keel-Duration-Ms", std::to_string(r.duration.count()));
+    if (r.cache != gateway::CacheStatus::kNone) {
+      h.emplace_back("X-Keel-Cache", std::string(gateway::CacheStatusName(r.cache)));
+      if (r.cache == gateway::CacheStatus::kHit || r.cache == gateway::CacheStatus::kStale) {
+        h.emplace_back("Age", std::to_string(r.cache_age.count() / 1000));  // HTTP's, in seconds
+      }
+    }
+  }
+
+  // The request directives of Cache-Control that keel honours: no-store (neither read nor
+  // store the route's cache) wins over no-cache (do not read; store). Others are ignored.
+  static gateway::CacheMode CacheModeOf(const HttpRequest& req) {
+    std::string_view v = req.Header("cache-control");
+    gateway::CacheMode mode = gateway::CacheMode::kDefault;
+    while (!v.empty()) {
+      const auto comma = v.find(',');
+      std::string_view d = v.substr(0, comma);
+      v = comma == std::string_view::npos ? std::string_view() : v.substr(comma + 1);
+      while (!d.empty() && (d.front() == ' ' || d.front() == '\t')) d.remove_prefix(1);
+      while (!d.empty() && (d.back() == ' ' || d.back() == '\t')) d.remove_suffix(1);
+      auto is = [&](std::string_view name) {
+        return d.size() == name.size() && std::equal(d.begin(), d.end(), name.begin(), [](char a, char b) {
+                 return std::tolower(static_cast<unsigned char>(a)) == b;
+               });
+      };
+      if (is("no-store")) mode = gateway::CacheMode::kNoStore;
+      else if (is("no-cache") && mode == gateway::CacheMode::kDefault) mode = gateway::CacheMode::kNoCache;
+    }
+    return mode;
   }
 
   // Reads and checks an OpenAI chat-completions request; `stream` says whether the
@@ -726,6 +756,7 @@ class ApiServerImpl final : public ApiServer {
     if (!stream) o.erase("stream_options");
     call.body = std::move(o);
     call.idempotency_key = std::string(req.Header("idempotency-key"));
+    call.cache = CacheModeOf(req);
     call.timeout = Duration(120000);
     if (req.Header("x-keel-timeout-ms").size() > 0) {
       const std::string v(req.Header("x-keel-timeout-ms"));
@@ -771,6 +802,7 @@ class ApiServerImpl final : public ApiServer {
     o.erase("model");
     call.body = std::move(o);
     call.idempotency_key = std::string(req.Header("idempotency-key"));
+    call.cache = CacheModeOf(req);
     auto r = gateway_.Embeddings(call);
     if (!r.ok()) {
       auto resp = ErrorResponse(r.error());

@@ -101,6 +101,80 @@ Result<Duration> ParseDuration(std::string_view text) {
   return Duration(static_cast<int64_t>(ms));
 }
 
+Result<RedisAddress> ParseRedisUrl(std::string_view url) {
+  auto bad = [](const std::string& why) {
+    return Error(ErrorCode::kInvalidRequest, why + " (write redis://[:PASSWORD@]HOST[:PORT][/DB])");
+  };
+  // Percent-decoding for user and password, which may hold '@', ':' or '/'.
+  auto decode = [](std::string_view in, std::string& out) {
+    out.clear();
+    for (std::size_t i = 0; i < in.size(); ++i) {
+      if (in[i] != '%') {
+        out.push_back(in[i]);
+        continue;
+      }
+      unsigned v = 0;
+      if (i + 2 >= in.size()) return false;
+      const auto [p, ec] = std::from_chars(in.data() + i + 1, in.data() + i + 3, v, 16);
+      if (ec != std::errc() || p != in.data() + i + 3) return false;
+      out.push_back(static_cast<char>(v));
+      i += 2;
+    }
+    return true;
+  };
+  constexpr std::string_view kScheme = "redis://";
+  if (url.rfind("rediss://", 0) == 0) return bad("TLS to Redis (rediss://) is not supported");
+  if (url.rfind(kScheme, 0) != 0) return bad("the URL must start with redis://");
+  std::string_view rest = url.substr(kScheme.size());
+  if (rest.find_first_of("?#") != std::string_view::npos) {
+    return bad("the URL takes no query or fragment (set timeout and the rest as keys of redis)");
+  }
+  RedisAddress a;
+  std::string_view path;
+  if (const auto slash = rest.find('/'); slash != std::string_view::npos) {
+    path = rest.substr(slash + 1);
+    rest = rest.substr(0, slash);
+  }
+  if (const auto at = rest.rfind('@'); at != std::string_view::npos) {
+    const std::string_view info = rest.substr(0, at);
+    rest = rest.substr(at + 1);
+    const auto colon = info.find(':');
+    if (colon == std::string_view::npos) return bad("a user without a password");
+    if (!decode(info.substr(0, colon), a.username) || !decode(info.substr(colon + 1), a.password)) {
+      return bad("a bad %-escape in the user or password");
+    }
+    if (a.password.empty()) return bad("an empty password");
+  }
+  std::string_view port;
+  if (!rest.empty() && rest.front() == '[') {  // [IPv6]:port
+    const auto close = rest.find(']');
+    if (close == std::string_view::npos) return bad("an IPv6 host without its closing ]");
+    a.host = std::string(rest.substr(1, close - 1));
+    rest = rest.substr(close + 1);
+    if (!rest.empty()) {
+      if (rest.front() != ':') return bad("junk after the IPv6 host");
+      port = rest.substr(1);
+      if (port.empty()) return bad("an empty port");
+    }
+  } else {
+    const auto colon = rest.find(':');
+    a.host = std::string(rest.substr(0, colon));
+    if (colon != std::string_view::npos) {
+      port = rest.substr(colon + 1);
+      if (port.empty()) return bad("an empty port");
+    }
+  }
+  if (a.host.empty()) return bad("no host");
+  if (a.host.find_first_of(" \t@/") != std::string::npos) return bad("a malformed host");
+  auto number = [](std::string_view s, int lo, int hi, int& out) {
+    const auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), out);
+    return ec == std::errc() && p == s.data() + s.size() && out >= lo && out <= hi;
+  };
+  if (!port.empty() && !number(port, 1, 65535, a.port)) return bad("the port must be a number from 1 to 65535");
+  if (!path.empty() && !number(path, 0, 65535, a.db)) return bad("the database must be a number from 0 to 65535");
+  return a;
+}
+
 Result<std::size_t> ParseByteSize(std::string_view text) {
   std::size_t i = 0;
   while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) ++i;
@@ -337,7 +411,7 @@ ProviderConfig ReadProvider(Reader& r, const std::string& name, const YAML::Node
 
 RouteConfig ReadRoute(Reader& r, const std::string& name, const YAML::Node& n) {
   const std::string what = "route \"" + name + "\"";
-  r.Keys(n, what, {"strategy", "targets", "retry", "retry_budget", "circuit_breaker", "max_failover", "timeout"});
+  r.Keys(n, what, {"strategy", "targets", "retry", "retry_budget", "circuit_breaker", "max_failover", "timeout", "cache"});
   RouteConfig route;
   route.name = name;
   route.line = LineOf(n);
@@ -381,7 +455,40 @@ RouteConfig ReadRoute(Reader& r, const std::string& name, const YAML::Node& n) {
   }
   if (n["max_failover"]) route.max_failover = static_cast<int>(r.Int(n["max_failover"], what + ".max_failover", 1, 10));
   if (n["timeout"]) route.timeout = r.Dur(n["timeout"], what + ".timeout", Duration(1));
+  if (const auto c = n["cache"]) {
+    const std::string w = what + ".cache";
+    r.Keys(c, w, {"ttl", "stale_if_error", "max_entries"});
+    if (!c["ttl"]) Fail(c, w + " needs ttl: how long an answer is served from the cache, such as 1h");
+    RouteCacheConfig cache;
+    cache.ttl = r.Dur(c["ttl"], w + ".ttl", Duration(1));
+    if (c["stale_if_error"]) cache.stale_if_error = r.Dur(c["stale_if_error"], w + ".stale_if_error");
+    if (c["max_entries"]) cache.max_entries = r.Int(c["max_entries"], w + ".max_entries", 1, 10'000'000);
+    route.cache = cache;
+  }
   return route;
+}
+
+RedisConfig ReadRedis(Reader& r, const YAML::Node& n) {
+  r.Keys(n, "redis", {"url", "timeout", "key_prefix", "retry_interval", "pool_size"});
+  if (!n["url"]) Fail(n, "redis needs url: redis://[:PASSWORD@]HOST[:PORT][/DB]");
+  RedisConfig c;
+  auto address = ParseRedisUrl(r.Str(n["url"], "redis.url"));
+  if (!address.ok()) Fail(n["url"], "redis.url is not usable: " + address.error().message);
+  c.address = std::move(address).value();
+  if (n["timeout"]) {
+    c.timeout = r.Dur(n["timeout"], "redis.timeout", Duration(1));
+    if (c.timeout > Duration(10000)) Fail(n["timeout"], "redis.timeout must be at most 10s (it bounds a wait on the gateway's I/O threads)");
+  }
+  if (n["key_prefix"]) {
+    c.key_prefix = n["key_prefix"].IsNull() ? std::string() : r.Str(n["key_prefix"], "redis.key_prefix");
+    if (c.key_prefix.size() > 128) Fail(n["key_prefix"], "redis.key_prefix must be at most 128 bytes");
+  }
+  if (n["retry_interval"]) {
+    c.retry_interval = r.Dur(n["retry_interval"], "redis.retry_interval", Duration(10));
+    if (c.retry_interval > Duration(3'600'000)) Fail(n["retry_interval"], "redis.retry_interval must be at most 1h");
+  }
+  if (n["pool_size"]) c.pool_size = static_cast<int>(r.Int(n["pool_size"], "redis.pool_size", 1, 256));
+  return c;
 }
 
 const char* const kStepKinds[] = {"llm", "transform", "http", "task", "validate", "choice", "map",
@@ -776,7 +883,8 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
   Config c;
   if (!root || root.IsNull()) return c;
   r.Keys(root, "the top level",
-         {"listen", "storage", "postgres", "log_level", "server", "engine", "providers", "routes", "pipelines", "http"});
+         {"listen", "storage", "postgres", "log_level", "server", "engine", "providers", "routes", "pipelines", "http",
+          "redis"});
   if (root["listen"]) c.listen = r.Str(root["listen"], "listen");
   if (root["storage"]) {
     c.storage = r.Str(root["storage"], "storage");
@@ -912,6 +1020,7 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
       visit(name, path, p.line);
     }
   }
+  if (const auto rd = root["redis"]) c.redis = ReadRedis(r, rd);
   if (const auto h = root["http"]) {
     r.Keys(h, "http", {"allow_hosts"});
     if (const auto a = h["allow_hosts"]) {

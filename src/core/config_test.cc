@@ -771,5 +771,140 @@ routes:
   EXPECT_EQ(r.timeout, Duration(30000));
 }
 
+TEST(ConfigTest, RouteCacheIsAbsentByDefaultAndReadWithDefaults) {
+  auto c = ParseConfig(R"(providers:
+  a: {type: mock}
+routes:
+  plain: {targets: [{provider: a}]}
+  cached:
+    targets: [{provider: a}]
+    cache: {ttl: 1h}
+  full:
+    targets: [{provider: a}]
+    cache: {ttl: 30s, stale_if_error: 24h, max_entries: 5}
+)",
+                       Env());
+  ASSERT_OK(c);
+  EXPECT_FALSE(c->routes.at("plain").cache.has_value());
+  const auto& cached = c->routes.at("cached").cache;
+  ASSERT_TRUE(cached.has_value());
+  EXPECT_EQ(cached->ttl, milliseconds(3'600'000));
+  EXPECT_EQ(cached->stale_if_error, milliseconds(0));
+  EXPECT_EQ(cached->max_entries, 10000);
+  const auto& full = c->routes.at("full").cache;
+  ASSERT_TRUE(full.has_value());
+  EXPECT_EQ(full->ttl, milliseconds(30'000));
+  EXPECT_EQ(full->stale_if_error, milliseconds(86'400'000));
+  EXPECT_EQ(full->max_entries, 5);
+  EXPECT_FALSE(c->redis.has_value());
+}
+
+TEST(ConfigTest, RouteCacheIsValidated) {
+  const std::string head = "providers:\n  a: {type: mock}\nroutes:\n  r:\n    targets: [{provider: a}]\n";
+  ExpectConfigError(head + "    cache: {stale_if_error: 1h}\n", {"line 6", "cache needs ttl"});
+  ExpectConfigError(head + "    cache: {ttl: 0s}\n", {"line 6", "cache.ttl must be at least 1ms"});
+  ExpectConfigError(head + "    cache: {ttl: soon}\n", {"line 6", "cache.ttl"});
+  ExpectConfigError(head + "    cache: {ttl: 1h, max_entries: 0}\n", {"line 6", "max_entries must be between 1 and 10000000"});
+  ExpectConfigError(head + "    cache: {ttl: 1h, max_entries: 10000001}\n", {"line 6", "max_entries"});
+  ExpectConfigError(head + "    cache: {ttl: 1h, stale: 1h}\n", {"line 6", "unknown key \"stale\"", "stale_if_error"});
+  ExpectConfigError(head + "    cache: 1h\n", {"line 6", "cache must be a mapping"});
+  auto edge = ParseConfig(head + "    cache: {ttl: 1ms, stale_if_error: 0s, max_entries: 10000000}\n", Env());
+  ASSERT_OK(edge);
+  EXPECT_EQ(edge->routes.at("r").cache->ttl, milliseconds(1));
+  EXPECT_EQ(edge->routes.at("r").cache->max_entries, 10'000'000);
+}
+
+TEST(ConfigTest, RedisIsReadWithDefaults) {
+  auto c = ParseConfig("redis: {url: \"redis://10.0.0.7:6380\"}\n", Env());
+  ASSERT_OK(c);
+  ASSERT_TRUE(c->redis.has_value());
+  EXPECT_EQ(c->redis->address.host, "10.0.0.7");
+  EXPECT_EQ(c->redis->address.port, 6380);
+  EXPECT_EQ(c->redis->address.password, "");
+  EXPECT_EQ(c->redis->address.db, 0);
+  EXPECT_EQ(c->redis->timeout, milliseconds(50));
+  EXPECT_EQ(c->redis->key_prefix, "keel:");
+  EXPECT_EQ(c->redis->retry_interval, milliseconds(1000));
+  EXPECT_EQ(c->redis->pool_size, 8);
+}
+
+TEST(ConfigTest, RedisExplicitValuesAndAnInterpolatedPasswordAreRead) {
+  auto c = ParseConfig(R"(redis:
+  url: "redis://:${REDIS_PASSWORD}@cache.internal:7000/3"
+  timeout: 20ms
+  key_prefix: "prod:"
+  retry_interval: 5s
+  pool_size: 16
+)",
+                       Env({{"REDIS_PASSWORD", "s3cr@t"}}));
+  ASSERT_OK(c);
+  const auto& r = *c->redis;
+  EXPECT_EQ(r.address.host, "cache.internal");
+  EXPECT_EQ(r.address.port, 7000);
+  EXPECT_EQ(r.address.username, "");
+  EXPECT_EQ(r.address.password, "s3cr@t");
+  EXPECT_EQ(r.address.db, 3);
+  EXPECT_EQ(r.timeout, milliseconds(20));
+  EXPECT_EQ(r.key_prefix, "prod:");
+  EXPECT_EQ(r.retry_interval, milliseconds(5000));
+  EXPECT_EQ(r.pool_size, 16);
+  auto empty_prefix = ParseConfig("redis: {url: \"redis://h\", key_prefix: \"\"}\n", Env());
+  ASSERT_OK(empty_prefix);
+  EXPECT_EQ(empty_prefix->redis->key_prefix, "");
+}
+
+TEST(ConfigTest, RedisIsValidatedWithLinesAndNeverEchoesThePassword) {
+  ExpectConfigError("listen: 127.0.0.1:0\nredis: {timeout: 10ms}\n", {"line 2", "redis needs url"});
+  ExpectConfigError("listen: 127.0.0.1:0\nredis:\n  url: \"http://h:6379\"\n", {"line 3", "redis.url", "redis://"});
+  ExpectConfigError("redis: {url: \"redis://h:0\"}\n", {"line 1", "port must be a number from 1 to 65535"});
+  ExpectConfigError("redis: {url: \"redis://h:99999\"}\n", {"line 1", "port"});
+  ExpectConfigError("redis: {url: \"redis://h:6379/x\"}\n", {"line 1", "database must be a number"});
+  ExpectConfigError("redis: {url: \"redis://:6379\"}\n", {"line 1", "no host"});
+  ExpectConfigError("redis: {url: \"rediss://h:6379\"}\n", {"line 1", "rediss://", "not supported"});
+  ExpectConfigError("redis: {url: \"redis://h?timeout=1\"}\n", {"line 1", "no query"});
+  ExpectConfigError("redis: {url: redis://h, timeout: 11s}\n", {"line 1", "redis.timeout must be at most 10s"});
+  ExpectConfigError("redis: {url: redis://h, timeout: 0ms}\n", {"line 1", "redis.timeout must be at least 1ms"});
+  ExpectConfigError("redis: {url: redis://h, retry_interval: 5ms}\n", {"line 1", "retry_interval must be at least 10ms"});
+  ExpectConfigError("redis: {url: redis://h, retry_interval: 2h}\n", {"line 1", "retry_interval must be at most 1h"});
+  ExpectConfigError("redis: {url: redis://h, pool_size: 0}\n", {"line 1", "pool_size must be between 1 and 256"});
+  ExpectConfigError("redis: {url: redis://h, key_prefix: " + std::string(129, 'k') + "}\n", {"line 1", "at most 128 bytes"});
+  ExpectConfigError("redis: {url: redis://h, ttl: 1s}\n", {"line 1", "unknown key \"ttl\" in redis"});
+  ExpectConfigError("redis: redis://h\n", {"line 1", "redis must be a mapping"});
+  // The password never appears in a message about the URL.
+  auto r = ParseConfig("redis: {url: \"redis://:hunter2@h:notaport\"}\n", Env());
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.error().message, HasSubstr("port"));
+  EXPECT_THAT(r.error().message, ::testing::Not(HasSubstr("hunter2")));
+}
+
+TEST(ParseRedisUrlTest, Forms) {
+  auto plain = ParseRedisUrl("redis://localhost");
+  ASSERT_OK(plain);
+  EXPECT_EQ(plain->host, "localhost");
+  EXPECT_EQ(plain->port, 6379);
+  EXPECT_EQ(plain->db, 0);
+  auto full = ParseRedisUrl("redis://app:p%40ss%3Aw%2Fd@127.0.0.1:6390/15");
+  ASSERT_OK(full);
+  EXPECT_EQ(full->username, "app");
+  EXPECT_EQ(full->password, "p@ss:w/d");
+  EXPECT_EQ(full->host, "127.0.0.1");
+  EXPECT_EQ(full->port, 6390);
+  EXPECT_EQ(full->db, 15);
+  auto v6 = ParseRedisUrl("redis://[::1]:6400/");
+  ASSERT_OK(v6);
+  EXPECT_EQ(v6->host, "::1");
+  EXPECT_EQ(v6->port, 6400);
+  EXPECT_EQ(v6->db, 0);
+  auto at_in_password = ParseRedisUrl("redis://:a@b@h:1");
+  ASSERT_OK(at_in_password);
+  EXPECT_EQ(at_in_password->password, "a@b");
+  EXPECT_EQ(at_in_password->host, "h");
+  for (std::string_view bad : {"", "redis://", "redis://user@h", "redis://:@h", "redis://h:", "redis://[::1",
+                               "redis://[::1]x", "redis://:%zz@h", "redis://:%4@h", "redis://h/70000",
+                               "redis://h:-1", "tcp://h:6379"}) {
+    EXPECT_FALSE(ParseRedisUrl(bad).ok()) << bad;
+  }
+}
+
 }  // namespace
 }  // namespace keel

@@ -65,6 +65,7 @@ class LlmStep final : public StepRunner {
       rec["provider"] = r->provider;
       rec["usage"] = r->usage;
       rec["repairs"] = round;
+      if (r->cache != gateway::CacheStatus::kNone) rec["cache"] = gateway::CacheStatusName(r->cache);
       if (!format) {
         rec["output"] = r->text;
         return StepOutcome::Done(std::move(rec));

@@ -29,6 +29,9 @@
 #include "keel/obs/metrics.h"
 
 #include "provider.h"
+#include "redis_client.h"
+#include "response_cache.h"
+#include "shared_limits.h"
 
 namespace keel::gateway {
 namespace {
@@ -97,6 +100,9 @@ struct TargetState {
 struct RouteState {
   RouteConfig config;
   std::vector<std::unique_ptr<TargetState>> targets;
+  std::unique_ptr<detail::RouteCache> cache;  // null: the route has no cache
+  // keel_gateway_cache_total{route, result}, by CacheStatus (kNone unused).
+  std::array<prometheus::Counter*, 5> cache_results{};
   std::mutex budget_mu;
   RetryBudget budget;  // GUARDED_BY(budget_mu)
   std::atomic<uint64_t> next{0};
@@ -110,6 +116,17 @@ struct RouteState {
 enum class Refusal { kNone, kCircuitOpen, kConcurrency, kRateLimited, kWindow };
 
 }  // namespace
+
+std::string_view CacheStatusName(CacheStatus status) {
+  switch (status) {
+    case CacheStatus::kNone: return "none";
+    case CacheStatus::kHit: return "hit";
+    case CacheStatus::kMiss: return "miss";
+    case CacheStatus::kStale: return "stale";
+    case CacheStatus::kBypass: return "bypass";
+  }
+  return "none";
+}
 
 int64_t EstimatePromptTokens(const json::object& body) {
   int64_t bytes = 0;
@@ -138,7 +155,8 @@ namespace {
 class GatewayImpl final : public Gateway {
  public:
   GatewayImpl(prometheus::Registry& registry, const Clock& clock, Random& random)
-      : clock_(clock),
+      : registry_(registry),
+        clock_(clock),
         random_(random),
         calls_(prometheus::BuildCounter()
                    .Name("keel_gateway_requests_total")
@@ -184,7 +202,15 @@ class GatewayImpl final : public Gateway {
         probes_(prometheus::BuildCounter()
                     .Name("keel_gateway_health_probes_total")
                     .Help("Active health probes of providers whose circuit was not closed, by provider and outcome")
-                    .Register(registry)) {}
+                    .Register(registry)),
+        cache_total_(prometheus::BuildCounter()
+                         .Name("keel_gateway_cache_total")
+                         .Help("Calls to routes with a response cache, by route and result (hit, miss, stale, bypass)")
+                         .Register(registry)),
+        cache_corrupt_(prometheus::BuildCounter()
+                           .Name("keel_gateway_cache_corrupt_total")
+                           .Help("Cached answers in Redis that did not decode (served as misses), by route")
+                           .Register(registry)) {}
 
   ~GatewayImpl() override {
     {
@@ -196,6 +222,10 @@ class GatewayImpl final : public Gateway {
   }
 
   Result<void> Init(const Config& config) {
+    if (config.redis) {
+      redis_ = detail::RedisClient::Create(*config.redis, registry_, clock_);
+      shared_limits_ = std::make_unique<detail::SharedLimits>(*redis_);
+    }
     const Timestamp now = clock_.Now();
     for (const auto& [name, p] : config.providers) {
       auto st = std::make_unique<ProviderState>();
@@ -226,6 +256,14 @@ class GatewayImpl final : public Gateway {
       route->calls.emplace(calls_, std::map<std::string, std::string>{{"route", rc.name}});
       route->retries = &retries_.Add({{"route", rc.name}});
       route->failovers = &failovers_.Add({{"route", rc.name}});
+      if (rc.cache) {
+        route->cache = std::make_unique<detail::RouteCache>(*rc.cache, redis_.get(),
+                                                            &cache_corrupt_.Add({{"route", rc.name}}));
+        for (CacheStatus st : {CacheStatus::kHit, CacheStatus::kMiss, CacheStatus::kStale, CacheStatus::kBypass}) {
+          route->cache_results[static_cast<std::size_t>(st)] =
+              &cache_total_.Add({{"route", rc.name}, {"result", std::string(CacheStatusName(st))}});
+        }
+      }
       for (const auto& t : rc.targets) {
         auto target = std::make_unique<TargetState>(providers_.at(t.provider).get(), t, o);
         target->route = rc.name;
@@ -309,6 +347,12 @@ class GatewayImpl final : public Gateway {
     json::object body;
     Duration left{0};
     std::chrono::steady_clock::time_point t0;
+    bool shared = false;  // the attempt's rate tokens came from Redis, and go back there
+    // The response cache: the key (empty when the call neither reads nor stores), what the
+    // cache did, and an entry past its ttl to serve if every attempt fails over.
+    std::string cache_key;
+    CacheStatus cache = CacheStatus::kNone;
+    std::optional<detail::CacheEntry> stale;
     std::optional<Result<ChatResult>> result;
   };
 
@@ -397,6 +441,24 @@ class GatewayImpl final : public Gateway {
                                         "messages"));
       return false;
     }
+    if (route.cache) {
+      if (c.sink != nullptr || req.cache == CacheMode::kNoStore) {
+        c.cache = CacheStatus::kBypass;  // streams are never cached
+      } else {
+        c.cache = CacheStatus::kMiss;
+        c.cache_key = detail::CacheKey(c.embed ? "embeddings" : "chat", route.config.name, req.body);
+        if (req.cache == CacheMode::kDefault) {
+          const Timestamp now = clock_.Now();
+          if (auto entry = route.cache->Lookup(c.cache_key, now)) {
+            if (now - entry->stored_at < route.cache->config().ttl) {
+              c.result = FromCache(c, *entry, CacheStatus::kHit, now);
+              return false;
+            }
+            c.stale = std::move(entry);
+          }
+        }
+      }
+    }
     {
       std::lock_guard lock(route.budget_mu);
       route.budget.OnRequest(clock_.Now());
@@ -422,8 +484,9 @@ class GatewayImpl final : public Gateway {
     if (c.attempts < c.max_attempts && std::chrono::steady_clock::now() < c.deadline) {
       Refusal why = Refusal::kNone;
       Duration rate_wait = Duration::max();
+      bool shared = false;
       TargetState* target = Pick(route, c.tried, !req.failover_only, c.min_window,
-                                 std::max(c.prompt_tokens, c.min_window + 1), c.estimate, why, rate_wait);
+                                 std::max(c.prompt_tokens, c.min_window + 1), c.estimate, why, rate_wait, shared);
       if (target == nullptr && !c.last) {
         c.result = Count(c, NoTarget(route, why, rate_wait));
         return false;
@@ -436,7 +499,7 @@ class GatewayImpl final : public Gateway {
           allowed = route.budget.TryRetry(clock_.Now());
         }
         if (!allowed) {
-          Release(*target, c.estimate);
+          Release(*target, c.estimate, shared);
           refusals_.Add({{"route", req.route}, {"provider", target->target.provider}, {"reason", "retry_budget"}}).Increment();
           c.last->message += " (no retry: the route's retry budget is spent)";
           target = nullptr;
@@ -446,7 +509,7 @@ class GatewayImpl final : public Gateway {
             // The same target again: back off first, honouring its Retry-After.
             c.delay = ComputeBackoff(route.config.retry.backoff, c.attempts, c.last->retry_after, random_);
             if (std::chrono::steady_clock::now() + c.delay >= c.deadline) {
-              Release(*target, c.estimate);
+              Release(*target, c.estimate, shared);
               target = nullptr;
             }
           } else {
@@ -459,6 +522,7 @@ class GatewayImpl final : public Gateway {
         if (std::find(c.tried.begin(), c.tried.end(), target) == c.tried.end()) c.tried.push_back(target);
         c.previous = target;
         c.target = target;
+        c.shared = shared;
         ++c.attempts;
         return true;
       }
@@ -474,6 +538,13 @@ class GatewayImpl final : public Gateway {
       r->failovers = c.failovers;
       r->duration = std::chrono::duration_cast<Duration>(std::chrono::steady_clock::now() - c.start);
       r->time_to_first_token = c.ttft;
+      r->cache = c.cache;
+      if (!c.cache_key.empty()) {
+        auto answer = std::make_shared<detail::CachedAnswer>(
+            detail::CachedAnswer{r->response, r->text, r->model, r->provider, r->usage});
+        c.route->cache->Store(c.cache_key, detail::CacheEntry{std::move(answer), clock_.Now()});
+      }
+      CountCache(c, c.cache);
       c.route->calls->Increment(nullptr);
       c.result = std::move(r);
       return true;
@@ -566,10 +637,42 @@ class GatewayImpl final : public Gateway {
 
   // The call's outcome in keel_gateway_requests_total. Names of unknown routes come from
   // clients: they share one series, so that they cannot grow the registry without bound.
-  Result<ChatResult> Count(const Call& c, Error e) {
+  // A call that ends with an error first serves its stale answer, when it has one and
+  // the error is of a class that fails over (every attempt failed so, or none could be
+  // made: rate limits, open circuits, the deadline).
+  Result<ChatResult> Count(Call& c, Error e) {
+    if (c.stale && FailsOver(e.code)) {
+      obs::LogDebug("stale answer served", {{"route", c.route->config.name}, {"error", ErrorCodeName(e.code)}});
+      return FromCache(c, *c.stale, CacheStatus::kStale, clock_.Now());
+    }
+    CountCache(c, c.cache);
     if (c.route != nullptr) c.route->calls->Increment(&e);
     else unknown_route_calls_.Increment(&e);
     return e;
+  }
+
+  // An answer from the route's cache (a hit, or a stale answer after failures).
+  Result<ChatResult> FromCache(Call& c, const detail::CacheEntry& entry, CacheStatus status, Timestamp now) {
+    ChatResult r;
+    const detail::CachedAnswer& a = *entry.answer;
+    r.response = a.response;
+    r.text = a.text;
+    r.model = a.model;
+    r.provider = a.provider;
+    r.usage = a.usage;
+    r.attempts = c.attempts;
+    r.failovers = c.failovers;
+    r.duration = std::chrono::duration_cast<Duration>(std::chrono::steady_clock::now() - c.start);
+    r.cache = status;
+    r.cache_age = std::max(Duration(0), std::chrono::duration_cast<Duration>(now - entry.stored_at));
+    CountCache(c, status);
+    c.route->calls->Increment(nullptr);
+    return r;
+  }
+
+  static void CountCache(const Call& c, CacheStatus status) {
+    if (c.route == nullptr || status == CacheStatus::kNone) return;
+    if (auto* counter = c.route->cache_results[static_cast<std::size_t>(status)]) counter->Increment();
   }
 
   // Orders the route's targets by its strategy.
@@ -632,14 +735,14 @@ class GatewayImpl final : public Gateway {
   // ones, and no new target once max_failover distinct targets were tried. Admission takes
   // a concurrency slot and rate tokens; Release gives them back if the call is not made.
   TargetState* Pick(RouteState& route, const std::vector<TargetState*>& tried, bool may_repeat, int64_t min_window,
-                    int64_t needed_window, int64_t estimate, Refusal& why, Duration& rate_wait) {
+                    int64_t needed_window, int64_t estimate, Refusal& why, Duration& rate_wait, bool& shared) {
     const auto order = Order(route);
     const bool may_add = static_cast<int>(tried.size()) < route.config.max_failover;
     for (int pass = 0; pass < (may_repeat ? 2 : 1); ++pass) {
       for (auto* t : order) {
         const bool was_tried = std::find(tried.begin(), tried.end(), t) != tried.end();
         if (pass == 0 ? (was_tried || !may_add) : !was_tried) continue;
-        const Refusal r = Admit(*t, needed_window, min_window, estimate, rate_wait);
+        const Refusal r = Admit(*t, needed_window, min_window, estimate, rate_wait, shared);
         if (r == Refusal::kNone) return t;
         if (why == Refusal::kNone || r == Refusal::kRateLimited) why = r;
         refusals_.Add({{"route", route.config.name}, {"provider", t->target.provider}, {"reason", RefusalName(r)}}).Increment();
@@ -659,12 +762,19 @@ class GatewayImpl final : public Gateway {
     return "none";
   }
 
-  Refusal Admit(TargetState& t, int64_t needed_window, int64_t min_window, int64_t estimate, Duration& rate_wait) {
+  // `shared` says whether the rate tokens were taken from Redis (and must go back there).
+  Refusal Admit(TargetState& t, int64_t needed_window, int64_t min_window, int64_t estimate, Duration& rate_wait,
+                bool& shared) {
     auto& p = *t.provider;
+    shared = false;
     if (p.config.context_window < needed_window || p.config.context_window <= min_window) return Refusal::kWindow;
     const Timestamp now = clock_.Now();
     if (p.config.limits.max_concurrency > 0 && p.in_flight.load() >= p.config.limits.max_concurrency) {
       return Refusal::kConcurrency;
+    }
+    if (shared_limits_ && (p.rpm || p.tpm)) {
+      if (auto r = AdmitShared(t, estimate, now, rate_wait, shared); r.has_value()) return *r;
+      // Redis is not usable (counted as a fallback): this node's buckets decide.
     }
     {
       std::lock_guard lock(p.mu);
@@ -689,17 +799,58 @@ class GatewayImpl final : public Gateway {
     return Refusal::kNone;
   }
 
+  // Admission by the buckets in Redis, shared by every node; nullopt when Redis is not
+  // usable. An open circuit is refused before Redis is asked (no round trip while a target
+  // is failing); a half-open one takes its trial only once the tokens are taken, and gives
+  // them back if another call has the trial. This node's buckets are charged too, so that
+  // they start from this node's own recent use whenever they have to decide alone.
+  std::optional<Refusal> AdmitShared(TargetState& t, int64_t estimate, Timestamp now, Duration& rate_wait,
+                                     bool& shared) {
+    auto& p = *t.provider;
+    const auto& limits = p.config.limits;
+    const double tokens = p.tpm ? static_cast<double>(std::min<int64_t>(estimate, limits.tpm)) : 0.0;
+    {
+      std::lock_guard lock(t.mu);
+      if (t.breaker.state(now) == BreakerState::kOpen) return Refusal::kCircuitOpen;
+    }
+    auto wait = shared_limits_->Take(t.target.provider, p.rpm ? limits.rpm : 0, p.tpm ? limits.tpm : 0, tokens);
+    if (!wait.ok()) return std::nullopt;
+    if (wait->count() > 0) {
+      rate_wait = std::min(rate_wait, *wait);
+      return Refusal::kRateLimited;
+    }
+    bool allowed;
+    {
+      std::lock_guard lock(t.mu);
+      allowed = t.breaker.Allow(now);
+    }
+    if (!allowed) {
+      (void)shared_limits_->Adjust(t.target.provider, limits.rpm, limits.tpm, 1, tokens);
+      return Refusal::kCircuitOpen;
+    }
+    {
+      std::lock_guard lock(p.mu);
+      if (p.rpm) p.rpm->Adjust(-1, now);
+      if (p.tpm) p.tpm->Adjust(-tokens, now);
+    }
+    p.in_flight.fetch_add(1);
+    shared = true;
+    return Refusal::kNone;
+  }
+
   // Undoes an admission whose call was not made (the breaker counts it as a success: the
-  // target did nothing wrong).
-  void Release(TargetState& t, int64_t estimate) {
+  // target did nothing wrong). `shared`: as Admit said.
+  void Release(TargetState& t, int64_t estimate, bool shared) {
     auto& p = *t.provider;
     p.in_flight.fetch_sub(1);
     const Timestamp now = clock_.Now();
+    const double tokens = p.tpm ? static_cast<double>(std::min<int64_t>(estimate, p.config.limits.tpm)) : 0.0;
     {
       std::lock_guard lock(p.mu);
       if (p.rpm) p.rpm->Adjust(1, now);
-      if (p.tpm) p.tpm->Adjust(static_cast<double>(std::min<int64_t>(estimate, p.config.limits.tpm)), now);
+      if (p.tpm) p.tpm->Adjust(tokens, now);
     }
+    if (shared) (void)shared_limits_->Adjust(t.target.provider, p.config.limits.rpm, p.config.limits.tpm, 1, tokens);
     std::lock_guard lock(t.mu);
     t.breaker.OnSuccess(now);
   }
@@ -799,8 +950,12 @@ class GatewayImpl final : public Gateway {
       p.metrics.tokens_in->Increment(in);
       p.metrics.tokens_out->Increment(out);
       if (p.tpm) {
-        std::lock_guard lock(p.mu);
-        p.tpm->Adjust(static_cast<double>(std::min<int64_t>(estimate, p.config.limits.tpm)) - (in + out), now);
+        const double delta = static_cast<double>(std::min<int64_t>(estimate, p.config.limits.tpm)) - (in + out);
+        {
+          std::lock_guard lock(p.mu);
+          p.tpm->Adjust(delta, now);
+        }
+        if (c.shared && delta != 0) (void)shared_limits_->Adjust(t.target.provider, 0, p.config.limits.tpm, 0, delta);
       }
     }
     r->cost = in / 1e6 * p.config.cost.input_per_mtok + out / 1e6 * p.config.cost.output_per_mtok;
@@ -810,6 +965,7 @@ class GatewayImpl final : public Gateway {
     return r;
   }
 
+  prometheus::Registry& registry_;
   const Clock& clock_;
   Random& random_;
   prometheus::Family<prometheus::Counter>& calls_;
@@ -823,6 +979,11 @@ class GatewayImpl final : public Gateway {
   prometheus::Family<prometheus::Counter>& refusals_;
   prometheus::Family<prometheus::Gauge>& breaker_state_;
   prometheus::Family<prometheus::Counter>& probes_;
+  prometheus::Family<prometheus::Counter>& cache_total_;
+  prometheus::Family<prometheus::Counter>& cache_corrupt_;
+  // With `redis` configured: the client, and the rpm/tpm buckets it keeps. Null without.
+  std::unique_ptr<detail::RedisClient> redis_;
+  std::unique_ptr<detail::SharedLimits> shared_limits_;
   std::map<std::string, std::unique_ptr<ProviderState>> providers_;
   std::map<std::string, std::unique_ptr<RouteState>> routes_;
   OutcomeCounters unknown_route_calls_{calls_, {{"route", "(unknown)"}}};

@@ -20,6 +20,7 @@ struct Directives {
   std::string fail;  // "503", "429", "context_length", ...
   int retry_after = 0;
   std::optional<int64_t> times;
+  int64_t after = 0;  // the first `after` calls with the prompt ignore the directives
   bool hang = false;
   bool malformed = false;
   bool reset = false;
@@ -78,6 +79,7 @@ Directives ParseDirectives(std::string_view prompt) {
       else if (key == "fail") d.fail = std::string(val);
       else if (key == "retry_after") d.retry_after = static_cast<int>(ToInt(val, 1));
       else if (key == "times") d.times = ToInt(val, 1);
+      else if (key == "after") d.after = NonNegative(val, 0);
       else if (key == "hang") d.hang = true;
       else if (key == "malformed") d.malformed = true;
       else if (key == "reset") d.reset = true;
@@ -529,7 +531,7 @@ MockDecision MockLlm::Handle(bool anthropic, std::string_view body,
     out.retry_after_s = 1;
     return out;
   }
-  const bool directed = !d.times || seen < *d.times;
+  const bool directed = seen >= d.after && (!d.times || seen < d.after + *d.times);
   if (directed && d.hang) {
     out.kind = MockDecision::Kind::kHang;
     out.delay = options_.hang;

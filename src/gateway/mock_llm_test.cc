@@ -116,6 +116,22 @@ TEST(MockLlmTest, FailTimesFailsOnlyTheFirstCalls) {
   EXPECT_EQ(mock.HandleChat(Chat("other\n#mock fail=503 times=2"), kT0).status, 503);
 }
 
+TEST(MockLlmTest, FailAfterAnswersTheFirstCallsThenFails) {
+  MockLlm mock(MockOptions{});
+  const std::string req = Chat("cache me\n#mock fail=503 after=1");
+  const auto first = mock.HandleChat(req, kT0);
+  EXPECT_EQ(first.kind, Kind::kAnswer);
+  EXPECT_EQ(first.status, 200);
+  EXPECT_EQ(mock.HandleChat(req, kT0).status, 503);
+  EXPECT_EQ(mock.HandleChat(req, kT0).status, 503);
+  // With times=, the directive holds for that many calls after the first `after`.
+  const std::string window = Chat("#mock fail=500 after=2 times=1");
+  EXPECT_EQ(mock.HandleChat(window, kT0).status, 200);
+  EXPECT_EQ(mock.HandleChat(window, kT0).status, 200);
+  EXPECT_EQ(mock.HandleChat(window, kT0).status, 500);
+  EXPECT_EQ(mock.HandleChat(window, kT0).status, 200);
+}
+
 TEST(MockLlmTest, RateLimitFailureCarriesRetryAfter) {
   MockLlm mock(MockOptions{});
   const auto d = mock.HandleChat(Chat("#mock fail=429 retry_after=3"), kT0);

@@ -165,4 +165,11 @@ void RedisServer::Stop() {
   running_ = false;
 }
 
+void RedisServer::Start() {
+  url_ = Services("redis-restart " + Quote(dir_));
+  running_ = true;
+}
+
+int RedisServer::port() const { return std::stoi(url_.substr(url_.rfind(':') + 1)); }
+
 }  // namespace keel::testing

@@ -13,6 +13,7 @@
 #   services.sh postgres-remove DIR  stop it and delete its data
 #   services.sh redis-start DIR      start redis-server; prints redis://127.0.0.1:PORT,
 #                                    also written to DIR/redis.url
+#   services.sh redis-restart DIR    start it again on the same port after a stop
 #   services.sh redis-stop DIR
 #   services.sh stop-all DIR         both, if running (a CTest cleanup fixture)
 #
@@ -120,8 +121,12 @@ EOF
     fi
     rm -rf "$dir/pg"
     ;;
-  redis-start)
-    port="$(free_port)"
+  redis-start|redis-restart)
+    if [ "$cmd" = redis-restart ] && [ -f "$dir/redis.port" ]; then
+      port="$(cat "$dir/redis.port")"
+    else
+      port="$(free_port)"
+    fi
     redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --save '' --appendonly no \
       --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" >/dev/null
     for _ in $(seq 1 200); do

@@ -98,6 +98,19 @@ struct RetryBudgetConfig {
   double min_per_second = 5;      ///< Floor. Default: 5.
 };
 
+/// A route's response cache (docs/gateway.md, "Response cache"): non-streamed chat
+/// completions and embeddings, keyed by the route and the request body.
+struct RouteCacheConfig {
+  /// How long a stored answer is served as it is ("hit"). Required. Range: 1ms..365d.
+  Duration ttl{0};
+  /// After ttl, how much longer an answer may be served ("stale") when every attempt of a
+  /// call failed with a class that fails over. Default: 0 (never). Range: 0..365d.
+  Duration stale_if_error{0};
+  /// Answers this node keeps in memory for the route; the least recently used goes first.
+  /// Default: 10000. Range: 1..10000000.
+  int64_t max_entries = 10000;
+};
+
 struct RouteConfig {
   std::string name;
   /// round_robin | weighted | latency | priority | least_busy. Default: priority.
@@ -111,6 +124,8 @@ struct RouteConfig {
   int max_failover = 3;
   /// Bound on a call, retries included. Default: 120s.
   Duration timeout{120000};
+  /// The response cache; absent: answers are not cached. Default: absent.
+  std::optional<RouteCacheConfig> cache;
   int line = 0;
 };
 
@@ -195,6 +210,37 @@ struct PostgresConfig {
   Duration statement_timeout{30000};
 };
 
+/// Where a Redis server is: the parts of redis://[[USER]:PASSWORD@]HOST[:PORT][/DB].
+struct RedisAddress {
+  std::string host;
+  /// Default: 6379. Range: 1..65535.
+  int port = 6379;
+  /// Sent with AUTH (Redis 6 ACL user) when not empty. Default: none.
+  std::string username;
+  /// Sent with AUTH when not empty; never logged. Default: none.
+  std::string password;
+  /// Chosen with SELECT when not 0. Default: 0. Range: 0..65535.
+  int db = 0;
+};
+
+/// The optional Redis that nodes share for rpm/tpm limits and route caches
+/// (docs/gateway.md, "Redis").
+struct RedisConfig {
+  RedisAddress address;
+  /// Bound on one command (and on connecting): the gateway waits this long at most, on
+  /// its I/O threads, before it falls back to local limits and cache. Default: 50ms.
+  /// Range: 1ms..10s.
+  Duration timeout{50};
+  /// Prepended to every key keel writes. Default: "keel:". Length: 0..128.
+  std::string key_prefix = "keel:";
+  /// After a failure, how long keel makes no Redis call at all (local limits and cache
+  /// decide) before it tries again. Default: 1s. Range: 10ms..1h.
+  Duration retry_interval{1000};
+  /// Connections opened at most, so that concurrent callers do not wait for each other.
+  /// Default: 8. Range: 1..256.
+  int pool_size = 8;
+};
+
 struct Config {
   /// Default: 127.0.0.1:7420.
   std::string listen = "127.0.0.1:7420";
@@ -210,6 +256,8 @@ struct Config {
   std::map<std::string, ProviderConfig> providers;
   std::map<std::string, RouteConfig> routes;
   std::map<std::string, PipelineConfig> pipelines;
+  /// Absent: limits and caches are this node's own. Default: absent.
+  std::optional<RedisConfig> redis;
 };
 
 /// Whether `name` may name a signal: 1 to 128 letters, digits, '_', '-' and '.'.
@@ -221,6 +269,10 @@ std::string UrlHost(std::string_view url);
 /// `url` with its password (in the user info, or a `password=` parameter) replaced by
 /// "***": what may appear in messages and logs.
 std::string RedactUrl(std::string_view url);
+
+/// Parses redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] (user and password percent-decoded,
+/// an IPv6 host in brackets). Error messages never repeat the URL (it may hold a password).
+Result<RedisAddress> ParseRedisUrl(std::string_view url);
 
 /// Looks up environment variables for ${NAME} interpolation; nullopt when unset.
 using EnvLookup = std::function<std::optional<std::string>(const std::string&)>;

@@ -10,6 +10,13 @@
 // route's max_attempts, its retry budget (a share of requests, so an outage does not
 // become a retry storm), and the call's deadline, which includes the retries.
 //
+// A route with `cache` answers non-streamed chat completions and embeddings from its
+// response cache when it can (a hit calls no provider), and serves an answer past its ttl
+// ("stale") when every attempt failed with a class that fails over and the answer is
+// within stale_if_error. With `redis` configured, rpm/tpm limits and route caches are
+// shared by every node through Redis; while Redis is not usable each node decides with
+// its own limits and cache, and no call fails for it (docs/gateway.md).
+//
 // Thread-safe. A Gateway outlives every call made through it.
 
 #include <atomic>
@@ -27,6 +34,25 @@
 #include "keel/core/result.h"
 
 namespace keel::gateway {
+
+/// How a call uses its route's response cache: the request directives of HTTP's
+/// Cache-Control.
+enum class CacheMode {
+  kDefault,  // read, and store the answer
+  kNoCache,  // do not read (no hit, no stale answer); store the answer
+  kNoStore,  // neither read nor store
+};
+
+/// What the route's response cache did for a call.
+enum class CacheStatus {
+  kNone,    // the route has no cache
+  kHit,     // answered from the cache, no provider called
+  kMiss,    // a provider answered; the answer was stored
+  kStale,   // every attempt failed over; an answer past its ttl was served
+  kBypass,  // the cache was not used: a stream, or Cache-Control: no-store
+};
+/// "none", "hit", "miss", "stale", "bypass".
+std::string_view CacheStatusName(CacheStatus status);
 
 struct ChatRequest {
   std::string route;
@@ -47,6 +73,8 @@ struct ChatRequest {
   /// When set, the call stops (kCancelled): no further attempt starts, and a blocking
   /// provider call in flight is abandoned within a second. Must outlive the call.
   const std::atomic<bool>* cancelled = nullptr;
+  /// Default: read and store (when the route has a cache).
+  CacheMode cache = CacheMode::kDefault;
 };
 
 struct ChatResult {
@@ -60,6 +88,10 @@ struct ChatResult {
   int failovers = 0;      // times the call moved to another target
   Duration duration{0};
   Duration time_to_first_token{0};  // streamed calls: until the first chunk was passed on
+  CacheStatus cache = CacheStatus::kNone;
+  /// kHit, kStale: how long ago the answer was stored. The answer's provider, model and
+  /// usage are those of the call that produced it; its cost is 0 (nothing was paid now).
+  Duration cache_age{0};
 };
 
 struct RouteInfo {

@@ -7,6 +7,8 @@
 // the last user message:
 //   #mock sleep=3000            answer after 3 s
 //   #mock fail=503 [times=2]    answer 503 (only the first 2 calls with this prompt)
+//   #mock fail=503 after=1      answer the first call with this prompt, then 503 (after=N
+//                               applies to every directive, and times= counts from there)
 //   #mock fail=429 retry_after=1
 //   #mock fail=context_length   answer 400 context_length_exceeded
 //   #mock hang | malformed | reset

@@ -54,7 +54,11 @@ class RedisServer {
   RedisServer& operator=(const RedisServer&) = delete;
 
   const std::string& url() const { return url_; }
+  /// The port of url().
+  int port() const;
   void Stop();
+  /// Starts it again on the same port (empty: it keeps no data).
+  void Start();
 
  private:
   std::string dir_;

@@ -1,0 +1,158 @@
+#include "response_cache.h"
+
+#include <openssl/evp.h>
+
+#include "redis_client.h"
+
+namespace keel::gateway::detail {
+namespace {
+
+constexpr int64_t kFormat = 1;
+
+std::string Sha256Hex(std::string_view data) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_Digest(data.data(), data.size(), md, &len, EVP_sha256(), nullptr);
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(len * 2);
+  for (unsigned int i = 0; i < len; ++i) {
+    out.push_back(kHex[md[i] >> 4]);
+    out.push_back(kHex[md[i] & 15]);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string CacheKey(std::string_view kind, std::string_view route, const json::object& body) {
+  json::object keyed;
+  for (const auto& kv : body) {
+    const std::string_view k = kv.key();
+    if (k == "model" || k == "stream" || k == "stream_options" || k == "user") continue;
+    keyed.emplace(k, kv.value());
+  }
+  // Lengths first, so that no kind or route name can run into the next part.
+  std::string text = std::to_string(kind.size()) + ":" + std::string(kind) +
+                     std::to_string(route.size()) + ":" + std::string(route) + CanonicalJson(keyed);
+  return Sha256Hex(text);
+}
+
+std::string EncodeCacheEntry(const CacheEntry& entry) {
+  const CachedAnswer& a = *entry.answer;
+  return json::serialize(json::object{{"v", kFormat},
+                                      {"stored_at_ms", ToMillis(entry.stored_at)},
+                                      {"provider", a.provider},
+                                      {"model", a.model},
+                                      {"text", a.text},
+                                      {"usage", a.usage},
+                                      {"response", a.response}});
+}
+
+Result<CacheEntry> DecodeCacheEntry(std::string_view value) {
+  auto bad = [](const char* why) {
+    return Error(ErrorCode::kInvalidOutput,
+                 std::string("a cached answer that does not decode: ") + why);
+  };
+  auto parsed = ParseJson(value);
+  if (!parsed.ok()) return bad("not JSON");
+  if (!parsed->is_object()) return bad("not an object");
+  auto& o = parsed->as_object();
+  const auto* v = o.if_contains("v");
+  if (v == nullptr || !v->is_int64() || v->as_int64() != kFormat) return bad("an unknown format");
+  const auto* at = o.if_contains("stored_at_ms");
+  const auto* provider = o.if_contains("provider");
+  const auto* model = o.if_contains("model");
+  const auto* text = o.if_contains("text");
+  const auto* usage = o.if_contains("usage");
+  auto* response = o.if_contains("response");
+  if (at == nullptr || !at->is_int64() || provider == nullptr || !provider->is_string() ||
+      model == nullptr || !model->is_string() || text == nullptr || !text->is_string() ||
+      usage == nullptr || response == nullptr || !response->is_object()) {
+    return bad("a missing or mistyped field");
+  }
+  auto answer = std::make_shared<CachedAnswer>();
+  answer->provider = std::string(provider->as_string());
+  answer->model = std::string(model->as_string());
+  answer->text = std::string(text->as_string());
+  answer->usage = *usage;
+  answer->response = std::move(response->as_object());
+  return CacheEntry{std::move(answer), FromMillis(at->as_int64())};
+}
+
+LruCache::LruCache(std::size_t max_entries) : max_entries_(std::max<std::size_t>(1, max_entries)) {}
+
+std::optional<CacheEntry> LruCache::Get(const std::string& key, Timestamp now, Duration keep) {
+  std::lock_guard lock(mu_);
+  const auto it = index_.find(key);
+  if (it == index_.end()) return std::nullopt;
+  if (now - it->second->second.stored_at >= keep) {
+    order_.erase(it->second);
+    index_.erase(it);
+    return std::nullopt;
+  }
+  order_.splice(order_.begin(), order_, it->second);
+  return it->second->second;
+}
+
+void LruCache::Put(const std::string& key, CacheEntry entry) {
+  std::lock_guard lock(mu_);
+  if (const auto it = index_.find(key); it != index_.end()) {
+    it->second->second = std::move(entry);
+    order_.splice(order_.begin(), order_, it->second);
+    return;
+  }
+  order_.emplace_front(key, std::move(entry));
+  index_.emplace(key, order_.begin());
+  while (order_.size() > max_entries_) {
+    index_.erase(order_.back().first);
+    order_.pop_back();
+  }
+}
+
+std::size_t LruCache::size() const {
+  std::lock_guard lock(mu_);
+  return order_.size();
+}
+
+RouteCache::RouteCache(const RouteCacheConfig& config, RedisClient* redis,
+                       prometheus::Counter* corrupt)
+    : config_(config),
+      redis_(redis),
+      corrupt_(corrupt),
+      local_(static_cast<std::size_t>(config.max_entries)) {}
+
+std::string RouteCache::RedisKey(const std::string& key) const {
+  return redis_->config().key_prefix + "cache:" + key;
+}
+
+std::optional<CacheEntry> RouteCache::Lookup(const std::string& key, Timestamp now) {
+  auto mine = local_.Get(key, now, keep());
+  if ((mine && now - mine->stored_at < config_.ttl) || redis_ == nullptr) return mine;
+  const std::string redis_key = RedisKey(key);
+  auto r = redis_->Command(RedisOp::kCacheGet, {"GET", redis_key});
+  if (!r.ok() || r->kind != RedisReply::Kind::kString)
+    return mine;  // unusable (counted there) or absent
+  auto shared = DecodeCacheEntry(r->str);
+  if (!shared.ok()) {
+    if (corrupt_ != nullptr) corrupt_->Increment();
+    return mine;
+  }
+  // A node whose clock runs ahead may have stored it "in the future"; an entry older than
+  // keep by this node's clock is not served.
+  if (now - shared->stored_at >= keep()) return mine;
+  if (mine && mine->stored_at >= shared->stored_at) return mine;
+  local_.Put(key, *shared);
+  return std::move(shared).value();
+}
+
+void RouteCache::Store(const std::string& key, const CacheEntry& entry) {
+  local_.Put(key, entry);
+  if (redis_ == nullptr) return;
+  const std::string redis_key = RedisKey(key);
+  const std::string value = EncodeCacheEntry(entry);
+  const std::string px = std::to_string(std::max<int64_t>(1, keep().count()));
+  (void)redis_->Command(RedisOp::kCacheSet, {"SET", redis_key, value, "PX", px});
+}
+
+}  // namespace keel::gateway::detail
