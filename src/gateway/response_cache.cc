@@ -80,39 +80,13 @@ Result<CacheEntry> DecodeCacheEntry(std::string_view value) {
   return CacheEntry{std::move(answer), FromMillis(at->as_int64())};
 }
 
-LruCache::LruCache(std::size_t max_entries) : max_entries_(std::max<std::size_t>(1, max_entries)) {}
-
 std::optional<CacheEntry> LruCache::Get(const std::string& key, Timestamp now, Duration keep) {
-  std::lock_guard lock(mu_);
-  const auto it = index_.find(key);
-  if (it == index_.end()) return std::nullopt;
-  if (now - it->second->second.stored_at >= keep) {
-    order_.erase(it->second);
-    index_.erase(it);
+  auto entry = map_.Get(key);
+  if (entry && now - entry->stored_at >= keep) {
+    map_.Erase(key);
     return std::nullopt;
   }
-  order_.splice(order_.begin(), order_, it->second);
-  return it->second->second;
-}
-
-void LruCache::Put(const std::string& key, CacheEntry entry) {
-  std::lock_guard lock(mu_);
-  if (const auto it = index_.find(key); it != index_.end()) {
-    it->second->second = std::move(entry);
-    order_.splice(order_.begin(), order_, it->second);
-    return;
-  }
-  order_.emplace_front(key, std::move(entry));
-  index_.emplace(key, order_.begin());
-  while (order_.size() > max_entries_) {
-    index_.erase(order_.back().first);
-    order_.pop_back();
-  }
-}
-
-std::size_t LruCache::size() const {
-  std::lock_guard lock(mu_);
-  return order_.size();
+  return entry;
 }
 
 RouteCache::RouteCache(const RouteCacheConfig& config, RedisClient* redis,

@@ -19,6 +19,7 @@
 #include "keel/core/clock.h"
 #include "keel/core/config.h"
 #include "keel/core/json.h"
+#include "keel/core/lru.h"
 #include "keel/core/result.h"
 
 namespace keel::gateway::detail {
@@ -50,26 +51,23 @@ std::string CacheKey(std::string_view kind, std::string_view route, const json::
 std::string EncodeCacheEntry(const CacheEntry& entry);
 Result<CacheEntry> DecodeCacheEntry(std::string_view value);
 
-/// A bounded map of entries that forgets the least recently used first. Thread-safe.
+/// A bounded map of entries that forgets the least recently used first, and entries past
+/// their keep time when read. Thread-safe.
 class LruCache {
  public:
   /// max_entries >= 1.
-  explicit LruCache(std::size_t max_entries);
+  explicit LruCache(std::size_t max_entries) : map_(max_entries) {}
 
   /// The entry of `key` when it is younger than `keep` at `now` (marked most recently
   /// used); an older one is dropped.
   std::optional<CacheEntry> Get(const std::string& key, Timestamp now, Duration keep);
   /// Stores (or replaces) the entry of `key`, dropping the least recently used beyond
   /// max_entries.
-  void Put(const std::string& key, CacheEntry entry);
-  std::size_t size() const;
+  void Put(const std::string& key, CacheEntry entry) { map_.Put(key, std::move(entry)); }
+  std::size_t size() const { return map_.size(); }
 
  private:
-  using Order = std::list<std::pair<std::string, CacheEntry>>;  // most recently used first
-  const std::size_t max_entries_;
-  mutable std::mutex mu_;
-  Order order_;                                             // GUARDED_BY(mu_)
-  std::unordered_map<std::string, Order::iterator> index_;  // GUARDED_BY(mu_)
+  LruMap<CacheEntry> map_;
 };
 
 /// One route's cache. Thread-safe.
