@@ -1,10 +1,9 @@
 #pragma once
 // Building HTTP answers in keel's shapes.
 
-#include <openssl/evp.h>
-
 #include "keel/core/error.h"
 #include "keel/core/json.h"
+#include "keel/net/digest.h"
 #include "keel/net/http.h"
 #include "keel/store/store.h"
 
@@ -32,19 +31,7 @@ inline net::HttpResponse ErrorResponse(const Error& e, int status = 0) {
   return r;
 }
 
-inline std::string Sha256Hex(std::string_view data) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_Digest(data.data(), data.size(), md, &len, EVP_sha256(), nullptr);
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  out.reserve(len * 2);
-  for (unsigned int i = 0; i < len; ++i) {
-    out.push_back(kHex[md[i] >> 4]);
-    out.push_back(kHex[md[i] & 15]);
-  }
-  return out;
-}
+using net::Sha256Hex;
 
 json::value RunToJson(const store::RunRecord& run, bool with_steps);
 json::value EventToJson(const store::Event& e);

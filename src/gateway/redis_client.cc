@@ -1,7 +1,8 @@
 #include "redis_client.h"
 
+#include "keel/net/digest.h"
+
 #include <hiredis/hiredis.h>
-#include <openssl/evp.h>
 #include <prometheus/family.h>
 
 #include <cerrno>
@@ -16,18 +17,6 @@ namespace {
 constexpr RedisOp kAllOps[kRedisOps] = {RedisOp::kPing, RedisOp::kRateTake, RedisOp::kRateAdjust,
                                         RedisOp::kCacheGet, RedisOp::kCacheSet};
 
-std::string Sha1Hex(std::string_view data) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_Digest(data.data(), data.size(), md, &len, EVP_sha1(), nullptr);
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  for (unsigned int i = 0; i < len; ++i) {
-    out.push_back(kHex[md[i] >> 4]);
-    out.push_back(kHex[md[i] & 15]);
-  }
-  return out;
-}
 
 RedisReply Copy(const redisReply& r) {
   RedisReply out;
@@ -97,7 +86,7 @@ std::string_view RedisOpName(RedisOp op) {
 }
 
 RedisScript::RedisScript(std::string source)
-    : source_(std::move(source)), sha1_(Sha1Hex(source_)) {}
+    : source_(std::move(source)), sha1_(net::Sha1Hex(source_)) {}
 
 void RedisClient::ContextFree::operator()(redisContext* c) const { redisFree(c); }
 

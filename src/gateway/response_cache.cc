@@ -1,6 +1,6 @@
 #include "response_cache.h"
 
-#include <openssl/evp.h>
+#include "keel/net/digest.h"
 
 #include "redis_client.h"
 
@@ -9,19 +9,6 @@ namespace {
 
 constexpr int64_t kFormat = 1;
 
-std::string Sha256Hex(std::string_view data) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_Digest(data.data(), data.size(), md, &len, EVP_sha256(), nullptr);
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  out.reserve(len * 2);
-  for (unsigned int i = 0; i < len; ++i) {
-    out.push_back(kHex[md[i] >> 4]);
-    out.push_back(kHex[md[i] & 15]);
-  }
-  return out;
-}
 
 }  // namespace
 
@@ -35,7 +22,7 @@ std::string CacheKey(std::string_view kind, std::string_view route, const json::
   // Lengths first, so that no kind or route name can run into the next part.
   std::string text = std::to_string(kind.size()) + ":" + std::string(kind) +
                      std::to_string(route.size()) + ":" + std::string(route) + CanonicalJson(keyed);
-  return Sha256Hex(text);
+  return net::Sha256Hex(text);
 }
 
 std::string EncodeCacheEntry(const CacheEntry& entry) {
