@@ -157,6 +157,20 @@ class ApiServerImpl final : public ApiServer {
                          .Name("keel_queue_depth")
                          .Help("Queued runs by state: ready (due), leased (in flight), delayed (backoff)")
                          .Register(registry)),
+        pool_gauge_(prometheus::BuildGauge()
+                        .Name("keel_storage_pool_connections")
+                        .Help("This node's connections to the database: size (allowed), open, in_use")
+                        .Register(registry)),
+        pool_waits_(prometheus::BuildCounter()
+                        .Name("keel_storage_pool_waits_total")
+                        .Help("Storage calls that waited for a free connection (postgres.pool_size)")
+                        .Register(registry)
+                        .Add({})),
+        pool_timeouts_(prometheus::BuildCounter()
+                           .Name("keel_storage_pool_timeouts_total")
+                           .Help("Storage calls refused because no connection became free within postgres.pool_timeout")
+                           .Register(registry)
+                           .Add({})),
         dlq_gauge_(prometheus::BuildGauge()
                        .Name("keel_dlq_size")
                        .Help("Runs in the dead-letter queue")
@@ -322,6 +336,15 @@ class ApiServerImpl final : public ApiServer {
       queue_gauge_.Add({{"state", "leased"}}).Set(static_cast<double>(stats->queue_leased));
       queue_gauge_.Add({{"state", "delayed"}}).Set(static_cast<double>(stats->queue_delayed));
       dlq_gauge_.Set(static_cast<double>(stats->runs_by_status[store::RunStatus::kDeadLettered]));
+    }
+    if (const auto pool = store_.GetPoolStats(); pool.size > 0) {
+      pool_gauge_.Add({{"state", "size"}}).Set(static_cast<double>(pool.size));
+      pool_gauge_.Add({{"state", "open"}}).Set(static_cast<double>(pool.open));
+      pool_gauge_.Add({{"state", "in_use"}}).Set(static_cast<double>(pool.in_use));
+      // The counters follow the store's totals (one scrape at a time moves them).
+      std::lock_guard lock(pool_metrics_mu_);
+      pool_waits_.Increment(std::max(0.0, static_cast<double>(pool.waits) - pool_waits_.Value()));
+      pool_timeouts_.Increment(std::max(0.0, static_cast<double>(pool.timeouts) - pool_timeouts_.Value()));
     }
     HttpResponse r;
     r.content_type = "text/plain; version=0.0.4; charset=utf-8";
@@ -863,6 +886,10 @@ class ApiServerImpl final : public ApiServer {
   prometheus::Family<prometheus::Counter>& http_requests_;
   prometheus::Family<prometheus::Gauge>& runs_gauge_;
   prometheus::Family<prometheus::Gauge>& queue_gauge_;
+  prometheus::Family<prometheus::Gauge>& pool_gauge_;
+  prometheus::Counter& pool_waits_;
+  prometheus::Counter& pool_timeouts_;
+  std::mutex pool_metrics_mu_;
   prometheus::Gauge& dlq_gauge_;
   prometheus::Family<prometheus::Counter>& submitted_;
 };

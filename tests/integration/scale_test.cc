@@ -345,6 +345,8 @@ TEST(ScaleTest, AWorkerNodeServesOperationsOnly) {
   auto metrics = HttpGet(worker.url() + "/metrics");
   EXPECT_EQ(metrics.status, 200);
   EXPECT_NE(metrics.raw.find("keel_storage_up 1"), std::string::npos);
+  EXPECT_NE(metrics.raw.find("keel_storage_pool_connections{state=\"size\"} 8"), std::string::npos) << metrics.raw;
+  EXPECT_NE(metrics.raw.find("keel_storage_pool_timeouts_total 0"), std::string::npos);
   auto submit = HttpPostJson(worker.url() + "/v1/runs", json::object{{"pipeline", "two"}, {"input", json::object{}}});
   EXPECT_EQ(submit.status, 404);
   EXPECT_NE(submit.raw.find("worker node"), std::string::npos) << submit.raw;

@@ -478,12 +478,18 @@ class Pool {
     const auto deadline = std::chrono::steady_clock::now() + options_.pool_timeout;
     {
       std::unique_lock lock(mu_);
-      if (!cv_.wait_until(lock, deadline, [&] { return !idle_.empty() || open_ < options_.pool_size; })) {
-        Error e(ErrorCode::kUnavailable, "all " + std::to_string(options_.pool_size) +
-                                             " database connections are busy (postgres.pool_size); retry later");
-        e.retry_after = Duration(1000);
-        return e;
+      auto free = [&] { return !idle_.empty() || open_ < options_.pool_size; };
+      if (!free()) {
+        ++waits_;
+        if (!cv_.wait_until(lock, deadline, free)) {
+          ++timeouts_;
+          Error e(ErrorCode::kUnavailable, "all " + std::to_string(options_.pool_size) +
+                                               " database connections are busy (postgres.pool_size); retry later");
+          e.retry_after = Duration(1000);
+          return e;
+        }
       }
+      ++in_use_;
       if (!idle_.empty()) {
         auto c = std::move(idle_.back());
         idle_.pop_back();
@@ -505,6 +511,7 @@ class Pool {
       {
         std::lock_guard lock(mu_);
         --open_;
+        --in_use_;
       }
       cv_.notify_one();
       Error e(ErrorCode::kUnavailable, "cannot connect to PostgreSQL at " + RedactUrl(options_.url) + ": " + error);
@@ -517,6 +524,7 @@ class Pool {
   void Release(std::unique_ptr<PgConn> c) {
     {
       std::lock_guard lock(mu_);
+      --in_use_;
       if (c && c->Reusable()) {
         idle_.push_back(std::move(c));
       } else {
@@ -547,12 +555,20 @@ class Pool {
 
   const PostgresOptions& options() const { return options_; }
 
+  PoolStats Stats() const {
+    std::lock_guard lock(mu_);
+    return PoolStats{options_.pool_size, open_, in_use_, waits_, timeouts_};
+  }
+
  private:
   PostgresOptions options_;
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable cv_;
   std::vector<std::unique_ptr<PgConn>> idle_;  // GUARDED_BY(mu_)
   int open_ = 0;                               // GUARDED_BY(mu_): idle and in use
+  int in_use_ = 0;                             // GUARDED_BY(mu_): lent out
+  int64_t waits_ = 0;                          // GUARDED_BY(mu_)
+  int64_t timeouts_ = 0;                       // GUARDED_BY(mu_)
 };
 
 // Creates or migrates the schema on `c`; returns the version found before.
@@ -698,6 +714,8 @@ class PostgresStore final : public sql::SqlStore {
       }
     }
   }
+
+  PoolStats GetPoolStats() const override { return pool_.Stats(); }
 
   void Committed(const Txn& txn) override {
     SqlStore::Committed(txn);

@@ -144,6 +144,15 @@ struct StoreStats {
   int64_t queue_delayed = 0; // waiting for a backoff
 };
 
+/// The store's connections to its database server, for metrics (no I/O to get them).
+struct PoolStats {
+  int64_t size = 0;      // connections allowed at most (0: the store has no pool)
+  int64_t open = 0;      // connections open, idle or in use
+  int64_t in_use = 0;    // connections lent to a call now
+  int64_t waits = 0;     // calls that had to wait for a free connection, so far
+  int64_t timeouts = 0;  // calls refused because none became free in time, so far
+};
+
 /// One attempt of a `task` step, executed by an external worker.
 struct TaskRecord {
   std::string token;  // the worker's handle on it (random, per attempt)
@@ -295,6 +304,10 @@ class Store {
   /// must return quickly (e.g. Engine::Notify). Replaces any earlier listener; an empty
   /// function removes it. The default does nothing (workers then poll).
   virtual void SetWorkListener(std::function<void()> listener);
+
+  /// The connection pool's counts; the default (a store without one) is all zeros.
+  /// Thread-safe.
+  virtual PoolStats GetPoolStats() const { return {}; }
 };
 
 /// JSON of an error in the stored shape {"type","message"[,"param"]}.
