@@ -138,11 +138,10 @@ Result<int> ParseIntParam(const HttpRequest& req, std::string_view name, int def
 
 class ApiServerImpl final : public ApiServer {
  public:
-  ApiServerImpl(const Config& config, store::Store& store, engine::Engine* engine, gateway::Gateway& gateway,
+  ApiServerImpl(const Config& config, store::Store& store, gateway::Gateway& gateway,
                 const Clock& clock, Random& random, prometheus::Registry& registry)
       : config_(config),
         store_(store),
-        engine_(engine),
         gateway_(gateway),
         clock_(clock),
         random_(random),
@@ -418,7 +417,6 @@ class ApiServerImpl final : public ApiServer {
     if (!submitted.ok()) return ErrorResponse(submitted.error());
     if (submitted->created) {
       submitted_.Add({{"pipeline", name}}).Increment();
-      if (engine_) engine_->Notify();
     }
     auto r = JsonResponse(submitted->created ? 201 : 200, RunToJson(submitted->run, true));
     r.headers.emplace_back("Location", "/v1/runs/" + submitted->run.id);
@@ -511,7 +509,6 @@ class ApiServerImpl final : public ApiServer {
   HttpResponse RedriveRun(const HttpRequest&, const std::vector<std::string_view>& s) {
     auto run = store_.RedriveRun(std::string(s[2]));
     if (!run.ok()) return ErrorResponse(run.error());
-    if (engine_) engine_->Notify();
     obs::LogInfo("run redriven", {{"run_id", run->id}});
     return JsonResponse(200, RunToJson(*run, true));
   }
@@ -588,7 +585,6 @@ class ApiServerImpl final : public ApiServer {
     if (out == nullptr) return ErrorResponse(BadRequest("missing field \"output\": the task's result (any JSON)", "output"));
     auto t = store_.CompleteTask(std::string(s[2]), *out);
     if (!t.ok()) return ErrorResponse(t.error());
-    if (engine_) engine_->Notify();
     return JsonResponse(200, TaskToJson(*t));
   }
 
@@ -610,7 +606,6 @@ class ApiServerImpl final : public ApiServer {
     }
     auto t = store_.FailTask(std::string(s[2]), e, retryable);
     if (!t.ok()) return ErrorResponse(t.error());
-    if (engine_) engine_->Notify();
     return JsonResponse(200, TaskToJson(*t));
   }
 
@@ -628,7 +623,6 @@ class ApiServerImpl final : public ApiServer {
     }
     auto run = store_.SendSignal(std::string(s[2]), name, payload);
     if (!run.ok()) return ErrorResponse(run.error());
-    if (engine_) engine_->Notify();
     obs::LogInfo("signal received", {{"run_id", run->id}, {"signal", name}});
     return JsonResponse(202, RunToJson(*run, true));
   }
@@ -863,7 +857,6 @@ class ApiServerImpl final : public ApiServer {
 
   const Config& config_;
   store::Store& store_;
-  engine::Engine* engine_;
   bool ops_only_ = false;
   // The last answers of GET /v1/runs/{id} (GetRun): 2,048 runs of at most 16 KiB each.
   struct LastRun {
@@ -897,10 +890,10 @@ class ApiServerImpl final : public ApiServer {
 }  // namespace
 
 Result<std::unique_ptr<ApiServer>> ApiServer::Create(const Config& config, net::ServerOptions server,
-                                                     store::Store& store, engine::Engine* engine,
-                                                     gateway::Gateway& gateway, const Clock& clock, Random& random,
+                                                     store::Store& store, gateway::Gateway& gateway,
+                                                     const Clock& clock, Random& random,
                                                      prometheus::Registry& registry, bool ops_only) {
-  auto api = std::make_unique<ApiServerImpl>(config, store, engine, gateway, clock, random, registry);
+  auto api = std::make_unique<ApiServerImpl>(config, store, gateway, clock, random, registry);
   api->set_ops_only(ops_only);
   KEEL_RETURN_IF_ERROR(api->Listen(std::move(server)));
   return std::unique_ptr<ApiServer>(std::move(api));

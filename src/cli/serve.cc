@@ -30,8 +30,8 @@ Result<Config> LoadConfig(const std::string& path) {
   return ParseConfig(ss.str(), GetEnv, path);
 }
 
-// The storage the config names, opened (created or migrated as needed). `pool_size`
-// overrides postgres.pool_size when > 0.
+// The storage the config names, opened (created or migrated as needed).
+// `read_connections`: SQLite's read pool.
 Result<std::unique_ptr<store::Store>> OpenStorage(const Config& config, const Clock& clock, Random& random,
                                                   int read_connections = 4) {
   if (config.storage.rfind("sqlite://", 0) == 0) {
@@ -94,12 +94,9 @@ int RunNode(const std::string& config_path, const std::string& listen_flag, bool
     return 1;
   }
   auto engine = engine::Engine::Create(config->engine, **store, **gateway, clock, random, registry);
-  // Runs queued or woken anywhere (on this node, or on another sharing the database)
-  // wake an idle worker at once.
-  (*store)->SetWorkListener([e = engine.get()] { e->Notify(); });
   std::unique_ptr<api::ApiServer> api;
   if (!listen.empty()) {
-    auto created = api::ApiServer::Create(*config, server, **store, engine.get(), **gateway, clock, random, registry,
+    auto created = api::ApiServer::Create(*config, server, **store, **gateway, clock, random, registry,
                                           /*ops_only=*/!api_node);
     if (!created.ok()) {
       std::cerr << "keel: " << created.error().message << "\n";
@@ -123,7 +120,6 @@ int RunNode(const std::string& config_path, const std::string& listen_flag, bool
   obs::LogInfo("draining", {{"signal", sig}, {"drain_timeout_ms", static_cast<int64_t>(config->engine.drain_timeout.count())}});
   if (api) api->SetDraining();
   engine->Stop();
-  (*store)->SetWorkListener({});
   if (api) api->Stop();
   obs::LogInfo("stopped");
   return 0;

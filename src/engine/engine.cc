@@ -33,7 +33,7 @@ class EngineImpl final : public Engine {
         store_(store),
         clock_(clock),
         random_(random),
-        runners_(MakeStepRunners(StepServices{gateway, store, random, config_, [this] { Notify(); }})),
+        runners_(MakeStepRunners(StepServices{gateway, store, random, config_})),
         step_latency_(prometheus::BuildHistogram()
                           .Name("keel_step_duration_seconds")
                           .Help("Duration of step attempts, by pipeline, kind and outcome")
@@ -62,6 +62,9 @@ class EngineImpl final : public Engine {
   ~EngineImpl() override { Stop(); }
 
   void Start() override {
+    // Runs queued or woken anywhere (on this node, or on another sharing the database)
+    // wake an idle worker at once.
+    if (config_.workers > 0) store_.SetWorkListener([this] { Notify(); });
     for (int i = 0; i < config_.workers; ++i) {
       workers_.emplace_back([this, i] { WorkerLoop(node_id_ + "/" + std::to_string(i)); });
     }
@@ -84,7 +87,7 @@ class EngineImpl final : public Engine {
       cv_.notify_all();
       // Steps in flight may finish within drain_timeout; then they are stopped and
       // their runs handed back (FailStep for a retry at once), for another node to take.
-      const bool finished = idle_cv_.wait_for(lock, config_.drain_timeout, [&] { return busy_ == 0; });
+      const bool finished = idle_cv_.wait_for(lock, config_.drain_timeout, [&] { return active_.empty(); });
       if (!finished) {
         aborting_ = true;
         obs::LogWarn("drain timeout passed; stopping the steps in flight and handing their runs back",
@@ -103,6 +106,7 @@ class EngineImpl final : public Engine {
     }
     heartbeat_cv_.notify_all();
     if (heartbeat_.joinable()) heartbeat_.join();
+    if (config_.workers > 0) store_.SetWorkListener({});
   }
 
   bool draining() const override {
@@ -159,16 +163,7 @@ class EngineImpl final : public Engine {
         // There may be more: one notification can stand for many runs (another node's
         // NOTIFY carries any number of commits), so pass the word on to an idle worker.
         cv_.notify_one();
-        {
-          std::lock_guard lock(mu_);
-          ++busy_;
-        }
         Execute(std::move(**leased));
-        {
-          std::lock_guard lock(mu_);
-          --busy_;
-        }
-        idle_cv_.notify_all();
         continue;
       }
       if (!leased.ok()) {
@@ -241,8 +236,11 @@ class EngineImpl final : public Engine {
     return id;
   }
   void Untrack(uint64_t id) {
-    std::lock_guard lock(mu_);
-    active_.erase(id);
+    {
+      std::lock_guard lock(mu_);
+      active_.erase(id);
+    }
+    idle_cv_.notify_all();
   }
 
   void Finished(const std::string& pipeline, std::string_view status) {
@@ -626,10 +624,9 @@ class EngineImpl final : public Engine {
   mutable std::mutex mu_;
   std::condition_variable cv_;            // workers wait here for work
   std::condition_variable heartbeat_cv_;  // the heartbeat thread waits here
-  std::condition_variable idle_cv_;       // Stop waits here for busy workers
+  std::condition_variable idle_cv_;       // Stop waits here for the runs in flight to end
   bool stopping_ = false;        // GUARDED_BY(mu_)
   bool aborting_ = false;        // GUARDED_BY(mu_): the drain timeout passed
-  int busy_ = 0;                 // GUARDED_BY(mu_): workers executing a run
   bool heartbeat_stop_ = false;  // GUARDED_BY(mu_)
   uint64_t notifications_ = 0;   // GUARDED_BY(mu_)
   uint64_t next_active_ = 0;     // GUARDED_BY(mu_)

@@ -282,7 +282,6 @@ class PipelineStep final : public StepRunner {
     auto submitted = services_.store.SubmitRun(child);
     if (!submitted.ok()) return std::move(submitted).error();
     const store::RunRecord& c = submitted->run;
-    if (submitted->created) services_.notify();
     switch (c.status) {
       case store::RunStatus::kSucceeded:
         return StepOutcome::Done(StepRecordJson{{"output", c.output}, {"run_id", c.id}});

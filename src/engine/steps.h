@@ -19,8 +19,6 @@ struct StepServices {
   store::Store& store;
   Random& random;
   const EngineConfig& config;
-  /// Wakes idle workers (a child run was queued).
-  std::function<void()> notify;
 };
 
 /// One runner per kind.

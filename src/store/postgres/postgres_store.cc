@@ -657,6 +657,8 @@ class PostgresStore final : public sql::SqlStore {
     return Ok();
   }
 
+  PoolStats GetPoolStats() const override { return pool_.Stats(); }
+
  protected:
   Result<void> Transact(const std::function<bool(Conn&, Txn&)>& fn, Txn& txn) override {
     return InTransaction("BEGIN", /*writes=*/true, [&](PgConn& c) {
@@ -715,15 +717,13 @@ class PostgresStore final : public sql::SqlStore {
     }
   }
 
-  PoolStats GetPoolStats() const override { return pool_.Stats(); }
-
   void Committed(const Txn& txn) override {
     SqlStore::Committed(txn);
-    if (!txn.work_due && txn.task_queues.empty()) return;
+    if (!txn.work_due && !txn.task_queued) return;
     {
       std::lock_guard lock(mu_);
       notify_work_ = notify_work_ || txn.work_due;
-      notify_tasks_ = notify_tasks_ || !txn.task_queues.empty();
+      notify_tasks_ = notify_tasks_ || txn.task_queued;
     }
     cv_.notify_all();
   }

@@ -7,13 +7,11 @@
 namespace keel::store::sql {
 namespace {
 
-// The lock of a run, and of an idempotency key (SubmitRun).
+// The key of a run's lock (Conn::Lock).
 std::string RunKey(std::string_view run_id) { return "run:" + std::string(run_id); }
 
+// The columns ReadRunRow reads, of `runs r`.
 constexpr const char* kRunColumns =
-    "id, pipeline, status, input, output, error, idempotency_key, created_at, updated_at, "
-    "started_at, finished_at, definition_id, waiting, signals, parent";
-constexpr const char* kRunColumnsOfR =
     "r.id, r.pipeline, r.status, r.input, r.output, r.error, r.idempotency_key, r.created_at, r.updated_at, "
     "r.started_at, r.finished_at, r.definition_id, r.waiting, r.signals, r.parent";
 
@@ -43,7 +41,7 @@ RunRecord ReadRunRow(const Stmt& s) {
 std::optional<RunRecord> LoadRun(Conn& db, const std::string& id, bool with_steps) {
   std::optional<RunRecord> run;
   {
-    auto s = db.Prepare(std::string("SELECT ") + kRunColumnsOfR +
+    auto s = db.Prepare(std::string("SELECT ") + kRunColumns +
                         ", d.body FROM runs r LEFT JOIN definitions d ON d.id = r.definition_id WHERE r.id = ?1");
     s.Bind(1, id);
     if (!s.Step()) return std::nullopt;
@@ -330,7 +328,7 @@ Result<T> SqlStore::Read(const std::function<Result<T>(Conn&)>& fn) {
 }
 
 void SqlStore::Committed(const Txn& txn) {
-  if (txn.counted_submit && txn.queue_delta > 0) {
+  if (txn.queue_delta > 0) {
     std::lock_guard lock(queue_count_mu_);
     if (queue_count_) queue_count_->submitted_since += txn.queue_delta;
   }
@@ -340,7 +338,7 @@ void SqlStore::Committed(const Txn& txn) {
     for (const auto& d : txn.new_definitions) known_definitions_.insert(d);
   }
   if (txn.work_due) WorkArrived();
-  if (!txn.task_queues.empty()) TasksArrived();
+  if (txn.task_queued) TasksArrived();
 }
 
 bool SqlStore::KnownDefinition(const std::string& id) {
@@ -434,7 +432,6 @@ Result<SubmitResult> SqlStore::SubmitRun(const NewRun& run) {
       } else {
         db.Lock("queue-depth", /*shared=*/true);
       }
-      txn.counted_submit = true;
     }
     if (queued >= run.max_queue_depth) {
       Error e(ErrorCode::kQueueFull,
@@ -499,7 +496,7 @@ Result<RunRecord> SqlStore::GetRun(const std::string& run_id) {
 
 Result<RunPage> SqlStore::ListRuns(const RunFilter& filter) {
   const int limit = std::clamp(filter.limit, 1, 1000);
-  std::string sql = std::string("SELECT ") + kRunColumns + " FROM runs";
+  std::string sql = std::string("SELECT ") + kRunColumns + " FROM runs r";
   std::vector<std::string> where;
   if (filter.status) where.push_back("status = ?1");
   if (!filter.pipeline.empty()) where.push_back("pipeline = ?2");
@@ -854,7 +851,7 @@ Result<TaskRecord> SqlStore::EnsureTask(const Lease& lease, const std::string& s
       s.Bind(1, lease.run_id).Bind(2, step_id).Bind(3, attempt);
       if (s.Step()) {
         TaskRecord t = ReadTaskRow(s);
-        if (t.status == TaskRecord::Status::kPending) txn.task_queues.push_back(queue);
+        if (t.status == TaskRecord::Status::kPending) txn.task_queued = true;
         return t;
       }
     }
@@ -865,7 +862,7 @@ Result<TaskRecord> SqlStore::EnsureTask(const Lease& lease, const std::string& s
     s.Bind(1, token).Bind(2, lease.run_id).Bind(3, step_id).Bind(4, attempt).Bind(5, queue)
         .Bind(6, json::serialize(input)).Bind(7, heartbeat_timeout.count()).Bind(8, ToMillis(txn.now)).Send();
     AppendEvent(txn, lease.run_id, "TaskQueued", step_id, attempt, json::object{{"queue", queue}});
-    txn.task_queues.push_back(queue);
+    txn.task_queued = true;
     return *LoadTask(db, token);
   });
 }

@@ -9,7 +9,6 @@
 #include "keel/core/clock.h"
 #include "keel/core/config.h"
 #include "keel/core/random.h"
-#include "keel/engine/engine.h"
 #include "keel/gateway/gateway.h"
 #include "keel/gateway/mock_llm.h"
 #include "keel/net/http_server.h"
@@ -20,11 +19,11 @@ namespace keel::api {
 class ApiServer {
  public:
   /// Listens at `listen` (host and port of `server`, port 0 for an ephemeral one).
-  /// `engine` may be null (no workers on this node). `ops_only`: only /healthz, /readyz
-  /// and /metrics (a `keel worker` node). Everything passed must outlive the server.
+  /// `ops_only`: only /healthz, /readyz and /metrics (a `keel worker` node). Everything
+  /// passed must outlive the server. Runs it queues reach the workers through the store
+  /// (Store::SetWorkListener).
   static Result<std::unique_ptr<ApiServer>> Create(const Config& config, net::ServerOptions server,
-                                                   store::Store& store, engine::Engine* engine,
-                                                   gateway::Gateway& gateway,
+                                                   store::Store& store, gateway::Gateway& gateway,
                                                    const Clock& clock, Random& random,
                                                    prometheus::Registry& registry, bool ops_only = false);
   virtual ~ApiServer() = default;

@@ -29,7 +29,9 @@ class Engine {
                                         Random& random, prometheus::Registry& registry);
   virtual ~Engine() = default;
 
-  /// Starts the workers and the heartbeat thread.
+  /// Starts the workers and the heartbeat thread, and registers as the store's work
+  /// listener (Store::SetWorkListener) until Stop, so that runs queued or woken anywhere
+  /// wake an idle worker at once.
   virtual void Start() = 0;
   /// Says that a run was queued, so an idle worker looks at once. Thread-safe.
   virtual void Notify() = 0;

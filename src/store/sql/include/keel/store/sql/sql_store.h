@@ -38,10 +38,8 @@ struct Txn {
   std::vector<std::string> new_definitions;
   /// A run became due at once (queued, woken, released, redriven): workers should look.
   bool work_due = false;
-  /// Queues on which a task became pending.
-  std::vector<std::string> task_queues;
-  /// A submit that counted the queue itself (queue_rows was -1).
-  bool counted_submit = false;
+  /// A task became pending: long polls should look.
+  bool task_queued = false;
   /// Events this write appends, written together when its work is done.
   struct Event {
     std::string run_id;
@@ -134,7 +132,7 @@ class SqlStore : public Store {
   struct QueueCount {
     int64_t rows = 0;
     std::chrono::steady_clock::time_point at;
-    int64_t submitted_since = 0;  // runs this store queued since
+    int64_t submitted_since = 0;  // queue rows this store added since
   };
   static constexpr std::chrono::milliseconds kCountFor{100};
   std::mutex queue_count_mu_;
