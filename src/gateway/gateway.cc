@@ -18,7 +18,6 @@
 
 #include "keel/core/backoff.h"
 #include "keel/core/circuit_breaker.h"
-#include "keel/core/ewma.h"
 #include "keel/core/retry_budget.h"
 #include "keel/core/sse.h"
 #include "keel/core/token_bucket.h"
@@ -28,6 +27,7 @@
 #include "keel/obs/log.h"
 #include "keel/obs/metrics.h"
 
+#include "latency_ranking.h"
 #include "provider.h"
 #include "redis_client.h"
 #include "response_cache.h"
@@ -88,11 +88,12 @@ struct TargetState {
   ProviderState* provider;
   RouteTarget target;
   std::string route;  // the route this target belongs to
+  std::size_t index = 0;  // in the route's targets
   std::mutex mu;
   CircuitBreaker breaker;  // GUARDED_BY(mu)
-  Ewma latency_ms;         // GUARDED_BY(mu)
   std::optional<OutcomeCounters> requests;  // keel_llm_requests_total{route, provider}
   prometheus::Gauge* breaker_gauge = nullptr;
+  std::atomic<prometheus::Gauge*> latency_gauge{nullptr};  // latency strategy: made at the first sample
   TargetState(ProviderState* p, RouteTarget t, const CircuitBreakerOptions& o)
       : provider(p), target(std::move(t)), breaker(o) {}
 };
@@ -101,6 +102,7 @@ struct RouteState {
   RouteConfig config;
   std::vector<std::unique_ptr<TargetState>> targets;
   std::unique_ptr<detail::RouteCache> cache;  // null: the route has no cache
+  std::unique_ptr<detail::LatencyRanking> latency;  // the latency strategy's; null for others
   // keel_gateway_cache_total{route, result}, by CacheStatus (kNone unused).
   std::array<prometheus::Counter*, 5> cache_results{};
   std::mutex budget_mu;
@@ -111,6 +113,15 @@ struct RouteState {
   prometheus::Counter* failovers = nullptr;
   RouteState(RouteConfig c, RetryBudgetOptions b) : config(std::move(c)), budget(b) {}
 };
+
+// Whether a failed call says the target is unhealthy, for its circuit breaker: it did not
+// answer in time, could not be reached, or answered that it is failing or overloaded. Not:
+// a rate limit (it is up, only busy), a 4xx (the request's fault), nor an answer keel cannot
+// use for this request (invalid_output: the provider answered; what it said is the
+// request's problem, retried or failed over but never held against the target).
+bool CountsAgainstBreaker(ErrorCode code) {
+  return FailsOver(code) && code != ErrorCode::kRateLimited && code != ErrorCode::kInvalidOutput;
+}
 
 // Why a target did not take a call.
 enum class Refusal { kNone, kCircuitOpen, kConcurrency, kRateLimited, kWindow };
@@ -199,6 +210,11 @@ class GatewayImpl final : public Gateway {
                            .Name("keel_gateway_circuit_state")
                            .Help("Circuit breaker state by route and provider: 0 closed, 1 half-open, 2 open")
                            .Register(registry)),
+        latency_average_(prometheus::BuildGauge()
+                             .Name("keel_gateway_latency_average_seconds")
+                             .Help("Routes with the latency strategy: the time-decayed average latency of each "
+                                   "target, by route and provider (absent before its first sample)")
+                             .Register(registry)),
         probes_(prometheus::BuildCounter()
                     .Name("keel_gateway_health_probes_total")
                     .Help("Active health probes of providers whose circuit was not closed, by provider and outcome")
@@ -264,9 +280,11 @@ class GatewayImpl final : public Gateway {
               &cache_total_.Add({{"route", rc.name}, {"result", std::string(CacheStatusName(st))}});
         }
       }
+      if (rc.strategy == "latency") route->latency = std::make_unique<detail::LatencyRanking>(rc.targets.size());
       for (const auto& t : rc.targets) {
         auto target = std::make_unique<TargetState>(providers_.at(t.provider).get(), t, o);
         target->route = rc.name;
+        target->index = route->targets.size();
         target->requests.emplace(requests_, std::map<std::string, std::string>{{"route", rc.name}, {"provider", t.provider}});
         target->breaker_gauge = &breaker_state_.Add({{"route", rc.name}, {"provider", t.provider}});
         route->targets.push_back(std::move(target));
@@ -622,7 +640,7 @@ class GatewayImpl final : public Gateway {
                       {"max_tokens", 1}};
     ChatRequest req;
     auto r = p.provider->Chat(body, req, std::min(p.config.timeout.total, Duration(10000)));
-    const bool healthy = r.ok() || !FailsOver(r.error().code) || r.error().code == ErrorCode::kRateLimited;
+    const bool healthy = r.ok() || !CountsAgainstBreaker(r.error().code);
     probes_.Add({{"provider", name}, {"outcome", healthy ? "ok" : std::string(ErrorCodeName(r.error().code))}}).Increment();
     const Timestamp after = clock_.Now();
     for (auto* t : trial) {
@@ -704,14 +722,9 @@ class GatewayImpl final : public Gateway {
         order.erase(order.begin() + static_cast<std::ptrdiff_t>(pick));
       }
       order = std::move(out);
-    } else if (s == "latency") {
-      std::vector<std::pair<double, TargetState*>> keyed;
-      for (auto* t : order) {
-        std::lock_guard lock(t->mu);
-        keyed.emplace_back(t->latency_ms.value().value_or(0.0), t);  // unmeasured first
-      }
-      std::stable_sort(keyed.begin(), keyed.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-      for (std::size_t i = 0; i < keyed.size(); ++i) order[i] = keyed[i].second;
+    } else if (s == "latency" && route.latency) {
+      const auto ranked = route.latency->Order(clock_.Now());
+      for (std::size_t i = 0; i < ranked.size() && i < order.size(); ++i) order[i] = route.targets[ranked[i]].get();
     } else if (s == "least_busy") {
       const Timestamp now = clock_.Now();
       std::vector<std::pair<double, TargetState*>> keyed;
@@ -932,13 +945,24 @@ class GatewayImpl final : public Gateway {
     const Timestamp now = clock_.Now();
     const double secs = std::chrono::duration<double>(elapsed).count();
     p.metrics.latency->Observe(secs);
-    const bool unhealthy = !r.ok() && FailsOver(r.error().code) && r.error().code != ErrorCode::kRateLimited;
+    const bool unhealthy = !r.ok() && CountsAgainstBreaker(r.error().code);
     {
       std::lock_guard lock(t.mu);
       if (unhealthy) t.breaker.OnFailure(now);
       else t.breaker.OnSuccess(now);
-      if (r.ok()) t.latency_ms.Observe(secs * 1000.0, now);
       SetBreakerGauge(t, now);
+    }
+    // The latency strategy's sample: an answer's latency, or a timeout's (a lower bound).
+    if (c.route->latency && (r.ok() || r.error().code == ErrorCode::kTimeout)) {
+      c.route->latency->Observe(t.index, secs * 1000.0, now);
+      if (const auto avg = c.route->latency->Average(t.index)) {
+        prometheus::Gauge* g = t.latency_gauge.load(std::memory_order_acquire);
+        if (g == nullptr) {
+          g = &latency_average_.Add({{"route", t.route}, {"provider", t.target.provider}});  // same series each time
+          t.latency_gauge.store(g, std::memory_order_release);
+        }
+        g->Set(*avg / 1000.0);
+      }
     }
     t.requests->Increment(r.ok() ? nullptr : &r.error());
     if (!r.ok()) return r;
@@ -978,6 +1002,7 @@ class GatewayImpl final : public Gateway {
   prometheus::Family<prometheus::Counter>& failovers_;
   prometheus::Family<prometheus::Counter>& refusals_;
   prometheus::Family<prometheus::Gauge>& breaker_state_;
+  prometheus::Family<prometheus::Gauge>& latency_average_;
   prometheus::Family<prometheus::Counter>& probes_;
   prometheus::Family<prometheus::Counter>& cache_total_;
   prometheus::Family<prometheus::Counter>& cache_corrupt_;

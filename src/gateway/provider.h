@@ -48,8 +48,15 @@ class Provider {
 /// Retry-After.
 Error UpstreamError(int status, const net::Headers& headers, std::string_view body, const std::string& provider);
 
-/// Reads a chat.completion; anything unusable is kInvalidOutput for this provider.
+/// Reads a chat.completion. Unusable (kInvalidOutput for this provider): not a JSON
+/// object, or no `choices` array. Nothing else is checked: content null or absent (tool
+/// calls), content parts, refusals, logprobs, several choices and usage details are kept
+/// in `response` as they came.
 Result<ChatResult> ParseCompletion(std::string_view body, const std::string& provider);
+
+/// The text of a message's (or a delta's) `content`: a string as it is, an array of parts
+/// as its `text` parts joined; empty for null, absent or anything else.
+std::string MessageText(const json::value* content);
 
 /// Folds one chat.completion.chunk into the result being built (model, usage, text).
 void Accumulate(const json::object& chunk, ChatResult& result);

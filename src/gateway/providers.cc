@@ -38,7 +38,28 @@ Error UpstreamError(int status, const net::Headers& headers, std::string_view bo
   return err;
 }
 
+std::string MessageText(const json::value* content) {
+  if (content == nullptr) return {};
+  if (content->is_string()) return std::string(content->get_string());
+  std::string text;
+  if (content->is_array()) {
+    for (const auto& part : content->get_array()) {
+      if (!part.is_object()) continue;
+      const auto& po = part.get_object();
+      const auto* type = po.if_contains("type");
+      const auto* t = po.if_contains("text");
+      if (type && type->is_string() && type->get_string() == "text" && t && t->is_string()) {
+        text.append(t->get_string().data(), t->get_string().size());
+      }
+    }
+  }
+  return text;
+}
+
 // Reads a chat-completions success body; garbage is an invalid_output of this target.
+// Only what keel needs is checked: a JSON object with a `choices` array; `model` and
+// `usage` are read when they have their types. Everything else (tool calls, refusals,
+// logprobs, several choices, content parts, usage details) is relayed as it came.
 Result<ChatResult> ParseCompletion(std::string_view body, const std::string& provider) {
   boost::system::error_code ec;
   const json::value v = json::parse(body, ec);
@@ -49,13 +70,13 @@ Result<ChatResult> ParseCompletion(std::string_view body, const std::string& pro
   if (!v.is_object()) return bad("not a JSON object");
   const auto& o = v.get_object();
   const auto* choices = o.if_contains("choices");
-  if (!choices || !choices->is_array() || choices->get_array().empty()) return bad("no choices");
-  const auto& first = choices->get_array()[0];
-  const json::value* content = first.is_object() ? FindPath(first, "message.content") : nullptr;
-  if (!content || !content->is_string()) return bad("choices[0].message.content is not a string");
+  if (!choices || !choices->is_array()) return bad("no \"choices\" array");
   ChatResult r;
+  if (!choices->get_array().empty()) {
+    const auto& first = choices->get_array()[0];
+    r.text = MessageText(first.is_object() ? FindPath(first, "message.content") : nullptr);
+  }
   r.response = o;
-  r.text = content->get_string();
   if (const auto* m = o.if_contains("model"); m && m->is_string()) r.model = m->get_string();
   if (const auto* u = o.if_contains("usage"); u && u->is_object()) r.usage = *u;
   r.provider = provider;
@@ -66,11 +87,17 @@ Result<ChatResult> ParseCompletion(std::string_view body, const std::string& pro
 void Accumulate(const json::object& chunk, ChatResult& r) {
   if (const auto* m = chunk.if_contains("model"); m && m->is_string() && r.model.empty()) r.model = m->get_string();
   if (const auto* u = chunk.if_contains("usage"); u && u->is_object()) r.usage = *u;
-  if (const auto* choices = chunk.if_contains("choices"); choices && choices->is_array() && !choices->get_array().empty()) {
-    const auto& c0 = choices->get_array()[0];
-    if (const auto* content = c0.is_object() ? FindPath(c0, "delta.content") : nullptr; content && content->is_string()) {
-      r.text.append(content->get_string().data(), content->get_string().size());
+  const auto* choices = chunk.if_contains("choices");
+  if (!choices || !choices->is_array()) return;
+  for (const auto& c : choices->get_array()) {
+    if (!c.is_object()) continue;
+    // The text of the first choice (index 0, or no index); other choices are relayed only.
+    const auto* index = c.get_object().if_contains("index");
+    if (index != nullptr && !(index->is_int64() && index->get_int64() == 0) &&
+        !(index->is_uint64() && index->get_uint64() == 0)) {
+      continue;
     }
+    r.text += MessageText(FindPath(c, "delta.content"));
   }
 }
 

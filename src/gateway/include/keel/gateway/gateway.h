@@ -79,7 +79,8 @@ struct ChatRequest {
 
 struct ChatResult {
   json::object response;  // the provider's chat.completion, as it answered
-  std::string text;       // choices[0].message.content
+  std::string text;       // choices[0].message.content (its text parts joined when it is an
+                          // array); empty when there is none (an answer of tool calls only)
   std::string model;      // the model that really answered (the response's `model`)
   std::string provider;   // the provider (target) that answered
   json::value usage;      // {prompt_tokens, completion_tokens, total_tokens}, or null
