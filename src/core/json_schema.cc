@@ -1026,8 +1026,9 @@ class Validator {
         AppendEqualityKey(arr[i], key);
         const auto [it, inserted] = first_seen.emplace(std::move(key), i);
         if (!inserted) {
+          const std::size_t first = it->second;  // clang 14 cannot capture a structured binding
           return Fail(want, path, [&] {
-            return "expected unique items, got equal items at [" + std::to_string(it->second) +
+            return "expected unique items, got equal items at [" + std::to_string(first) +
                    "] and [" + std::to_string(i) + "]";
           });
         }
