@@ -710,8 +710,9 @@ TEST(JsonSchemaSuiteTest, Draft07) {
       files.push_back(entry.path());
   }
   // Of optional/: the numeric ones. Not format (an annotation here), ecmascript-regex
-  // (it tests format: "regex") or content.
-  for (const char* name : {"optional/bignum.json", "optional/zeroTerminatedFloats.json"}) {
+  // (it tests format: "regex") or content; nor bignum.json: keel's JSON codec refuses
+  // integers beyond 64 bits at every door (core/json.h), so no schema ever sees one.
+  for (const char* name : {"optional/zeroTerminatedFloats.json"}) {
     if (fs::exists(dir / name)) files.push_back(dir / name);
   }
   std::sort(files.begin(), files.end());

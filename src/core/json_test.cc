@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <string>
 
 #include "keel/testing/assert.h"
@@ -29,6 +30,112 @@ TEST(ParseJsonTest, TrailingWhitespaceIsAccepted) {
   auto r = ParseJson("{\"a\":1} \n\t\r ");
   ASSERT_OK(r);
   EXPECT_EQ(*r, json::parse(R"({"a":1})"));
+}
+
+std::string Nested(std::size_t depth, std::string_view leaf = "1") {
+  return std::string(depth, '[') + std::string(leaf) + std::string(depth, ']');
+}
+
+TEST(ParseJsonTest, NonFiniteNumbersAreRefusedWithTheirPath) {
+  for (const char* doc : {R"({"input": {"m": 1e400}})", R"({"input": {"m": -1e400}})"}) {
+    auto r = ParseJson(doc);
+    ASSERT_FALSE(r.ok()) << doc;
+    EXPECT_EQ(r.error().code, ErrorCode::kInvalidRequest);
+    EXPECT_EQ(r.error().param, "input.m") << r.error().message;
+    EXPECT_NE(r.error().message.find("finite"), std::string::npos) << r.error().message;
+  }
+  auto in_array = ParseJson(R"({"a": [1, 2, 1E999]})");
+  ASSERT_FALSE(in_array.ok());
+  EXPECT_EQ(in_array.error().param, "a.2");
+  // Underflow is not overflow: a tiny number is a finite zero.
+  auto tiny = ParseJson("1e-400");
+  ASSERT_OK(tiny);
+  EXPECT_EQ(tiny->as_double(), 0.0);
+}
+
+TEST(ParseJsonTest, IntegersBeyondSixtyFourBitsAreRefusedNotRounded) {
+  auto big = ParseJson(R"({"id": 123456789012345678901234567890})");
+  ASSERT_FALSE(big.ok());
+  EXPECT_EQ(big.error().param, "id");
+  EXPECT_NE(big.error().message.find("64 bits"), std::string::npos) << big.error().message;
+  EXPECT_FALSE(ParseJson("18446744073709551616").ok());
+  EXPECT_FALSE(ParseJson("-9223372036854775809").ok());
+  // The edges of int64 and uint64 are kept exactly.
+  auto max_u = ParseJson("18446744073709551615");
+  ASSERT_OK(max_u);
+  EXPECT_EQ(max_u->as_uint64(), 18446744073709551615ULL);
+  auto min_i = ParseJson("-9223372036854775808");
+  ASSERT_OK(min_i);
+  EXPECT_EQ(min_i->as_int64(), INT64_MIN);
+  // A number written with an exponent or a point is a double, as the sender meant.
+  ASSERT_OK(ParseJson("1e30"));
+  ASSERT_OK(ParseJson("-0"));
+  ASSERT_OK(ParseJson("123456789012345678901234567890.0"));
+}
+
+TEST(ParseJsonTest, DepthLimitIsTheSameAtTheEdgeAndInTheStore) {
+  ASSERT_OK(ParseJson(Nested(JsonLimits::kMaxDepth)));
+  auto deep = ParseJson(Nested(JsonLimits::kMaxDepth + 1));
+  ASSERT_FALSE(deep.ok());
+  EXPECT_NE(deep.error().message.find("deeper than 64"), std::string::npos) << deep.error().message;
+  // What the edge accepted, wrapped in the store's envelope, the store reads back.
+  auto value = ParseJson(Nested(JsonLimits::kMaxDepth));
+  ASSERT_OK(value);
+  json::value record = json::object{{"output", json::object{{"items", json::array{*value}}}}};
+  ASSERT_OK(CheckJsonLimits(*value, "input"));
+  auto back = ParseStoredJson(json::serialize(record));
+  ASSERT_OK(back);
+  EXPECT_EQ(*back, record);
+  // 10,000 levels: refused without deep recursion.
+  EXPECT_FALSE(ParseJson(Nested(10000)).ok());
+}
+
+TEST(ParseJsonTest, InvalidUtf8IsRefused) {
+  EXPECT_FALSE(ParseJson("\"\xff\"").ok());
+  EXPECT_FALSE(ParseJson("{\"\xc0\xaf\": 1}").ok());
+  ASSERT_OK(ParseJson("\"\xe2\x82\xac\""));
+}
+
+TEST(ParseJsonTest, ErrorsCarryNoSourcePaths) {
+  for (const char* doc : {"{", "[1,", "{\"a\" 1}", "\"\xff\"", "tru"}) {
+    auto r = ParseJson(doc);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().message.find("/usr/"), std::string::npos) << r.error().message;
+    EXPECT_EQ(r.error().message.find(".hpp"), std::string::npos) << r.error().message;
+  }
+}
+
+TEST(CheckJsonLimitsTest, NamesThePathOfWhatBreaksARule) {
+  json::value ok = json::parse(R"({"a": [1, {"b": "x"}]})");
+  ASSERT_OK(CheckJsonLimits(ok, "steps.t.output"));
+
+  json::value inf = json::object{{"a", json::array{1, std::numeric_limits<double>::infinity()}}};
+  auto r = CheckJsonLimits(inf, "steps.t.output");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().param, "steps.t.output.a.1");
+
+  json::value bad_text = json::object{{"body", json::string("\xff\xfe")}};
+  auto t = CheckJsonLimits(bad_text, "output");
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.error().param, "output.body");
+
+  json::value deep = 1;
+  for (std::size_t i = 0; i < JsonLimits::kMaxDepth; ++i) deep = json::array{deep};
+  ASSERT_OK(CheckJsonLimits(deep, "v"));
+  deep = json::array{deep};
+  EXPECT_FALSE(CheckJsonLimits(deep, "v").ok());
+  EXPECT_TRUE(CheckJsonLimits(deep, "v", JsonLimits::kMaxDepth + 1).ok());
+}
+
+TEST(IsValidUtf8Test, RejectsOverlongSurrogatesAndTruncation) {
+  EXPECT_TRUE(IsValidUtf8("plain"));
+  EXPECT_TRUE(IsValidUtf8("\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80"));
+  EXPECT_FALSE(IsValidUtf8("\xc0\x80"));          // overlong NUL
+  EXPECT_FALSE(IsValidUtf8("\xe0\x80\xaf"));      // overlong
+  EXPECT_FALSE(IsValidUtf8("\xed\xa0\x80"));      // a surrogate
+  EXPECT_FALSE(IsValidUtf8("\xf4\x90\x80\x80"));  // past U+10FFFF
+  EXPECT_FALSE(IsValidUtf8("\xe2\x82"));          // truncated
+  EXPECT_FALSE(IsValidUtf8("\x80"));
 }
 
 TEST(ParseJsonTest, EmptyInputIsAnError) {
