@@ -106,21 +106,11 @@ Error BadRequest(std::string message, std::string param = {}) {
   return Error(ErrorCode::kInvalidRequest, std::move(message), std::move(param));
 }
 
-// Splits "/v1/runs/ID/cancel" into {"v1","runs","ID","cancel"}.
-std::vector<std::string_view> Segments(std::string_view path) {
-  std::vector<std::string_view> out;
-  std::size_t pos = 0;
-  while (pos < path.size()) {
-    if (path[pos] == '/') {
-      ++pos;
-      continue;
-    }
-    auto end = path.find('/', pos);
-    if (end == std::string_view::npos) end = path.size();
-    out.push_back(path.substr(pos, end - pos));
-    pos = end;
-  }
-  return out;
+// The request's path segments for routing, e.g. {"v1","runs","ID","cancel"}: split by the
+// server on the path as sent, then each percent-decoded (net::SplitPath), so that an
+// escaped slash ("ID%2Fcancel") stays inside its segment. Views into `req.segments`.
+std::vector<std::string_view> Segments(const HttpRequest& req) {
+  return std::vector<std::string_view>(req.segments.begin(), req.segments.end());
 }
 
 Result<int> ParseIntParam(const HttpRequest& req, std::string_view name, int def, int lo, int hi) {
@@ -216,7 +206,7 @@ class ApiServerImpl final : public ApiServer {
   using Handler = HttpResponse (ApiServerImpl::*)(const HttpRequest&, const std::vector<std::string_view>&);
 
   void Dispatch(HttpRequest&& req, net::Responder respond) {
-    const auto segs = Segments(req.path);
+    const auto segs = Segments(req);
     std::string name;
     Handler h = Route(req, segs, name);
     if (h == nullptr) {
@@ -229,7 +219,7 @@ class ApiServerImpl final : public ApiServer {
     }
     auto shared = std::make_shared<HttpRequest>(std::move(req));
     const bool queued = pool_.Submit([this, h, shared, name, respond]() mutable {
-      const auto segs2 = Segments(shared->path);
+      const auto segs2 = Segments(*shared);
       respond(Answer(name, (this->*h)(*shared, segs2)));
     });
     if (!queued) respond(Answer(name, Overloaded()));

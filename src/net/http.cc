@@ -1,8 +1,11 @@
 #include "keel/net/http.h"
 
-#include <boost/url/parse.hpp>
-#include <boost/url/src.hpp>  // Boost.URL compiled here, once, for all of keel.
 #include <strings.h>
+
+#include <boost/url/decode_view.hpp>
+#include <boost/url/parse.hpp>
+#include <boost/url/pct_string_view.hpp>
+#include <boost/url/src.hpp>  // Boost.URL compiled here, once, for all of keel.
 
 namespace keel::net {
 
@@ -11,8 +14,8 @@ std::string PercentEncode(std::string_view in) {
   std::string out;
   out.reserve(in.size());
   for (unsigned char c : in) {
-    const bool unreserved = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                            c == '-' || c == '_' || c == '.' || c == '~';
+    const bool unreserved = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                            (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.' || c == '~';
     if (unreserved) {
       out.push_back(static_cast<char>(c));
     } else {
@@ -20,6 +23,83 @@ std::string PercentEncode(std::string_view in) {
       out.push_back(kHex[c >> 4]);
       out.push_back(kHex[c & 15]);
     }
+  }
+  return out;
+}
+
+namespace {
+
+// Whether `s` is well-formed UTF-8: no overlong forms, no surrogates, at most U+10FFFF.
+bool WellFormedUtf8(std::string_view s) {
+  std::size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    int n = 0;
+    unsigned lo = 0x80, hi = 0xBF;  // the range of the first continuation byte
+    if (c >= 0xC2 && c <= 0xDF)
+      n = 1;
+    else if (c == 0xE0)
+      n = 2, lo = 0xA0;
+    else if (c >= 0xE1 && c <= 0xEC)
+      n = 2;
+    else if (c == 0xED)
+      n = 2, hi = 0x9F;
+    else if (c >= 0xEE && c <= 0xEF)
+      n = 2;
+    else if (c == 0xF0)
+      n = 3, lo = 0x90;
+    else if (c >= 0xF1 && c <= 0xF3)
+      n = 3;
+    else if (c == 0xF4)
+      n = 3, hi = 0x8F;
+    else
+      return false;
+    if (i + n >= s.size()) return false;
+    for (int k = 1; k <= n; ++k) {
+      const auto b = static_cast<unsigned char>(s[i + k]);
+      if (k == 1 ? (b < lo || b > hi) : (b < 0x80 || b > 0xBF)) return false;
+    }
+    i += n + 1;
+  }
+  return true;
+}
+
+}  // namespace
+
+Result<std::vector<std::string>> SplitPath(std::string_view raw_path) {
+  std::vector<std::string> out;
+  std::size_t pos = 0;
+  while (pos < raw_path.size()) {
+    if (raw_path[pos] == '/') {
+      ++pos;
+      continue;
+    }
+    auto end = raw_path.find('/', pos);
+    if (end == std::string_view::npos) end = raw_path.size();
+    const std::string_view raw = raw_path.substr(pos, end - pos);
+    pos = end;
+    auto escaped = boost::urls::make_pct_string_view(raw);
+    if (!escaped) {
+      return Error(ErrorCode::kInvalidRequest,
+                   "malformed percent-encoding in the path segment \"" + std::string(raw) +
+                       "\": write '%' as %25 and escape bytes as %XX with two hex digits");
+    }
+    std::string segment;
+    segment.reserve(raw.size());
+    for (char c : boost::urls::decode_view(*escaped)) segment.push_back(c);
+    bool control = false;
+    for (unsigned char c : segment) control = control || c < 0x20 || c == 0x7F;
+    if (control || !WellFormedUtf8(segment)) {
+      return Error(ErrorCode::kInvalidRequest,
+                   "the path segment \"" + std::string(raw) +
+                       "\" decodes to a control character or to invalid UTF-8; "
+                       "percent-encode UTF-8 text only");
+    }
+    out.push_back(std::move(segment));
   }
   return out;
 }

@@ -57,6 +57,7 @@ void EchoHandler(HttpRequest&& req, Responder respond) {
                                          {"query", req.query},
                                          {"body", req.body},
                                          {"remote", req.remote},
+                                         {"segments", json::value_from(req.segments)},
                                          {"content_type", req.Header("content-type")}}));
 }
 
@@ -103,13 +104,15 @@ TEST(HttpServerTest, ResponseStatusAndHeadersArePassedThrough) {
   EXPECT_EQ(r->body, "teapot");
 }
 
-TEST(HttpServerTest, DecodesThePath) {
+TEST(HttpServerTest, DecodesEachSegmentAfterSplittingThePath) {
   TestServer server(EchoHandler);
   ASSERT_TRUE(server.ok());
-  auto r = SendHttp(Get(server.Url("/runs/a%20b%2Fc?q=x%26y")));
+  auto r = SendHttp(Get(server.Url("/runs//a%20b%2Fc/%C3%A9?q=x%26y")));
   ASSERT_OK(r);
   const auto body = ParseBody(*r);
-  EXPECT_EQ(body.at("path"), json::value("/runs/a b/c"));
+  EXPECT_EQ(body.at("path"), json::value("/runs//a%20b%2Fc/%C3%A9"));  // as sent
+  // %2F is inside its segment, not a separator; empty segments are dropped.
+  EXPECT_EQ(body.at("segments"), (json::array{"runs", "a b/c", "\xc3\xa9"}));
   EXPECT_EQ(body.at("query"), json::value("q=x%26y"));  // the raw query
 }
 
@@ -364,6 +367,338 @@ TEST(HttpServerTest, StopIsIdempotent) {
   server->Stop();
   auto r = SendHttp(Get(server.Url("/")));
   EXPECT_FALSE(r.ok() && r->status == 200) << "answered after Stop()";
+}
+
+// A raw TCP client for requests no HTTP library would send. Reads are bounded by
+// `timeout` (SO_RCVTIMEO): a server that neither answers nor closes fails the test
+// instead of hanging it.
+class RawClient {
+ public:
+  explicit RawClient(uint16_t port, const char* source = nullptr,
+                     std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    if (fd_ < 0) return;
+    timeval tv{};
+    tv.tv_sec = timeout.count() / 1000;
+    tv.tv_usec = (timeout.count() % 1000) * 1000;
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    if (source != nullptr) {
+      sockaddr_in from{};
+      from.sin_family = AF_INET;
+      ::inet_pton(AF_INET, source, &from.sin_addr);
+      if (::bind(fd_, reinterpret_cast<sockaddr*>(&from), sizeof from) != 0) return;
+    }
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    connected_ = ::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+  }
+  ~RawClient() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  bool connected() const { return connected_; }
+  bool Send(std::string_view bytes) {
+    while (!bytes.empty()) {
+      const auto n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+      if (n <= 0) return false;
+      bytes.remove_prefix(static_cast<std::size_t>(n));
+    }
+    return true;
+  }
+  // Everything until the server closes; `closed` is false when the read timed out.
+  std::string ReadAll(bool* closed = nullptr) {
+    std::string out;
+    char buf[4096];
+    for (;;) {
+      const auto n = ::recv(fd_, buf, sizeof buf, 0);
+      if (n > 0) {
+        out.append(buf, static_cast<std::size_t>(n));
+        continue;
+      }
+      if (closed) *closed = n == 0 || errno == ECONNRESET;
+      return out;
+    }
+  }
+  // One whole response (header and Content-Length body); "" on timeout or close first.
+  std::string ReadResponse() {
+    for (;;) {
+      const auto end = pending_.find("\r\n\r\n");
+      if (end != std::string::npos) {
+        std::size_t length = 0;
+        const auto cl = pending_.find("Content-Length: ");
+        if (cl != std::string::npos && cl < end) length = std::stoul(pending_.substr(cl + 16));
+        if (pending_.size() >= end + 4 + length) {
+          std::string out = pending_.substr(0, end + 4 + length);
+          pending_.erase(0, end + 4 + length);
+          return out;
+        }
+      }
+      char buf[4096];
+      const auto n = ::recv(fd_, buf, sizeof buf, 0);
+      if (n <= 0) return {};
+      pending_.append(buf, static_cast<std::size_t>(n));
+    }
+  }
+
+ private:
+  int fd_ = -1;
+  bool connected_ = false;
+  std::string pending_;
+};
+
+int StatusOf(std::string_view response) {
+  if (response.size() < 12 || response.substr(0, 5) != "HTTP/") return 0;
+  return std::atoi(std::string(response.substr(9, 3)).c_str());
+}
+
+std::string BodyOf(std::string_view response) {
+  const auto end = response.find("\r\n\r\n");
+  return end == std::string_view::npos ? std::string() : std::string(response.substr(end + 4));
+}
+
+// Sends `request` on a new connection; the first response, and whether the server then
+// closed the connection.
+struct RawAnswer {
+  std::string response;
+  bool closed = false;
+  std::string
+      rest;  // anything after the first response (a second answer would be a smuggled request)
+};
+RawAnswer SendRaw(uint16_t port, std::string_view request) {
+  RawClient c(port);
+  RawAnswer a;
+  if (!c.connected() || !c.Send(request)) return a;
+  a.response = c.ReadResponse();
+  a.rest = c.ReadAll(&a.closed);
+  return a;
+}
+
+// Counts requests by path; answers 200 with the echo.
+struct CountingHandler {
+  std::shared_ptr<std::mutex> mu = std::make_shared<std::mutex>();
+  std::shared_ptr<std::vector<std::string>> paths = std::make_shared<std::vector<std::string>>();
+  void operator()(HttpRequest&& req, Responder respond) const {
+    {
+      std::lock_guard lock(*mu);
+      paths->push_back(req.path);
+    }
+    EchoHandler(std::move(req), std::move(respond));
+  }
+  std::vector<std::string> Seen() const {
+    std::lock_guard lock(*mu);
+    return *paths;
+  }
+};
+
+TEST(HttpServerTest, AbsoluteFormTargetsAreRoutedByTheirPath) {
+  TestServer server(EchoHandler);
+  ASSERT_TRUE(server.ok());
+  const std::string port = std::to_string(server->port());
+  auto a = SendRaw(
+      server->port(),
+      "GET http://127.0.0.1:" + port +
+          "/v1/runs/a%2Fb?limit=2 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+  ASSERT_EQ(StatusOf(a.response), 200) << a.response;
+  auto body = ParseJson(BodyOf(a.response));
+  ASSERT_OK(body);
+  EXPECT_EQ(body->at("path"), json::value("/v1/runs/a%2Fb"));
+  EXPECT_EQ(body->at("segments"), (json::array{"v1", "runs", "a/b"}));
+  EXPECT_EQ(body->at("query"), json::value("limit=2"));
+
+  // No path at all is "/"; the scheme is case-insensitive.
+  a = SendRaw(server->port(),
+              "GET HTTP://localhost HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+  ASSERT_EQ(StatusOf(a.response), 200) << a.response;
+  body = ParseJson(BodyOf(a.response));
+  ASSERT_OK(body);
+  EXPECT_EQ(body->at("path"), json::value("/"));
+  EXPECT_EQ(body->at("segments"), json::array{});
+}
+
+TEST(HttpServerTest, TargetsThatAreNeitherPathsNorHttpUrlsAre400) {
+  CountingHandler handler;
+  TestServer server(handler);
+  ASSERT_TRUE(server.ok());
+  for (std::string target :
+       {"healthz", "ftp://host/healthz", "http:///healthz", "/healthz#frag", "//", "/a\x80"}) {
+    auto a = SendRaw(server->port(),
+                     "GET " + target + " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    if (target == "//") {  // only empty segments: the root
+      EXPECT_EQ(StatusOf(a.response), 200) << a.response;
+      continue;
+    }
+    EXPECT_EQ(StatusOf(a.response), 400) << target << ": " << a.response;
+    EXPECT_TRUE(a.closed) << target;
+  }
+  EXPECT_EQ(handler.Seen().size(), 1u);
+}
+
+TEST(HttpServerTest, MalformedOrControlEscapesInThePathAre400) {
+  CountingHandler handler;
+  TestServer server(handler);
+  ASSERT_TRUE(server.ok());
+  for (std::string path : {"/a%zz", "/a%", "/a%4", "/v1/runs/x%00", "/x%0D%0AInjected:%201",
+                           "/x%FF", "/x%C0%AF", "/%ED%A0%80"}) {
+    auto a = SendRaw(server->port(), "GET " + path + " HTTP/1.1\r\nHost: x\r\n\r\n");
+    EXPECT_EQ(StatusOf(a.response), 400) << path << ": " << a.response;
+    auto body = ParseJson(BodyOf(a.response));
+    ASSERT_OK(body);
+    EXPECT_EQ(body->at("error").at("type"), json::value("invalid_request"));
+  }
+  EXPECT_TRUE(handler.Seen().empty());
+}
+
+TEST(HttpServerTest, Http11WithoutHostIs400Http10WithoutHostIsServed) {
+  CountingHandler handler;
+  TestServer server(handler);
+  ASSERT_TRUE(server.ok());
+  auto a = SendRaw(server->port(), "GET /no-host HTTP/1.1\r\n\r\n");
+  EXPECT_EQ(StatusOf(a.response), 400) << a.response;
+  EXPECT_NE(a.response.find("Host"), std::string::npos) << a.response;
+  EXPECT_TRUE(a.closed);
+  a = SendRaw(server->port(), "GET /two-hosts HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n");
+  EXPECT_EQ(StatusOf(a.response), 400) << a.response;
+  a = SendRaw(server->port(), "GET /http10 HTTP/1.0\r\n\r\n");
+  EXPECT_EQ(StatusOf(a.response), 200) << a.response;
+  a = SendRaw(server->port(), "GET /http11 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+  EXPECT_EQ(StatusOf(a.response), 200) << a.response;
+  EXPECT_EQ(handler.Seen(), (std::vector<std::string>{"/http10", "/http11"}));
+}
+
+TEST(HttpServerTest, TransferEncodingNotEndingInChunkedIs400AndClosesWithoutServingTheBody) {
+  CountingHandler handler;
+  TestServer server(handler);
+  ASSERT_TRUE(server.ok());
+  // The body is a whole second request: it must never be served.
+  const std::string smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+  for (std::string te : {"gzip", "chunked, gzip", "gzip, chunked", "identity", "x-unknown",
+                         "chunked, chunked", "", "chunked;x=1"}) {
+    auto a = SendRaw(server->port(), "POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + te +
+                                         "\r\n\r\n" + smuggled);
+    EXPECT_EQ(StatusOf(a.response), 400) << "Transfer-Encoding: " << te << ": " << a.response;
+    EXPECT_TRUE(a.closed) << te;
+    EXPECT_EQ(a.rest, "") << te;
+  }
+  // Two Transfer-Encoding fields, the last one chunked; TE with Content-Length; TE on HTTP/1.0.
+  for (std::string headers : {"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+                              "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+                              "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n"}) {
+    auto a = SendRaw(server->port(),
+                     "POST /te HTTP/1.1\r\nHost: x\r\n" + headers + "\r\n0\r\n\r\n" + smuggled);
+    EXPECT_EQ(StatusOf(a.response), 400) << headers << a.response;
+    EXPECT_TRUE(a.closed);
+  }
+  auto a = SendRaw(server->port(),
+                   "POST /te HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled);
+  EXPECT_EQ(StatusOf(a.response), 400) << a.response;
+  EXPECT_TRUE(handler.Seen().empty());
+
+  // Plain chunked is still read as the body.
+  a = SendRaw(
+      server->port(),
+      "POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+      "3\r\nabc\r\n0\r\n\r\n");
+  ASSERT_EQ(StatusOf(a.response), 200) << a.response;
+  auto body = ParseJson(BodyOf(a.response));
+  ASSERT_OK(body);
+  EXPECT_EQ(body->at("body"), json::value("abc"));
+  EXPECT_EQ(handler.Seen(), (std::vector<std::string>{"/chunked"}));
+}
+
+TEST(HttpServerTest, AConnectionThatSendsNoWholeHeaderIsClosedAfterTheHeaderTimeout) {
+  ServerOptions options;
+  options.header_timeout = milliseconds(100);  // idle_timeout stays 60s
+  TestServer server(EchoHandler, options);
+  ASSERT_TRUE(server.ok());
+  {
+    RawClient silent(server->port());
+    ASSERT_TRUE(silent.connected());
+    bool closed = false;
+    EXPECT_EQ(silent.ReadAll(&closed), "");
+    EXPECT_TRUE(closed) << "a connection that sent nothing was kept past the header timeout";
+  }
+  {
+    RawClient partial(server->port());
+    ASSERT_TRUE(partial.connected());
+    ASSERT_TRUE(partial.Send("GET / HTTP/1.1\r\nHost: x\r\nX-Slow: "));
+    bool closed = false;
+    partial.ReadAll(&closed);
+    EXPECT_TRUE(closed) << "a header that never ended was waited for past the header timeout";
+  }
+  // A request in time is served.
+  auto a = SendRaw(server->port(), "GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+  EXPECT_EQ(StatusOf(a.response), 200) << a.response;
+}
+
+TEST(HttpServerTest, OneAddressCannotTakeEveryConnection) {
+  ServerOptions options;
+  options.max_connections = 8;  // max_connections_per_address 0: a quarter, 2
+  TestServer server(EchoHandler, options);
+  ASSERT_TRUE(server.ok());
+  RawClient first(server->port());
+  RawClient second(server->port());
+  ASSERT_TRUE(first.connected() && second.connected());
+  // The server accepts in arrival order: the third connection from 127.0.0.1 is over.
+  RawClient third(server->port());
+  ASSERT_TRUE(third.connected());
+  bool closed = false;
+  const std::string refused = third.ReadAll(&closed);
+  EXPECT_EQ(StatusOf(refused), 503) << refused;
+  EXPECT_NE(refused.find("max_connections_per_ip is 2"), std::string::npos) << refused;
+  EXPECT_TRUE(closed);
+
+  // Another address is served (all of 127/8 is loopback on Linux).
+  RawClient other(server->port(), "127.0.0.2");
+  ASSERT_TRUE(other.connected());
+  ASSERT_TRUE(other.Send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"));
+  const std::string ok = other.ReadResponse();
+  EXPECT_EQ(StatusOf(ok), 200) << ok;
+  auto body = ParseJson(BodyOf(ok));
+  ASSERT_OK(body);
+  EXPECT_EQ(std::string(body->at("remote").as_string()).substr(0, 10), "127.0.0.2:");
+
+  // The held connections still work.
+  ASSERT_TRUE(first.Send("GET /first HTTP/1.1\r\nHost: x\r\n\r\n"));
+  EXPECT_EQ(StatusOf(first.ReadResponse()), 200);
+}
+
+TEST(HttpServerTest, AnExplicitPerAddressBoundIsKept) {
+  ServerOptions options;
+  options.max_connections = 100;
+  options.max_connections_per_address = 1;
+  TestServer server(EchoHandler, options);
+  ASSERT_TRUE(server.ok());
+  RawClient first(server->port());
+  ASSERT_TRUE(first.connected());
+  RawClient second(server->port());
+  ASSERT_TRUE(second.connected());
+  const std::string refused = second.ReadAll();
+  EXPECT_EQ(StatusOf(refused), 503) << refused;
+  EXPECT_NE(refused.find("Retry-After: 1"), std::string::npos) << refused;
+}
+
+TEST(HttpServerTest, ErrorBodiesAreJsonWithoutSourcePaths) {
+  TestServer server(EchoHandler);
+  ASSERT_TRUE(server.ok());
+  for (std::string request :
+       {std::string("\xff\xfe GET / HTTP/1.1\r\n\r\n"),
+        std::string("GET / HTTP/1.1\r\nHost: x\r\nBad\x01Name: v\r\n\r\n"),
+        std::string("GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+        std::string("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),
+        std::string("GET / HTTP/9.9\r\nHost: x\r\n\r\n"),
+        std::string("GET /%zz\xc3 HTTP/1.1\r\nHost: x\r\n\r\n")}) {
+    auto a = SendRaw(server->port(), request);
+    const int status = StatusOf(a.response);
+    EXPECT_GE(status, 400) << request << a.response;
+    EXPECT_LT(status, 500) << request << a.response;
+    const std::string body = BodyOf(a.response);
+    auto parsed = ParseJson(body);  // the codec also checks UTF-8
+    ASSERT_OK(parsed);
+    EXPECT_TRUE(parsed->at("error").at("message").is_string());
+    EXPECT_EQ(body.find("/usr/"), std::string::npos) << body;
+    EXPECT_EQ(body.find(".hpp"), std::string::npos) << body;
+  }
 }
 
 TEST(HttpRequestTest, QueryParamDecodesPercentEscapes) {

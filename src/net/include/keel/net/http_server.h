@@ -1,7 +1,16 @@
 #pragma once
 // An HTTP/1.1 server (Boost.Beast) with keep-alive, bounded request sizes, a bound on
-// open connections, and idle timeouts. Request handlers answer asynchronously, so a
-// handler may hand work to another thread (or a timer) and answer from there.
+// open connections (in all and per client address), and header and idle timeouts.
+// Request handlers answer asynchronously, so a handler may hand work to another thread
+// (or a timer) and answer from there.
+//
+// What reaches a handler was checked against RFC 9112 first; the server itself answers
+// 400 and closes the connection for: a malformed message, an HTTP/1.1 request without
+// a Host header (or with two), a Transfer-Encoding other than a single `chunked` (or
+// with a Content-Length too), a request target that is neither a path (origin-form)
+// nor an absolute http(s) URL (absolute-form, routed by its path), and a path with a
+// malformed escape or one that decodes to a control character or invalid UTF-8. Its
+// own error bodies are ASCII JSON: {"error":{"type":...,"message":...}}.
 
 #include <boost/asio/any_io_executor.hpp>
 #include <chrono>
@@ -42,7 +51,8 @@ class Responder {
   /// Sends the status line and headers of a chunked response (blocking until written)
   /// and returns the writer for its body; null if an answer was already given or the
   /// client is gone. Must not be called on an I/O thread.
-  std::unique_ptr<ChunkedWriter> StartStream(int status, std::string content_type, Headers headers = {}) const;
+  std::unique_ptr<ChunkedWriter> StartStream(int status, std::string content_type,
+                                             Headers headers = {}) const;
   /// The connection's executor (a strand of the server's I/O context): asynchronous work
   /// for this request (keel/net/async_http_client.h) runs there, and answers from it
   /// without a thread switch.
@@ -68,8 +78,17 @@ struct ServerOptions {
   std::size_t max_header_bytes = 16 << 10;
   /// Connections open at once; more are answered 503 and closed. Default: 1024.
   int max_connections = 1024;
-  /// A connection with no request in flight is closed after this. Default: 60s.
+  /// Connections open at once from one client address (an IPv6 client: its /64); that
+  /// address's further connections are answered 503 and closed, other clients' are not
+  /// affected. 0: a quarter of max_connections (at least 1). Default: 0.
+  int max_connections_per_address = 0;
+  /// A keep-alive connection with no request in flight is closed after this; it also
+  /// bounds reading a request's body. Default: 60s.
   std::chrono::milliseconds idle_timeout{60000};
+  /// A request's header block must arrive whole within this: counted from the accept for
+  /// a connection's first request, from its first byte for the next ones. Otherwise the
+  /// connection is closed. Default: 10s.
+  std::chrono::milliseconds header_timeout{10000};
 };
 
 class HttpServer {
