@@ -58,6 +58,7 @@ int RunNode(const std::string& config_path, const std::string& listen_flag, bool
     std::cerr << "keel: " << config.error().message << "\n";
     return 2;
   }
+  RegisterConfigSecrets(*config);  // before anything can log, answer or store a secret
   obs::SetLogLevel(obs::ParseLogLevel(config->log_level));
   net::ServerOptions server;
   const std::string listen = api_node ? (listen_flag.empty() ? config->listen : listen_flag) : listen_flag;

@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "keel/core/secrets.h"
 #include "keel/core/sse.h"
 #include "keel/net/http_client.h"
 #include "provider.h"
@@ -260,7 +261,7 @@ Error StreamedError(std::string_view data, const std::string& provider) {
   const ErrorCode code = CodeForType(type, message).value_or(ErrorCode::kServerError);
   return Error(code, "provider " + provider + " streamed an error (" +
                          (type.empty() ? std::string("unknown") : type) +
-                         "): " + (message.empty() ? std::string(data.substr(0, 200)) : message));
+                         "): " + RedactSecrets(message.empty() ? RedactSecrets(data).substr(0, 200) : message));
 }
 
 Error BadOutput(const std::string& provider, std::string_view why) {

@@ -19,6 +19,7 @@
 #include "keel/core/backoff.h"
 #include "keel/core/circuit_breaker.h"
 #include "keel/core/retry_budget.h"
+#include "keel/core/secrets.h"
 #include "keel/core/sse.h"
 #include "keel/core/token_bucket.h"
 #include "keel/gateway/mock_llm.h"
@@ -965,7 +966,13 @@ class GatewayImpl final : public Gateway {
       }
     }
     t.requests->Increment(r.ok() ? nullptr : &r.error());
-    if (!r.ok()) return r;
+    if (!r.ok()) {
+      // Foreign text (an upstream's error body, a transport message naming the URL) never
+      // carries a configured secret further: client errors, run errors, events, logs.
+      Error e = std::move(r).error();
+      e.message = RedactSecrets(e.message);
+      return e;
+    }
     // Charge the real usage instead of the estimate.
     double in = 0, out = 0;
     if (r->usage.is_object()) {

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <thread>
 
+#include "keel/core/secrets.h"
 #include "keel/core/sse.h"
 #include "keel/gateway/mock_llm.h"
 #include "keel/net/async_http_client.h"
@@ -27,8 +28,9 @@ Error UpstreamError(int status, const net::Headers& headers, std::string_view bo
       if (c == "content_filter" || c == "content_policy_violation") code = ErrorCode::kContentPolicy;
     }
   }
-  if (message.empty()) message = std::string(body.substr(0, 200));
-  Error err(code, "provider " + provider + " answered " + std::to_string(status) + ": " + message);
+  // Scrubbed before it is cut, so that a cut cannot leave part of a secret.
+  if (message.empty()) message = RedactSecrets(body).substr(0, 200);
+  Error err(code, "provider " + provider + " answered " + std::to_string(status) + ": " + RedactSecrets(message));
   const auto ra = net::FindHeader(headers, "retry-after");
   int64_t secs = 0;
   if (!ra.empty()) {

@@ -5,6 +5,8 @@
 
 #include <boost/json/serialize.hpp>
 
+#include "keel/core/secrets.h"
+
 namespace keel::obs {
 namespace {
 
@@ -57,6 +59,9 @@ void Log(LogLevel level, std::string_view msg, std::initializer_list<LogField> f
     line.push_back(':');
     line += boost::json::serialize(value);
   }
+  // Whatever a field carries (an upstream's error body, a URL), no configured secret is
+  // written: the line is scrubbed whole (docs/operations.md, "Secrets").
+  if (!Secrets().empty()) line = Secrets().Redact(line);
   logger.log(spd, line);
 }
 
