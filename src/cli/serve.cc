@@ -80,6 +80,8 @@ int RunNode(const std::string& config_path, const std::string& listen_flag, bool
   server.max_connections = config->server.max_connections;
   server.io_threads = config->server.io_threads;
   server.idle_timeout = config->server.idle_timeout;
+  server.max_connections_per_address = config->server.max_connections_per_ip;
+  server.header_timeout = config->server.header_timeout;
 
   const Clock& clock = *SystemClock::Instance();
   Random& random = *ProcessRandom();

@@ -920,7 +920,8 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
     }
   }
   if (const auto s = root["server"]) {
-    r.Keys(s, "server", {"max_body_bytes", "max_connections", "handler_threads", "io_threads", "idle_timeout"});
+    r.Keys(s, "server", {"max_body_bytes", "max_connections", "handler_threads", "io_threads", "idle_timeout",
+                         "max_connections_per_ip", "header_timeout"});
     if (s["max_body_bytes"]) {
       if (!s["max_body_bytes"].IsScalar()) Fail(s["max_body_bytes"], "server.max_body_bytes must be a size");
       auto v = ParseByteSize(s["max_body_bytes"].Scalar());
@@ -932,6 +933,11 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
     if (s["handler_threads"]) c.server.handler_threads = static_cast<int>(r.Int(s["handler_threads"], "server.handler_threads", 1, 1024));
     if (s["io_threads"]) c.server.io_threads = static_cast<int>(r.Int(s["io_threads"], "server.io_threads", 1, 64));
     if (s["idle_timeout"]) c.server.idle_timeout = r.Dur(s["idle_timeout"], "server.idle_timeout", Duration(1000));
+    c.server.max_connections_per_ip =
+        s["max_connections_per_ip"]
+            ? static_cast<int>(r.Int(s["max_connections_per_ip"], "server.max_connections_per_ip", 1, 65536))
+            : std::max(1, c.server.max_connections / 4);
+    if (s["header_timeout"]) c.server.header_timeout = r.Dur(s["header_timeout"], "server.header_timeout", Duration(100));
   }
   if (const auto e = root["engine"]) {
     r.Keys(e, "engine",

@@ -906,5 +906,24 @@ TEST(ParseRedisUrlTest, Forms) {
   }
 }
 
+TEST(ConfigTest, ServerHeaderTimeoutAndPerIpBound) {
+  auto d = ParseConfig("", Env());
+  ASSERT_OK(d);
+  EXPECT_EQ(d->server.header_timeout, milliseconds(10000));
+  EXPECT_EQ(d->server.max_connections_per_ip, 256);  // a quarter of max_connections
+  auto derived = ParseConfig("server: {max_connections: 10}\n", Env());
+  ASSERT_OK(derived);
+  EXPECT_EQ(derived->server.max_connections_per_ip, 2);
+  auto one = ParseConfig("server: {max_connections: 3}\n", Env());
+  ASSERT_OK(one);
+  EXPECT_EQ(one->server.max_connections_per_ip, 1);
+  auto c = ParseConfig("server: {max_connections_per_ip: 50, header_timeout: 2s}\n", Env());
+  ASSERT_OK(c);
+  EXPECT_EQ(c->server.max_connections_per_ip, 50);
+  EXPECT_EQ(c->server.header_timeout, milliseconds(2000));
+  ExpectConfigError("server:\n  max_connections_per_ip: 0\n", {"line 2", "max_connections_per_ip"});
+  ExpectConfigError("server:\n  header_timeout: 10ms\n", {"line 2", "header_timeout"});
+}
+
 }  // namespace
 }  // namespace keel

@@ -310,7 +310,15 @@ class ServerImpl final : public HttpServer {
     acceptor_.async_accept(ctx, [this](beast::error_code ec, tcp::socket socket) {
       if (ec) {
         if (ec == asio::error::operation_aborted || !acceptor_.is_open()) return;
-        obs::LogWarn("accept failed", {{"error", ec.message()}});
+        // Out of file descriptors (EMFILE) fails every accept at once: pause instead of
+        // spinning (and logging) until a connection closes.
+        obs::LogWarn("accept failed; accepting again in 50ms", {{"error", ec.message()}});
+        auto timer =
+            std::make_shared<asio::steady_timer>(*contexts_[0], std::chrono::milliseconds(50));
+        timer->async_wait([this, timer](beast::error_code e) {
+          if (!e && acceptor_.is_open()) Accept();
+        });
+        return;
       } else {
         socket.set_option(tcp::no_delay(true), ec);
         const auto remote = socket.remote_endpoint(ec);
@@ -372,7 +380,11 @@ Session::Session(tcp::socket socket, ServerImpl& server, std::string address_key
 Session::~Session() { server_.Unregister(this, address_key_); }
 
 void Session::Close() {
-  asio::post(stream_.get_executor(), [self = shared_from_this()] {
+  // Called by Stop() with a raw pointer: the session may be mid-destruction (its last
+  // reference gone, Unregister waiting for the lock); then its socket closes with it.
+  auto self = weak_from_this().lock();
+  if (!self) return;
+  asio::post(stream_.get_executor(), [self = std::move(self)] {
     beast::error_code ec;
     self->stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
     self->stream_.close();

@@ -172,6 +172,14 @@ struct ServerConfig {
   int io_threads = 2;
   /// An idle keep-alive connection is closed after this. Default: 60s.
   Duration idle_timeout{60000};
+  /// Open connections from one client address at most (an IPv6 client: its /64); that
+  /// address's further connections are answered 503 and closed, other clients' are not.
+  /// Default: a quarter of max_connections (at least 1). Range: 1..65536.
+  int max_connections_per_ip = 256;
+  /// A connection must send a whole request header within this (counted from its accept,
+  /// or from the first byte of a keep-alive connection's next request), or it is closed.
+  /// Default: 10s. Range: >= 100ms.
+  Duration header_timeout{10000};
 };
 
 struct HttpToolConfig {
