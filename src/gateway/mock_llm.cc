@@ -4,6 +4,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <iterator>
 #include <string>
 #include <vector>
@@ -25,6 +26,7 @@ struct Directives {
   bool malformed = false;
   bool reset = false;
   std::optional<std::string> reply;
+  std::vector<std::string> tools;  // tool=NAME[,NAME...]: answer with calls of these tools
   // Streams only.
   std::optional<int64_t> first_byte_ms;
   std::optional<int64_t> stall_ms;
@@ -86,6 +88,13 @@ Directives ParseDirectives(std::string_view prompt) {
       else if (key == "first_byte") d.first_byte_ms = NonNegative(val, 0);
       else if (key == "stall") d.stall_ms = NonNegative(val, 0);
       else if (key == "reset_after") d.reset_after = NonNegative(val, 0);
+      else if (key == "tool") {
+        for (std::size_t a = 0; a <= val.size();) {
+          const auto comma = std::min(val.find(',', a), val.size());
+          if (comma > a) d.tools.emplace_back(val.substr(a, comma - a));
+          a = comma + 1;
+        }
+      }
     }
     if (end == prompt.size()) break;
   }
@@ -102,7 +111,47 @@ struct Request {
   bool stream = false;
   bool include_usage = false;  // OpenAI: stream_options.include_usage
   json::value schema;          // OpenAI: response_format json_schema's schema, if asked
+  bool json_object = false;    // OpenAI: response_format json_object
+  // Tools offered (name -> parameters' schema), and what tool_choice asks: a call of any
+  // tool (required / any), of the named one, or none.
+  std::vector<std::pair<std::string, json::value>> tools;
+  bool tool_required = false;
+  std::string tool_forced;
+  bool tool_none = false;
+  bool after_tool_result = false;  // the last message is a tool's result
 };
+
+// Reads `tools` and `tool_choice`, in OpenAI's shapes ({type: function, function: {name,
+// parameters}}; "required", {type: function, function: {name}}) or Anthropic's ({name,
+// input_schema}; {type: any}, {type: tool, name}).
+void ParseTools(const json::object& req, Request& out) {
+  if (const auto* tools = req.if_contains("tools"); tools && tools->is_array()) {
+    for (const auto& t : tools->get_array()) {
+      if (!t.is_object()) continue;
+      const json::object* fn = &t.get_object();
+      if (const auto* f = fn->if_contains("function"); f && f->is_object()) fn = &f->get_object();
+      const auto* name = fn->if_contains("name");
+      if (!name || !name->is_string()) continue;
+      const json::value* params = fn->if_contains("parameters");
+      if (!params) params = fn->if_contains("input_schema");
+      out.tools.emplace_back(std::string(name->get_string()), params ? *params : json::value(json::object{}));
+    }
+  }
+  if (const auto* c = req.if_contains("tool_choice")) {
+    if (c->is_string()) {
+      out.tool_required = c->get_string() == "required" || c->get_string() == "any";
+      out.tool_none = c->get_string() == "none";
+    } else if (c->is_object()) {
+      const auto& co = c->get_object();
+      const std::string_view type = co.if_contains("type") && co.at("type").is_string() ? std::string_view(co.at("type").get_string()) : "";
+      const json::value* name = co.if_contains("name");
+      if (const auto* f = co.if_contains("function"); f && f->is_object()) name = f->get_object().if_contains("name");
+      if (name && name->is_string()) out.tool_forced = std::string(name->get_string());
+      out.tool_required = type == "any" || type == "required";
+      out.tool_none = type == "none";
+    }
+  }
+}
 
 // A small value that satisfies common schemas (structured output without a model):
 // required properties with values of their types, enums' first member, minimum numbers,
@@ -184,6 +233,14 @@ std::string ParseMessages(const json::object& req, Request& out) {
     if (!m.is_object()) continue;
     const auto* content = m.get_object().if_contains("content");
     const auto* role = m.get_object().if_contains("role");
+    // A tool's result: OpenAI's role "tool", or Anthropic's user message of tool_result blocks.
+    out.after_tool_result = role != nullptr && role->is_string() && role->get_string() == "tool";
+    if (content != nullptr && content->is_array()) {
+      for (const auto& part : content->get_array()) {
+        const auto* type = part.is_object() ? part.get_object().if_contains("type") : nullptr;
+        if (type && type->is_string() && type->get_string() == "tool_result") out.after_tool_result = true;
+      }
+    }
     if (content == nullptr) continue;
     auto text = ContentText(*content);
     if (!text) continue;
@@ -195,11 +252,12 @@ std::string ParseMessages(const json::object& req, Request& out) {
 }
 
 std::string ParseOpenAi(const json::object& req, Request& out) {
+  ParseTools(req, out);
   if (const auto* rf = req.if_contains("response_format"); rf != nullptr && rf->is_object()) {
     if (const auto* js = rf->get_object().if_contains("json_schema"); js && js->is_object()) {
       if (const auto* sc = js->get_object().if_contains("schema")) out.schema = *sc;
     } else if (const auto* t = rf->get_object().if_contains("type"); t && t->is_string() && t->get_string() == "json_object") {
-      out.schema = json::object{{"type", "object"}};
+      out.json_object = true;
     }
   }
   if (const auto* o = req.if_contains("stream_options"); o != nullptr && o->is_object()) {
@@ -210,6 +268,7 @@ std::string ParseOpenAi(const json::object& req, Request& out) {
 }
 
 std::string ParseAnthropic(const json::object& req, Request& out) {
+  ParseTools(req, out);
   const auto* max_tokens = req.if_contains("max_tokens");
   if (max_tokens == nullptr || !(max_tokens->is_int64() || max_tokens->is_uint64())) {
     return "max_tokens: Field required (a positive integer)";
@@ -273,10 +332,17 @@ void SetError(MockDecision& out, bool anthropic, int status, std::string_view op
 
 // ---- Answers ----------------------------------------------------------------------------
 
+struct ToolUse {
+  std::string id;
+  std::string name;
+  std::string arguments;  // JSON text
+};
+
 struct Answer {
   std::string id;
   std::string model;
   std::string text;
+  std::vector<ToolUse> calls;  // not empty: the answer calls tools (and has no text)
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
 };
@@ -347,29 +413,68 @@ json::object OpenAiUsage(const Answer& a) {
                       {"total_tokens", a.prompt_tokens + a.completion_tokens}};
 }
 
+json::array OpenAiToolCalls(const Answer& a) {
+  json::array calls;
+  for (const auto& c : a.calls) {
+    calls.push_back(json::object{{"id", c.id},
+                                 {"type", "function"},
+                                 {"function", json::object{{"name", c.name}, {"arguments", c.arguments}}}});
+  }
+  return calls;
+}
+
 std::string OpenAiBody(const Answer& a) {
+  json::object message{{"role", "assistant"}, {"content", a.text}};
+  if (!a.calls.empty()) {
+    message["content"] = nullptr;  // as OpenAI answers a tool call
+    message["tool_calls"] = OpenAiToolCalls(a);
+  }
   json::object resp{
       {"id", a.id},
       {"object", "chat.completion"},
       {"created", kCreated},
       {"model", a.model},
-      {"choices", json::array{json::object{
-                      {"index", 0},
-                      {"message", json::object{{"role", "assistant"}, {"content", a.text}}},
-                      {"finish_reason", "stop"}}}},
+      {"choices", json::array{json::object{{"index", 0},
+                                           {"message", std::move(message)},
+                                           {"finish_reason", a.calls.empty() ? "stop" : "tool_calls"}}}},
       {"usage", OpenAiUsage(a)}};
   return json::serialize(resp);
 }
 
 StreamParts OpenAiStream(const Answer& a, bool include_usage) {
   StreamParts s;
-  s.prologue.push_back(
-      SseData(OpenAiChunk(a, json::object{{"role", "assistant"}}, nullptr, include_usage)));
-  for (const auto& piece : StreamPieces(a.text)) {
-    s.content.push_back(
-        SseData(OpenAiChunk(a, json::object{{"content", piece}}, nullptr, include_usage)));
+  if (a.calls.empty()) {
+    s.prologue.push_back(SseData(OpenAiChunk(a, json::object{{"role", "assistant"}}, nullptr, include_usage)));
+    for (const auto& piece : StreamPieces(a.text)) {
+      s.content.push_back(SseData(OpenAiChunk(a, json::object{{"content", piece}}, nullptr, include_usage)));
+    }
+  } else {
+    // As OpenAI streams tool calls: each call's id and name first, then its arguments in
+    // pieces, every delta naming the call by its index.
+    s.prologue.push_back(
+        SseData(OpenAiChunk(a, json::object{{"role", "assistant"}, {"content", nullptr}}, nullptr, include_usage)));
+    for (std::size_t i = 0; i < a.calls.size(); ++i) {
+      const auto& c = a.calls[i];
+      const auto index = static_cast<int64_t>(i);
+      s.content.push_back(SseData(OpenAiChunk(
+          a,
+          json::object{{"tool_calls", json::array{json::object{{"index", index},
+                                                               {"id", c.id},
+                                                               {"type", "function"},
+                                                               {"function", json::object{{"name", c.name}, {"arguments", ""}}}}}}},
+          nullptr, include_usage)));
+      const std::size_t half = c.arguments.size() / 2;
+      for (const std::string& piece : {c.arguments.substr(0, half), c.arguments.substr(half)}) {
+        if (piece.empty()) continue;
+        s.content.push_back(SseData(OpenAiChunk(
+            a,
+            json::object{{"tool_calls", json::array{json::object{{"index", index},
+                                                                 {"function", json::object{{"arguments", piece}}}}}}},
+            nullptr, include_usage)));
+      }
+    }
   }
-  s.epilogue.push_back(SseData(OpenAiChunk(a, json::object{}, "stop", include_usage)));
+  s.epilogue.push_back(SseData(OpenAiChunk(a, json::object{}, a.calls.empty() ? "stop" : "tool_calls", include_usage)));
   if (include_usage) {
     s.epilogue.push_back(SseData(json::object{{"id", a.id},
                                               {"object", "chat.completion.chunk"},
@@ -382,13 +487,23 @@ StreamParts OpenAiStream(const Answer& a, bool include_usage) {
   return s;
 }
 
+json::array AnthropicContent(const Answer& a) {
+  if (a.calls.empty()) return json::array{json::object{{"type", "text"}, {"text", a.text}}};
+  json::array content;
+  for (const auto& c : a.calls) {
+    content.push_back(
+        json::object{{"type", "tool_use"}, {"id", c.id}, {"name", c.name}, {"input", json::parse(c.arguments)}});
+  }
+  return content;
+}
+
 std::string AnthropicBody(const Answer& a) {
   json::object resp{{"id", a.id},
                     {"type", "message"},
                     {"role", "assistant"},
                     {"model", a.model},
-                    {"content", json::array{json::object{{"type", "text"}, {"text", a.text}}}},
-                    {"stop_reason", "end_turn"},
+                    {"content", AnthropicContent(a)},
+                    {"stop_reason", a.calls.empty() ? "end_turn" : "tool_use"},
                     {"stop_sequence", nullptr},
                     {"usage", json::object{{"input_tokens", a.prompt_tokens},
                                            {"output_tokens", a.completion_tokens}}}};
@@ -396,7 +511,7 @@ std::string AnthropicBody(const Answer& a) {
 }
 
 // message_start and content_block_start.
-std::vector<std::string> AnthropicPrologue(const Answer& a) {
+std::vector<std::string> AnthropicPrologue(const Answer& a, bool text_block = true) {
   json::object message{
       {"id", a.id},
       {"type", "message"},
@@ -406,12 +521,15 @@ std::vector<std::string> AnthropicPrologue(const Answer& a) {
       {"stop_reason", nullptr},
       {"stop_sequence", nullptr},
       {"usage", json::object{{"input_tokens", a.prompt_tokens}, {"output_tokens", 0}}}};
-  return {SseEvent("message_start",
-                   json::object{{"type", "message_start"}, {"message", std::move(message)}}),
-          SseEvent("content_block_start",
-                   json::object{{"type", "content_block_start"},
-                                {"index", 0},
-                                {"content_block", json::object{{"type", "text"}, {"text", ""}}}})};
+  std::vector<std::string> events{
+      SseEvent("message_start", json::object{{"type", "message_start"}, {"message", std::move(message)}})};
+  if (text_block) {
+    events.push_back(SseEvent("content_block_start",
+                              json::object{{"type", "content_block_start"},
+                                           {"index", 0},
+                                           {"content_block", json::object{{"type", "text"}, {"text", ""}}}}));
+  }
+  return events;
 }
 
 std::string AnthropicStop() {
@@ -420,20 +538,43 @@ std::string AnthropicStop() {
 
 StreamParts AnthropicStream(const Answer& a) {
   StreamParts s;
-  s.prologue = AnthropicPrologue(a);
-  for (const auto& piece : StreamPieces(a.text)) {
-    s.content.push_back(
-        SseEvent("content_block_delta",
-                 json::object{{"type", "content_block_delta"},
-                              {"index", 0},
-                              {"delta", json::object{{"type", "text_delta"}, {"text", piece}}}}));
+  s.prologue = AnthropicPrologue(a, a.calls.empty());
+  if (a.calls.empty()) {
+    for (const auto& piece : StreamPieces(a.text)) {
+      s.content.push_back(SseEvent("content_block_delta",
+                                   json::object{{"type", "content_block_delta"},
+                                                {"index", 0},
+                                                {"delta", json::object{{"type", "text_delta"}, {"text", piece}}}}));
+    }
+    s.epilogue.push_back(SseEvent("content_block_stop", json::object{{"type", "content_block_stop"}, {"index", 0}}));
+  } else {
+    // One tool_use block per call: its start (id, name, empty input), its input as
+    // input_json_delta pieces, its stop.
+    for (std::size_t i = 0; i < a.calls.size(); ++i) {
+      const auto& c = a.calls[i];
+      const auto index = static_cast<int64_t>(i);
+      s.content.push_back(SseEvent(
+          "content_block_start",
+          json::object{{"type", "content_block_start"},
+                       {"index", index},
+                       {"content_block",
+                        json::object{{"type", "tool_use"}, {"id", c.id}, {"name", c.name}, {"input", json::object{}}}}}));
+      const std::size_t half = c.arguments.size() / 2;
+      for (const std::string& piece : {c.arguments.substr(0, half), c.arguments.substr(half)}) {
+        if (piece.empty()) continue;
+        s.content.push_back(
+            SseEvent("content_block_delta",
+                     json::object{{"type", "content_block_delta"},
+                                  {"index", index},
+                                  {"delta", json::object{{"type", "input_json_delta"}, {"partial_json", piece}}}}));
+      }
+      s.content.push_back(SseEvent("content_block_stop", json::object{{"type", "content_block_stop"}, {"index", index}}));
+    }
   }
-  s.epilogue.push_back(
-      SseEvent("content_block_stop", json::object{{"type", "content_block_stop"}, {"index", 0}}));
   s.epilogue.push_back(SseEvent(
       "message_delta",
       json::object{{"type", "message_delta"},
-                   {"delta", json::object{{"stop_reason", "end_turn"}, {"stop_sequence", nullptr}}},
+                   {"delta", json::object{{"stop_reason", a.calls.empty() ? "end_turn" : "tool_use"}, {"stop_sequence", nullptr}}},
                    {"usage", json::object{{"output_tokens", a.completion_tokens}}}}));
   s.epilogue.push_back(AnthropicStop());
   return s;
@@ -465,6 +606,22 @@ std::vector<std::string> MalformedStream(bool anthropic, const Answer& a) {
 }
 
 }  // namespace
+
+std::string Base64(std::string_view bytes) {
+  static constexpr char kAlphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  out.reserve((bytes.size() + 2) / 3 * 4);
+  for (std::size_t i = 0; i < bytes.size(); i += 3) {
+    uint32_t n = static_cast<uint32_t>(static_cast<unsigned char>(bytes[i])) << 16;
+    if (i + 1 < bytes.size()) n |= static_cast<uint32_t>(static_cast<unsigned char>(bytes[i + 1])) << 8;
+    if (i + 2 < bytes.size()) n |= static_cast<unsigned char>(bytes[i + 2]);
+    out.push_back(kAlphabet[(n >> 18) & 63]);
+    out.push_back(kAlphabet[(n >> 12) & 63]);
+    out.push_back(i + 1 < bytes.size() ? kAlphabet[(n >> 6) & 63] : '=');
+    out.push_back(i + 2 < bytes.size() ? kAlphabet[n & 63] : '=');
+  }
+  return out;
+}
 
 int64_t EstimateTokens(std::string_view text) { return static_cast<int64_t>(text.size() + 3) / 4; }
 
@@ -586,9 +743,41 @@ MockDecision MockLlm::Handle(bool anthropic, std::string_view body,
     return out;
   }
 
-  // Structured output: an instance of the schema, unless a directive scripts the reply.
-  a.text = !d.reply && !req.schema.is_null() ? json::serialize(InstanceOf(req.schema)) : AnswerText(req.prompt, d);
+  // Tool calls: when tool_choice asks for one (required / any, or a named tool), or a
+  // `#mock tool=NAME[,NAME]` directive does (several names: parallel calls), unless the
+  // last message is already a tool's result (so that a tool loop ends) or tool_choice is
+  // none. The arguments are an instance of the tool's parameters schema.
+  std::vector<std::string> call_names;
+  if (!req.tool_none && !req.tools.empty()) {
+    if (!req.tool_forced.empty()) call_names.push_back(req.tool_forced);
+    else if (directed && !d.tools.empty() && !req.after_tool_result) call_names = d.tools;
+    else if (req.tool_required) call_names.push_back(req.tools.front().first);
+  }
+  for (std::size_t i = 0; i < call_names.size(); ++i) {
+    json::value params = json::object{};
+    for (const auto& [name, schema] : req.tools) {
+      if (name == call_names[i]) params = schema;
+    }
+    json::value args = InstanceOf(params);
+    if (!args.is_object()) args = json::object{};
+    char hex[17];
+    std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(id ^ (i * 0x9e3779b97f4a7c15ULL)));
+    a.calls.push_back(ToolUse{(anthropic ? "toolu_mock" : "call_mock") + std::string(hex), call_names[i],
+                              json::serialize(args)});
+  }
+  // Structured output: an instance of the schema (json_object: {"answer": TEXT}), unless a
+  // directive scripts the reply.
+  if (!a.calls.empty()) {
+    a.text.clear();
+  } else if (!d.reply && !req.schema.is_null()) {
+    a.text = json::serialize(InstanceOf(req.schema));
+  } else if (!d.reply && req.json_object) {
+    a.text = json::serialize(json::object{{"answer", AnswerText(req.prompt, d)}});
+  } else {
+    a.text = AnswerText(req.prompt, d);
+  }
   a.completion_tokens = EstimateTokens(a.text);
+  for (const auto& c : a.calls) a.completion_tokens += EstimateTokens(c.name) + EstimateTokens(c.arguments);
   out.body = anthropic ? AnthropicBody(a) : OpenAiBody(a);
   if (!req.stream) return out;
 
@@ -638,6 +827,16 @@ MockDecision MockLlm::HandleEmbeddings(std::string_view body, std::chrono::stead
     out.body = R"({"error":{"message":"input must be a non-empty string or array of strings","type":"invalid_request_error","code":null}})";
     return out;
   }
+  bool base64 = false;
+  if (const auto* f = req.get_object().if_contains("encoding_format"); f && !f->is_null()) {
+    base64 = f->is_string() && f->get_string() == "base64";
+    if (!base64 && !(f->is_string() && f->get_string() == "float")) {
+      out.kind = MockDecision::Kind::kError;
+      out.status = 400;
+      out.body = R"({"error":{"message":"encoding_format must be \"float\" or \"base64\"","type":"invalid_request_error","param":"encoding_format","code":null}})";
+      return out;
+    }
+  }
   bool random_fail = false;
   {
     std::lock_guard lock(mu_);
@@ -664,8 +863,18 @@ MockDecision MockLlm::HandleEmbeddings(std::string_view body, std::chrono::stead
       norm += x * x;
     }
     norm = std::sqrt(norm);
-    for (double x : xs) v.push_back(x / norm);
-    data.push_back(json::object{{"object", "embedding"}, {"index", static_cast<int64_t>(i)}, {"embedding", std::move(v)}});
+    // Float32 values, as OpenAI's are: the "float" answer and the "base64" one (the
+    // little-endian bytes of the same float32 array) decode to exactly the same numbers.
+    std::string bytes;
+    for (double x : xs) {
+      const float f = static_cast<float>(x / norm);
+      v.push_back(static_cast<double>(f));
+      uint32_t u = 0;
+      std::memcpy(&u, &f, sizeof u);
+      for (int b = 0; b < 4; ++b) bytes.push_back(static_cast<char>((u >> (8 * b)) & 0xff));
+    }
+    json::value embedding = base64 ? json::value(Base64(bytes)) : json::value(std::move(v));
+    data.push_back(json::object{{"object", "embedding"}, {"index", static_cast<int64_t>(i)}, {"embedding", std::move(embedding)}});
     tokens += EstimateTokens(texts[i]);
   }
   std::string model = "mock-embed-1";

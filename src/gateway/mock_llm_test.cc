@@ -4,10 +4,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "keel/core/json.h"
+#include "keel/core/json_schema.h"
 #include "keel/testing/assert.h"
 
 namespace keel::gateway {
@@ -794,6 +797,188 @@ TEST(MockLlmAnthropicTest, StreamFaultsApply) {
   const auto events = Events(malformed);
   EXPECT_TRUE(
       std::any_of(events.begin(), events.end(), [](const Sse& e) { return e.json.is_null(); }));
+}
+
+// ---- Tools, JSON modes, embeddings' encodings -------------------------------------------
+
+json::object WeatherTool() {
+  return json::parse(R"({"type": "function", "function": {"name": "get_weather", "parameters": {
+      "type": "object", "required": ["city", "days"],
+      "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}}}}})")
+      .as_object();
+}
+
+json::object TimeTool() {
+  return json::parse(R"({"type": "function", "function": {"name": "get_time", "parameters": {
+      "type": "object", "required": ["tz"], "properties": {"tz": {"type": "string"}}}}})")
+      .as_object();
+}
+
+std::string WithTools(std::string_view prompt, json::value tool_choice = nullptr, bool stream = false) {
+  json::object body = ParseJson(Chat(prompt)).value().as_object();
+  body["tools"] = json::array{WeatherTool(), TimeTool()};
+  if (!tool_choice.is_null()) body["tool_choice"] = tool_choice;
+  if (stream) body["stream"] = true;
+  return json::serialize(body);
+}
+
+TEST(MockLlmToolsTest, ToolChoiceRequiredAnswersAToolCallWithArgumentsOfItsSchema) {
+  MockLlm mock(MockOptions{});
+  const auto d = mock.HandleChat(WithTools("weather?", "required"), kT0);
+  ASSERT_EQ(d.kind, Kind::kAnswer);
+  const auto body = Body(d);
+  EXPECT_TRUE(Get(body, "choices.0.message.content").is_null()) << d.body;
+  EXPECT_EQ(Get(body, "choices.0.finish_reason"), "tool_calls");
+  const json::value tool_calls = Get(body, "choices.0.message.tool_calls");
+  const auto& calls = tool_calls.as_array();
+  ASSERT_EQ(calls.size(), 1u);
+  EXPECT_EQ(Get(calls[0], "type"), "function");
+  EXPECT_EQ(Get(calls[0], "function.name"), "get_weather");
+  EXPECT_FALSE(Get(calls[0], "id").as_string().empty());
+  auto args = ParseJson(Get(calls[0], "function.arguments").as_string());
+  ASSERT_OK(args);
+  auto schema = JsonSchema::Compile(WeatherTool().at("function").at("parameters"));
+  ASSERT_OK(schema);
+  EXPECT_OK(schema->Validate(*args));
+}
+
+TEST(MockLlmToolsTest, ANamedToolChoiceCallsThatTool) {
+  MockLlm mock(MockOptions{});
+  const auto d = mock.HandleChat(
+      WithTools("time?", json::object{{"type", "function"}, {"function", json::object{{"name", "get_time"}}}}), kT0);
+  EXPECT_EQ(Get(Body(d), "choices.0.message.tool_calls.0.function.name"), "get_time");
+}
+
+TEST(MockLlmToolsTest, TheToolDirectiveCallsSeveralToolsInParallel) {
+  MockLlm mock(MockOptions{});
+  const auto d = mock.HandleChat(WithTools("both\n#mock tool=get_weather,get_time"), kT0);
+  const auto body = Body(d);
+  const json::value tool_calls = Get(body, "choices.0.message.tool_calls");
+  const auto& calls = tool_calls.as_array();
+  ASSERT_EQ(calls.size(), 2u) << d.body;
+  EXPECT_EQ(Get(calls[0], "function.name"), "get_weather");
+  EXPECT_EQ(Get(calls[1], "function.name"), "get_time");
+  EXPECT_NE(Get(calls[0], "id"), Get(calls[1], "id"));
+}
+
+TEST(MockLlmToolsTest, NoToolCallUnlessAskedAndNoneAfterAToolsResult) {
+  MockLlm mock(MockOptions{});
+  EXPECT_TRUE(Get(Body(mock.HandleChat(WithTools("plain"), kT0)), "choices.0.message.content").is_string());
+  EXPECT_TRUE(Get(Body(mock.HandleChat(WithTools("x\n#mock tool=get_time", "none"), kT0)), "choices.0.message.content")
+                  .is_string());
+  // Without tools in the request, the directive does nothing.
+  EXPECT_TRUE(Get(Body(mock.HandleChat(Chat("x\n#mock tool=get_time"), kT0)), "choices.0.message.content").is_string());
+  // After the tool's result, the answer is text: a tool loop ends.
+  json::object body = ParseJson(WithTools("x\n#mock tool=get_time")).value().as_object();
+  body["messages"].as_array().push_back(json::object{
+      {"role", "assistant"}, {"content", nullptr},
+      {"tool_calls", json::array{json::object{{"id", "c1"}, {"type", "function"},
+                                              {"function", json::object{{"name", "get_time"}, {"arguments", "{}"}}}}}}});
+  body["messages"].as_array().push_back(json::object{{"role", "tool"}, {"tool_call_id", "c1"}, {"content", "12:00"}});
+  const auto after = Body(mock.HandleChat(json::serialize(body), kT0));
+  EXPECT_TRUE(Get(after, "choices.0.message.content").is_string()) << json::serialize(after);
+  EXPECT_EQ(Get(after, "choices.0.finish_reason"), "stop");
+}
+
+TEST(MockLlmToolsTest, StreamedToolCallsComeAsDeltasThatAddUpToTheWholeAnswer) {
+  MockLlm mock(MockOptions{});
+  const auto whole = Body(mock.HandleChat(WithTools("both\n#mock tool=get_weather,get_time"), kT0));
+  const auto d = mock.HandleChat(WithTools("both\n#mock tool=get_weather,get_time", nullptr, true), kT0);
+  ASSERT_TRUE(d.stream);
+  std::map<int64_t, std::string> args, names;
+  std::string finish;
+  for (const auto& e : Events(d)) {
+    if (e.data == "[DONE]") continue;
+    const json::value* calls = FindPath(e.json, "choices.0.delta.tool_calls");
+    if (calls != nullptr) {
+      for (const auto& c : calls->as_array()) {
+        const int64_t i = c.at("index").as_int64();
+        if (const auto* n = FindPath(c, "function.name")) names[i] += n->as_string();
+        args[i] += Get(c, "function.arguments").as_string();
+      }
+    }
+    if (const auto* f = FindPath(e.json, "choices.0.finish_reason"); f && f->is_string()) finish = f->as_string();
+  }
+  EXPECT_EQ(finish, "tool_calls");
+  ASSERT_EQ(args.size(), 2u);
+  for (int64_t i = 0; i < 2; ++i) {
+    const auto& call = whole.at("choices").at(0).at("message").at("tool_calls").at(static_cast<std::size_t>(i));
+    EXPECT_EQ(names[i], call.at("function").at("name").as_string());
+    EXPECT_EQ(args[i], call.at("function").at("arguments").as_string());
+  }
+  EXPECT_GT(d.content_events, 2);
+}
+
+TEST(MockLlmToolsTest, AnthropicToolsAreAnsweredWithToolUseBlocks) {
+  MockLlm mock(MockOptions{});
+  json::value body = AnthropicBody("weather?", false);
+  body.as_object()["tools"] = json::parse(R"([{"name": "get_weather", "input_schema": {"type": "object",
+      "required": ["city"], "properties": {"city": {"type": "string"}}}}])");
+  body.as_object()["tool_choice"] = json::object{{"type", "any"}};
+  const auto d = Body(mock.HandleMessages(json::serialize(body), kT0));
+  EXPECT_EQ(Get(d, "stop_reason"), "tool_use");
+  EXPECT_EQ(Get(d, "content.0.type"), "tool_use");
+  EXPECT_EQ(Get(d, "content.0.name"), "get_weather");
+  EXPECT_TRUE(Get(d, "content.0.input.city").is_string()) << json::serialize(d);
+  body.as_object()["stream"] = true;
+  const auto s = mock.HandleMessages(json::serialize(body), kT0);
+  std::string partial;
+  bool started = false;
+  for (const auto& e : Events(s)) {
+    if (e.event == "content_block_start") started = Get(e.json, "content_block.type") == "tool_use";
+    if (e.event == "content_block_delta") partial += Get(e.json, "delta.partial_json").as_string();
+  }
+  EXPECT_TRUE(started);
+  EXPECT_EQ(ParseJson(partial).value(), Get(d, "content.0.input"));
+}
+
+TEST(MockLlmJsonModesTest, JsonSchemaAnswersAValueThatSatisfiesTheSchema) {
+  MockLlm mock(MockOptions{});
+  const json::value schema = json::parse(R"({"type": "object", "required": ["title", "score", "tags", "ok"],
+      "properties": {"title": {"type": "string", "minLength": 2}, "score": {"type": "number", "minimum": 3},
+                     "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                     "ok": {"type": "boolean"}}})");
+  json::object body = ParseJson(Chat("structured please")).value().as_object();
+  body["response_format"] = json::object{
+      {"type", "json_schema"}, {"json_schema", json::object{{"name", "x"}, {"strict", true}, {"schema", schema}}}};
+  auto value = ParseJson(Content(mock.HandleChat(json::serialize(body), kT0)));
+  ASSERT_OK(value);
+  auto compiled = JsonSchema::Compile(schema);
+  ASSERT_OK(compiled);
+  EXPECT_OK(compiled->Validate(*value));
+}
+
+TEST(MockLlmJsonModesTest, JsonObjectAnswersAJsonObject) {
+  MockLlm mock(MockOptions{});
+  json::object body = ParseJson(Chat("json please")).value().as_object();
+  body["response_format"] = json::object{{"type", "json_object"}};
+  auto value = ParseJson(Content(mock.HandleChat(json::serialize(body), kT0)));
+  ASSERT_OK(value);
+  ASSERT_TRUE(value->is_object());
+  EXPECT_TRUE(value->at("answer").is_string());
+}
+
+TEST(MockLlmEmbeddingsTest, Base64IsTheLittleEndianFloat32sOfTheFloatAnswer) {
+  MockLlm mock(MockOptions{});
+  const auto floats = Body(mock.HandleEmbeddings(R"({"input": ["alpha", "beta"], "encoding_format": "float"})", kT0));
+  const auto b64 = Body(mock.HandleEmbeddings(R"({"input": ["alpha", "beta"], "encoding_format": "base64"})", kT0));
+  for (std::size_t i = 0; i < 2; ++i) {
+    const auto& values = floats.at("data").at(i).at("embedding").as_array();
+    std::string bytes;
+    for (const auto& v : values) {
+      const float f = static_cast<float>(v.as_double());
+      EXPECT_EQ(static_cast<double>(f), v.as_double()) << "a float32 value";
+      uint32_t u = 0;
+      std::memcpy(&u, &f, 4);
+      for (int b = 0; b < 4; ++b) bytes.push_back(static_cast<char>((u >> (8 * b)) & 0xff));
+    }
+    EXPECT_EQ(b64.at("data").at(i).at("embedding").as_string(), Base64(bytes));
+  }
+  EXPECT_EQ(Base64("Man"), "TWFu");
+  EXPECT_EQ(Base64("Ma"), "TWE=");
+  EXPECT_EQ(Base64("M"), "TQ==");
+  const auto bad = mock.HandleEmbeddings(R"({"input": "x", "encoding_format": "hex"})", kT0);
+  EXPECT_EQ(bad.status, 400);
 }
 
 }  // namespace

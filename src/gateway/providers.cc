@@ -310,42 +310,59 @@ class MockProvider final : public Provider {
     return ParseEmbeddings(d.body, config_.name);
   }
 
-  // The in-process mock streams its answer word by word, in OpenAI's chunk shape.
-  Result<ChatResult> ChatStream(const json::object& body, const ChatRequest& req, Duration timeout,
+  // The in-process mock streams the events the mock decides (OpenAI's chunks: text word
+  // by word, tool calls delta by delta), with its faults: a truncated stream, a reset, a
+  // chunk that does not parse. Its pacing (first_byte, stall) is waited out in real time,
+  // bounded by the call's timeout.
+  Result<ChatResult> ChatStream(const json::object& body, const ChatRequest&, Duration timeout,
                                 const Gateway::ChunkSink& on_chunk) override {
     json::object b = body;
-    b.erase("stream");
-    auto whole = Chat(b, req, timeout);
-    if (!whole.ok()) return whole;
+    b["stream"] = true;
+    b["stream_options"] = json::object{{"include_usage", true}};  // always: for limits and cost
+    const auto start = std::chrono::steady_clock::now();
+    const auto d = mock_.HandleChat(json::serialize(b), start);
+    const auto deadline = start + timeout;
+    auto wait = [&](std::chrono::milliseconds ms) {
+      const auto until = std::min(std::chrono::steady_clock::now() + ms, deadline);
+      if (until > std::chrono::steady_clock::now()) std::this_thread::sleep_until(until);
+      return std::chrono::steady_clock::now() < deadline;
+    };
+    auto timed_out = [&] {
+      return Error(ErrorCode::kTimeout, "provider " + config_.name + ": timed out after " + std::to_string(timeout.count()) + "ms");
+    };
+    if (d.kind == MockDecision::Kind::kHang || !wait(std::chrono::duration_cast<std::chrono::milliseconds>(d.delay))) {
+      return timed_out();
+    }
+    if (d.kind == MockDecision::Kind::kReset) return Error(ErrorCode::kNetwork, "provider " + config_.name + ": connection reset (mock)");
+    if (d.kind == MockDecision::Kind::kError) {
+      net::Headers h;
+      if (d.retry_after_s > 0) h.emplace_back("retry-after", std::to_string(d.retry_after_s));
+      return UpstreamError(d.status, h, d.body, config_.name);
+    }
+    if (!wait(d.first_byte)) return timed_out();
     ChatResult result;
     result.provider = config_.name;
-    result.model = whole->model;
-    result.usage = whole->usage;
-    auto chunk = [&](json::object delta, json::value finish) {
-      return json::object{{"id", "chatcmpl-mock-stream"},
-                          {"object", "chat.completion.chunk"},
-                          {"created", 1700000000},
-                          {"model", whole->model},
-                          {"choices", json::array{json::object{{"index", 0}, {"delta", std::move(delta)}, {"finish_reason", finish}}}}};
-    };
-    if (!on_chunk(chunk(json::object{{"role", "assistant"}, {"content", ""}}, nullptr))) {
-      return Error(ErrorCode::kCancelled, "the client went away");
+    bool done = false;
+    for (std::size_t i = 0; i < d.events.size(); ++i) {
+      if (i > 0 && d.stall.count() > 0 && !wait(d.stall)) return timed_out();
+      std::string_view ev = d.events[i];
+      if (ev.rfind("data: ", 0) != 0) continue;
+      ev.remove_prefix(6);
+      while (!ev.empty() && (ev.back() == '\n' || ev.back() == '\r')) ev.remove_suffix(1);
+      if (ev == "[DONE]") {
+        done = true;
+        break;
+      }
+      boost::system::error_code ec;
+      json::value v = json::parse(ev, ec);
+      if (ec || !v.is_object()) {
+        return Error(ErrorCode::kInvalidOutput, "provider " + config_.name + " streamed a chunk that is not a JSON object");
+      }
+      Accumulate(v.get_object(), result);
+      if (!on_chunk(v.get_object())) return Error(ErrorCode::kCancelled, "the client went away");
     }
-    const std::string& text = whole->text;
-    std::size_t pos = 0;
-    while (pos < text.size()) {
-      std::size_t end = text.find(' ', pos);
-      end = end == std::string::npos ? text.size() : end + 1;
-      const std::string piece = text.substr(pos, end - pos);
-      result.text += piece;
-      if (!on_chunk(chunk(json::object{{"content", piece}}, nullptr))) return Error(ErrorCode::kCancelled, "the client went away");
-      pos = end;
-    }
-    if (!on_chunk(chunk(json::object{}, "stop"))) return Error(ErrorCode::kCancelled, "the client went away");
-    json::object usage_chunk = chunk(json::object{}, nullptr);
-    usage_chunk["choices"] = json::array{};
-    usage_chunk["usage"] = whole->usage;
-    if (!on_chunk(usage_chunk)) return Error(ErrorCode::kCancelled, "the client went away");
+    if (d.reset_at_end) return Error(ErrorCode::kNetwork, "provider " + config_.name + ": connection reset (mock)");
+    if (!done) return Error(ErrorCode::kInvalidOutput, "provider " + config_.name + ": the stream ended before [DONE] (truncated)");
     return result;
   }
 

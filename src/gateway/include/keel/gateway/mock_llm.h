@@ -13,6 +13,13 @@
 //   #mock fail=context_length   answer 400 context_length_exceeded
 //   #mock hang | malformed | reset
 //   #mock reply=TEXT            answer with TEXT as the content
+//   #mock tool=NAME[,NAME...]   with `tools` in the request: call these tools (several:
+//                               parallel calls), arguments an instance of each one's schema
+// A request with `tools` is also answered with a tool call when tool_choice asks for one
+// ("required", Anthropic's {type: any}: the first tool; a named tool: that one); after a
+// tool's result (the last message), only a named tool_choice calls again. JSON modes:
+// response_format json_schema answers an instance of the schema (its required properties
+// with values of their types), json_object answers {"answer": TEXT}.
 // and, for streamed answers ("stream": true) only:
 //   #mock first_byte=2000       wait 2 s before the status line and headers
 //   #mock stall=500             wait 500 ms between two events
@@ -98,9 +105,11 @@ class MockLlm {
   /// shapes. Counted in the same stats, by the text of the last user message.
   MockDecision HandleMessages(std::string_view body, std::chrono::steady_clock::time_point now);
 
-  /// One OpenAI /v1/embeddings request body: a deterministic 8-dimension unit vector per
-  /// input (string or array of strings). The flags' faults and rate limits apply; counted
-  /// in the stats under "embeddings: <first input>".
+  /// One OpenAI /v1/embeddings request body: a deterministic 8-dimension unit vector of
+  /// float32 values per input (string or array of strings), as numbers or, with
+  /// `encoding_format: "base64"`, as the base64 of their little-endian bytes (what the
+  /// OpenAI SDKs ask for). The flags' faults apply; counted in the stats under
+  /// "embeddings: <first input>".
   MockDecision HandleEmbeddings(std::string_view body, std::chrono::steady_clock::time_point now);
 
   /// {"total": N, "by_prompt": {"<last user message>": count}}
@@ -121,6 +130,9 @@ class MockLlm {
   int64_t window_requests_ = 0;                // GUARDED_BY(mu_)
   int64_t window_tokens_ = 0;                  // GUARDED_BY(mu_)
 };
+
+/// Standard base64 (RFC 4648, with padding) of `bytes`.
+std::string Base64(std::string_view bytes);
 
 /// Rough token estimate used by the mock and for budgets: one token per 4 bytes.
 int64_t EstimateTokens(std::string_view text);
