@@ -6,7 +6,7 @@
 namespace keel {
 namespace {
 
-constexpr std::array<std::pair<ErrorCode, std::string_view>, 18> kNames{{
+constexpr std::array<std::pair<ErrorCode, std::string_view>, 19> kNames{{
     {ErrorCode::kRateLimited, "rate_limited"},
     {ErrorCode::kOverloaded, "overloaded"},
     {ErrorCode::kServerError, "server_error"},
@@ -24,6 +24,7 @@ constexpr std::array<std::pair<ErrorCode, std::string_view>, 18> kNames{{
     {ErrorCode::kQueueFull, "queue_full"},
     {ErrorCode::kCancelled, "cancelled"},
     {ErrorCode::kUnavailable, "unavailable"},
+    {ErrorCode::kWorkerLost, "worker_lost"},
     {ErrorCode::kInternal, "internal"},
 }};
 
@@ -90,6 +91,7 @@ int HttpStatusFor(ErrorCode code) {
       return 409;
     case ErrorCode::kPayloadTooLarge:
       return 413;
+    case ErrorCode::kWorkerLost:
     case ErrorCode::kInternal:
       return 500;
   }

@@ -11,6 +11,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -49,6 +51,9 @@ struct StoreFactory {
   std::function<Result<std::unique_ptr<Store>>(const std::string& dir, const Clock&, Random&)> open;
   // Removes what `open` made outside `dir` (after the store is gone); may be empty.
   std::function<void(const std::string& dir)> cleanup;
+  // Runs one SQL statement straight on the database of `dir`, behind the store's back
+  // (to damage a record as a disk fault or another version would); throws on failure.
+  std::function<void(const std::string& dir, const std::string& sql)> exec;
 };
 
 // A database of its own per test directory, on the run's shared PostgreSQL server
@@ -66,6 +71,18 @@ std::vector<StoreFactory> AllStores() {
          SqliteOptions options;
          options.path = dir + "/keel.db";
          return OpenSqliteStore(options, clock, random);
+       },
+       {},
+       [](const std::string& dir, const std::string& sql) {
+         const std::string file = dir + "/damage.sql";
+         {
+           std::FILE* f = std::fopen(file.c_str(), "w");
+           if (f == nullptr) throw std::runtime_error("cannot write " + file);
+           std::fprintf(f, ".timeout 5000\n%s;\n", sql.c_str());
+           std::fclose(f);
+         }
+         const std::string cmd = "sqlite3 -bail '" + dir + "/keel.db' < '" + file + "'";
+         if (std::system(cmd.c_str()) != 0) throw std::runtime_error("sqlite3 failed: " + sql);
        }},
       {"postgres",
        [](const std::string& dir, const Clock& clock, Random& random) {
@@ -87,6 +104,10 @@ std::vector<StoreFactory> AllStores() {
        [](const std::string& dir) {
          keel::testing::Psql(keel::testing::SharedPostgresUrl(),
                              "DROP DATABASE IF EXISTS \"" + PostgresDatabaseFor(dir) + "\" WITH (FORCE)");
+       },
+       [](const std::string& dir, const std::string& sql) {
+         const std::string admin = keel::testing::SharedPostgresUrl();
+         keel::testing::Psql(admin.substr(0, admin.rfind('/') + 1) + PostgresDatabaseFor(dir), sql);
        }},
   };
 }
@@ -206,6 +227,14 @@ class StoreConformance : public ::testing::TestWithParam<StoreFactory> {
   }
 
   Store& store() { return *store_; }
+
+  // Writes `value` (as text) into `column` of the `table` row whose `key_column` is `key`,
+  // behind the store's back.
+  void Damage(const std::string& table, const std::string& column, const std::string& key_column,
+              const std::string& key, const std::string& value) {
+    GetParam().exec(dir_.path(), "UPDATE " + table + " SET " + column + " = '" + value +
+                                     "' WHERE " + key_column + " = '" + key + "'");
+  }
 
   NewRun MakeRun(const std::string& pipeline = "pipe") {
     NewRun r;
@@ -1072,10 +1101,17 @@ TEST_P(StoreConformance, RedriveKeepsSucceededStepsAndRestartsTheRest) {
     EXPECT_FALSE(run.error.has_value());
     EXPECT_FALSE(run.finished_at.has_value());
     EXPECT_TRUE(run.output.is_null());
-    ASSERT_EQ(run.steps.size(), 1u);
+    ASSERT_EQ(run.steps.size(), 2u);
     EXPECT_EQ(run.steps[0].step_id, "a");
     EXPECT_EQ(StepStatusName(run.steps[0].status), "succeeded");
     EXPECT_EQ(run.steps[0].output, json::value(json::object{{"a", "out"}}));
+    // The failed step starts afresh, its attempts kept for their numbering only.
+    EXPECT_EQ(run.steps[1].step_id, "b");
+    EXPECT_EQ(StepStatusName(run.steps[1].status), "retrying");
+    EXPECT_EQ(run.steps[1].attempts, 2);
+    EXPECT_EQ(run.steps[1].prior_attempts, 2);
+    EXPECT_FALSE(run.steps[1].error.has_value());
+    EXPECT_EQ(Ms(run.steps[1].started_at), -1);
   };
   check(redriven);
   check(Get(id));
@@ -1085,9 +1121,11 @@ TEST_P(StoreConformance, RedriveKeepsSucceededStepsAndRestartsTheRest) {
 
   const LeasedRun again = LeaseNext();
   ASSERT_EQ(again.run.id, id);
-  ASSERT_EQ(again.run.steps.size(), 1u);
+  ASSERT_EQ(again.run.steps.size(), 2u);
   EXPECT_EQ(again.run.steps[0].output, json::value(json::object{{"a", "out"}}));
-  EXPECT_EQ(Must(store().StartStep(again.lease, "b"), "StartStep b afresh"), 1);
+  // Attempt 3: a new attempt (its own task, child run and timer), the first that counts.
+  EXPECT_EQ(Must(store().StartStep(again.lease, "b"), "StartStep b afresh"), 3);
+  EXPECT_EQ(Ms(Get(id).steps[1].started_at), Ms(clock_.Now()));
   Must(store().CompleteStep(again.lease, "b", json::object{{"b", "out"}}, std::nullopt, json::value("final")),
        "CompleteStep b");
   EXPECT_EQ(RunStatusName(Get(id).status), "succeeded");
@@ -1101,7 +1139,9 @@ TEST_P(StoreConformance, RedriveAcceptsFailedRunsOnly) {
   const std::string failed = EndedRun(Kind::kFail);
   const RunRecord redriven = Must(store().RedriveRun(failed), "RedriveRun failed");
   EXPECT_EQ(RunStatusName(redriven.status), "queued");
-  EXPECT_TRUE(redriven.steps.empty());  // the failed step starts afresh
+  ASSERT_EQ(redriven.steps.size(), 1u);  // the failed step starts afresh
+  EXPECT_EQ(StepStatusName(redriven.steps[0].status), "retrying");
+  EXPECT_EQ(redriven.steps[0].prior_attempts, 1);
   EXPECT_EQ(LeaseNext().run.id, failed);    // running now
 
   const std::string queued = Submit();
@@ -3002,6 +3042,221 @@ TEST_P(StoreConformance, WaitForTaskReturnsEarlyWhenATaskIsQueued) {
                         << std::chrono::duration_cast<std::chrono::milliseconds>(waited).count()
                         << " ms";
   EXPECT_EQ(MustLeaseTask(store(), "q", "w").run_id, id);
+}
+
+// ---------------------------------------------------------------------------------------
+// Records that cannot be read (docs/storage.md): data about one run, never an outage.
+
+// Values keel's codec refuses: a number beyond a double (Boost.JSON alone reads it as
+// infinity), nesting deeper than the stored-document limit, text that is not JSON.
+const std::vector<std::string>& UnreadableValues() {
+  static const std::vector<std::string> values{
+      R"({"m":1e400})",
+      std::string(JsonLimits::kMaxDepth + JsonLimits::kEnvelopeDepth + 1, '[') +
+          std::string(JsonLimits::kMaxDepth + JsonLimits::kEnvelopeDepth + 1, ']'),
+      "{not json"};
+  return values;
+}
+
+TEST_P(StoreConformance, AnUnreadableRunIsFailedWhenLeasedAndTheQueueGoesOn) {
+  struct Case {
+    std::string column;  // as the error names it
+    std::function<void(const std::string& id, const std::string& value)> damage;
+  };
+  std::vector<Case> cases{
+      {"runs.input",
+       [&](const std::string& id, const std::string& v) { Damage("runs", "input", "id", id, v); }},
+      {"runs.signals", [&](const std::string& id,
+                           const std::string& v) { Damage("runs", "signals", "id", id, v); }},
+      {"runs.waiting", [&](const std::string& id,
+                           const std::string& v) { Damage("runs", "waiting", "id", id, v); }},
+      {"runs.error",
+       [&](const std::string& id, const std::string& v) { Damage("runs", "error", "id", id, v); }},
+      {"definition",
+       [&](const std::string& id, const std::string& v) {
+         Damage("definitions", "body", "id", Get(id).definition_id, v);
+       }},
+      {"steps.output",
+       [&](const std::string& id, const std::string& v) {
+         GetParam().exec(dir_.path(),
+                         "UPDATE steps SET output = '" + v + "' WHERE run_id = '" + id + "'");
+       }},
+  };
+  int n = 0;
+  for (const auto& c : cases) {
+    for (const auto& value : UnreadableValues()) {
+      SCOPED_TRACE(c.column + " = " + value.substr(0, 20));
+      // Each damaged run has a definition of its own, so that one damaged body harms no
+      // other case.
+      NewRun bad = MakeRun("bad" + std::to_string(++n));
+      const std::string bad_id = bad.id;
+      Must(store().SubmitRun(bad), "SubmitRun");
+      if (c.column == "steps.output") {
+        // A checkpoint to damage: step a succeeded, the run handed back.
+        const Lease l = LeaseOnly(bad_id);
+        Must(store().StartStep(l, "a"), "StartStep");
+        Must(store().CompleteStep(l, "a", json::object{{"a", 1}}, std::nullopt, std::nullopt),
+             "CompleteStep");
+        Must(store().ReleaseLease(l), "ReleaseLease");
+      }
+      clock_.Advance(1ms);
+      const std::string good_id = Submit();
+      c.damage(bad_id, value);
+
+      // The damaged run is not handed out: the good one is.
+      const LeasedRun leased = LeaseNext();
+      EXPECT_EQ(leased.run.id, good_id);
+      Must(store().CancelRun(good_id), "CancelRun good");
+
+      const RunRecord run = Get(bad_id);
+      EXPECT_EQ(RunStatusName(run.status), "failed");
+      ASSERT_TRUE(run.error.has_value());
+      EXPECT_EQ(ErrorCodeName(run.error->code), "internal");
+      EXPECT_NE(run.error->message.find(bad_id), std::string::npos) << run.error->message;
+      EXPECT_NE(run.error->message.find(c.column), std::string::npos) << run.error->message;
+      EXPECT_NE(run.error->message.find("cannot be decoded"), std::string::npos)
+          << run.error->message;
+      // (A damaged runs.error is replaced by the error the run ended with.)
+      if (c.column != "runs.error") {
+        EXPECT_TRUE(run.unreadable.has_value());
+      }
+      const auto types = Types(Events(bad_id));
+      EXPECT_EQ(types.back(), "RunFailed");
+      // Listed, with what can be decoded; cancel answers (the run has ended).
+      bool listed = false;
+      for (const auto& r : ListAll({})) listed = listed || r.id == bad_id;
+      EXPECT_TRUE(listed);
+      EXPECT_TRUE(FailsWith(store().CancelRun(bad_id), ErrorCode::kConflict));
+      EXPECT_FALSE(TryLease().has_value());
+    }
+  }
+}
+
+TEST_P(StoreConformance, AnUnreadableQueuedRunCanBeReadListedAndCancelled) {
+  const std::string id = Submit();
+  Damage("runs", "input", "id", id, R"({"m":1e400})");
+  const RunRecord run = Get(id);
+  EXPECT_EQ(RunStatusName(run.status), "queued");
+  EXPECT_TRUE(run.input.is_null());
+  ASSERT_TRUE(run.error.has_value());
+  EXPECT_NE(run.error->message.find("runs.input"), std::string::npos) << run.error->message;
+  EXPECT_EQ(run.definition, MakeRun().definition);  // what can be decoded is there
+  const auto listed = ListAll({});
+  ASSERT_EQ(listed.size(), 1u);
+  EXPECT_TRUE(listed[0].input.is_null());
+  EXPECT_TRUE(listed[0].unreadable.has_value());
+  const RunRecord cancelled = Must(store().CancelRun(id), "CancelRun");
+  EXPECT_EQ(RunStatusName(cancelled.status), "cancelled");
+  EXPECT_FALSE(TryLease().has_value());
+}
+
+TEST_P(StoreConformance, AnUnreadableEventReadsAsWhatIsWrong) {
+  const std::string id = Submit();
+  GetParam().exec(dir_.path(),
+                  "UPDATE events SET data = '{\"m\":1e400}' WHERE run_id = '" + id + "'");
+  const auto events = Events(id);
+  ASSERT_EQ(events.size(), 1u);
+  ASSERT_TRUE(events[0].data.is_object());
+  EXPECT_TRUE(events[0].data.as_object().contains("unreadable"));
+}
+
+TEST_P(StoreConformance, AnUnreadableTaskIsFailedForGoodAndTheTaskQueueGoesOn) {
+  const std::string a = Submit();
+  const Lease la = LeaseOnly(a);
+  Must(store().StartStep(la, "t"), "StartStep a");
+  const TaskRecord bad =
+      Must(store().EnsureTask(la, "t", 1, "q", json::object{{"x", 1}}, 30s), "EnsureTask a");
+  Must(store().SuspendStep(la, "t", std::nullopt, json::object{{"kind", "task"}}), "SuspendStep a");
+  clock_.Advance(1ms);
+  const std::string b = Submit();
+  const Lease lb = LeaseOnly(b);
+  Must(store().StartStep(lb, "t"), "StartStep b");
+  const TaskRecord good =
+      Must(store().EnsureTask(lb, "t", 1, "q", json::object{{"x", 2}}, 30s), "EnsureTask b");
+  Must(store().SuspendStep(lb, "t", std::nullopt, json::object{{"kind", "task"}}), "SuspendStep b");
+  Damage("tasks", "input", "token", bad.token, R"({"m":1e400})");
+
+  const auto leased = Must(store().LeaseTask("q", "worker"), "LeaseTask");
+  ASSERT_TRUE(leased.has_value());
+  EXPECT_EQ(leased->token, good.token);
+  // The damaged one failed for good, and its run was woken to learn it.
+  const LeasedRun woken = LeaseNext();
+  EXPECT_EQ(woken.run.id, a);
+  const TaskRecord failed =
+      Must(store().EnsureTask(woken.lease, "t", 1, "q", json::object{}, 30s), "EnsureTask again");
+  EXPECT_EQ(TaskStatusName(failed.status), "failed");
+  EXPECT_FALSE(failed.retryable);
+  ASSERT_TRUE(failed.error.has_value());
+  EXPECT_NE(failed.error->message.find("tasks.input"), std::string::npos) << failed.error->message;
+}
+
+// ---------------------------------------------------------------------------------------
+// Interrupted attempts (a lost node) are counted apart from failed ones.
+
+TEST_P(StoreConformance, RestartInterruptedStepCountsTheInterruptionAndStartsANewAttempt) {
+  const std::string id = Submit();
+  const Lease l1 = LeaseOnly(id);
+  EXPECT_EQ(Must(store().StartStep(l1, "a"), "StartStep"), 1);
+  clock_.Advance(kLeaseFor);  // the node is lost: its lease expires with "a" running
+  const LeasedRun again = LeaseNext();
+  ASSERT_EQ(again.run.steps.size(), 1u);
+  EXPECT_EQ(StepStatusName(again.run.steps[0].status), "running");
+  EXPECT_EQ(again.run.steps[0].interrupted, 0);
+  EXPECT_EQ(Must(store().RestartInterruptedStep(again.lease, "a"), "RestartInterruptedStep"), 2);
+  RunRecord run = Get(id);
+  EXPECT_EQ(run.steps[0].attempts, 2);
+  EXPECT_EQ(run.steps[0].interrupted, 1);
+  const auto events = Events(id);
+  bool logged = false;
+  for (const auto& e : events) logged = logged || (e.type == "StepInterrupted" && e.attempt == 1);
+  EXPECT_TRUE(logged);
+
+  // A drain's hand-back counts as interrupted too.
+  FailureDisposition drained{Kind::kRetry, 0ms};
+  drained.interrupted = true;
+  Must(store().FailStep(again.lease, "a", Error(ErrorCode::kCancelled, "draining"), drained),
+       "FailStep drained");
+  run = Get(id);
+  EXPECT_EQ(run.steps[0].interrupted, 2);
+  EXPECT_EQ(StepStatusName(run.steps[0].status), "retrying");
+  // Not running: nothing to restart.
+  const Lease l3 = LeaseOnly(id);
+  EXPECT_TRUE(FailsWith(store().RestartInterruptedStep(l3, "a"), ErrorCode::kConflict));
+  EXPECT_TRUE(FailsWith(store().RestartInterruptedStep(again.lease, "a"), ErrorCode::kLeaseLost));
+  Reopen();
+  EXPECT_EQ(Get(id).steps[0].interrupted, 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// Redrive gives a failed task step a new task.
+
+TEST_P(StoreConformance, ARedrivenTaskStepGetsANewTask) {
+  const std::string id = Submit();
+  const Lease l1 = LeaseOnly(id);
+  EXPECT_EQ(Must(store().StartStep(l1, "t"), "StartStep"), 1);
+  const TaskRecord first =
+      Must(store().EnsureTask(l1, "t", 1, "q", json::object{{"x", 1}}, 30s), "EnsureTask");
+  Must(store().SuspendStep(l1, "t", std::nullopt, json::object{{"kind", "task"}}), "SuspendStep");
+  ASSERT_TRUE(Must(store().LeaseTask("q", "worker"), "LeaseTask").has_value());
+  Must(store().FailTask(first.token, Error(ErrorCode::kInvalidRequest, "bad"), false), "FailTask");
+  const Lease l2 = LeaseOnly(id);
+  EXPECT_EQ(Must(store().StartStep(l2, "t"), "StartStep after the wake"), 1);
+  Must(store().FailStep(l2, "t", Error(ErrorCode::kInvalidRequest, "bad"), {Kind::kFail}),
+       "FailStep");
+
+  Must(store().RedriveRun(id), "RedriveRun");
+  const Lease l3 = LeaseOnly(id);
+  const int attempt = Must(store().StartStep(l3, "t"), "StartStep after the redrive");
+  EXPECT_EQ(attempt, 2);
+  const TaskRecord second =
+      Must(store().EnsureTask(l3, "t", attempt, "q", json::object{{"x", 1}}, 30s), "EnsureTask 2");
+  EXPECT_NE(second.token, first.token);
+  EXPECT_EQ(TaskStatusName(second.status), "pending");
+  // The first task is kept, as it ended.
+  Must(store().SuspendStep(l3, "t", std::nullopt, json::object{{"kind", "task"}}), "SuspendStep 2");
+  const auto leased = Must(store().LeaseTask("q", "worker"), "LeaseTask 2");
+  ASSERT_TRUE(leased.has_value());
+  EXPECT_EQ(leased->token, second.token);
 }
 
 INSTANTIATE_TEST_SUITE_P(Stores, StoreConformance, ::testing::ValuesIn(AllStores()),

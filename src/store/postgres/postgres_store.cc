@@ -28,7 +28,7 @@ using sql::SqlError;
 using sql::Stmt;
 using sql::Txn;
 
-constexpr int kSchemaVersion = 2;
+constexpr int kSchemaVersion = 3;
 // The advisory lock under which nodes create or migrate the schema, one at a time.
 constexpr int64_t kMigrationLock = 0x6b65656c5f736368;  // "keel_sch"
 
@@ -70,6 +70,8 @@ CREATE TABLE steps (
   error       text,
   started_at  bigint,
   finished_at bigint,
+  interrupted integer NOT NULL DEFAULT 0,
+  prior_attempts integer NOT NULL DEFAULT 0,
   PRIMARY KEY (run_id, step_id)
 );
 CREATE TABLE events (
@@ -112,8 +114,13 @@ CREATE INDEX tasks_by_queue ON tasks(queue, status, created_at);
 )sql";
 
 // Migrations: kMigrations[v - 2] takes a database from version v to v + 1 (PostgreSQL
-// databases start at version 2). None yet.
-constexpr std::array<const char*, kSchemaVersion - 2> kMigrations{};
+// databases start at version 2).
+constexpr std::array<const char*, kSchemaVersion - 2> kMigrations{
+    // 2 -> 3: attempts cut short by a lost node, counted apart (StepRecord::interrupted).
+    // and attempts made before a redrive, kept for their numbering (prior_attempts).
+    "ALTER TABLE steps ADD COLUMN interrupted integer NOT NULL DEFAULT 0; "
+    "ALTER TABLE steps ADD COLUMN prior_attempts integer NOT NULL DEFAULT 0",
+};
 
 // Channels of the notifications between nodes.
 constexpr const char* kWorkChannel = "keel_work";

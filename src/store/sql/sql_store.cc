@@ -15,27 +15,72 @@ constexpr const char* kRunColumns =
     "r.id, r.pipeline, r.status, r.input, r.output, r.error, r.idempotency_key, r.created_at, r.updated_at, "
     "r.started_at, r.finished_at, r.definition_id, r.waiting, r.signals, r.parent";
 
+// Reads the JSON columns of one record through the store's codec (Stmt::DecodeJson). A
+// column that cannot be decoded reads as null and the first such column is kept as
+// `damage`, an error naming the record and the column: a record that cannot be read is
+// data about that record, never an outage of the store (docs/storage.md, "Records that
+// cannot be read").
+class ColumnReader {
+ public:
+  // `what` names the record in messages: "run 0001...", "task tok...".
+  ColumnReader(const Stmt& s, std::string what) : s_(s), what_(std::move(what)) {}
+
+  json::value Json(int c, std::string_view column) {
+    auto v = s_.DecodeJson(c);
+    if (v.ok()) return std::move(v).value();
+    if (!damage) {
+      damage = Error(ErrorCode::kInternal,
+                     what_ + ": its stored " + std::string(column) + " cannot be decoded (" +
+                         v.error().message +
+                         "); it reads as null. The data was damaged or written by another "
+                         "version; repair the row or cancel the run");
+    }
+    return nullptr;
+  }
+
+  std::optional<Error> damage;
+
+ private:
+  const Stmt& s_;
+  std::string what_;
+};
+
 RunRecord ReadRunRow(const Stmt& s) {
   RunRecord r;
   r.id = s.Text(0);
+  ColumnReader cols(s, "run " + r.id);
   r.pipeline = s.Text(1);
   r.status = RunStatusFromName(s.Text(2)).value_or(RunStatus::kQueued);
-  r.input = s.Json(3);
-  r.output = s.Json(4);
-  if (!s.IsNull(5)) r.error = ErrorFromJson(s.Json(5));
+  r.input = cols.Json(3, "runs.input");
+  r.output = cols.Json(4, "runs.output");
+  if (!s.IsNull(5)) {
+    json::value e = cols.Json(5, "runs.error");
+    if (!e.is_null()) r.error = ErrorFromJson(e);
+  }
   r.idempotency_key = s.Text(6);
   r.created_at = FromMillis(s.Int(7));
   r.updated_at = FromMillis(s.Int(8));
   r.started_at = s.OptTime(9);
   r.finished_at = s.OptTime(10);
   r.definition_id = s.Text(11);
-  r.waiting = s.Json(12);
+  r.waiting = cols.Json(12, "runs.waiting");
   if (!s.IsNull(13)) {
-    json::value sig = s.Json(13);
+    json::value sig = cols.Json(13, "runs.signals");
     if (sig.is_object()) r.signals = std::move(sig.as_object());
   }
   r.parent = s.Text(14);
+  r.unreadable = std::move(cols.damage);
   return r;
+}
+
+// Marks `run` unreadable with `damage` (the first wins) and, when it has no error of its
+// own, shows the damage as its error, so that GET /v1/runs/{id} says what is wrong.
+void NoteDamage(RunRecord& run, std::optional<Error> damage) {
+  if (!damage) return;
+  if (!run.unreadable) run.unreadable = std::move(damage);
+}
+void ShowDamage(RunRecord& run) {
+  if (run.unreadable && !run.error) run.error = run.unreadable;
 }
 
 std::optional<RunRecord> LoadRun(Conn& db, const std::string& id, bool with_steps) {
@@ -46,16 +91,21 @@ std::optional<RunRecord> LoadRun(Conn& db, const std::string& id, bool with_step
     s.Bind(1, id);
     if (!s.Step()) return std::nullopt;
     run = ReadRunRow(s);
-    run->definition = s.Json(15);
+    ColumnReader cols(s, "run " + id);
+    run->definition = cols.Json(15, "definition (definitions.body of " + run->definition_id + ")");
+    NoteDamage(*run, std::move(cols.damage));
   }
   if (with_steps) {
     auto s = db.Prepare(
-        "SELECT step_id, status, attempts, output, error, started_at, finished_at FROM steps "
+        "SELECT step_id, status, attempts, output, error, started_at, finished_at, interrupted, "
+        "prior_attempts "
+        "FROM steps "
         "WHERE run_id = ?1 ORDER BY seq");
     s.Bind(1, id);
     while (s.Step()) {
       StepRecord st;
       st.step_id = s.Text(0);
+      ColumnReader cols(s, "run " + id + ", step \"" + st.step_id + "\"");
       const std::string status = s.Text(1);
       st.status = status == "succeeded" ? StepStatus::kSucceeded
                   : status == "retrying" ? StepStatus::kRetrying
@@ -63,13 +113,20 @@ std::optional<RunRecord> LoadRun(Conn& db, const std::string& id, bool with_step
                   : status == "waiting"  ? StepStatus::kWaiting
                                          : StepStatus::kRunning;
       st.attempts = static_cast<int>(s.Int(2));
-      st.output = s.Json(3);
-      if (!s.IsNull(4)) st.error = ErrorFromJson(s.Json(4));
+      st.output = cols.Json(3, "steps.output");
+      if (!s.IsNull(4)) {
+        json::value e = cols.Json(4, "steps.error");
+        if (!e.is_null()) st.error = ErrorFromJson(e);
+      }
       st.started_at = s.OptTime(5);
       st.finished_at = s.OptTime(6);
+      st.interrupted = static_cast<int>(s.Int(7));
+      st.prior_attempts = static_cast<int>(s.Int(8));
+      NoteDamage(*run, std::move(cols.damage));
       run->steps.push_back(std::move(st));
     }
   }
+  ShowDamage(*run);
   return run;
 }
 
@@ -141,7 +198,8 @@ std::optional<int> StartStepRow(Conn& db, Txn& txn, const std::string& run_id, c
     auto s = db.Prepare(
         "INSERT INTO steps(run_id, step_id, seq, status, attempts, started_at) "
         "VALUES(?1, ?2, (SELECT count(*) FROM steps WHERE run_id = ?1), 'running', 1, ?3) "
-        "ON CONFLICT(run_id, step_id) DO UPDATE SET status = 'running', "
+        "ON CONFLICT(run_id, step_id) DO UPDATE SET status = 'running', started_at = "
+        "coalesce(steps.started_at, ?3), "
         "attempts = steps.attempts + CASE WHEN steps.status <> 'waiting' THEN 1 ELSE 0 END "
         "WHERE steps.status <> 'succeeded' RETURNING attempts");
     s.Bind(1, run_id).Bind(2, step_id).Bind(3, ToMillis(now));
@@ -200,14 +258,17 @@ constexpr const char* kTaskColumns =
     "token, run_id, step_id, attempt, queue, input, status, worker_id, lease_expires, heartbeat_timeout, output, "
     "error, retryable, created_at";
 
-TaskRecord ReadTaskRow(const Stmt& s) {
+// A task whose stored input, output or error cannot be decoded reads as failed for good
+// with what is wrong (its run's step then fails, on_error applies); `damage` says so.
+TaskRecord ReadTaskRow(const Stmt& s, std::optional<Error>* damage = nullptr) {
   TaskRecord t;
   t.token = s.Text(0);
   t.run_id = s.Text(1);
   t.step_id = s.Text(2);
+  ColumnReader cols(s, "task " + t.token + " (run " + t.run_id + ", step \"" + t.step_id + "\")");
   t.attempt = static_cast<int>(s.Int(3));
   t.queue = s.Text(4);
-  t.input = s.Json(5);
+  t.input = cols.Json(5, "tasks.input");
   const std::string st = s.Text(6);
   t.status = st == "leased"      ? TaskRecord::Status::kLeased
              : st == "completed" ? TaskRecord::Status::kCompleted
@@ -216,18 +277,28 @@ TaskRecord ReadTaskRow(const Stmt& s) {
   t.worker_id = s.Text(7);
   t.lease_expires = s.OptTime(8);
   t.heartbeat_timeout = Duration(s.Int(9));
-  t.output = s.Json(10);
-  if (!s.IsNull(11)) t.error = ErrorFromJson(s.Json(11));
+  t.output = cols.Json(10, "tasks.output");
+  if (!s.IsNull(11)) {
+    json::value e = cols.Json(11, "tasks.error");
+    if (!e.is_null()) t.error = ErrorFromJson(e);
+  }
   t.retryable = s.Int(12) != 0;
   t.created_at = FromMillis(s.Int(13));
+  if (cols.damage) {
+    t.status = TaskRecord::Status::kFailed;
+    t.error = cols.damage;
+    t.retryable = false;
+  }
+  if (damage) *damage = std::move(cols.damage);
   return t;
 }
 
-std::optional<TaskRecord> LoadTask(Conn& db, const std::string& token) {
+std::optional<TaskRecord> LoadTask(Conn& db, const std::string& token,
+                                   std::optional<Error>* damage = nullptr) {
   auto s = db.Prepare(std::string("SELECT ") + kTaskColumns + " FROM tasks WHERE token = ?1");
   s.Bind(1, token);
   if (!s.Step()) return std::nullopt;
-  return ReadTaskRow(s);
+  return ReadTaskRow(s, damage);
 }
 
 // The task of `token` if a worker holds it now; else why not.
@@ -539,7 +610,9 @@ Result<std::vector<Event>> SqlStore::ListEvents(const std::string& run_id, int64
       e.step_id = s.Text(2);
       e.attempt = static_cast<int>(s.Int(3));
       e.at = FromMillis(s.Int(4));
-      e.data = s.Json(5);
+      ColumnReader cols(s, "event " + std::to_string(e.seq) + " of run " + run_id);
+      e.data = cols.Json(5, "events.data");
+      if (cols.damage) e.data = json::object{{"unreadable", cols.damage->message}};
       out.push_back(std::move(e));
     }
     return out;
@@ -580,6 +653,14 @@ Result<std::optional<LeasedRun>> SqlStore::LeaseRun(const std::string& worker_id
         auto s = db.Prepare("DELETE FROM queue WHERE run_id = ?1");
         s.Bind(1, run_id).Run();
         txn.queue_delta -= db.Changes();
+        continue;
+      }
+      if (run->unreadable) {
+        // A record that cannot be read is that run's failure, not the queue's: it ends
+        // `failed` with what is wrong, and the next run is tried.
+        Error damage = *run->unreadable;
+        damage.message = "the run cannot execute: " + damage.message;
+        EndRun(db, txn, run_id, RunStatus::kFailed, nullptr, damage);
         continue;
       }
       Lease lease{run_id, NewToken(random_), txn.now + lease_for, deliveries + 1};
@@ -628,6 +709,29 @@ Result<int> SqlStore::StartStep(const Lease& lease, const std::string& step_id) 
   });
 }
 
+Result<int> SqlStore::RestartInterruptedStep(const Lease& lease, const std::string& step_id) {
+  return Write<int>([&](Conn& db, Txn& txn) -> Result<int> {
+    if (auto e = CheckLease(db, lease, txn.now)) return *e;
+    int attempt = 0;
+    {
+      auto s = db.Prepare(
+          "UPDATE steps SET interrupted = interrupted + 1 WHERE run_id = ?1 AND step_id = ?2 AND "
+          "status = 'running' "
+          "RETURNING attempts, interrupted");
+      s.Bind(1, lease.run_id).Bind(2, step_id);
+      if (!s.Step()) return StepNotRunning(lease.run_id, step_id);
+      attempt = static_cast<int>(s.Int(0));
+      const int64_t interrupted = s.Int(1);
+      s.Run();
+      AppendEvent(txn, lease.run_id, "StepInterrupted", step_id, attempt,
+                  json::object{{"interrupted", interrupted}, {"delivery", lease.delivery}});
+    }
+    const auto next = StartStepRow(db, txn, lease.run_id, step_id);
+    if (!next) return StepAlreadySucceeded(lease.run_id, step_id);
+    return *next;
+  });
+}
+
 Result<int> SqlStore::CompleteStep(const Lease& lease, const std::string& step_id, const json::value& output,
                                    const std::optional<std::string>& next_step,
                                    const std::optional<json::value>& run_output) {
@@ -665,9 +769,11 @@ Result<void> SqlStore::FailStep(const Lease& lease, const std::string& step_id, 
     int attempt = 0;
     {
       auto s = db.Prepare(
-          "UPDATE steps SET status = ?3, error = ?4, finished_at = ?5 WHERE run_id = ?1 AND step_id = ?2 "
-          "AND status = 'running' RETURNING attempts");
+          "UPDATE steps SET status = ?3, error = ?4, finished_at = ?5, interrupted = interrupted + "
+          "?6 "
+          "WHERE run_id = ?1 AND step_id = ?2 AND status = 'running' RETURNING attempts");
       s.Bind(1, lease.run_id).Bind(2, step_id).Bind(3, retry ? "retrying" : "failed").BindJson(4, ErrorToJson(error));
+      s.Bind(6, disposition.interrupted ? 1 : 0);
       if (retry) s.BindNull(5); else s.Bind(5, ToMillis(txn.now));
       if (!s.Step()) return StepNotRunning(lease.run_id, step_id);
       attempt = static_cast<int>(s.Int(0));
@@ -675,6 +781,7 @@ Result<void> SqlStore::FailStep(const Lease& lease, const std::string& step_id, 
     }
     json::object data{{"error", ErrorToJson(error)}};
     if (retry) data["retry_in_ms"] = disposition.delay.count();
+    if (disposition.interrupted) data["interrupted"] = true;
     AppendEvent(txn, lease.run_id, "AttemptFailed", step_id, attempt, data);
     if (retry) {
       auto s = db.Prepare("UPDATE queue SET due_at = ?2, lease_token = NULL, lease_owner = NULL WHERE run_id = ?1");
@@ -813,7 +920,12 @@ Result<RunRecord> SqlStore::RedriveRun(const std::string& run_id) {
     }
     const int64_t now = ToMillis(txn.now);
     {
-      auto s = db.Prepare("DELETE FROM steps WHERE run_id = ?1 AND status <> 'succeeded'");
+      // Not deleted: the attempts made stay numbered (their tasks and child runs are
+      // theirs), and the next attempt is a new one with a new task, child and timer.
+      auto s = db.Prepare(
+          "UPDATE steps SET status = 'retrying', error = NULL, started_at = NULL, finished_at = "
+          "NULL, "
+          "interrupted = 0, prior_attempts = attempts WHERE run_id = ?1 AND status <> 'succeeded'");
       s.Bind(1, run_id).Send();
     }
     {
@@ -884,6 +996,20 @@ Result<std::optional<TaskRecord>> SqlStore::LeaseTask(const std::string& queue, 
       // The run's lock is taken after the task's row: waiting for it could deadlock with
       // a write of that run that waits for the row, so a busy run is passed over.
       if (!db.TryLock(RunKey(run_id))) continue;
+      std::optional<Error> damage;
+      if (auto t = LoadTask(db, token, &damage); t && damage) {
+        // A task that cannot be read is failed for good, not handed out; its run learns
+        // why when it wakes, and the queue goes on.
+        auto s = db.Prepare(
+            "UPDATE tasks SET status = 'failed', error = ?2, retryable = 0, lease_expires = NULL "
+            "WHERE token = ?1");
+        s.Bind(1, token).BindJson(2, ErrorToJson(*damage)).Send();
+        AppendEvent(txn, run_id, "TaskFailed", t->step_id, t->attempt,
+                    json::object{{"error", ErrorToJson(*damage)}, {"retryable", false}});
+        Wake(db, txn, run_id);
+        --busy;  // the row is no longer pending: the next one takes its place
+        continue;
+      }
       {
         auto s = db.Prepare(
             "UPDATE tasks SET status = 'leased', worker_id = ?2, lease_expires = ?3 + heartbeat_timeout "

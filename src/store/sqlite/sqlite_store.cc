@@ -28,7 +28,7 @@ using sql::SqlError;
 using sql::Stmt;
 using sql::Txn;
 
-constexpr int kSchemaVersion = 2;
+constexpr int kSchemaVersion = 3;
 
 constexpr const char* kSchema = R"sql(
 CREATE TABLE IF NOT EXISTS runs (
@@ -65,6 +65,8 @@ CREATE TABLE IF NOT EXISTS steps (
   error       TEXT,
   started_at  INTEGER,
   finished_at INTEGER,
+  interrupted INTEGER NOT NULL DEFAULT 0,
+  prior_attempts INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (run_id, step_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
@@ -208,7 +210,12 @@ struct WriteOp {
 constexpr const char* kMigrations[] = {
     // 1 -> 2: waiting runs, signals, child runs.
     "ALTER TABLE runs ADD COLUMN waiting TEXT; ALTER TABLE runs ADD COLUMN signals TEXT; "
-    "ALTER TABLE runs ADD COLUMN parent TEXT; ALTER TABLE queue ADD COLUMN woken INTEGER NOT NULL DEFAULT 0;",
+    "ALTER TABLE runs ADD COLUMN parent TEXT; ALTER TABLE queue ADD COLUMN woken INTEGER NOT NULL "
+    "DEFAULT 0;",
+    // 2 -> 3: attempts cut short by a lost node, counted apart (StepRecord::interrupted).
+    // and attempts made before a redrive, kept for their numbering (prior_attempts).
+    "ALTER TABLE steps ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0; "
+    "ALTER TABLE steps ADD COLUMN prior_attempts INTEGER NOT NULL DEFAULT 0;",
 };
 static_assert(std::size(kMigrations) == kSchemaVersion - 1);
 

@@ -30,6 +30,7 @@ enum class ErrorCode {
   kQueueFull,        // a bound on depth was exceeded.
   kCancelled,        // the run or call was cancelled.
   kUnavailable,      // a dependency of keel (storage) cannot serve now.
+  kWorkerLost,       // a step's attempts kept ending with their node lost (crash, wedge).
   kInternal,         // a bug or an unexpected condition.
 };
 

@@ -45,6 +45,15 @@ struct StepRecord {
   std::string step_id;
   StepStatus status = StepStatus::kRunning;
   int attempts = 0;  // attempts started, the current one included
+  /// Of `attempts`, those cut short because their node was lost (its lease expired with
+  /// the attempt in flight: a crash, a wedged worker) or drained: they count against the
+  /// engine's max_interrupted_attempts, not the step's max_attempts.
+  int interrupted = 0;
+  /// Of `attempts`, those made before the run's last redrive: they count for nothing
+  /// now, but numbering goes on past them, so that each attempt's task and child run are
+  /// its own (a redriven task step queues a new task; a redriven pipeline step makes a new
+  /// child run). The step's attempts that count are attempts - prior_attempts - interrupted.
+  int prior_attempts = 0;
   std::optional<Timestamp> started_at;   // of the first attempt
   std::optional<Timestamp> finished_at;  // when it succeeded or failed for good
   json::value output;                    // null until succeeded
@@ -74,6 +83,11 @@ struct RunRecord {
   json::object signals;
   /// Set for a child run (a `pipeline` step): "RUN_ID/STEP_ID" of the parent's step.
   std::string parent;
+  /// Set when a stored JSON value of the run (its input, definition, output, error,
+  /// signals, waiting, or a step's output or error) cannot be decoded: which one and
+  /// why. That value reads as null, and `error` shows this when the run has none of its
+  /// own. LeaseRun never hands such a run out: it ends it `failed` with this error.
+  std::optional<Error> unreadable;
 };
 
 /// The record id of item `index` of map step `step_id`.
@@ -181,6 +195,9 @@ struct FailureDisposition {
   };
   Kind kind = Kind::kRetry;
   Duration delay{0};
+  /// The attempt was cut short by its node (a drain), not failed by its step: counted
+  /// in StepRecord::interrupted too.
+  bool interrupted = false;
 };
 
 class Store {
@@ -205,7 +222,10 @@ class Store {
                                                 int limit) = 0;
 
   /// Leases the queued run that has been due longest: one never leased, one whose backoff
-  /// has passed, or one whose lease expired. Empty when none is due.
+  /// has passed, or one whose lease expired. Empty when none is due. A due run that
+  /// cannot be decoded (RunRecord::unreadable) is not handed out: it ends `failed` with
+  /// that error (a RunFailed event) and the next one is tried, so one damaged record
+  /// never stops the queue.
   virtual Result<std::optional<LeasedRun>> LeaseRun(const std::string& worker_id,
                                                     Duration lease_for) = 0;
 
@@ -215,6 +235,12 @@ class Store {
   /// Records the start of an attempt of `step_id`; returns its attempt number (1-based).
   /// kConflict when the step already succeeded.
   virtual Result<int> StartStep(const Lease& lease, const std::string& step_id) = 0;
+
+  /// Records that the attempt of `step_id` in flight was interrupted (the run was leased
+  /// again while the step was still `running`: its node was lost), with a
+  /// StepInterrupted event and StepRecord::interrupted + 1, then starts the next attempt
+  /// and returns its number. kConflict when the step is not running.
+  virtual Result<int> RestartInterruptedStep(const Lease& lease, const std::string& step_id) = 0;
 
   /// Checkpoints `step_id` as succeeded with `output`. Then, in the same commit: when
   /// `run_output` is given the run succeeds with it and leaves the queue; otherwise, when
@@ -288,7 +314,9 @@ class Store {
   virtual Result<RunRecord> CancelRun(const std::string& run_id) = 0;
 
   /// Queues a dead-lettered or failed run again. Its succeeded steps stay checkpointed;
-  /// the others start afresh. kConflict for a run in any other state.
+  /// the others start afresh: `retrying`, their error, timers (started_at) and
+  /// interrupted count cleared, their attempts so far kept as prior_attempts. kConflict
+  /// for a run in any other state.
   virtual Result<RunRecord> RedriveRun(const std::string& run_id) = 0;
 
   /// Counts for metrics.

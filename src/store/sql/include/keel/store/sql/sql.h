@@ -20,6 +20,7 @@
 
 #include "keel/core/clock.h"
 #include "keel/core/json.h"
+#include "keel/core/result.h"
 
 namespace keel::store::sql {
 
@@ -93,9 +94,13 @@ class Stmt {
   bool IsNull(int c) const { return impl_->IsNull(c); }
   int64_t Int(int c) const { return impl_->Int(c); }
   std::string Text(int c) const { return impl_->Text(c); }
-  json::value Json(int c) const {
-    if (IsNull(c)) return nullptr;
-    return json::parse(Text(c));
+  /// Column `c` decoded with keel's codec for stored documents (ParseStoredJson: the
+  /// limits keel writes under); NULL reads as null. A value that breaks them (a disk
+  /// fault, an older version's data) is an error the caller turns into data: see
+  /// ColumnReader in sql_store.cc.
+  Result<json::value> DecodeJson(int c) const {
+    if (IsNull(c)) return json::value(nullptr);
+    return ParseStoredJson(Text(c));
   }
   std::optional<Timestamp> OptTime(int c) const {
     if (IsNull(c)) return std::nullopt;

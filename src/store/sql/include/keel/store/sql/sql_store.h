@@ -62,6 +62,7 @@ class SqlStore : public Store {
   Result<std::optional<LeasedRun>> LeaseRun(const std::string& worker_id, Duration lease_for) override;
   Result<Timestamp> Heartbeat(const Lease& lease, Duration lease_for) override;
   Result<int> StartStep(const Lease& lease, const std::string& step_id) override;
+  Result<int> RestartInterruptedStep(const Lease& lease, const std::string& step_id) override;
   Result<int> CompleteStep(const Lease& lease, const std::string& step_id, const json::value& output,
                            const std::optional<std::string>& next_step,
                            const std::optional<json::value>& run_output) override;
