@@ -12,6 +12,7 @@
 #include "keel/core/json_schema.h"
 #include "keel/core/lru.h"
 #include "keel/core/sse.h"
+#include "keel/engine/engine.h"
 #include "keel/engine/pipeline.h"
 #include "keel/net/worker_pool.h"
 #include "keel/obs/log.h"
@@ -311,7 +312,13 @@ class ApiServerImpl final : public ApiServer {
     if (draining_.load()) return JsonResponse(503, json::object{{"status", "draining"}});
     auto next = store_.NextDueAt();
     if (!next.ok()) {
-      return JsonResponse(503, json::object{{"status", "unavailable"}, {"storage", next.error().message}});
+      return JsonResponse(503, json::object{{"status", "unavailable"}, {"reason", "storage"},
+                                            {"storage", next.error().message}});
+    }
+    // This node's workers: a lease loop that fails, or every worker stalled, cannot lease
+    // work, whatever the storage answers to this one call.
+    if (const auto r = engine::Engine::NodeReadiness(); !r.ready) {
+      return JsonResponse(503, json::object{{"status", "unavailable"}, {"reason", r.reason}, {"detail", r.detail}});
     }
     return JsonResponse(200, json::object{{"status", "ready"}});
   }

@@ -941,7 +941,8 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
   }
   if (const auto e = root["engine"]) {
     r.Keys(e, "engine",
-           {"workers", "lease_timeout", "heartbeat_interval", "poll_interval", "max_queue_depth", "drain_timeout"});
+           {"workers", "lease_timeout", "heartbeat_interval", "poll_interval", "max_queue_depth", "drain_timeout",
+            "max_interrupted_attempts", "stall_timeout"});
     if (e["workers"]) c.engine.workers = static_cast<int>(r.Int(e["workers"], "engine.workers", 0, 1024));
     if (e["lease_timeout"]) {
       c.engine.lease_timeout = r.Dur(e["lease_timeout"], "engine.lease_timeout");
@@ -956,6 +957,11 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
     if (e["poll_interval"]) c.engine.poll_interval = r.Dur(e["poll_interval"], "engine.poll_interval", Duration(1));
     if (e["max_queue_depth"]) c.engine.max_queue_depth = r.Int(e["max_queue_depth"], "engine.max_queue_depth", 1, 1'000'000'000);
     if (e["drain_timeout"]) c.engine.drain_timeout = r.Dur(e["drain_timeout"], "engine.drain_timeout");
+    if (e["max_interrupted_attempts"]) {
+      c.engine.max_interrupted_attempts =
+          static_cast<int>(r.Int(e["max_interrupted_attempts"], "engine.max_interrupted_attempts", 1, 100));
+    }
+    if (e["stall_timeout"]) c.engine.stall_timeout = r.Dur(e["stall_timeout"], "engine.stall_timeout", Duration(1000));
   }
   if (const auto ps = root["providers"]) {
     if (!ps.IsMap()) Fail(ps, "providers must be a mapping of names to providers");

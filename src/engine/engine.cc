@@ -1,14 +1,16 @@
 #include "keel/engine/engine.h"
 
+#include <prometheus/counter.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <condition_variable>
 #include <map>
 #include <mutex>
-#include <prometheus/counter.h>
-#include <prometheus/gauge.h>
-#include <prometheus/histogram.h>
+#include <set>
 #include <thread>
-#include <unistd.h>
 #include <vector>
 
 #include "keel/core/backoff.h"
@@ -25,10 +27,22 @@ namespace {
 using store::FailureDisposition;
 using store::StepStatus;
 
+class EngineImpl;
+
+// The engines alive in this process, for Engine::NodeReadiness.
+std::mutex& RegistryMu() {
+  static std::mutex mu;
+  return mu;
+}
+std::set<const EngineImpl*>& Registry() {
+  static std::set<const EngineImpl*> engines;
+  return engines;
+}
+
 class EngineImpl final : public Engine {
  public:
-  EngineImpl(const EngineConfig& config, store::Store& store, gateway::Gateway& gateway, const Clock& clock,
-             Random& random, prometheus::Registry& registry)
+  EngineImpl(const EngineConfig& config, store::Store& store, gateway::Gateway& gateway,
+             const Clock& clock, Random& random, prometheus::Registry& registry)
       : config_(config),
         store_(store),
         clock_(clock),
@@ -46,27 +60,53 @@ class EngineImpl final : public Engine {
                      .Name("keel_step_retries_total")
                      .Help("Step attempts scheduled again after a failure, by pipeline")
                      .Register(registry)),
-        runs_finished_(prometheus::BuildCounter()
-                           .Name("keel_runs_finished_total")
-                           .Help("Runs that reached a terminal state on this node, by pipeline and status")
-                           .Register(registry)),
+        runs_finished_(
+            prometheus::BuildCounter()
+                .Name("keel_runs_finished_total")
+                .Help("Runs that reached a terminal state on this node, by pipeline and status")
+                .Register(registry)),
         storage_up_(prometheus::BuildGauge()
                         .Name("keel_storage_up")
-                        .Help("Whether this node's workers reach the storage (1) or not (0): set by their lease calls")
+                        .Help("Whether this node's workers reach the storage (1) or not (0): set "
+                              "by their lease calls")
                         .Register(registry)
                         .Add({})),
+        lease_failures_(
+            prometheus::BuildCounter()
+                .Name("keel_engine_lease_failures_total")
+                .Help(
+                    "Lease calls of this node's workers that failed (the storage could not answer)")
+                .Register(registry)
+                .Add({})),
+        ready_(prometheus::BuildGauge()
+                   .Name("keel_engine_ready")
+                   .Help("1 for why this node cannot lease work now (reason: draining, storage, "
+                         "stalled); "
+                         "reason \"\" when it can")
+                   .Register(registry)),
+        workers_since_(static_cast<std::size_t>(std::max(config.workers, 0))),
         node_id_(MakeNodeId()) {
     storage_up_.Set(1);
+    std::lock_guard lock(RegistryMu());
+    Registry().insert(this);
   }
 
-  ~EngineImpl() override { Stop(); }
+  ~EngineImpl() override {
+    {
+      std::lock_guard lock(RegistryMu());
+      Registry().erase(this);
+    }
+    Stop();
+  }
 
   void Start() override {
     // Runs queued or woken anywhere (on this node, or on another sharing the database)
     // wake an idle worker at once.
     if (config_.workers > 0) store_.SetWorkListener([this] { Notify(); });
     for (int i = 0; i < config_.workers; ++i) {
-      workers_.emplace_back([this, i] { WorkerLoop(node_id_ + "/" + std::to_string(i)); });
+      workers_.emplace_back([this, i] {
+        WorkerLoop(static_cast<std::size_t>(i), node_id_ + "/" + std::to_string(i));
+      });
     }
     if (config_.workers > 0) heartbeat_ = std::thread([this] { HeartbeatLoop(); });
   }
@@ -114,6 +154,38 @@ class EngineImpl final : public Engine {
     return stopping_;
   }
 
+  Readiness readiness() const override {
+    Readiness r;
+    {
+      std::lock_guard lock(mu_);
+      if (config_.workers <= 0) {
+      } else if (stopping_) {
+        r = {false, "draining", "node " + node_id_ + " is draining"};
+      } else if (storage_down_.load()) {
+        r = {false, "storage", "the workers' lease calls fail: " + last_lease_error_};
+      } else {
+        // Every worker inside one call (a lease or a step attempt) for longer than
+        // stall_timeout: none will lease work soon.
+        const Timestamp now = clock_.Now();
+        std::size_t stalled = 0;
+        for (const auto& since : workers_since_) {
+          if (since && now - *since > config_.stall_timeout) ++stalled;
+        }
+        if (!workers_since_.empty() && stalled == workers_since_.size()) {
+          r = {false, "stalled",
+               "all " + std::to_string(stalled) +
+                   " workers have been inside one lease call or step attempt for more "
+                   "than engine.stall_timeout (" +
+                   std::to_string(config_.stall_timeout.count()) + "ms)"};
+        }
+      }
+    }
+    for (const char* reason : {"", "draining", "storage", "stalled"}) {
+      ready_.Add({{"reason", reason}}).Set(r.reason == reason ? 1 : 0);
+    }
+    return r;
+  }
+
  private:
   static std::string MakeNodeId() {
     char host[256] = {0};
@@ -151,22 +223,38 @@ class EngineImpl final : public Engine {
     return r;
   }
 
-  void WorkerLoop(const std::string& worker_id) {
+  void WorkerLoop(std::size_t slot, const std::string& worker_id) {
+    // Inside a call (a lease, a step attempt) from when to when: for readiness().
+    auto in_call = [&](bool busy) {
+      std::lock_guard lock(mu_);
+      if (busy)
+        workers_since_[slot] = clock_.Now();
+      else
+        workers_since_[slot].reset();
+    };
     while (!Stopping()) {
       uint64_t seen;
       {
         std::lock_guard lock(mu_);
         seen = notifications_;
       }
+      in_call(true);
       auto leased = store_.LeaseRun(worker_id, config_.lease_timeout);
       if (leased.ok() && leased->has_value()) {
         // There may be more: one notification can stand for many runs (another node's
         // NOTIFY carries any number of commits), so pass the word on to an idle worker.
         cv_.notify_one();
         Execute(std::move(**leased));
+        in_call(false);
         continue;
       }
+      in_call(false);
       if (!leased.ok()) {
+        lease_failures_.Increment();
+        {
+          std::lock_guard lock(mu_);
+          last_lease_error_ = leased.error().message;
+        }
         // Said once per outage, not once per worker and poll.
         if (!storage_down_.exchange(true)) {
           obs::LogWarn("storage unavailable; workers wait for it", {{"error", leased.error().message}});
@@ -211,6 +299,7 @@ class EngineImpl final : public Engine {
         if (a.renewed_at <= due) leases.emplace_back(id, a);
       }
       lock.unlock();
+      (void)readiness();  // keeps keel_engine_ready current between /readyz calls
       for (auto& [id, a] : leases) {
         const Timestamp at = clock_.Now();
         auto r = store_.Heartbeat(a.lease, config_.lease_timeout);
@@ -313,22 +402,49 @@ class EngineImpl final : public Engine {
     const bool parks = step->kind == StepKind::kTask || step->kind == StepKind::kWaitForSignal ||
                        step->kind == StepKind::kSleep || step->kind == StepKind::kPipeline;
     const bool resume = parks && record && record->status == StepStatus::kRunning && record->attempts > 0;
-    // Any other attempt that was in flight when its worker died counts as used (a parked
-    // one does not: it is waiting, not lost).
-    if (!resume && record && record->status == StepStatus::kRunning && record->attempts >= step->retry.max_attempts) {
-      Error err = record->error.value_or(Error(ErrorCode::kTimeout, "attempt " + std::to_string(record->attempts) +
-                                                                        " of step \"" + step->id +
-                                                                        "\" was interrupted (its worker was lost)"));
-      err.message = "gave up after " + std::to_string(record->attempts) + " attempts: " + err.message;
-      if (store_.FailStep(lease, step->id, err, {FailureDisposition::Kind::kDeadLetter}).ok()) {
-        Finished(run.pipeline, "dead_lettered");
-      }
-      return;
-    }
+    // Any other attempt still `running` was cut short: its node was lost (a crash, a
+    // wedged worker) before it finished. That is not the step's failure: it counts
+    // against engine.max_interrupted_attempts, not retry.max_attempts, so a run that
+    // keeps taking its node down cannot spend the attempts of the runs beside it.
+    int interrupted = record ? record->interrupted : 0;
     int attempt = 0;
     if (resume) {
       attempt = record->attempts;
       obs::LogInfo("resuming an interrupted attempt", {{"run_id", run.id}, {"step_id", step->id}, {"attempt", attempt}});
+    } else if (record && record->status == StepStatus::kRunning) {
+      ++interrupted;
+      if (interrupted >= config_.max_interrupted_attempts) {
+        Error err(
+            ErrorCode::kWorkerLost,
+            "step \"" + step->id + "\": " + std::to_string(interrupted) +
+                " attempts ended with their node lost (crashed, killed or wedged while running it; "
+                "engine.max_interrupted_attempts is " +
+                std::to_string(config_.max_interrupted_attempts) +
+                "); look for what takes the node down (the logs of the attempt's node), then "
+                "redrive");
+        FailureDisposition d{FailureDisposition::Kind::kDeadLetter};
+        d.interrupted = true;
+        obs::LogWarn("step dead-lettered: its node keeps being lost",
+                     {{"run_id", run.id}, {"step_id", step->id}, {"interrupted", interrupted}});
+        step_errors_
+            .Add({{"pipeline", run.pipeline}, {"class", std::string(ErrorCodeName(err.code))}})
+            .Increment();
+        if (Persist([&] { return store_.FailStep(lease, step->id, err, d); }).ok()) {
+          Finished(run.pipeline, "dead_lettered");
+        }
+        return;
+      }
+      obs::LogInfo("attempt interrupted (its node was lost); starting another",
+                   {{"run_id", run.id},
+                    {"step_id", step->id},
+                    {"attempt", record->attempts},
+                    {"interrupted", interrupted}});
+      auto started = store_.RestartInterruptedStep(lease, step->id);
+      if (!started.ok()) {
+        LogAbandon(run.id, step->id, started.error());
+        return;
+      }
+      attempt = *started;
     } else {
       auto started = store_.StartStep(lease, step->id);
       if (!started.ok()) {
@@ -364,9 +480,12 @@ class EngineImpl final : public Engine {
       if (!ok && Aborting()) {
         // Stopped by the drain timeout, not by a fault of the step: the attempt is
         // recorded as interrupted and the run is due at once, for another node.
-        const Error interrupted(ErrorCode::kCancelled, "attempt " + std::to_string(attempt) + " of step \"" + step->id +
-                                                           "\" was interrupted: node " + node_id_ + " was draining");
-        auto handed = store_.FailStep(lease, step->id, interrupted, {FailureDisposition::Kind::kRetry, Duration(0)});
+        const Error interrupted_error(
+            ErrorCode::kCancelled, "attempt " + std::to_string(attempt) + " of step \"" + step->id +
+                                       "\" was interrupted: node " + node_id_ + " was draining");
+        FailureDisposition d{FailureDisposition::Kind::kRetry, Duration(0)};
+        d.interrupted = true;  // not the step's failure: not counted against max_attempts
+        auto handed = store_.FailStep(lease, step->id, interrupted_error, d);
         if (!handed.ok()) LogAbandon(run.id, step->id, handed.error());
         else obs::LogInfo("run handed back (drain)", {{"run_id", run.id}, {"step_id", step->id}, {"attempt", attempt}});
         return;
@@ -374,7 +493,8 @@ class EngineImpl final : public Engine {
       if (!ok) {
         const bool retryable_kind = !result.ok();
         Error error = result.ok() ? *result->fail : std::move(result).error();
-        auto recovered = HandleFailure(lease, run, *step, attempt, std::move(error), retryable_kind);
+        auto recovered = HandleFailure(lease, run, *step, attempt - interrupted, std::move(error),
+                                       retryable_kind);
         if (!recovered) return;
         rec = std::move(recovered->first);
         next = std::move(recovered->second);
@@ -416,6 +536,7 @@ class EngineImpl final : public Engine {
       cur = index.at(next);
       step = &pipeline.steps[cur];
       record = nullptr;
+      interrupted = 0;
       attempt = *committed;
     }
   }
@@ -529,8 +650,8 @@ class EngineImpl final : public Engine {
     return StepOutcome::Done(StepRecordJson{{"output", std::move(out)}, {"items", static_cast<int64_t>(n)}});
   }
 
-
-  // A failed attempt: retried later (the lease is given up), or the step failed for
+  // A failed attempt (`attempt`: the step's attempts that failed, this one included,
+  // not those its node lost): retried later (the lease is given up), or the step failed for
   // good. Then on_error may recover: the checkpoint to make instead and the step to go
   // to (empty: the usual next); nullopt when the run waits for a retry or ended.
   std::optional<std::pair<StepRecordJson, std::string>> HandleFailure(const store::Lease& lease, const store::RunRecord& run,
@@ -616,7 +737,12 @@ class EngineImpl final : public Engine {
   prometheus::Family<prometheus::Counter>& retries_;
   prometheus::Family<prometheus::Counter>& runs_finished_;
   prometheus::Gauge& storage_up_;
+  prometheus::Counter& lease_failures_;
+  prometheus::Family<prometheus::Gauge>& ready_;
   std::atomic<bool> storage_down_{false};
+  std::string last_lease_error_;  // GUARDED_BY(mu_)
+  std::vector<std::optional<Timestamp>>
+      workers_since_;  // GUARDED_BY(mu_): per worker, in a call since
   std::string node_id_;
   std::mutex definitions_mu_;
   std::map<std::string, std::shared_ptr<const PipelineConfig>> definitions_;  // GUARDED_BY(definitions_mu_)
@@ -636,6 +762,14 @@ class EngineImpl final : public Engine {
 };
 
 }  // namespace
+
+Readiness Engine::NodeReadiness() {
+  std::lock_guard lock(RegistryMu());
+  for (const EngineImpl* e : Registry()) {
+    if (auto r = e->readiness(); !r.ready) return r;
+  }
+  return {};
+}
 
 std::unique_ptr<Engine> Engine::Create(const EngineConfig& config, store::Store& store, gateway::Gateway& gateway,
                                        const Clock& clock, Random& random, prometheus::Registry& registry) {

@@ -610,5 +610,304 @@ pipelines:
   EXPECT_EQ(Get(id).output, "fallback");
 }
 
+// ---------------------------------------------------------------------------------------
+// An interrupted attempt is not a failed one (docs/guarantees.md).
+
+// The node that leased run `id` dies with step `step_id` in flight: the run is leased by
+// a "dead node" (with no engine running), its step started (StartStep the first time,
+// RestartInterruptedStep after), and the clock passes the lease.
+void LoseNode(store::Store& store, ManualClock& clock, const std::string& id,
+              const std::string& step_id) {
+  clock.Advance(1ms);  // so that a run handed back below is due after `id`
+  auto leased = store.LeaseRun("dead-node", 30s);
+  // Other runs due first are handed back untouched.
+  for (int i = 0; i < 10 && leased.ok() && leased->has_value() && (*leased)->run.id != id; ++i) {
+    ASSERT_OK(store.ReleaseLease((*leased)->lease));
+    leased = store.LeaseRun("dead-node", 30s);
+  }
+  ASSERT_OK(leased);
+  ASSERT_TRUE(leased->has_value());
+  ASSERT_EQ((*leased)->run.id, id);
+  const store::StepRecord* rec = nullptr;
+  for (const auto& st : (*leased)->run.steps) {
+    if (st.step_id == step_id) rec = &st;
+  }
+  if (rec && rec->status == store::StepStatus::kRunning) {
+    ASSERT_OK(store.RestartInterruptedStep((*leased)->lease, step_id));
+  } else {
+    ASSERT_OK(store.StartStep((*leased)->lease, step_id));
+  }
+  clock.Advance(31s);
+}
+
+TEST_F(EngineTest, AnAttemptWhoseNodeWasLostDoesNotSpendTheStepsAttempts) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  once:
+    steps:
+      - id: ask
+        llm: {route: mock, messages: [{role: user, content: "hello"}]}
+        retry: {max_attempts: 1}
+)"));
+  engine_->Stop();
+  const std::string id = Submit("once");
+  ASSERT_NO_FATAL_FAILURE(LoseNode(*store_, clock_, id, "ask"));
+  engine_ = Engine::Create(config_.engine, *store_, *gateway_, clock_, random_, registry_);
+  engine_->Start();
+  // Before: the lost attempt was the one allowed, and the run was dead-lettered (timeout).
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  const auto run = Get(id);
+  ASSERT_NE(Step(run, "ask"), nullptr);
+  EXPECT_EQ(Step(run, "ask")->attempts, 2);
+  EXPECT_EQ(Step(run, "ask")->interrupted, 1);
+  auto events = store_->ListEvents(id, 0, 1000);
+  ASSERT_OK(events);
+  int interrupted = 0;
+  for (const auto& e : *events) interrupted += e.type == "StepInterrupted";
+  EXPECT_EQ(interrupted, 1);
+}
+
+TEST_F(EngineTest, AStepWhoseNodeKeepsBeingLostIsDeadLetteredAsWorkerLost) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  poison:
+    steps:
+      - id: crash
+        llm: {route: mock, messages: [{role: user, content: "poison"}]}
+        retry: {max_attempts: 2}
+  innocent:
+    steps:
+      - id: ask
+        llm: {route: mock, messages: [{role: user, content: "innocent"}]}
+        retry: {max_attempts: 2}
+)"));
+  engine_->Stop();
+  ASSERT_EQ(config_.engine.max_interrupted_attempts, 3);  // the default
+  const std::string poison = Submit("poison");
+  // The poison run takes its node down three times; an innocent run in flight on that
+  // node each time loses its attempts too, but they are not its max_attempts.
+  std::vector<std::string> innocents;
+  for (int crash = 0; crash < 3; ++crash) {
+    ASSERT_NO_FATAL_FAILURE(LoseNode(*store_, clock_, poison, "crash"));
+  }
+  for (int i = 0; i < 2; ++i) {
+    innocents.push_back(Submit("innocent"));
+    ASSERT_NO_FATAL_FAILURE(LoseNode(*store_, clock_, innocents.back(), "ask"));
+    ASSERT_NO_FATAL_FAILURE(LoseNode(*store_, clock_, innocents.back(), "ask"));
+  }
+  engine_ = Engine::Create(config_.engine, *store_, *gateway_, clock_, random_, registry_);
+  engine_->Start();
+  ASSERT_TRUE(Reaches(poison, RunStatus::kDeadLettered));
+  auto run = Get(poison);
+  ASSERT_TRUE(run.error.has_value());
+  EXPECT_EQ(ErrorCodeName(run.error->code), "worker_lost");
+  EXPECT_THAT(run.error->message, HasSubstr("3 attempts ended with their node lost"));
+  EXPECT_EQ(Step(run, "crash")->interrupted, 3);
+  for (const auto& id : innocents) {
+    // Two lost attempts and max_attempts 2: before, dead-lettered with `timeout`.
+    ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded)) << id;
+    EXPECT_EQ(Step(Get(id), "ask")->interrupted, 2);
+  }
+}
+
+TEST_F(EngineTest, ReadinessSaysWhenEveryWorkerIsStalled) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  slow:
+    steps:
+      - id: ask
+        llm: {route: mock, messages: [{role: user, content: "#mock sleep=3000"}]}
+        timeout: 1h
+)",
+                                1));
+  config_.engine.drain_timeout = 10ms;
+  EXPECT_TRUE(engine_->readiness().ready);
+  EXPECT_TRUE(Engine::NodeReadiness().ready);
+  const std::string id = Submit("slow");
+  ASSERT_TRUE(Soon([&] {
+    const auto* st = Step(Get(id), "ask");
+    return st && st->status == store::StepStatus::kRunning;
+  }));
+  // Within the bound, a busy worker is not a stalled one.
+  clock_.Advance(config_.engine.stall_timeout);
+  EXPECT_TRUE(engine_->readiness().ready);
+  clock_.Advance(1ms);
+  const auto r = engine_->readiness();
+  EXPECT_FALSE(r.ready);
+  EXPECT_EQ(r.reason, "stalled");
+  EXPECT_THAT(r.detail, HasSubstr("engine.stall_timeout"));
+  EXPECT_EQ(Engine::NodeReadiness().reason, "stalled");
+  // The stop that follows (drain) says so too.
+  std::thread stop([&] { engine_->Stop(); });
+  ASSERT_TRUE(Soon([&] { return engine_->draining(); }));
+  EXPECT_EQ(engine_->readiness().reason, "draining");
+  stop.join();
+}
+
+// ---------------------------------------------------------------------------------------
+// Redrive recovers every step kind: the step runs again (a new attempt, numbered past
+// the earlier ones), never the stored failure replayed.
+
+// Redrives run `id` and returns the run as redriven.
+store::RunRecord RedriveAndWake(store::Store& store, Engine& engine, const std::string& id) {
+  auto r = store.RedriveRun(id);
+  EXPECT_TRUE(r.ok()) << KEEL_TEST_RESULT_MSG(r);
+  engine.Notify();
+  return r.ok() ? std::move(r).value() : store::RunRecord{};
+}
+
+TEST_F(EngineTest, RedriveRecoversAnLlmStep) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  flaky:
+    steps:
+      - id: ask
+        llm: {route: mock, messages: [{role: user, content: "#mock fail=503 times=1"}]}
+        retry: {max_attempts: 1}
+)"));
+  const std::string id = Submit("flaky");
+  ASSERT_TRUE(Reaches(id, RunStatus::kDeadLettered));
+  RedriveAndWake(*store_, *engine_, id);
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  EXPECT_EQ(Step(Get(id), "ask")->attempts, 2);
+}
+
+TEST_F(EngineTest, RedriveOfAFailedTaskStepQueuesANewTask) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  work:
+    steps:
+      - id: job
+        task: {queue: q, input: {n: 1}}
+      - id: after
+        transform: {got: "{{steps.job.output.answer}}"}
+)"));
+  const std::string id = Submit("work");
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+  auto first = store_->LeaseTask("q", "w1");
+  ASSERT_OK(first);
+  ASSERT_TRUE(first->has_value());
+  ASSERT_OK(
+      store_->FailTask((*first)->token, Error(ErrorCode::kInvalidRequest, "bad input"), false));
+  engine_->Notify();
+  ASSERT_TRUE(Reaches(id, RunStatus::kFailed));
+
+  RedriveAndWake(*store_, *engine_, id);
+  // Before: the stored failure was replayed at once and no task was queued.
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+  auto second = store_->LeaseTask("q", "w1");
+  ASSERT_OK(second);
+  ASSERT_TRUE(second->has_value());
+  EXPECT_NE((*second)->token, (*first)->token);
+  EXPECT_EQ((*second)->attempt, 2);
+  ASSERT_OK(store_->CompleteTask((*second)->token, json::object{{"answer", 42}}));
+  engine_->Notify();
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  EXPECT_EQ(Get(id).output, (json::object{{"got", 42}}));
+}
+
+TEST_F(EngineTest, RedriveOfAFailedPipelineStepMakesANewChild) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  child:
+    steps:
+      - id: ask
+        llm: {route: mock, messages: [{role: user, content: "#mock fail=503 times=1"}]}
+        retry: {max_attempts: 1}
+  parent:
+    steps:
+      - id: sub
+        pipeline: {name: child, input: {}}
+)"));
+  const std::string id = Submit("parent");
+  ASSERT_TRUE(Reaches(id, RunStatus::kFailed));
+  const std::string first_child = Get(id).error->message;
+  RedriveAndWake(*store_, *engine_, id);
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  const auto run = Get(id);
+  const auto* sub = Step(run, "sub");
+  ASSERT_NE(sub, nullptr);
+  const std::string child_id(sub->output.at("run_id").as_string());
+  EXPECT_EQ(first_child.find(child_id), std::string::npos) << "the failed child was replayed";
+  EXPECT_EQ(Get(child_id).status, RunStatus::kSucceeded);
+}
+
+TEST_F(EngineTest, RedriveOfAWaitThatTimedOutWaitsAgainAndASignalEndsIt) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  approve:
+    steps:
+      - id: wait
+        wait_for_signal: {name: approval, timeout: 10m}
+)"));
+  const std::string id = Submit("approve");
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+  clock_.Advance(600s);
+  ASSERT_TRUE(Reaches(id, RunStatus::kFailed));
+  clock_.Advance(1h);
+  RedriveAndWake(*store_, *engine_, id);
+  // Its timer starts again from the redrive (not from the first attempt: it would time
+  // out at once).
+  ASSERT_TRUE(Reaches(id, RunStatus::kWaiting));
+  EXPECT_EQ(Get(id).waiting.at("timeout_at_ms").to_number<int64_t>(),
+            ToMillis(clock_.Now() + 10min));
+  ASSERT_OK(store_->SendSignal(id, "approval", json::object{{"ok", true}}));
+  engine_->Notify();
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  EXPECT_EQ(Get(id).output, (json::object{{"ok", true}}));
+}
+
+TEST_F(EngineTest, RedriveOfAFailedMapRunsTheItemsLeft) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  fan:
+    steps:
+      - id: each
+        map:
+          over: "{{input.items}}"
+          concurrency: 1
+          step: {llm: {route: mock, messages: [{role: user, content: "{{item}}"}]}}
+        retry: {max_attempts: 1}
+)"));
+  const std::string id =
+      Submit("fan", json::object{{"items", json::array{"a", "#mock fail=503 times=1", "c"}}});
+  ASSERT_TRUE(Reaches(id, RunStatus::kDeadLettered));
+  RedriveAndWake(*store_, *engine_, id);
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  ASSERT_EQ(Get(id).output.as_array().size(), 3u);
+  EXPECT_TRUE(Get(id).output.as_array()[1].is_string());
+}
+
+// transform, validate and choice are functions of the run's input and checkpoints: a
+// redrive runs them again (a new attempt, not the failure replayed), and they succeed
+// when what they read has changed, e.g. a checkpoint before them that was redone.
+TEST_F(EngineTest, RedriveRunsATransformOrValidateStepAgain) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  t:
+    steps:
+      - id: x
+        transform: {v: "{{input.missing}}"}
+  v:
+    steps:
+      - id: x
+        validate: {value: "{{input.v}}", schema: {type: integer}}
+)"));
+  for (const char* p : {"t", "v"}) {
+    SCOPED_TRACE(p);
+    const std::string id = Submit(p, json::object{{"v", "text"}});
+    ASSERT_TRUE(Soon([&] { return store::IsTerminal(Get(id).status); }));
+    const auto failed = Get(id);
+    ASSERT_NE(Step(failed, "x"), nullptr);
+    const int before = Step(failed, "x")->attempts;
+    RedriveAndWake(*store_, *engine_, id);
+    ASSERT_TRUE(Soon([&] {
+      const auto run = Get(id);
+      return store::IsTerminal(run.status) && Step(run, "x") && Step(run, "x")->attempts > before;
+    }));
+    EXPECT_EQ(Step(Get(id), "x")->prior_attempts, before);
+  }
+}
+
 }  // namespace
 }  // namespace keel::engine

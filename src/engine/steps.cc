@@ -274,8 +274,13 @@ class PipelineStep final : public StepRunner {
     child.pipeline = name;
     child.input = std::move(input).value();
     child.definition = *def;
-    // One child per step of a run, however often this step runs.
+    // One child per step of a run, however often this step runs (its retries wait for
+    // the same child), until the run is redriven: then the step's next attempt makes a
+    // new child, since the one it had ended for good (StepRecord::prior_attempts).
     child.idempotency_key = "child:" + ctx.run_id + "/" + ctx.step.id;
+    if (ctx.record && ctx.record->prior_attempts > 0) {
+      child.idempotency_key += "@" + std::to_string(ctx.record->prior_attempts);
+    }
     child.fingerprint = child.idempotency_key;
     child.parent = ctx.run_id + "/" + ctx.step.id;
     child.max_queue_depth = services_.config.max_queue_depth;

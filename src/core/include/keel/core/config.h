@@ -202,6 +202,14 @@ struct EngineConfig {
   /// On SIGTERM, how long steps in flight may go on before they are stopped and their
   /// runs handed back to the queue for another node. Default: 30s.
   Duration drain_timeout{30000};
+  /// Attempts of one step cut short because their node was lost (its lease expired with
+  /// the attempt in flight: a crash, a wedged worker) or drained. They do not count
+  /// against the step's retry.max_attempts; when this many were lost, the run is
+  /// dead-lettered with class worker_lost. Default: 3. Range: 1..100.
+  int max_interrupted_attempts = 3;
+  /// /readyz answers 503 when every worker has been inside one lease call or one step
+  /// attempt for longer than this (all stalled or wedged). Default: 5m. Range: >= 1s.
+  Duration stall_timeout{300000};
   /// The top-level `http` key: what `http` steps may call.
   HttpToolConfig http;
 };

@@ -21,6 +21,17 @@
 
 namespace keel::engine {
 
+/// Whether a node's engine can lease work now (what /readyz answers).
+struct Readiness {
+  bool ready = true;
+  /// Why not, when not ready: "draining", "storage" (its lease calls fail), "stalled"
+  /// (every worker has been inside one lease call or step attempt for longer than
+  /// engine.stall_timeout). Empty when ready.
+  std::string reason;
+  /// What the reason is about: the lease error, how many workers for how long.
+  std::string detail;
+};
+
 class Engine {
  public:
   /// `store`, `gateway`, `clock`, `random` and `registry` must outlive the engine.
@@ -43,6 +54,15 @@ class Engine {
   virtual void Stop() = 0;
   /// Whether Stop() has begun.
   virtual bool draining() const = 0;
+
+  /// Whether this engine can lease work now; also sets the gauge keel_engine_ready{reason}
+  /// (1 for the current reason, "" when ready). An engine without workers is ready.
+  /// Thread-safe.
+  virtual Readiness readiness() const = 0;
+
+  /// The readiness of every engine alive in this process (the first that is not ready
+  /// wins); ready when there is none. Thread-safe.
+  static Readiness NodeReadiness();
 };
 
 }  // namespace keel::engine
