@@ -736,6 +736,26 @@ class ApiServerImpl final : public ApiServer {
     return mode;
   }
 
+  // The route a gateway call goes to: `model`, or the X-Keel-Route header, which names a
+  // route configured under `routes` only. A provider's name there would bypass the targets
+  // (and the limits, failover and budgets) an operator set for the traffic of a route.
+  Result<std::string> RouteOf(const HttpRequest& req, std::string_view model) const {
+    const std::string_view header = req.Header("x-keel-route");
+    if (header.empty()) return std::string(model);
+    const std::string route(header);
+    if (config_.routes.count(route)) return route;
+    std::string names;
+    for (const auto& [name, r] : config_.routes) names += (names.empty() ? "" : ", ") + name;
+    const std::string listed = names.empty() ? "none is configured" : "the routes are: " + names;
+    if (config_.providers.count(route)) {
+      return Error(ErrorCode::kNotFound,
+                   "X-Keel-Route names a route, and \"" + route + "\" is a provider; call a route that targets it (" +
+                       listed + "), or drop the header",
+                   "X-Keel-Route");
+    }
+    return Error(ErrorCode::kNotFound, "X-Keel-Route: no route named \"" + route + "\" (" + listed + ")", "X-Keel-Route");
+  }
+
   // Reads and checks an OpenAI chat-completions request; `stream` says whether the
   // answer is to be streamed.
   Result<gateway::ChatRequest> ParseChatRequest(const HttpRequest& req, bool& stream) {
@@ -763,8 +783,9 @@ class ApiServerImpl final : public ApiServer {
       stream = st->get_bool();
     }
     gateway::ChatRequest call;
-    call.route = std::string(model->get_string());
-    if (const auto route = req.Header("x-keel-route"); !route.empty()) call.route = std::string(route);
+    auto route = RouteOf(req, model->get_string());
+    if (!route.ok()) return route.error();
+    call.route = std::move(route).value();
     o.erase("model");
     o.erase("stream");
     if (!stream) o.erase("stream_options");
@@ -811,8 +832,9 @@ class ApiServerImpl final : public ApiServer {
     }
     if (!ok) return ErrorResponse(BadRequest("\"input\" must be a non-empty string or array of strings", "input"));
     gateway::ChatRequest call;
-    call.route = std::string(model->get_string());
-    if (const auto route = req.Header("x-keel-route"); !route.empty()) call.route = std::string(route);
+    auto route = RouteOf(req, model->get_string());
+    if (!route.ok()) return ErrorResponse(route.error());
+    call.route = std::move(route).value();
     o.erase("model");
     call.body = std::move(o);
     call.idempotency_key = std::string(req.Header("idempotency-key"));

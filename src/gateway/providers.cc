@@ -312,8 +312,9 @@ class MockProvider final : public Provider {
 
   // The in-process mock streams the events the mock decides (OpenAI's chunks: text word
   // by word, tool calls delta by delta), with its faults: a truncated stream, a reset, a
-  // chunk that does not parse. Its pacing (first_byte, stall) is waited out in real time,
-  // bounded by the call's timeout.
+  // chunk that does not parse. A `sleep` delays it (bounded by the call's timeout) as it
+  // does a whole answer; the stream pacing directives (first_byte, stall) are the
+  // `keel mock-llm` server's and are not waited out in-process.
   Result<ChatResult> ChatStream(const json::object& body, const ChatRequest&, Duration timeout,
                                 const Gateway::ChunkSink& on_chunk) override {
     json::object b = body;
@@ -339,12 +340,10 @@ class MockProvider final : public Provider {
       if (d.retry_after_s > 0) h.emplace_back("retry-after", std::to_string(d.retry_after_s));
       return UpstreamError(d.status, h, d.body, config_.name);
     }
-    if (!wait(d.first_byte)) return timed_out();
     ChatResult result;
     result.provider = config_.name;
     bool done = false;
     for (std::size_t i = 0; i < d.events.size(); ++i) {
-      if (i > 0 && d.stall.count() > 0 && !wait(d.stall)) return timed_out();
       std::string_view ev = d.events[i];
       if (ev.rfind("data: ", 0) != 0) continue;
       ev.remove_prefix(6);

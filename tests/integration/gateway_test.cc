@@ -2,7 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <mutex>
 #include <thread>
+
+#include "keel/net/http_server.h"
 
 #include "helpers.h"
 
@@ -166,13 +169,45 @@ TEST_F(GatewayTest, WeightedSplitIsWithinTolerance) {
   EXPECT_EQ(MockTotal(a.url()) + MockTotal(b.url()), kCalls);
 }
 
+// The latency strategy's averages, as /metrics shows them; -1 when absent.
+double LatencyAverage(const std::string& metrics, const std::string& provider) {
+  const std::string series = "keel_gateway_latency_average_seconds{provider=\"" + provider + "\",route=\"r\"} ";
+  const auto at = metrics.find(series);
+  return at == std::string::npos ? -1 : std::stod(metrics.substr(at + series.size()));
+}
+
+// Asserts no timing: each call must go to the target whose average (as keel reports it just
+// before the call) is the lower, whatever the machine made of the calls' latencies. Without
+// the latency strategy every call would go to `slow`, listed first, which is the slower by
+// at least its 60 ms of injected latency on any machine where a local call takes less.
 TEST_F(GatewayTest, LatencyStrategyMovesTrafficToTheFasterTarget) {
   MockLlm slow({"--latency-ms", "60"});
   MockLlm fast;
   Start(Provider("slow", slow.url()) + Provider("fast", fast.url()),
         "  r: {strategy: latency, targets: [{provider: slow}, {provider: fast}]}\n");
-  for (int i = 0; i < 40; ++i) ASSERT_EQ(Call("r", "l" + std::to_string(i)).status, 200);
-  EXPECT_GE(MockTotal(fast.url()), 36) << "slow served " << MockTotal(slow.url());
+  // Unmeasured targets first, in route order: one call each.
+  auto first = Call("r", "warm 1");
+  ASSERT_EQ(first.status, 200) << first.raw;
+  EXPECT_EQ(first.Header("x-keel-provider"), "slow");
+  auto second = Call("r", "warm 2");
+  ASSERT_EQ(second.status, 200) << second.raw;
+  EXPECT_EQ(second.Header("x-keel-provider"), "fast");
+  int followed = 0, to_fast = 0;
+  constexpr int kCalls = 10;
+  for (int i = 0; i < kCalls; ++i) {
+    const auto m = HttpGet(server_->url() + "/metrics").raw;
+    const double s = LatencyAverage(m, "slow"), f = LatencyAverage(m, "fast");
+    ASSERT_GE(s, 0.060) << "the slow target answers after 60 ms at least:\n" << m;
+    ASSERT_GE(f, 0) << m;
+    auto r = Call("r", "l" + std::to_string(i));
+    ASSERT_EQ(r.status, 200) << r.raw;
+    const std::string expected = f < s ? "fast" : "slow";
+    followed += r.Header("x-keel-provider") == expected ? 1 : 0;
+    to_fast += r.Header("x-keel-provider") == "fast" ? 1 : 0;
+  }
+  // A re-measure of the other target (when its sample is 10 s old) may take one call.
+  EXPECT_GE(followed, kCalls - 1);
+  EXPECT_EQ(MockTotal(fast.url()), 1 + to_fast);
 }
 
 TEST_F(GatewayTest, RoundRobinAlternates) {
@@ -363,6 +398,186 @@ TEST_F(GatewayTest, AStreamWithNoFirstByteInTimeFailsOver) {
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(4));
   auto m = HttpGet(server_->url() + "/metrics").raw;
   EXPECT_NE(m.find("keel_llm_requests_total{outcome=\"timeout\",provider=\"slow\",route=\"r\"} 1"), std::string::npos) << m;
+}
+
+// An OpenAI-format upstream that answers what the test sets: `answer` (a chat.completion)
+// to whole requests, `chunks` (as server-sent events, then [DONE]) to streamed ones, or
+// `raw` as it is when set. Records the bodies it was sent.
+class FakeUpstream {
+ public:
+  FakeUpstream() {
+    auto s = net::HttpServer::Create(net::ServerOptions{}, [this](net::HttpRequest&& req, net::Responder respond) {
+      net::HttpResponse r;
+      std::lock_guard lock(mu_);
+      bodies_.push_back(req.body);
+      const bool stream = req.body.find("\"stream\":true") != std::string::npos;
+      if (!raw_.empty()) {
+        r.body = raw_;
+      } else if (stream) {
+        r.content_type = "text/event-stream";
+        for (const auto& c : chunks_) r.body += "data: " + json::serialize(c) + "\n\n";
+        r.body += "data: [DONE]\n\n";
+      } else {
+        r.body = json::serialize(answer_);
+      }
+      respond(std::move(r));
+    });
+    EXPECT_TRUE(s.ok());
+    if (s.ok()) server_ = std::move(s).value();
+  }
+  ~FakeUpstream() {
+    if (server_) server_->Stop();
+  }
+  std::string url() const { return "http://127.0.0.1:" + std::to_string(server_ ? server_->port() : 0); }
+  void Answer(json::object a) {
+    std::lock_guard lock(mu_);
+    answer_ = std::move(a);
+  }
+  void Chunks(std::vector<json::object> c) {
+    std::lock_guard lock(mu_);
+    chunks_ = std::move(c);
+  }
+  void Raw(std::string raw) {
+    std::lock_guard lock(mu_);
+    raw_ = std::move(raw);
+  }
+  std::size_t Calls() {
+    std::lock_guard lock(mu_);
+    return bodies_.size();
+  }
+
+ private:
+  std::mutex mu_;
+  json::object answer_;             // GUARDED_BY(mu_)
+  std::vector<json::object> chunks_;  // GUARDED_BY(mu_)
+  std::string raw_;                 // GUARDED_BY(mu_)
+  std::vector<std::string> bodies_;  // GUARDED_BY(mu_)
+  std::unique_ptr<net::HttpServer> server_;
+};
+
+// What OpenAI answers to a request with tools, n: 2 and logprobs: content null with
+// parallel tool calls, a refusal, content parts, usage details.
+json::object RichCompletion() {
+  return json::parse(R"({
+    "id": "chatcmpl-rich", "object": "chat.completion", "created": 1700000000, "model": "up-model-2024",
+    "system_fingerprint": "fp_1",
+    "choices": [
+      {"index": 0, "finish_reason": "tool_calls", "logprobs": null,
+       "message": {"role": "assistant", "content": null, "refusal": null, "annotations": [],
+                   "tool_calls": [
+                     {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+                     {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{\"tz\":\"CET\"}"}}]}},
+      {"index": 1, "finish_reason": "stop",
+       "logprobs": {"content": [{"token": "No", "logprob": -0.25, "bytes": [78, 111], "top_logprobs": []}], "refusal": null},
+       "message": {"role": "assistant", "refusal": "I can't help with that.",
+                   "content": [{"type": "text", "text": "No"}, {"type": "text", "text": "pe."}]}}],
+    "usage": {"prompt_tokens": 82, "completion_tokens": 17, "total_tokens": 99,
+              "prompt_tokens_details": {"cached_tokens": 64, "audio_tokens": 0},
+              "completion_tokens_details": {"reasoning_tokens": 5, "audio_tokens": 0,
+                                            "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+  })").as_object();
+}
+
+TEST_F(GatewayTest, AToolCallAnswerAndEveryOtherFieldPassThroughUnchanged) {
+  FakeUpstream up;
+  up.Answer(RichCompletion());
+  Start(Provider("up", up.url()), "  r: {targets: [{provider: up}]}\n");
+  json::value body = Chat("r", "weather and time in Paris?");
+  body.as_object()["n"] = 2;
+  body.as_object()["logprobs"] = true;
+  body.as_object()["tools"] = json::array{json::object{
+      {"type", "function"}, {"function", json::object{{"name", "get_weather"}, {"parameters", json::object{}}}}}};
+  auto r = HttpPostJson(server_->url() + "/v1/chat/completions", body);
+  ASSERT_EQ(r.status, 200) << r.raw;
+  EXPECT_EQ(r.body, json::value(RichCompletion()));
+  EXPECT_EQ(r.Header("x-keel-attempts"), "1");
+  EXPECT_EQ(up.Calls(), 1u);
+  // Cost and limits come from the usage that came with it.
+  const auto m = HttpGet(server_->url() + "/metrics").raw;
+  EXPECT_NE(m.find("keel_llm_tokens_total{direction=\"input\",provider=\"up\"} 82"), std::string::npos) << m;
+}
+
+TEST_F(GatewayTest, StreamedToolCallDeltasAreRelayedChunkByChunk) {
+  FakeUpstream up;
+  auto chunk = [](json::object delta, json::value finish, int index = 0) {
+    return json::object{{"id", "chatcmpl-s"}, {"object", "chat.completion.chunk"}, {"created", 1700000000},
+                        {"model", "up-model-2024"},
+                        {"choices", json::array{json::object{{"index", index}, {"delta", std::move(delta)},
+                                                             {"logprobs", nullptr}, {"finish_reason", finish}}}}};
+  };
+  auto call_delta = [](int index, json::object fn, const char* id = nullptr) {
+    json::object c{{"index", index}, {"function", std::move(fn)}};
+    if (id != nullptr) {
+      c["id"] = id;
+      c["type"] = "function";
+    }
+    return json::object{{"tool_calls", json::array{c}}};
+  };
+  std::vector<json::object> chunks{
+      chunk(json::object{{"role", "assistant"}, {"content", nullptr}, {"refusal", nullptr}}, nullptr),
+      chunk(call_delta(0, json::object{{"name", "get_weather"}, {"arguments", ""}}, "call_a"), nullptr),
+      chunk(call_delta(0, json::object{{"arguments", "{\"city\":"}}), nullptr),
+      chunk(call_delta(0, json::object{{"arguments", "\"Paris\"}"}}), nullptr),
+      chunk(call_delta(1, json::object{{"name", "get_time"}, {"arguments", "{}"}}, "call_b"), nullptr),
+      chunk(json::object{}, "tool_calls"),
+  };
+  json::object usage = chunk(json::object{}, nullptr);
+  usage["choices"] = json::array{};
+  usage["usage"] = RichCompletion().at("usage");
+  chunks.push_back(usage);
+  up.Chunks(chunks);
+  Start(Provider("up", up.url()), "  r: {targets: [{provider: up}]}\n");
+  auto s = StreamCall(server_->url(), StreamBody("r", "weather?", /*include_usage=*/true));
+  ASSERT_TRUE(s.transport_ok);
+  ASSERT_EQ(s.status, 200) << s.raw;
+  ASSERT_EQ(s.data.size(), chunks.size() + 1) << s.raw;
+  for (std::size_t i = 0; i < chunks.size(); ++i) EXPECT_EQ(json::parse(s.data[i]), json::value(chunks[i])) << i;
+  EXPECT_EQ(s.data.back(), "[DONE]");
+  EXPECT_EQ(up.Calls(), 1u);
+}
+
+// A 200 that keel cannot read is the request's problem: retried and failed over within
+// the call's bounds, but never held against the target's breaker.
+TEST_F(GatewayTest, AnUnusableAnswerNeverOpensTheBreaker) {
+  FakeUpstream up;
+  up.Raw("<html>not a completion</html>");
+  Start(Provider("up", up.url()),
+        "  r:\n    targets: [{provider: up}]\n    retry: {max_attempts: 1}\n"
+        "    circuit_breaker: {consecutive_failures: 2, min_requests: 2, failure_rate: 0.5, open_for: 1h}\n");
+  for (int i = 0; i < 5; ++i) {
+    auto r = Call("r", "x" + std::to_string(i));
+    ASSERT_EQ(r.status, 502) << r.raw;
+    EXPECT_EQ(r.body.at("error").at("type").as_string(), "invalid_output");
+  }
+  EXPECT_EQ(up.Calls(), 5u) << "no call was refused by an open circuit";
+  const auto m = HttpGet(server_->url() + "/metrics").raw;
+  EXPECT_NE(m.find("keel_gateway_circuit_state{provider=\"up\",route=\"r\"} 0"), std::string::npos) << m;
+  up.Raw("");
+  up.Answer(RichCompletion());
+  EXPECT_EQ(Call("r", "now fine").status, 200);
+}
+
+TEST_F(GatewayTest, XKeelRouteNamesRoutesOnly) {
+  MockLlm a, b;
+  Start(Provider("a", a.url()) + Provider("b", b.url()), "  r: {targets: [{provider: a}]}\n");
+  const std::string embeddings = server_->url() + "/v1/embeddings";
+  // A route: called instead of `model`.
+  auto ok = Call("nope", "x", {{"X-Keel-Route", "r"}});
+  ASSERT_EQ(ok.status, 200) << ok.raw;
+  EXPECT_EQ(ok.Header("x-keel-provider"), "a");
+  // A provider that is not a route: refused, and named so.
+  auto provider = Call("r", "y", {{"X-Keel-Route", "b"}});
+  EXPECT_EQ(provider.status, 404) << provider.raw;
+  EXPECT_EQ(provider.body.at("error").at("param").as_string(), "X-Keel-Route");
+  EXPECT_NE(std::string(provider.body.at("error").at("message").as_string()).find("is a provider"), std::string::npos)
+      << provider.raw;
+  auto unknown = Call("r", "z", {{"X-Keel-Route", "zzz"}});
+  EXPECT_EQ(unknown.status, 404) << unknown.raw;
+  EXPECT_EQ(HttpPostJson(embeddings, json::object{{"model", "r"}, {"input", "e"}}, {{"X-Keel-Route", "b"}}).status, 404);
+  EXPECT_EQ(HttpPostJson(embeddings, json::object{{"model", "x"}, {"input", "e"}}, {{"X-Keel-Route", "r"}}).status, 200);
+  auto streamed = HttpPostJson(server_->url() + "/v1/chat/completions", StreamBody("r", "s"), {{"X-Keel-Route", "b"}});
+  EXPECT_EQ(streamed.status, 404) << streamed.raw;
+  EXPECT_EQ(MockTotal(b.url()), 0);
 }
 
 }  // namespace
