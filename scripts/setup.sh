@@ -22,6 +22,7 @@ PACKAGES=(
   postgresql                  # a PostgreSQL server for the tests and benchmarks
   libhiredis-dev              # shared rate-limit counters and cache on Redis
   redis-server                # a Redis server for the tests
+  clang-14 libclang-rt-14-dev time  # the fuzz targets: clang, libFuzzer, CPU times (scripts/fuzz.sh)
 )
 
 SUDO=""
