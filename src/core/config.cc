@@ -5,12 +5,13 @@
 #include <algorithm>
 #include <cctype>
 #include <charconv>
+#include <cmath>
 #include <functional>
-#include <regex>
 #include <set>
 #include <stdexcept>
 
 #include "keel/core/json_schema.h"
+#include "keel/core/regex.h"
 #include "keel/core/template.h"
 
 namespace keel {
@@ -199,6 +200,16 @@ struct ConfigError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// An HTTP header name (RFC 9110 token): letters, digits and !#$%&'*+-.^_`|~.
+bool IsHttpToken(std::string_view s) {
+  if (s.empty()) return false;
+  for (const char c : s) {
+    const bool alnum = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+    if (!alnum && std::string_view("!#$%&'*+-.^_`|~").find(c) == std::string_view::npos) return false;
+  }
+  return true;
+}
+
 int LineOf(const YAML::Node& n) { return n.Mark().line + 1; }
 
 [[noreturn]] void Fail(const YAML::Node& n, const std::string& msg) {
@@ -274,25 +285,37 @@ class Reader {
 
   // A YAML subtree as JSON. Quoted scalars stay strings; plain ones become null, booleans
   // or numbers when they read as such.
-  json::value ToJson(const YAML::Node& n) {
+  json::value ToJson(const YAML::Node& n, std::size_t depth = 0) {
+    // Aliases share nodes, so a small file can name an exponential tree ("billion
+    // laughs"): the values read are bounded in count, text and depth.
+    if (++nodes_ > kMaxNodes) {
+      Fail(n, "the config expands to more than " + std::to_string(kMaxNodes) +
+                  " values (YAML aliases that repeat each other?); write it out, or use fewer aliases");
+    }
+    if (depth >= JsonLimits::kMaxDepth) Fail(n, "values nest deeper than " + std::to_string(JsonLimits::kMaxDepth) + " levels");
     switch (n.Type()) {
       case YAML::NodeType::Null:
       case YAML::NodeType::Undefined:
         return nullptr;
       case YAML::NodeType::Sequence: {
         json::array arr;
-        for (const auto& e : n) arr.push_back(ToJson(e));
+        for (const auto& e : n) arr.push_back(ToJson(e, depth + 1));
         return arr;
       }
       case YAML::NodeType::Map: {
         json::object obj;
-        for (const auto& kv : n) obj[kv.first.as<std::string>()] = ToJson(kv.second);
+        for (const auto& kv : n) obj[kv.first.as<std::string>()] = ToJson(kv.second, depth + 1);
         return obj;
       }
       case YAML::NodeType::Scalar:
         break;
     }
     const std::string s = Interpolate(n, n.Scalar());
+    if ((text_ += s.size()) > kMaxText) {
+      Fail(n, "the config expands to more than " + std::to_string(kMaxText >> 20) +
+                  " MiB of text (YAML aliases that repeat each other?)");
+    }
+    if (!IsValidUtf8(s)) Fail(n, "the value is not valid UTF-8");
     if (n.Tag() == "!") return json::value(s);  // quoted
     if (s == "null" || s == "~") return nullptr;
     if (s == "true") return true;
@@ -302,7 +325,8 @@ class Reader {
     if (!s.empty() && eci == std::errc() && pi == s.data() + s.size()) return i;
     double d = 0;
     auto [pd, ecd] = std::from_chars(s.data(), s.data() + s.size(), d);
-    if (!s.empty() && ecd == std::errc() && pd == s.data() + s.size()) return d;
+    // "inf" and "nan" read as doubles too, and JSON has neither: they stay text.
+    if (!s.empty() && ecd == std::errc() && pd == s.data() + s.size() && std::isfinite(d)) return d;
     return json::value(s);
   }
 
@@ -335,7 +359,13 @@ class Reader {
     return out;
   }
 
+  // Bounds on what ToJson reads from the whole file (aliases counted each time).
+  static constexpr std::size_t kMaxNodes = 1'000'000;
+  static constexpr std::size_t kMaxText = std::size_t{64} << 20;
+
   const EnvLookup& env_;
+  std::size_t nodes_ = 0;
+  std::size_t text_ = 0;
 };
 
 RetryConfig ReadRetry(Reader& r, const YAML::Node& n, RetryConfig base, const std::string& what) {
@@ -531,11 +561,14 @@ void CheckCondition(Reader& r, const YAML::Node& n, const std::string& what, int
   }
   if (n["in"] && !n["in"].IsSequence()) Fail(n["in"], what + ".in must be a list");
   if (n["matches"]) {
-    const std::string re = r.Str(n["matches"], what + ".matches");
-    try {
-      std::regex compiled(re, std::regex::ECMAScript);
-    } catch (const std::regex_error& e) {
-      Fail(n["matches"], what + ".matches is not a valid regular expression: " + e.what());
+    // A string as the step runner will see it: `matches: 123` reads as a number.
+    const json::value re = r.ToJson(n["matches"]);
+    if (!re.is_string()) {
+      Fail(n["matches"], what + ".matches must be a string (a regular expression), not " + std::string(JsonKindName(re)) +
+                             "; quote it: matches: \"" + r.Str(n["matches"], what + ".matches") + "\"");
+    }
+    if (auto compiled = Regex::Compile(re.get_string()); !compiled.ok()) {
+      Fail(n["matches"], what + ".matches is not a valid regular expression: " + compiled.error().message);
     }
   }
 }
@@ -586,7 +619,7 @@ json::value ReadStepBody(Reader& r, const YAML::Node& body, StepKind kind, const
     case StepKind::kTransform:
       return r.ToJson(body);
     case StepKind::kHttp: {
-      r.Keys(body, what, {"url", "method", "headers", "body", "timeout"});
+      r.Keys(body, what, {"url", "method", "headers", "body", "timeout", "max_response_bytes"});
       if (!body["url"]) Fail(body, what + " needs a url");
       const std::string url = r.Str(body["url"], what + " url");
       if (url.rfind("http://", 0) != 0 && url.rfind("https://", 0) != 0 && url.rfind("{{", 0) != 0) {
@@ -601,6 +634,20 @@ json::value ReadStepBody(Reader& r, const YAML::Node& body, StepKind kind, const
       }
       o["method"] = method;
       if (body["headers"] && !body["headers"].IsMap()) Fail(body["headers"], what + " headers must be a mapping");
+      if (const auto h = body["headers"]) {
+        for (const auto& kv : h) {
+          const std::string name = kv.first.as<std::string>();
+          if (!IsHttpToken(name)) {
+            Fail(kv.first, what + " header name \"" + name + "\" is not a valid HTTP header name");
+          }
+          if (kv.second.IsScalar() && kv.second.Scalar().find_first_of(std::string_view("\r\n\0", 3)) != std::string::npos) {
+            Fail(kv.second, what + " header " + name + " holds a CR, LF or NUL");
+          }
+        }
+      }
+      if (body["max_response_bytes"]) {
+        o["max_response_bytes"] = r.Int(body["max_response_bytes"], what + " max_response_bytes", 1024, int64_t{1} << 30);
+      }
       if (body["timeout"]) o["timeout_ms"] = r.Dur(body["timeout"], what + " timeout", Duration(1)).count();
       o.erase("timeout");
       return spec;
@@ -1034,7 +1081,10 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
   }
   if (const auto rd = root["redis"]) c.redis = ReadRedis(r, rd);
   if (const auto h = root["http"]) {
-    r.Keys(h, "http", {"allow_hosts"});
+    r.Keys(h, "http", {"allow_hosts", "max_response_bytes"});
+    if (const auto m = h["max_response_bytes"]) {
+      c.engine.http.max_response_bytes = r.Int(m, "http.max_response_bytes", 1024, int64_t{1} << 30);
+    }
     if (const auto a = h["allow_hosts"]) {
       if (!a.IsSequence()) Fail(a, "http.allow_hosts must be a list of hosts (host or host:port)");
       for (const auto& x : a) {

@@ -272,7 +272,8 @@ TEST(ConfigTest, WrongTypesAreRefused) {
   ExpectConfigError("server:\n  max_body_bytes: lots\n", {"line 2", "not a size"});
   ExpectConfigError("providers: [mock]\n", {"line 1", "providers must be a mapping"});
   ExpectConfigError("log_level: loud\n", {"line 1", "log_level"});
-  ExpectConfigError("storage: mysql://db/keel\n", {"line 1", "storage must be sqlite://PATH or postgres://"});
+  ExpectConfigError("storage: mysql://db/keel\n",
+                    {"line 1", "storage must be sqlite://PATH or postgres://"});
   ExpectConfigError("storage: sqlite://\n", {"line 1", "storage"});
 }
 
@@ -305,11 +306,13 @@ TEST(ConfigTest, PostgresDefaults) {
 TEST(ConfigTest, BadPostgresSettingsAreRefusedWithoutShowingThePassword) {
   ExpectConfigError("storage: postgres://\n", {"line 1", "not a PostgreSQL URL"});
   ExpectConfigError("storage: postgres://keel:pw@/keel\n", {"line 1", "not a PostgreSQL URL"});
-  ExpectConfigError("storage: postgres://keel@host\n", {"line 1", "not a PostgreSQL URL", "/DATABASE"});
+  ExpectConfigError("storage: postgres://keel@host\n",
+                    {"line 1", "not a PostgreSQL URL", "/DATABASE"});
   auto r = ParseConfig("storage: postgres://keel:hunter2@\n", Env());
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.error().message.find("hunter2"), std::string::npos) << r.error().message;
-  ExpectConfigError("postgres: {pool_size: 0}\n", {"line 1", "postgres.pool_size", "between 1 and 1000"});
+  ExpectConfigError("postgres: {pool_size: 0}\n",
+                    {"line 1", "postgres.pool_size", "between 1 and 1000"});
   ExpectConfigError("postgres: {connect_timeout: 10ms}\n", {"line 1", "postgres.connect_timeout"});
   ExpectConfigError("postgres: {pool: 3}\n", {"line 1", "pool"});
   ExpectConfigError("engine: {drain_timeout: soon}\n", {"line 1", "not a duration"});
@@ -800,15 +803,20 @@ routes:
 }
 
 TEST(ConfigTest, RouteCacheIsValidated) {
-  const std::string head = "providers:\n  a: {type: mock}\nroutes:\n  r:\n    targets: [{provider: a}]\n";
+  const std::string head =
+      "providers:\n  a: {type: mock}\nroutes:\n  r:\n    targets: [{provider: a}]\n";
   ExpectConfigError(head + "    cache: {stale_if_error: 1h}\n", {"line 6", "cache needs ttl"});
   ExpectConfigError(head + "    cache: {ttl: 0s}\n", {"line 6", "cache.ttl must be at least 1ms"});
   ExpectConfigError(head + "    cache: {ttl: soon}\n", {"line 6", "cache.ttl"});
-  ExpectConfigError(head + "    cache: {ttl: 1h, max_entries: 0}\n", {"line 6", "max_entries must be between 1 and 10000000"});
-  ExpectConfigError(head + "    cache: {ttl: 1h, max_entries: 10000001}\n", {"line 6", "max_entries"});
-  ExpectConfigError(head + "    cache: {ttl: 1h, stale: 1h}\n", {"line 6", "unknown key \"stale\"", "stale_if_error"});
+  ExpectConfigError(head + "    cache: {ttl: 1h, max_entries: 0}\n",
+                    {"line 6", "max_entries must be between 1 and 10000000"});
+  ExpectConfigError(head + "    cache: {ttl: 1h, max_entries: 10000001}\n",
+                    {"line 6", "max_entries"});
+  ExpectConfigError(head + "    cache: {ttl: 1h, stale: 1h}\n",
+                    {"line 6", "unknown key \"stale\"", "stale_if_error"});
   ExpectConfigError(head + "    cache: 1h\n", {"line 6", "cache must be a mapping"});
-  auto edge = ParseConfig(head + "    cache: {ttl: 1ms, stale_if_error: 0s, max_entries: 10000000}\n", Env());
+  auto edge = ParseConfig(
+      head + "    cache: {ttl: 1ms, stale_if_error: 0s, max_entries: 10000000}\n", Env());
   ASSERT_OK(edge);
   EXPECT_EQ(edge->routes.at("r").cache->ttl, milliseconds(1));
   EXPECT_EQ(edge->routes.at("r").cache->max_entries, 10'000'000);
@@ -855,20 +863,31 @@ TEST(ConfigTest, RedisExplicitValuesAndAnInterpolatedPasswordAreRead) {
 
 TEST(ConfigTest, RedisIsValidatedWithLinesAndNeverEchoesThePassword) {
   ExpectConfigError("listen: 127.0.0.1:0\nredis: {timeout: 10ms}\n", {"line 2", "redis needs url"});
-  ExpectConfigError("listen: 127.0.0.1:0\nredis:\n  url: \"http://h:6379\"\n", {"line 3", "redis.url", "redis://"});
-  ExpectConfigError("redis: {url: \"redis://h:0\"}\n", {"line 1", "port must be a number from 1 to 65535"});
+  ExpectConfigError("listen: 127.0.0.1:0\nredis:\n  url: \"http://h:6379\"\n",
+                    {"line 3", "redis.url", "redis://"});
+  ExpectConfigError("redis: {url: \"redis://h:0\"}\n",
+                    {"line 1", "port must be a number from 1 to 65535"});
   ExpectConfigError("redis: {url: \"redis://h:99999\"}\n", {"line 1", "port"});
-  ExpectConfigError("redis: {url: \"redis://h:6379/x\"}\n", {"line 1", "database must be a number"});
+  ExpectConfigError("redis: {url: \"redis://h:6379/x\"}\n",
+                    {"line 1", "database must be a number"});
   ExpectConfigError("redis: {url: \"redis://:6379\"}\n", {"line 1", "no host"});
-  ExpectConfigError("redis: {url: \"rediss://h:6379\"}\n", {"line 1", "rediss://", "not supported"});
+  ExpectConfigError("redis: {url: \"rediss://h:6379\"}\n",
+                    {"line 1", "rediss://", "not supported"});
   ExpectConfigError("redis: {url: \"redis://h?timeout=1\"}\n", {"line 1", "no query"});
-  ExpectConfigError("redis: {url: redis://h, timeout: 11s}\n", {"line 1", "redis.timeout must be at most 10s"});
-  ExpectConfigError("redis: {url: redis://h, timeout: 0ms}\n", {"line 1", "redis.timeout must be at least 1ms"});
-  ExpectConfigError("redis: {url: redis://h, retry_interval: 5ms}\n", {"line 1", "retry_interval must be at least 10ms"});
-  ExpectConfigError("redis: {url: redis://h, retry_interval: 2h}\n", {"line 1", "retry_interval must be at most 1h"});
-  ExpectConfigError("redis: {url: redis://h, pool_size: 0}\n", {"line 1", "pool_size must be between 1 and 256"});
-  ExpectConfigError("redis: {url: redis://h, key_prefix: " + std::string(129, 'k') + "}\n", {"line 1", "at most 128 bytes"});
-  ExpectConfigError("redis: {url: redis://h, ttl: 1s}\n", {"line 1", "unknown key \"ttl\" in redis"});
+  ExpectConfigError("redis: {url: redis://h, timeout: 11s}\n",
+                    {"line 1", "redis.timeout must be at most 10s"});
+  ExpectConfigError("redis: {url: redis://h, timeout: 0ms}\n",
+                    {"line 1", "redis.timeout must be at least 1ms"});
+  ExpectConfigError("redis: {url: redis://h, retry_interval: 5ms}\n",
+                    {"line 1", "retry_interval must be at least 10ms"});
+  ExpectConfigError("redis: {url: redis://h, retry_interval: 2h}\n",
+                    {"line 1", "retry_interval must be at most 1h"});
+  ExpectConfigError("redis: {url: redis://h, pool_size: 0}\n",
+                    {"line 1", "pool_size must be between 1 and 256"});
+  ExpectConfigError("redis: {url: redis://h, key_prefix: " + std::string(129, 'k') + "}\n",
+                    {"line 1", "at most 128 bytes"});
+  ExpectConfigError("redis: {url: redis://h, ttl: 1s}\n",
+                    {"line 1", "unknown key \"ttl\" in redis"});
   ExpectConfigError("redis: redis://h\n", {"line 1", "redis must be a mapping"});
   // The password never appears in a message about the URL.
   auto r = ParseConfig("redis: {url: \"redis://:hunter2@h:notaport\"}\n", Env());
@@ -899,9 +918,9 @@ TEST(ParseRedisUrlTest, Forms) {
   ASSERT_OK(at_in_password);
   EXPECT_EQ(at_in_password->password, "a@b");
   EXPECT_EQ(at_in_password->host, "h");
-  for (std::string_view bad : {"", "redis://", "redis://user@h", "redis://:@h", "redis://h:", "redis://[::1",
-                               "redis://[::1]x", "redis://:%zz@h", "redis://:%4@h", "redis://h/70000",
-                               "redis://h:-1", "tcp://h:6379"}) {
+  for (std::string_view bad : {"", "redis://", "redis://user@h", "redis://:@h", "redis://h:",
+                               "redis://[::1", "redis://[::1]x", "redis://:%zz@h", "redis://:%4@h",
+                               "redis://h/70000", "redis://h:-1", "tcp://h:6379"}) {
     EXPECT_FALSE(ParseRedisUrl(bad).ok()) << bad;
   }
 }
@@ -924,6 +943,91 @@ TEST(ConfigTest, ServerHeaderTimeoutAndPerIpBound) {
   ExpectConfigError("server:\n  max_connections_per_ip: 0\n", {"line 2", "max_connections_per_ip"});
   ExpectConfigError("server:\n  header_timeout: 10ms\n", {"line 2", "header_timeout"});
 }
+
+// ---- untrusted config (issue 10) ----------------------------------------------------
+
+namespace untrusted {
+
+std::string Choice(std::string_view matches) {
+  return WithProviders(std::string(R"(pipelines:
+  p:
+    steps:
+      - id: c
+        choice:
+          cases:
+            - when: {value: "{{input.t}}", matches: )") +
+                       std::string(matches) + R"(}
+              goto: a
+          default: a
+      - id: a
+        transform: {x: 1}
+)");
+}
+
+TEST(ConfigUntrustedTest, MatchesMustBeAStringThatCompiles) {
+  ExpectConfigError(Choice("123"), {"line 12", "matches must be a string", "not number"});
+  ExpectConfigError(Choice("true"), {"matches must be a string"});
+  ExpectConfigError(Choice("\"(unclosed\""), {"line 12", "not a valid regular expression"});
+  ASSERT_OK(ParseConfig(Choice("\"123\""), Env()));
+  ASSERT_OK(ParseConfig(Choice("\"^a+$\""), Env()));
+}
+
+TEST(ConfigUntrustedTest, AnAliasBombIsRefusedInBoundedTime) {
+  // Nine levels of ten aliases each: 10^9 values if expanded.
+  // The bomb goes off where keel reads a value as JSON: a transform's body.
+  std::string bomb =
+      WithProviders("pipelines:\n  p:\n    steps:\n      - id: t\n        transform:\n");
+  bomb += "          x0: &x0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n";
+  for (int i = 1; i <= 9; ++i) {
+    const std::string prev = "*x" + std::to_string(i - 1);
+    bomb += "          x" + std::to_string(i) + ": &x" + std::to_string(i) + " [" + prev;
+    for (int k = 1; k < 10; ++k) bomb += ", " + prev;
+    bomb += "]\n";
+  }
+  ExpectConfigError(bomb, {"more than 1000000 values", "aliases"});
+}
+
+TEST(ConfigUntrustedTest, ValuesNestedPastTheJsonLimitAreRefused) {
+  std::string deep(70, '[');
+  deep += "1" + std::string(70, ']');
+  ExpectConfigError(
+      WithProviders("pipelines:\n  p:\n    steps:\n      - id: t\n        transform: {v: " + deep +
+                    "}\n"),
+      {"nest deeper than 64"});
+}
+
+TEST(ConfigUntrustedTest, InfAndNanStayText) {
+  auto c = ParseConfig(WithProviders("pipelines:\n  p:\n    steps:\n      - id: t\n        "
+                                     "transform: {a: inf, b: nan, c: 1e400, d: 2.5}\n"),
+                       Env());
+  ASSERT_OK(c);
+  const auto& spec = c->pipelines.at("p").steps.at(0).spec;
+  EXPECT_EQ(spec.at("a"), "inf");
+  EXPECT_EQ(spec.at("b"), "nan");
+  EXPECT_EQ(spec.at("c"), "1e400");
+  EXPECT_EQ(spec.at("d").as_double(), 2.5);
+}
+
+TEST(ConfigUntrustedTest, HttpStepHeadersAndResponseBound) {
+  const std::string base =
+      "pipelines:\n  p:\n    steps:\n      - id: h\n        http: {url: \"http://127.0.0.1:9/x\", ";
+  ExpectConfigError(WithProviders(base + "headers: {\"X A\": v}}\n"),
+                    {"line 10", "not a valid HTTP header name"});
+  ExpectConfigError(WithProviders(base + "headers: {X-A: \"a\\r\\nB: c\"}}\n"),
+                    {"line 10", "CR, LF or NUL"});
+  ExpectConfigError(WithProviders(base + "max_response_bytes: 10}\n"),
+                    {"max_response_bytes must be between 1024"});
+  auto c = ParseConfig(
+      WithProviders(base + "max_response_bytes: 2048}\nhttp: {max_response_bytes: 4096}\n"), Env());
+  ASSERT_OK(c);
+  EXPECT_EQ(c->pipelines.at("p").steps.at(0).spec.at("max_response_bytes").as_int64(), 2048);
+  EXPECT_EQ(c->engine.http.max_response_bytes, 4096);
+  auto d = ParseConfig("", Env());
+  ASSERT_OK(d);
+  EXPECT_EQ(d->engine.http.max_response_bytes, 10 << 20);
+}
+
+}  // namespace untrusted
 
 }  // namespace
 }  // namespace keel

@@ -218,6 +218,31 @@ bool IsValidUtf8(std::string_view s) {
   return true;
 }
 
+std::string ToValidUtf8(std::string_view text) {
+  if (IsValidUtf8(text)) return std::string(text);
+  std::string out;
+  out.reserve(text.size() + 8);
+  std::size_t i = 0;
+  while (i < text.size()) {
+    // The longest valid sequence starting here, 1 to 4 bytes.
+    std::size_t n = 0;
+    for (std::size_t len = 1; len <= 4 && i + len <= text.size(); ++len) {
+      if (IsValidUtf8(text.substr(i, len))) {
+        n = len;
+        break;
+      }
+    }
+    if (n == 0) {
+      out += "\xEF\xBF\xBD";
+      ++i;
+    } else {
+      out.append(text.substr(i, n));
+      i += n;
+    }
+  }
+  return out;
+}
+
 namespace {
 
 Result<void> CheckValue(const json::value& v, std::string& path, std::size_t depth,

@@ -1,7 +1,6 @@
 #include "keel/core/json_schema.h"
 
 #include <algorithm>
-#include <boost/regex.hpp>
 #include <cassert>
 #include <charconv>
 #include <cmath>
@@ -16,6 +15,8 @@
 #include <unordered_set>
 #include <utility>
 #include <vector>
+
+#include "keel/core/regex.h"
 
 namespace keel {
 namespace detail {
@@ -33,8 +34,7 @@ enum TypeBit : std::uint8_t {
 };
 
 struct Pattern {
-  std::string source;  // as written in the schema, for messages
-  boost::wregex regex;
+  Regex regex;
 };
 
 // A numeric keyword: its value for comparing and its JSON form for messages.
@@ -230,36 +230,6 @@ std::size_t CountCodePoints(std::string_view s) {
   return n;
 }
 
-// UTF-8 to UTF-32; an invalid byte becomes U+FFFD.
-std::wstring DecodeUtf8(std::string_view s) {
-  std::wstring out;
-  out.reserve(s.size());
-  std::size_t i = 0;
-  while (i < s.size()) {
-    const auto b0 = static_cast<unsigned char>(s[i]);
-    std::size_t len = b0 < 0x80           ? 1
-                      : (b0 >> 5) == 0x6  ? 2
-                      : (b0 >> 4) == 0xE  ? 3
-                      : (b0 >> 3) == 0x1E ? 4
-                                          : 0;
-    char32_t cp = len == 1 ? b0 : len == 2 ? b0 & 0x1F : len == 3 ? b0 & 0x0F : b0 & 0x07;
-    bool ok = len != 0 && i + len <= s.size();
-    for (std::size_t k = 1; ok && k < len; ++k) {
-      const auto b = static_cast<unsigned char>(s[i + k]);
-      ok = (b & 0xC0) == 0x80;
-      cp = (cp << 6) | (b & 0x3F);
-    }
-    if (!ok) {
-      out.push_back(L'\uFFFD');
-      ++i;
-      continue;
-    }
-    out.push_back(static_cast<wchar_t>(cp));
-    i += len;
-  }
-  return out;
-}
-
 // Cuts UTF-8 text to at most `max` bytes without splitting a code point.
 std::string_view TruncateUtf8(std::string_view s, std::size_t max) {
   if (s.size() <= max) return s;
@@ -421,57 +391,13 @@ Error Unsupported(const std::string& location, const std::string& what) {
   return Error(ErrorCode::kInvalidRequest, "unsupported " + what + " at " + location, location);
 }
 
-// Translates ECMAScript \uXXXX escapes (and surrogate pairs) into Boost's \x{...}; the
-// rest of the pattern is passed through, decoded to code points.
-std::wstring TranslatePattern(std::string_view source) {
-  const std::wstring in = DecodeUtf8(source);
-  auto hex4 = [&in](std::size_t at) -> int {
-    if (at + 4 > in.size()) return -1;
-    int v = 0;
-    for (std::size_t k = at; k < at + 4; ++k) {
-      const int d = in[k] < 0x80 ? HexDigit(static_cast<char>(in[k])) : -1;
-      if (d < 0) return -1;
-      v = v * 16 + d;
-    }
-    return v;
-  };
-  std::wstring out;
-  for (std::size_t i = 0; i < in.size(); ++i) {
-    if (in[i] != L'\\' || i + 1 >= in.size()) {
-      out.push_back(in[i]);
-      continue;
-    }
-    int cp = in[i + 1] == L'u' ? hex4(i + 2) : -1;
-    if (cp < 0) {  // another escape: keep it whole, so "\\u" stays a backslash and a 'u'
-      out.push_back(in[i]);
-      out.push_back(in[++i]);
-      continue;
-    }
-    i += 5;
-    if (cp >= 0xD800 && cp <= 0xDBFF && i + 2 < in.size() && in[i + 1] == L'\\' &&
-        in[i + 2] == L'u') {
-      const int low = hex4(i + 3);
-      if (low >= 0xDC00 && low <= 0xDFFF) {
-        cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
-        i += 6;
-      }
-    }
-    char buf[16];
-    const int n = std::snprintf(buf, sizeof buf, "\\x{%X}", static_cast<unsigned>(cp));
-    out.append(buf, buf + n);
-  }
-  return out;
-}
-
 Result<Pattern> CompilePattern(std::string_view source, const std::string& location) {
-  try {
-    return Pattern{
-        std::string(source),
-        boost::wregex(TranslatePattern(source), boost::regex::ECMAScript | boost::regex::no_mod_m)};
-  } catch (const std::exception& e) {
-    return InvalidSchema(location,
-                         "invalid regular expression " + QuoteString(source) + ": " + e.what());
+  auto regex = Regex::Compile(source);
+  if (!regex.ok()) {
+    return InvalidSchema(location, "invalid regular expression " + QuoteString(source) + ": " +
+                                       regex.error().message);
   }
+  return Pattern{std::move(regex).value()};
 }
 
 // Recognised values of a root "$schema", without scheme and trailing '#'.
@@ -979,8 +905,8 @@ class Validator {
       if (m == Match::kError) return false;
       if (m == Match::kNo) {
         return Fail(want, path, [&] {
-          return "expected a string matching the pattern " + QuoteString(s.pattern->source) +
-                 ", got " + QuoteString(text);
+          return "expected a string matching the pattern " +
+                 QuoteString(s.pattern->regex.source()) + ", got " + QuoteString(text);
         });
       }
     }
@@ -1149,14 +1075,11 @@ class Validator {
 
   enum class Match { kYes, kNo, kError };
   Match Search(const Pattern& pattern, std::string_view text, const InstancePath& path) {
-    try {
-      const std::wstring w = DecodeUtf8(text);
-      return boost::regex_search(w, pattern.regex, boost::match_not_dot_newline) ? Match::kYes
-                                                                                 : Match::kNo;
-    } catch (const std::exception& e) {
-      Fatal(path, "could not match the pattern " + QuoteString(pattern.source) + ": " + e.what());
-      return Match::kError;
-    }
+    auto found = pattern.regex.Search(text);
+    if (found.ok()) return *found ? Match::kYes : Match::kNo;
+    Fatal(path, "could not match the pattern " + QuoteString(pattern.regex.source()) + ": " +
+                    found.error().message);
+    return Match::kError;
   }
 
   Error error_;

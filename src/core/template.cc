@@ -25,6 +25,8 @@ std::string_view Trim(std::string_view s) {
 struct Piece {
   bool is_ref;
   std::string_view text;
+  bool raw = false;        // {{{path}}}: inserted without the caller's escaping
+  std::size_t offset = 0;  // of the piece in the template string
 };
 
 Result<std::vector<Piece>> Split(std::string_view s) {
@@ -33,23 +35,26 @@ Result<std::vector<Piece>> Split(std::string_view s) {
   while (pos < s.size()) {
     const auto open = s.find("{{", pos);
     if (open == std::string_view::npos) {
-      pieces.push_back({false, s.substr(pos)});
+      pieces.push_back({false, s.substr(pos), false, pos});
       break;
     }
-    if (open > pos) pieces.push_back({false, s.substr(pos, open - pos)});
-    const auto close = s.find("}}", open + 2);
+    if (open > pos) pieces.push_back({false, s.substr(pos, open - pos), false, pos});
+    const bool raw = s.substr(open, 3) == "{{{";
+    const std::size_t inner = open + (raw ? 3 : 2);
+    const auto close = s.find(raw ? "}}}" : "}}", inner);
     if (close == std::string_view::npos) {
       return Error(ErrorCode::kInvalidRequest,
-                   "template \"" + std::string(s) + "\" opens \"{{\" without a closing \"}}\"");
+                   "template \"" + std::string(s) + "\" opens \"" + (raw ? "{{{" : "{{") +
+                       "\" without a closing \"" + (raw ? "}}}" : "}}") + "\"");
     }
-    const auto path = Trim(s.substr(open + 2, close - open - 2));
+    const auto path = Trim(s.substr(inner, close - inner));
     if (!ValidPath(path)) {
       return Error(ErrorCode::kInvalidRequest,
                    "template reference \"{{" + std::string(s.substr(open + 2, close - open - 2)) +
                        "}}\" is not a dotted path such as input.name or steps.ID.output");
     }
-    pieces.push_back({true, path});
-    pos = close + 2;
+    pieces.push_back({true, path, raw, open});
+    pos = close + (raw ? 3 : 2);
   }
   return pieces;
 }
@@ -63,25 +68,40 @@ Result<json::value> Lookup(std::string_view path, const json::value& context) {
   return *v;
 }
 
-Result<json::value> RenderString(const json::string& s, const json::value& context) {
-  auto pieces = Split(std::string_view(s.data(), s.size()));
-  if (!pieces.ok()) return std::move(pieces).error();
-  if (pieces->size() == 1 && (*pieces)[0].is_ref) return Lookup((*pieces)[0].text, context);
+// Interpolates every reference of `pieces` into one string, each through `escape`
+// unless it is raw (or there is no escape).
+Result<std::string> Interpolate(const std::vector<Piece>& pieces, const json::value& context,
+                                const TemplateEscape* escape) {
   std::string out;
-  for (const auto& p : *pieces) {
+  for (const auto& p : pieces) {
     if (!p.is_ref) {
       out.append(p.text);
       continue;
     }
     auto v = Lookup(p.text, context);
     if (!v.ok()) return std::move(v).error();
-    if (v->is_string()) {
-      out.append(v->get_string().data(), v->get_string().size());
-    } else {
-      out += json::serialize(*v);
+    std::string text = v->is_string() ? std::string(v->get_string()) : json::serialize(*v);
+    if (escape != nullptr && *escape && !p.raw) {
+      auto escaped = (*escape)(text, p.offset);
+      if (!escaped.ok()) {
+        Error e = std::move(escaped).error();
+        e.message = "{{" + std::string(p.text) + "}}: " + e.message;
+        return e;
+      }
+      text = std::move(escaped).value();
     }
+    out += text;
   }
-  return json::value(out);
+  return out;
+}
+
+Result<json::value> RenderString(const json::string& s, const json::value& context) {
+  auto pieces = Split(std::string_view(s.data(), s.size()));
+  if (!pieces.ok()) return std::move(pieces).error();
+  if (pieces->size() == 1 && (*pieces)[0].is_ref) return Lookup((*pieces)[0].text, context);
+  auto out = Interpolate(*pieces, context, nullptr);
+  if (!out.ok()) return std::move(out).error();
+  return json::value(std::move(out).value());
 }
 
 }  // namespace
@@ -120,6 +140,13 @@ Result<std::string> RenderTemplateString(std::string_view tmpl, const json::valu
   if (!r.ok()) return std::move(r).error();
   if (r->is_string()) return std::string(r->get_string());
   return json::serialize(*r);
+}
+
+Result<std::string> RenderTemplateString(std::string_view tmpl, const json::value& context,
+                                         const TemplateEscape& escape) {
+  auto pieces = Split(tmpl);
+  if (!pieces.ok()) return std::move(pieces).error();
+  return Interpolate(*pieces, context, &escape);
 }
 
 namespace {

@@ -167,5 +167,39 @@ TEST(TemplateTest, ReferencesOfAMalformedTemplateAreAnError) {
   EXPECT_FALSE(TemplateReferences(json::value("{{a..b}}")).ok());
 }
 
+TEST(TemplateEscapeTest, EveryInterpolatedValueGoesThroughTheEscapeButRawOnes) {
+  const json::value ctx = json::parse(R"({"input": {"q": "a&b", "n": 3, "p": "x/y"}})");
+  std::vector<std::size_t> offsets;
+  const TemplateEscape upper = [&](std::string_view v, std::size_t at) -> Result<std::string> {
+    offsets.push_back(at);
+    return "<" + std::string(v) + ">";
+  };
+  auto r = RenderTemplateString("/s/{{input.p}}?q={{ input.q }}&n={{input.n}}&raw={{{input.p}}}",
+                                ctx, upper);
+  ASSERT_OK(r);
+  EXPECT_EQ(*r, "/s/<x/y>?q=<a&b>&n=<3>&raw=x/y");
+  EXPECT_EQ(offsets, (std::vector<std::size_t>{3, 17, 33}));
+  // A lone reference is still a string here.
+  auto one = RenderTemplateString("{{input.n}}", ctx, upper);
+  ASSERT_OK(one);
+  EXPECT_EQ(*one, "<3>");
+  // Without an escape, {{{ref}}} is the same reference as {{ref}}.
+  auto plain = RenderTemplate(json::value("{{{input.n}}}"), ctx);
+  ASSERT_OK(plain);
+  EXPECT_EQ(*plain, json::value(3));
+}
+
+TEST(TemplateEscapeTest, AnEscapesRefusalNamesTheReference) {
+  const json::value ctx = json::parse(R"({"input": {"h": "a/b"}})");
+  const TemplateEscape refuse = [](std::string_view, std::size_t) -> Result<std::string> {
+    return Error(ErrorCode::kInvalidRequest, "no slashes here");
+  };
+  auto r = RenderTemplateString("http://{{input.h}}/x", ctx, refuse);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message.find("{{input.h}}: no slashes here"), std::string::npos)
+      << r.error().message;
+  EXPECT_FALSE(RenderTemplateString("{{{input.h}}", ctx, refuse).ok());
+}
+
 }  // namespace
 }  // namespace keel

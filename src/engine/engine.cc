@@ -24,6 +24,18 @@
 namespace keel::engine {
 namespace {
 
+// A step's record breaks no rule of the JSON codec (core/json.h), so the store can write
+// it and read it back: a tool's, a model's or a template's value that does fails the
+// step (invalid_output), never the store. The record wraps the output in one level;
+// a map's output is one level more than its items'.
+Result<void> CheckStorable(const json::value& record, const std::string& step_id) {
+  auto r = CheckJsonLimits(record, "steps." + step_id, JsonLimits::kMaxDepth + 2);
+  if (r.ok()) return r;
+  return Error(ErrorCode::kInvalidOutput,
+               "step \"" + step_id + "\" produced a value keel cannot store: " + r.error().message,
+               r.error().param);
+}
+
 using store::FailureDisposition;
 using store::StepStatus;
 
@@ -467,6 +479,18 @@ class EngineImpl final : public Engine {
       } else {
         result = Error(ErrorCode::kInvalidRequest, "no runner for step kind " + std::string(StepKindName(step->kind)));
       }
+      if (result.ok() && !result->fail && !result->suspend) {
+        if (auto storable = CheckStorable(result->record, step->id); !storable.ok()) {
+          // A template's value is the same on every attempt: no retry mends it.
+          if (step->kind == StepKind::kTransform || step->kind == StepKind::kValidate) {
+            StepOutcome failed;
+            failed.fail = std::move(storable).error();
+            result = std::move(failed);
+          } else {
+            result = std::move(storable).error();
+          }
+        }
+      }
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const bool ok = result.ok() && !result->fail;
       step_latency_
@@ -611,6 +635,12 @@ class EngineImpl final : public Engine {
         } else if (r->suspend) {
           err = Error(ErrorCode::kInvalidRequest, "a map item cannot wait");
           is_final = true;
+        }
+        if (!err) {
+          if (auto storable = CheckStorable(r->record, ctx.step.id + "#" + std::to_string(i));
+              !storable.ok()) {
+            err = std::move(storable).error();
+          }
         }
         if (!err) {
           json::value out = r->record["output"];

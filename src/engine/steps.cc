@@ -1,16 +1,20 @@
 #include "steps.h"
 
-#include <regex>
+#include <boost/url/parse.hpp>
 
 #include "keel/core/ids.h"
 #include "keel/core/json_schema.h"
+#include "keel/core/regex.h"
+#include "keel/core/secrets.h"
 #include "keel/core/template.h"
 #include "keel/net/http_client.h"
 
 namespace keel::engine {
 namespace {
 
-int64_t Millis(Timestamp t) { return std::chrono::duration_cast<Duration>(t.time_since_epoch()).count(); }
+int64_t Millis(Timestamp t) {
+  return std::chrono::duration_cast<Duration>(t.time_since_epoch()).count();
+}
 
 // When the step first started (its first attempt), or now.
 Timestamp StartedAt(const StepContext& ctx) {
@@ -24,6 +28,22 @@ StepOutcome Final(Error e) {
   return o;
 }
 
+// Compiled JSON Schemas by their text, so that a definition's schema is compiled once,
+// not per attempt. Bounded; thread-safe.
+class SchemaCache {
+ public:
+  Result<JsonSchema> Get(const json::value& schema) {
+    const std::string key = json::serialize(schema);
+    if (auto hit = compiled_.Get(key)) return *hit;
+    auto compiled = JsonSchema::Compile(schema);
+    if (compiled.ok()) compiled_.Put(key, *compiled);
+    return compiled;
+  }
+
+ private:
+  LruMap<JsonSchema> compiled_{256};
+};
+
 class LlmStep final : public StepRunner {
  public:
   explicit LlmStep(gateway::Gateway& gateway) : gateway_(gateway) {}
@@ -35,8 +55,10 @@ class LlmStep final : public StepRunner {
     gateway::ChatRequest req;
     req.route = json::value_to<std::string>(spec.at("route"));
     req.body["messages"] = std::move(messages).value();
-    if (const auto* t = spec.if_contains("temperature"); t && t->is_number()) req.body["temperature"] = *t;
-    if (const auto* m = spec.if_contains("max_tokens"); m && m->is_int64()) req.body["max_tokens"] = *m;
+    if (const auto* t = spec.if_contains("temperature"); t && t->is_number())
+      req.body["temperature"] = *t;
+    if (const auto* m = spec.if_contains("max_tokens"); m && m->is_int64())
+      req.body["max_tokens"] = *m;
     req.idempotency_key = ctx.idempotency_key;
     req.failover_only = true;  // the step retries durably, with its own backoff
     req.cancelled = ctx.cancelled;
@@ -45,16 +67,18 @@ class LlmStep final : public StepRunner {
     const json::value* format = spec.if_contains("response_format");
     std::optional<JsonSchema> schema;
     if (format && format->at("type") == "json_schema") {
-      auto compiled = JsonSchema::Compile(format->at("schema"));
+      auto compiled = schemas_.Get(format->at("schema"));
       if (!compiled.ok()) return std::move(compiled).error();
       schema = std::move(compiled).value();
       req.body["response_format"] = json::object{
           {"type", "json_schema"},
-          {"json_schema", json::object{{"name", "output"}, {"schema", format->at("schema")}, {"strict", true}}}};
+          {"json_schema",
+           json::object{{"name", "output"}, {"schema", format->at("schema")}, {"strict", true}}}};
     } else if (format) {
       req.body["response_format"] = json::object{{"type", "json_object"}};
     }
-    const int repairs = format ? static_cast<int>(NumberOr(spec.if_contains("repair_attempts"), 2)) : 0;
+    const int repairs =
+        format ? static_cast<int>(NumberOr(spec.if_contains("repair_attempts"), 2)) : 0;
 
     StepRecordJson rec;
     for (int round = 0;; ++round) {
@@ -65,7 +89,8 @@ class LlmStep final : public StepRunner {
       rec["provider"] = r->provider;
       rec["usage"] = r->usage;
       rec["repairs"] = round;
-      if (r->cache != gateway::CacheStatus::kNone) rec["cache"] = gateway::CacheStatusName(r->cache);
+      if (r->cache != gateway::CacheStatus::kNone)
+        rec["cache"] = gateway::CacheStatusName(r->cache);
       if (!format) {
         rec["output"] = r->text;
         return StepOutcome::Done(std::move(rec));
@@ -74,7 +99,8 @@ class LlmStep final : public StepRunner {
       // what is wrong, a bounded number of times.
       auto parsed = ParseModelJson(r->text);
       std::optional<Error> bad;
-      if (!parsed.ok()) bad = parsed.error();
+      if (!parsed.ok())
+        bad = parsed.error();
       else if (schema) {
         if (auto v = schema->Validate(*parsed); !v.ok()) bad = v.error();
       }
@@ -83,20 +109,24 @@ class LlmStep final : public StepRunner {
         return StepOutcome::Done(std::move(rec));
       }
       if (round >= repairs) {
-        return Error(ErrorCode::kInvalidOutput, "the answer of step \"" + ctx.step.id + "\" is not valid JSON for its schema after " +
-                                                    std::to_string(round) + " repair attempts: " + bad->message);
+        return Error(ErrorCode::kInvalidOutput, "the answer of step \"" + ctx.step.id +
+                                                    "\" is not valid JSON for its schema after " +
+                                                    std::to_string(round) +
+                                                    " repair attempts: " + bad->message);
       }
       auto& msgs = req.body["messages"].as_array();
       msgs.push_back(json::object{{"role", "assistant"}, {"content", r->text}});
-      msgs.push_back(json::object{
-          {"role", "user"},
-          {"content", "Your answer is not valid: " + bad->message +
-                          ". Answer again with only a JSON value that satisfies the requested schema, nothing else."}});
+      msgs.push_back(
+          json::object{{"role", "user"},
+                       {"content", "Your answer is not valid: " + bad->message +
+                                       ". Answer again with only a JSON value that satisfies the "
+                                       "requested schema, nothing else."}});
     }
   }
 
  private:
   gateway::Gateway& gateway_;
+  SchemaCache schemas_;
 };
 
 class TransformStep final : public StepRunner {
@@ -113,15 +143,20 @@ class ValidateStep final : public StepRunner {
   Result<StepOutcome> Run(const StepContext& ctx) override {
     auto value = RenderTemplate(ctx.step.spec.at("value"), ctx.scope);
     if (!value.ok()) return std::move(value).error();
-    auto schema = JsonSchema::Compile(ctx.step.spec.at("schema"));
+    auto schema = schemas_.Get(ctx.step.spec.at("schema"));
     if (!schema.ok()) return std::move(schema).error();
     if (auto v = schema->Validate(*value); !v.ok()) {
-      Error e(ErrorCode::kInvalidOutput, "step \"" + ctx.step.id + "\": the value does not satisfy the schema: " +
-                                             v.error().message, v.error().param);
+      Error e(ErrorCode::kInvalidOutput,
+              "step \"" + ctx.step.id +
+                  "\": the value does not satisfy the schema: " + v.error().message,
+              v.error().param);
       return Final(std::move(e));  // the same value fails the same way again
     }
     return StepOutcome::Done(StepRecordJson{{"output", std::move(value).value()}});
   }
+
+ private:
+  SchemaCache schemas_;
 };
 
 class ChoiceStep final : public StepRunner {
@@ -131,7 +166,7 @@ class ChoiceStep final : public StepRunner {
     int matched = -1;
     const auto& cases = ctx.step.spec.at("cases").as_array();
     for (std::size_t i = 0; i < cases.size(); ++i) {
-      auto holds = EvaluateCondition(cases[i].at("when"), ctx.scope);
+      auto holds = EvaluateCondition(cases[i].at("when"), ctx.scope, &patterns_);
       if (!holds.ok()) return Final(std::move(holds).error());
       if (*holds) {
         to = std::string(cases[i].at("goto").as_string());
@@ -140,10 +175,15 @@ class ChoiceStep final : public StepRunner {
       }
     }
     auto out = StepOutcome::Done(StepRecordJson{
-        {"output", json::object{{"branch", to}, {"case", matched >= 0 ? json::value(matched) : json::value("default")}}}});
+        {"output",
+         json::object{{"branch", to},
+                      {"case", matched >= 0 ? json::value(matched) : json::value("default")}}}});
     out.next = to;
     return out;
   }
+
+ private:
+  PatternCache patterns_;
 };
 
 class SleepStep final : public StepRunner {
@@ -151,8 +191,11 @@ class SleepStep final : public StepRunner {
   Result<StepOutcome> Run(const StepContext& ctx) override {
     const Duration d(ctx.step.spec.at("for_ms").as_int64());
     const Timestamp until = StartedAt(ctx) + d;
-    if (ctx.now >= until) return StepOutcome::Done(StepRecordJson{{"output", json::object{{"slept_ms", d.count()}}}});
-    return StepOutcome::Suspend(until, json::object{{"kind", "sleep"}, {"step_id", ctx.step.id}, {"until_ms", Millis(until)}});
+    if (ctx.now >= until)
+      return StepOutcome::Done(StepRecordJson{{"output", json::object{{"slept_ms", d.count()}}}});
+    return StepOutcome::Suspend(
+        until,
+        json::object{{"kind", "sleep"}, {"step_id", ctx.step.id}, {"until_ms", Millis(until)}});
   }
 };
 
@@ -165,13 +208,16 @@ class WaitStep final : public StepRunner {
       return StepOutcome::Done(StepRecordJson{{"output", sig->at("payload")}, {"signal", name}});
     }
     std::optional<Timestamp> deadline;
-    if (const auto* t = spec.if_contains("timeout_ms")) deadline = StartedAt(ctx) + Duration(t->as_int64());
+    if (const auto* t = spec.if_contains("timeout_ms"))
+      deadline = StartedAt(ctx) + Duration(t->as_int64());
     if (deadline && ctx.now >= *deadline) {
       if (const auto* d = spec.if_contains("default")) {
         return StepOutcome::Done(StepRecordJson{{"output", *d}, {"timed_out", true}});
       }
-      return Final(Error(ErrorCode::kTimeout, "step \"" + ctx.step.id + "\": no signal \"" + name + "\" arrived within " +
-                                                  std::to_string(spec.at("timeout_ms").as_int64()) + "ms (and it has no default)"));
+      return Final(Error(ErrorCode::kTimeout, "step \"" + ctx.step.id + "\": no signal \"" + name +
+                                                  "\" arrived within " +
+                                                  std::to_string(spec.at("timeout_ms").as_int64()) +
+                                                  "ms (and it has no default)"));
     }
     json::object waiting{{"kind", "signal"}, {"step_id", ctx.step.id}, {"signal", name}};
     if (deadline) waiting["timeout_at_ms"] = Millis(*deadline);
@@ -179,35 +225,125 @@ class WaitStep final : public StepRunner {
   }
 };
 
+// The parts of a URL a template value may land in.
+enum class UrlPart { kAuthority, kPath, kQuery, kFragment };
+
+// Where each byte offset of a URL template falls, from its literal text.
+class UrlLayout {
+ public:
+  explicit UrlLayout(std::string_view tmpl) {
+    const auto scheme = tmpl.find("://");
+    const std::size_t from = scheme == std::string_view::npos ? 0 : scheme + 3;
+    authority_end_ = std::min(tmpl.find_first_of("/?#", from), tmpl.size());
+    query_ = std::min(tmpl.find('?', authority_end_), tmpl.size());
+    fragment_ = std::min(tmpl.find('#', authority_end_), tmpl.size());
+    if (fragment_ < query_) query_ = fragment_;
+  }
+  UrlPart At(std::size_t offset) const {
+    if (offset < authority_end_) return UrlPart::kAuthority;
+    if (offset < query_) return UrlPart::kPath;
+    if (offset < fragment_) return UrlPart::kQuery;
+    return UrlPart::kFragment;
+  }
+
+ private:
+  std::size_t authority_end_, query_, fragment_;
+};
+
+bool Unreserved(unsigned char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+         c == '.' || c == '_' || c == '~';
+}
+
+// A value rendered into a URL, percent-encoded for its part: in the path, query and
+// fragment everything but the unreserved characters is encoded ("/", "&", "=", "#"
+// included), so a value stays one value; a whole "." or ".." segment is encoded too.
+// In the host, only a host's characters are allowed.
+Result<std::string> EncodeUrlValue(std::string_view v, UrlPart part) {
+  if (part == UrlPart::kAuthority) {
+    for (const char c : v) {
+      if (!Unreserved(static_cast<unsigned char>(c)) && c != ':' && c != '[' && c != ']') {
+        return Error(ErrorCode::kInvalidRequest,
+                     "a value rendered into the URL's host holds a character no host has");
+      }
+    }
+    return std::string(v);
+  }
+  if (part == UrlPart::kPath && (v == "." || v == ".."))
+    return std::string(v == "." ? "%2E" : "%2E%2E");
+  return net::PercentEncode(v);
+}
+
+std::string Base64(std::string_view in) {
+  static constexpr char kAlphabet[] =
+      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  out.reserve((in.size() + 2) / 3 * 4);
+  std::size_t i = 0;
+  for (; i + 2 < in.size(); i += 3) {
+    const uint32_t n =
+        (uint32_t(uint8_t(in[i])) << 16) | (uint32_t(uint8_t(in[i + 1])) << 8) | uint8_t(in[i + 2]);
+    for (int k = 18; k >= 0; k -= 6) out.push_back(kAlphabet[(n >> k) & 63]);
+  }
+  if (i < in.size()) {
+    uint32_t n = uint32_t(uint8_t(in[i])) << 16;
+    if (i + 1 < in.size()) n |= uint32_t(uint8_t(in[i + 1])) << 8;
+    out.push_back(kAlphabet[(n >> 18) & 63]);
+    out.push_back(kAlphabet[(n >> 12) & 63]);
+    out.push_back(i + 1 < in.size() ? kAlphabet[(n >> 6) & 63] : '=');
+    out.push_back('=');
+  }
+  return out;
+}
+
 class HttpStep final : public StepRunner {
  public:
   explicit HttpStep(const EngineConfig& config) : config_(config) {}
 
   Result<StepOutcome> Run(const StepContext& ctx) override {
     const auto& spec = ctx.step.spec.as_object();
+    const std::string where = "step \"" + ctx.step.id + "\": ";
     const std::string raw_url(spec.at("url").as_string());
-    auto url = RenderTemplateString(raw_url, ctx.scope);
-    if (!url.ok()) return std::move(url).error();
+    const UrlLayout layout(raw_url);
+    auto url = RenderTemplateString(raw_url, ctx.scope, [&](std::string_view v, std::size_t at) {
+      return EncodeUrlValue(v, layout.At(at));
+    });
+    if (!url.ok()) return Final(Error(url.error().code, where + "url " + url.error().message));
     if (url->rfind("http://", 0) != 0 && url->rfind("https://", 0) != 0) {
-      return Final(Error(ErrorCode::kInvalidRequest, "step \"" + ctx.step.id + "\": \"" + *url + "\" is not an http(s) URL"));
+      return Final(Error(ErrorCode::kInvalidRequest,
+                         where + "\"" + RedactUrl(*url) + "\" is not an http(s) URL"));
+    }
+    if (!boost::urls::parse_uri(*url)) {
+      return Final(Error(ErrorCode::kInvalidRequest,
+                         where + "the URL \"" + RedactUrl(*url) + "\" does not parse"));
     }
     const std::string host = UrlHost(*url);
     if (!Allowed(raw_url, host)) {
-      return Final(Error(ErrorCode::kInvalidRequest,
-                         "step \"" + ctx.step.id + "\": host \"" + host +
-                             "\" is not allowed; name it in the step's url or under http.allow_hosts in keel.yaml"));
+      return Final(
+          Error(ErrorCode::kInvalidRequest, where + "host \"" + host +
+                                                "\" is not allowed; name it in the step's url or "
+                                                "under http.allow_hosts in keel.yaml"));
     }
     net::ClientRequest req;
     req.method = std::string(spec.at("method").as_string());
     req.url = *url;
     req.total_timeout = ctx.step.timeout;
     req.cancelled = ctx.cancelled;
-    req.connect_timeout = std::min<std::chrono::milliseconds>(ctx.step.timeout, std::chrono::milliseconds(5000));
+    req.connect_timeout =
+        std::min<std::chrono::milliseconds>(ctx.step.timeout, std::chrono::milliseconds(5000));
     if (const auto* h = spec.if_contains("headers"); h && h->is_object()) {
       auto rendered = RenderTemplate(*h, ctx.scope);
       if (!rendered.ok()) return std::move(rendered).error();
       for (const auto& [k, v] : rendered->as_object()) {
-        req.headers.emplace_back(std::string(k), v.is_string() ? std::string(v.as_string()) : json::serialize(v));
+        std::string value = v.is_string() ? std::string(v.as_string()) : json::serialize(v);
+        // A CR or LF would end the header and start another (or a whole second request).
+        if (value.find_first_of(std::string_view("\r\n\0", 3)) != std::string::npos) {
+          return Final(
+              Error(ErrorCode::kInvalidRequest,
+                    where + "the value of header " + std::string(k) +
+                        " holds a CR, LF or NUL: a value rendered into a header must be one line"));
+        }
+        req.headers.emplace_back(std::string(k), std::move(value));
       }
     }
     req.headers.emplace_back("Idempotency-Key", ctx.idempotency_key);
@@ -217,36 +353,78 @@ class HttpStep final : public StepRunner {
       req.body = json::serialize(*rendered);
       req.headers.emplace_back("Content-Type", "application/json");
     }
-    auto resp = net::SendHttp(req);
-    if (!resp.ok()) {
-      Error e = std::move(resp).error();
-      e.message = "step \"" + ctx.step.id + "\": " + e.message;
+    const auto limit =
+        static_cast<std::size_t>(NumberOr(spec.if_contains("max_response_bytes"),
+                                          static_cast<double>(config_.http.max_response_bytes)));
+    // Read as a stream, so that an answer past the limit is cut off, not held whole.
+    net::ClientResponse resp;
+    bool too_large = false;
+    net::StreamTimeouts timeouts{ctx.step.timeout, ctx.step.timeout};
+    auto sent = net::SendHttpStreaming(
+        req, timeouts,
+        [&](int status, const net::Headers& headers) {
+          resp.status = status;
+          resp.headers = headers;
+          return true;
+        },
+        [&](std::string_view data) {
+          if (resp.body.size() + data.size() > limit) {
+            too_large = true;
+            return false;
+          }
+          resp.body.append(data);
+          return true;
+        });
+    if (too_large) {
+      return Final(Error(ErrorCode::kInvalidOutput,
+                         where + req.method + " " + RedactUrl(*url) + " answered more than " +
+                             std::to_string(limit) +
+                             " bytes (max_response_bytes); raise the step's max_response_bytes "
+                             "or http.max_response_bytes if that is expected"));
+    }
+    if (!sent.ok()) {
+      Error e = std::move(sent).error();
+      e.message = where + RedactSecrets(e.message);
       return e;
     }
-    if (resp->status < 200 || resp->status >= 300) {
-      Error e(ClassifyHttpStatus(resp->status), "step \"" + ctx.step.id + "\": " + req.method + " " + *url + " answered " +
-                                                    std::to_string(resp->status) + ": " + resp->body.substr(0, 300));
-      return e;
+    resp.status = *sent;
+    if (resp.status < 200 || resp.status >= 300) {
+      return Error(ClassifyHttpStatus(resp.status), where + req.method + " " + RedactUrl(*url) +
+                                                        " answered " + std::to_string(resp.status) +
+                                                        ": " +
+                                                        RedactSecrets(Utf8Prefix(resp.body, 300)));
     }
-    json::value body = json::string(resp->body);
-    if (resp->Header("content-type").find("json") != std::string_view::npos) {
-      auto parsed = ParseJson(resp->body);
+    StepRecordJson rec{{"status", resp.status}};
+    if (resp.Header("content-type").find("json") != std::string_view::npos) {
+      auto parsed = ParseJson(resp.body);
       if (!parsed.ok()) {
-        return Error(ErrorCode::kInvalidOutput, "step \"" + ctx.step.id + "\": the answer says JSON but is not: " +
-                                                    parsed.error().message);
+        return Error(ErrorCode::kInvalidOutput,
+                     where + "the answer says JSON but is not: " + parsed.error().message);
       }
-      body = std::move(parsed).value();
+      rec["output"] = std::move(parsed).value();
+    } else if (IsValidUtf8(resp.body)) {
+      rec["output"] = resp.body;
+    } else {
+      // Not text: kept whole, in base64, and said so.
+      rec["output"] = Base64(resp.body);
+      rec["encoding"] = "base64";
     }
-    return StepOutcome::Done(StepRecordJson{{"output", std::move(body)}, {"status", resp->status}});
+    return StepOutcome::Done(std::move(rec));
   }
 
  private:
+  // At most `max` bytes of `s` for a message, as valid UTF-8.
+  static std::string Utf8Prefix(std::string_view s, std::size_t max) {
+    return ToValidUtf8(s.substr(0, max));
+  }
+
   // The URL's host is named by the config: literally in the step's URL, or listed.
   bool Allowed(const std::string& raw_url, const std::string& host) const {
     const std::string literal = UrlHost(raw_url);
     if (!literal.empty() && literal.find("{{") == std::string::npos && literal == host) return true;
     std::string bare = host;  // without its port ("[::1]" keeps its colons)
-    if (const auto colon = host.rfind(':'); colon != std::string::npos && host.back() != ']') bare = host.substr(0, colon);
+    if (const auto colon = host.rfind(':'); colon != std::string::npos && host.back() != ']')
+      bare = host.substr(0, colon);
     for (const auto& a : config_.http.allow_hosts) {
       if (a == host || a == bare) return true;
     }
@@ -262,10 +440,14 @@ class PipelineStep final : public StepRunner {
   Result<StepOutcome> Run(const StepContext& ctx) override {
     const auto& spec = ctx.step.spec.as_object();
     const std::string name(spec.at("name").as_string());
-    const json::value* def = ctx.run.definition.is_object() ? ctx.run.definition.as_object().if_contains("pipelines") : nullptr;
+    const json::value* def = ctx.run.definition.is_object()
+                                 ? ctx.run.definition.as_object().if_contains("pipelines")
+                                 : nullptr;
     def = def && def->is_object() ? def->as_object().if_contains(name) : nullptr;
     if (def == nullptr) {
-      return Final(Error(ErrorCode::kInvalidRequest, "step \"" + ctx.step.id + "\": the run's definition holds no pipeline \"" + name + "\""));
+      return Final(Error(
+          ErrorCode::kInvalidRequest,
+          "step \"" + ctx.step.id + "\": the run's definition holds no pipeline \"" + name + "\""));
     }
     auto input = RenderTemplate(spec.at("input"), ctx.scope);
     if (!input.ok()) return std::move(input).error();
@@ -294,13 +476,15 @@ class PipelineStep final : public StepRunner {
       case store::RunStatus::kDeadLettered:
       case store::RunStatus::kCancelled: {
         Error e = c.error.value_or(Error(ErrorCode::kCancelled, "cancelled"));
-        e.message = "child run " + c.id + " (pipeline " + name + ") ended " + std::string(store::RunStatusName(c.status)) +
-                    ": " + e.message;
+        e.message = "child run " + c.id + " (pipeline " + name + ") ended " +
+                    std::string(store::RunStatusName(c.status)) + ": " + e.message;
         return Final(std::move(e));
       }
       default:
-        return StepOutcome::Suspend(std::nullopt, json::object{{"kind", "child_run"}, {"step_id", ctx.step.id},
-                                                               {"run_id", c.id}, {"pipeline", name}});
+        return StepOutcome::Suspend(std::nullopt, json::object{{"kind", "child_run"},
+                                                               {"step_id", ctx.step.id},
+                                                               {"run_id", c.id},
+                                                               {"pipeline", name}});
     }
   }
 
@@ -320,7 +504,8 @@ class TaskStep final : public StepRunner {
   // `retried`: a second look, after the task ended while this one decided to expire it.
   Result<StepOutcome> Run(const StepContext& ctx, bool retried) {
     const auto& spec = ctx.step.spec.as_object();
-    auto input = RenderTemplate(spec.contains("input") ? spec.at("input") : json::value(json::object{}), ctx.scope);
+    auto input = RenderTemplate(
+        spec.contains("input") ? spec.at("input") : json::value(json::object{}), ctx.scope);
     if (!input.ok()) return std::move(input).error();
     const Duration hb(spec.at("heartbeat_timeout_ms").as_int64());
     const std::string queue(spec.at("queue").as_string());
@@ -329,10 +514,13 @@ class TaskStep final : public StepRunner {
     using S = store::TaskRecord::Status;
     switch (task->status) {
       case S::kCompleted:
-        return StepOutcome::Done(StepRecordJson{{"output", task->output}, {"worker", task->worker_id}});
+        return StepOutcome::Done(
+            StepRecordJson{{"output", task->output}, {"worker", task->worker_id}});
       case S::kFailed: {
-        Error e = task->error.value_or(Error(ErrorCode::kServerError, "the worker failed the task"));
-        e.message = "task of step \"" + ctx.step.id + "\" failed on worker " + task->worker_id + ": " + e.message;
+        Error e =
+            task->error.value_or(Error(ErrorCode::kServerError, "the worker failed the task"));
+        e.message = "task of step \"" + ctx.step.id + "\" failed on worker " + task->worker_id +
+                    ": " + e.message;
         if (!task->retryable) return Final(std::move(e));
         if (!IsRetryable(e.code)) e.code = ErrorCode::kServerError;  // the worker said: try again
         return e;
@@ -342,10 +530,12 @@ class TaskStep final : public StepRunner {
           // The worker went quiet: this attempt failed; a retry queues a new task.
           auto expired = services_.store.ExpireTask(*ctx.lease, task->token);
           // The worker answered just in time: take its answer.
-          if (!expired.ok() && expired.error().code == ErrorCode::kConflict && !retried) return Run(ctx, true);
+          if (!expired.ok() && expired.error().code == ErrorCode::kConflict && !retried)
+            return Run(ctx, true);
           if (!expired.ok()) return std::move(expired).error();
-          return Error(ErrorCode::kTimeout, "task of step \"" + ctx.step.id + "\": worker " + task->worker_id +
-                                                " sent no heartbeat within " + std::to_string(hb.count()) + "ms");
+          return Error(ErrorCode::kTimeout, "task of step \"" + ctx.step.id + "\": worker " +
+                                                task->worker_id + " sent no heartbeat within " +
+                                                std::to_string(hb.count()) + "ms");
         }
         break;
       case S::kPending:
@@ -357,13 +547,18 @@ class TaskStep final : public StepRunner {
     // The step's timeout bounds each attempt: from when its task was queued.
     const Timestamp deadline = task->created_at + ctx.step.timeout;
     if (ctx.now >= deadline) {
-      auto expired = services_.store.ExpireTask(*ctx.lease, task->token);  // a late worker's answer is dropped
-      if (!expired.ok() && expired.error().code == ErrorCode::kConflict && !retried) return Run(ctx, true);
-      return Error(ErrorCode::kTimeout, "task of step \"" + ctx.step.id + "\" was not done within the step's timeout of " +
+      auto expired =
+          services_.store.ExpireTask(*ctx.lease, task->token);  // a late worker's answer is dropped
+      if (!expired.ok() && expired.error().code == ErrorCode::kConflict && !retried)
+        return Run(ctx, true);
+      return Error(ErrorCode::kTimeout, "task of step \"" + ctx.step.id +
+                                            "\" was not done within the step's timeout of " +
                                             std::to_string(ctx.step.timeout.count()) + "ms");
     }
     if (!wake || *wake > deadline) wake = deadline;
-    json::object waiting{{"kind", "task"}, {"step_id", ctx.step.id}, {"queue", queue},
+    json::object waiting{{"kind", "task"},
+                         {"step_id", ctx.step.id},
+                         {"queue", queue},
                          {"task", std::string(store::TaskStatusName(task->status))}};
     if (!task->worker_id.empty()) waiting["worker"] = task->worker_id;
     return StepOutcome::Suspend(wake, std::move(waiting));
@@ -389,46 +584,68 @@ bool JsonEqual(const json::value& a, const json::value& b) {
 
 }  // namespace
 
-Result<bool> EvaluateCondition(const json::value& c, const json::value& scope) {
-  const auto& o = c.as_object();
-  if (const auto* all = o.if_contains("all")) {
-    for (const auto& x : all->as_array()) {
-      auto r = EvaluateCondition(x, scope);
-      if (!r.ok() || !*r) return r;
+Result<Regex> PatternCache::Get(std::string_view source) {
+  const std::string key(source);
+  if (auto hit = compiled_.Get(key)) return *hit;
+  auto compiled = Regex::Compile(source);
+  if (compiled.ok()) compiled_.Put(key, *compiled);
+  return compiled;
+}
+
+namespace {
+
+Error BadCondition(const std::string& why) {
+  return Error(ErrorCode::kInvalidRequest,
+               "a condition of the run's definition is malformed: " + why);
+}
+
+Result<bool> Evaluate(const json::value& c, const json::value& scope, PatternCache* patterns,
+                      int depth) {
+  // config check bounds nesting at 16; a stored definition from elsewhere is bounded too.
+  if (depth > 64) return BadCondition("conditions nest deeper than 64 levels");
+  const auto* o = c.if_object();
+  if (o == nullptr) return BadCondition("a condition must be an object");
+  for (const char* k : {"all", "any"}) {
+    const auto* list = o->if_contains(k);
+    if (list == nullptr) continue;
+    if (!list->is_array()) return BadCondition(std::string(k) + " must be a list");
+    const bool all = k[1] == 'l';
+    for (const auto& x : list->get_array()) {
+      auto r = Evaluate(x, scope, patterns, depth + 1);
+      if (!r.ok() || *r != all) return r;
     }
-    return true;
+    return all;
   }
-  if (const auto* any = o.if_contains("any")) {
-    for (const auto& x : any->as_array()) {
-      auto r = EvaluateCondition(x, scope);
-      if (!r.ok() || *r) return r;
-    }
-    return false;
-  }
-  if (const auto* n = o.if_contains("not")) {
-    auto r = EvaluateCondition(*n, scope);
+  if (const auto* n = o->if_contains("not")) {
+    auto r = Evaluate(*n, scope, patterns, depth + 1);
     if (!r.ok()) return r;
     return !*r;
   }
-  auto rendered = RenderTemplate(o.at("value"), scope);
+  const auto* value = o->if_contains("value");
+  if (value == nullptr) return BadCondition("a condition without a value");
+  auto rendered = RenderTemplate(*value, scope);
   const bool present = rendered.ok();
-  if (!present && rendered.error().code != ErrorCode::kInvalidRequest) return std::move(rendered).error();
-  if (const auto* e = o.if_contains("exists")) return (e->is_bool() ? e->as_bool() : true) == present;
+  if (!present && rendered.error().code != ErrorCode::kInvalidRequest)
+    return std::move(rendered).error();
+  if (const auto* e = o->if_contains("exists"))
+    return (e->is_bool() ? e->as_bool() : true) == present;
   if (!present) return false;
   const json::value& v = *rendered;
-  if (const auto* x = o.if_contains("equals")) return JsonEqual(v, *x);
-  if (const auto* x = o.if_contains("not_equals")) return !JsonEqual(v, *x);
+  if (const auto* x = o->if_contains("equals")) return JsonEqual(v, *x);
+  if (const auto* x = o->if_contains("not_equals")) return !JsonEqual(v, *x);
   for (const char* op : {"gt", "gte", "lt", "lte"}) {
-    if (const auto* x = o.if_contains(op)) return Compare(v, *x, op);
+    if (const auto* x = o->if_contains(op)) return Compare(v, *x, op);
   }
-  if (const auto* x = o.if_contains("in")) {
-    for (const auto& y : x->as_array()) {
+  if (const auto* x = o->if_contains("in")) {
+    if (!x->is_array()) return BadCondition("in must be a list");
+    for (const auto& y : x->get_array()) {
       if (JsonEqual(v, y)) return true;
     }
     return false;
   }
-  if (const auto* x = o.if_contains("contains")) {
-    if (v.is_string() && x->is_string()) return std::string_view(v.as_string()).find(x->as_string()) != std::string_view::npos;
+  if (const auto* x = o->if_contains("contains")) {
+    if (v.is_string() && x->is_string())
+      return std::string_view(v.as_string()).find(x->as_string()) != std::string_view::npos;
     if (v.is_array()) {
       for (const auto& y : v.as_array()) {
         if (JsonEqual(y, *x)) return true;
@@ -436,15 +653,30 @@ Result<bool> EvaluateCondition(const json::value& c, const json::value& scope) {
     }
     return false;
   }
-  if (const auto* x = o.if_contains("matches")) {
+  if (const auto* x = o->if_contains("matches")) {
+    if (!x->is_string()) return BadCondition("matches must be a string (a regular expression)");
     if (!v.is_string()) return false;
-    try {
-      return std::regex_search(std::string(v.as_string()), std::regex(std::string(x->as_string()), std::regex::ECMAScript));
-    } catch (const std::regex_error& err) {
-      return Error(ErrorCode::kInvalidRequest, std::string("bad regular expression: ") + err.what());
+    auto regex =
+        patterns != nullptr ? patterns->Get(x->get_string()) : Regex::Compile(x->get_string());
+    if (!regex.ok())
+      return BadCondition("matches is not a valid regular expression: " + regex.error().message);
+    auto found = regex->Search(v.get_string());
+    if (!found.ok()) {
+      // The engine gave up (its match limits): the same text fails the same way again.
+      return Error(ErrorCode::kInvalidRequest,
+                   "could not match the pattern \"" + regex->source() + "\" against a text of " +
+                       std::to_string(v.get_string().size()) + " bytes: " + found.error().message);
     }
+    return *found;
   }
-  return Error(ErrorCode::kInvalidRequest, "a condition without a test");
+  return BadCondition("a condition without a test");
+}
+
+}  // namespace
+
+Result<bool> EvaluateCondition(const json::value& c, const json::value& scope,
+                               PatternCache* patterns) {
+  return Evaluate(c, scope, patterns, 0);
 }
 
 Result<json::value> ParseModelJson(std::string_view text) {
@@ -454,7 +686,8 @@ Result<json::value> ParseModelJson(std::string_view text) {
   const auto fence = text.find("```");
   if (fence != std::string_view::npos) {
     auto start = text.find('\n', fence);
-    const auto end = start == std::string_view::npos ? std::string_view::npos : text.find("```", start);
+    const auto end =
+        start == std::string_view::npos ? std::string_view::npos : text.find("```", start);
     if (end != std::string_view::npos) {
       auto inner = ParseJson(text.substr(start + 1, end - start - 1));
       if (inner.ok()) return inner;

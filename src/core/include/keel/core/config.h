@@ -186,6 +186,10 @@ struct HttpToolConfig {
   /// Hosts ("host" or "host:port") that `http` steps may call besides the ones their URLs
   /// name literally in the config. Default: none.
   std::vector<std::string> allow_hosts;
+  /// The largest answer an `http` step reads (its body, in bytes); a larger one fails the
+  /// step for good (invalid_output) without being kept. A step's own
+  /// `max_response_bytes` overrides it. Default: 10 MiB. Range: 1 KiB..1 GiB.
+  int64_t max_response_bytes = 10 << 20;
 };
 
 struct EngineConfig {

@@ -54,6 +54,10 @@ Result<void> CheckJsonLimits(const json::value& v, std::string_view what,
 /// Whether `text` is valid UTF-8 (no overlong forms, no surrogates, at most U+10FFFF).
 bool IsValidUtf8(std::string_view text);
 
+/// `text` with every byte that is not part of a valid UTF-8 sequence replaced by U+FFFD
+/// (a sequence cut at the end included): for messages that quote foreign text.
+std::string ToValidUtf8(std::string_view text);
+
 /// Serialises with object keys sorted at every level, so that two documents that differ
 /// only in key order have the same canonical form.
 std::string CanonicalJson(const json::value& v);
