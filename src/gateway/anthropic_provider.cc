@@ -79,11 +79,72 @@ Result<int64_t> MaxTokens(const json::object& in) {
   return kDefaultMaxTokens;
 }
 
+// An assistant message's tool_calls as Anthropic tool_use blocks (arguments parsed; an
+// argument string that is not a JSON object is sent as {}).
+void AddToolUses(const json::object& message, json::array& blocks) {
+  const json::value* calls = message.if_contains("tool_calls");
+  if (calls == nullptr || !calls->is_array()) return;
+  for (const auto& c : calls->get_array()) {
+    if (!c.is_object()) continue;
+    const auto& co = c.get_object();
+    const json::value* fn = co.if_contains("function");
+    const json::object empty;
+    const json::object& f = fn != nullptr && fn->is_object() ? fn->get_object() : empty;
+    boost::system::error_code ec;
+    json::value input = json::parse(StringOr(f.if_contains("arguments"), "{}"), ec);
+    if (ec || !input.is_object()) input = json::object{};
+    blocks.push_back(json::object{{"type", "tool_use"},
+                                  {"id", StringOr(co.if_contains("id"))},
+                                  {"name", StringOr(f.if_contains("name"))},
+                                  {"input", std::move(input)}});
+  }
+}
+
+// OpenAI's tools and tool_choice in Anthropic's shapes: {name, description, input_schema};
+// "auto" {type: auto}, "required" {type: any}, "none" {type: none}, a named function
+// {type: tool, name}; parallel_tool_calls: false sets disable_parallel_tool_use.
+void AddTools(const json::object& in, json::object& out) {
+  if (const auto* tools = in.if_contains("tools"); tools != nullptr && tools->is_array()) {
+    json::array list;
+    for (const auto& t : tools->get_array()) {
+      if (!t.is_object()) continue;
+      const json::value* fn = t.get_object().if_contains("function");
+      if (fn == nullptr || !fn->is_object()) continue;
+      const auto& f = fn->get_object();
+      json::object tool{{"name", StringOr(f.if_contains("name"))}};
+      if (const auto d = StringOr(f.if_contains("description")); !d.empty()) tool["description"] = d;
+      const json::value* params = f.if_contains("parameters");
+      tool["input_schema"] = params != nullptr && params->is_object() ? *params : json::value(json::object{{"type", "object"}});
+      list.push_back(std::move(tool));
+    }
+    if (!list.empty()) out["tools"] = std::move(list);
+  }
+  json::object choice;
+  if (const auto* c = in.if_contains("tool_choice"); c != nullptr) {
+    if (c->is_string()) {
+      const std::string_view v = c->get_string();
+      choice["type"] = v == "required" ? "any" : v == "none" ? "none" : "auto";
+    } else if (c->is_object()) {
+      const json::value* fn = c->get_object().if_contains("function");
+      if (fn != nullptr && fn->is_object()) {
+        choice["type"] = "tool";
+        choice["name"] = StringOr(fn->get_object().if_contains("name"));
+      }
+    }
+  }
+  if (const auto* par = in.if_contains("parallel_tool_calls"); par != nullptr && par->is_bool() && !par->get_bool()) {
+    if (!choice.contains("type")) choice["type"] = "auto";
+    choice["disable_parallel_tool_use"] = true;
+  }
+  if (!choice.empty() && out.contains("tools")) out["tool_choice"] = std::move(choice);
+}
+
 // Translates an OpenAI chat-completions body into an Anthropic Messages body. System (and
 // developer) messages, wherever they are, become the top-level `system`, joined by blank
 // lines; consecutive user or assistant messages are merged (Anthropic alternates roles);
-// messages with no text (tool results, tool calls alone) and unsupported fields are
-// dropped. `stream` is left to the caller.
+// an assistant's tool_calls become tool_use blocks and a `tool` message a tool_result
+// block of a user message; tools and tool_choice are translated; messages with nothing to
+// send and unsupported fields are dropped. `stream` is left to the caller.
 Result<json::object> ToAnthropicRequest(const json::object& in) {
   const json::value* msgs = in.if_contains("messages");
   if (msgs == nullptr || !msgs->is_array()) {
@@ -104,13 +165,26 @@ Result<json::object> ToAnthropicRequest(const json::object& in) {
       }
       continue;
     }
-    if ((role != "user" && role != "assistant") || parts.empty()) continue;
-    if (messages.empty() || role != last_role) {
-      messages.push_back(json::object{{"role", role}, {"content", json::array{}}});
-      last_role = role;
+    json::array add;
+    std::string_view as = role;
+    if (role == "tool") {
+      std::string text;
+      for (auto& p : parts) text += (text.empty() ? "" : "\n") + p;
+      add.push_back(json::object{{"type", "tool_result"},
+                                 {"tool_use_id", StringOr(mo.if_contains("tool_call_id"))},
+                                 {"content", std::move(text)}});
+      as = "user";
+    } else if (role == "user" || role == "assistant") {
+      for (auto& p : parts) add.push_back(json::object{{"type", "text"}, {"text", std::move(p)}});
+      if (role == "assistant") AddToolUses(mo, add);
+    }
+    if (add.empty()) continue;
+    if (messages.empty() || as != last_role) {
+      messages.push_back(json::object{{"role", as}, {"content", json::array{}}});
+      last_role = as;
     }
     json::array& blocks = messages.back().get_object()["content"].get_array();
-    for (auto& p : parts) blocks.push_back(json::object{{"type", "text"}, {"text", std::move(p)}});
+    for (auto& b : add) blocks.push_back(std::move(b));
   }
   if (messages.empty()) {
     return Error(ErrorCode::kInvalidRequest,
@@ -119,7 +193,7 @@ Result<json::object> ToAnthropicRequest(const json::object& in) {
   // A message of one text block is sent as a plain string, as most clients write it.
   for (auto& m : messages) {
     json::value& content = m.get_object()["content"];
-    if (content.get_array().size() == 1) {
+    if (content.get_array().size() == 1 && StringOr(content.get_array()[0].get_object().if_contains("type")) == "text") {
       json::value text = content.get_array()[0].get_object()["text"];
       content = std::move(text);
     }
@@ -132,6 +206,7 @@ Result<json::object> ToAnthropicRequest(const json::object& in) {
   if (!system.empty()) out["system"] = system;
   out["messages"] = std::move(messages);
   out["max_tokens"] = *max_tokens;
+  AddTools(in, out);
   // OpenAI's range is 0..2, Anthropic's 0..1: clamped, so that a request every OpenAI
   // target accepts is not refused here.
   if (const auto* t = in.if_contains("temperature"); t != nullptr && t->is_number()) {
@@ -191,7 +266,10 @@ json::object Completion(std::string_view id, int64_t created, std::string_view m
                         std::string_view text, json::array tool_calls, std::string_view finish,
                         json::value usage) {
   json::object message{{"role", "assistant"}, {"content", text}};
-  if (!tool_calls.empty()) message["tool_calls"] = std::move(tool_calls);
+  if (!tool_calls.empty()) {
+    if (text.empty()) message["content"] = nullptr;  // as OpenAI answers a tool call
+    message["tool_calls"] = std::move(tool_calls);
+  }
   json::object r{{"id", id},
                  {"object", "chat.completion"},
                  {"created", created},
@@ -359,10 +437,40 @@ class StreamTranslator {
       const json::value* delta = o.if_contains("delta");
       if (delta == nullptr || !delta->is_object()) return true;
       const auto& d = delta->get_object();
-      if (StringOr(d.if_contains("type")) != "text_delta") return true;  // tool input, thinking
+      if (StringOr(d.if_contains("type")) == "input_json_delta") {
+        const auto it = tool_index_.find(IntOr(o.if_contains("index"), -1));
+        const std::string_view partial = StringOr(d.if_contains("partial_json"));
+        if (it == tool_index_.end() || partial.empty()) return true;
+        tool_calls_[static_cast<std::size_t>(it->second)].args += partial;
+        return Start() && Emit(Chunk(json::object{{"tool_calls", json::array{json::object{
+                                                      {"index", it->second},
+                                                      {"function", json::object{{"arguments", partial}}}}}}},
+                                     nullptr));
+      }
+      if (StringOr(d.if_contains("type")) != "text_delta") return true;  // thinking
       const std::string_view text = StringOr(d.if_contains("text"));
       if (text.empty()) return true;
       return Start() && Emit(Chunk(json::object{{"content", text}}, nullptr));
+    }
+    if (type == "content_block_start") {
+      // A tool_use block: an OpenAI tool call, its id and name first (its input follows in
+      // input_json_delta events).
+      const json::value* block = o.if_contains("content_block");
+      if (block == nullptr || !block->is_object() || StringOr(block->get_object().if_contains("type")) != "tool_use") {
+        return true;
+      }
+      const auto& b = block->get_object();
+      const int64_t call = static_cast<int64_t>(tool_calls_.size());
+      tool_index_[IntOr(o.if_contains("index"), -1)] = call;
+      tool_calls_.push_back(ToolCall{std::string(StringOr(b.if_contains("id"))), std::string(StringOr(b.if_contains("name"))), ""});
+      return Start() &&
+             Emit(Chunk(json::object{{"tool_calls",
+                                      json::array{json::object{{"index", call},
+                                                               {"id", tool_calls_.back().id},
+                                                               {"type", "function"},
+                                                               {"function", json::object{{"name", tool_calls_.back().name},
+                                                                                         {"arguments", ""}}}}}}},
+                        nullptr));
     }
     if (type == "message_delta") {
       if (const auto* d = o.if_contains("delta"); d != nullptr && d->is_object()) {
@@ -382,8 +490,13 @@ class StreamTranslator {
       if (!Emit(std::move(usage_chunk))) return false;
       result_.model = model_;
       result_.usage = usage_.ToOpenAi();
-      result_.response =
-          Completion(id_, created_, model_, result_.text, json::array{}, finish, result_.usage);
+      json::array calls;
+      for (const auto& c : tool_calls_) {
+        calls.push_back(json::object{{"id", c.id},
+                                     {"type", "function"},
+                                     {"function", json::object{{"name", c.name}, {"arguments", c.args.empty() ? "{}" : c.args}}}});
+      }
+      result_.response = Completion(id_, created_, model_, result_.text, std::move(calls), finish, result_.usage);
       done_ = true;
       return true;
     }
@@ -431,6 +544,11 @@ class StreamTranslator {
   int64_t created_ = UnixSeconds();
   Usage usage_;
   std::string stop_reason_;
+  struct ToolCall {
+    std::string id, name, args;
+  };
+  std::vector<ToolCall> tool_calls_;         // the stream's tool_use blocks, in order
+  std::map<int64_t, int64_t> tool_index_;    // Anthropic block index -> tool call index
   bool started_ = false;
   bool done_ = false;
   bool cancelled_ = false;

@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include <map>
+
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -217,7 +219,12 @@ TEST(AnthropicProviderTest, TranslatesTheRequestAndSendsAnthropicHeaders) {
                        {"content", json::array{json::object{{"type", "text"}, {"text", "Hi"}},
                                                json::object{{"type", "text"}, {"text", "there"}}}}},
                    json::object{{"role", "assistant"}, {"content", "Hello"}},
-                   json::object{{"role", "user"}, {"content", "Again"}}}},
+                   // The tool's result and the next user message: one user message.
+                   json::object{{"role", "user"},
+                                {"content", json::array{json::object{{"type", "tool_result"},
+                                                                     {"tool_use_id", "call_1"},
+                                                                     {"content", "42"}},
+                                                        json::object{{"type", "text"}, {"text", "Again"}}}}}}},
       {"max_tokens", 100},
       {"temperature", 0.5},
       {"top_p", 0.9},
@@ -366,6 +373,124 @@ TEST(AnthropicProviderTest, ToolUseBlocksBecomeToolCalls) {
   EXPECT_EQ(call.at("type").as_string(), "function");
   EXPECT_EQ(call.at("function").at("name").as_string(), "search");
   EXPECT_EQ(call.at("function").at("arguments").as_string(), R"({"q":"x"})");
+}
+
+TEST(AnthropicProviderTest, AToolCallAloneHasNullContent) {
+  FakeAnthropic fake;
+  fake.Answer(200, json::serialize(json::object{
+                       {"id", "msg_t"},
+                       {"type", "message"},
+                       {"model", "claude-real"},
+                       {"content", json::array{json::object{{"type", "tool_use"},
+                                                            {"id", "toolu_1"},
+                                                            {"name", "search"},
+                                                            {"input", json::object{{"q", "x"}}}},
+                                               json::object{{"type", "tool_use"},
+                                                            {"id", "toolu_2"},
+                                                            {"name", "fetch"},
+                                                            {"input", json::object{}}}}},
+                       {"stop_reason", "tool_use"},
+                       {"usage", json::object{{"input_tokens", 1}, {"output_tokens", 2}}}}));
+  auto p = MakeAnthropicProvider(ProviderFor(fake.base_url()));
+  auto r = p->Chat(UserChat("hi"), ChatRequest{}, milliseconds(5000));
+  ASSERT_OK(r);
+  const auto& message = r->response.at("choices").as_array()[0].at("message");
+  EXPECT_TRUE(message.at("content").is_null());
+  ASSERT_EQ(message.at("tool_calls").as_array().size(), 2u);
+  EXPECT_EQ(message.at("tool_calls").as_array()[1].at("function").at("name").as_string(), "fetch");
+  EXPECT_EQ(r->text, "");
+}
+
+TEST(AnthropicProviderTest, ToolsToolChoiceToolCallsAndToolResultsAreTranslated) {
+  FakeAnthropic fake;
+  fake.Answer(200, Message("done"));
+  auto p = MakeAnthropicProvider(ProviderFor(fake.base_url()));
+  const json::object body = json::parse(R"({
+    "model": "claude-test",
+    "messages": [
+      {"role": "user", "content": "weather?"},
+      {"role": "assistant", "content": null, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+        {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "not json"}}]},
+      {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+      {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "noon"}]}],
+    "tools": [{"type": "function", "function": {"name": "get_weather", "description": "the weather",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+              {"type": "function", "function": {"name": "get_time"}}],
+    "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+    "parallel_tool_calls": false
+  })").as_object();
+  ASSERT_OK(p->Chat(body, ChatRequest{}, milliseconds(5000)));
+  const json::value expected = json::parse(R"({
+    "model": "claude-test", "max_tokens": 4096,
+    "messages": [
+      {"role": "user", "content": "weather?"},
+      {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
+        {"type": "tool_use", "id": "call_2", "name": "get_time", "input": {}}]},
+      {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
+        {"type": "tool_result", "tool_use_id": "call_2", "content": "noon"}]}],
+    "tools": [{"name": "get_weather", "description": "the weather",
+               "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}},
+              {"name": "get_time", "input_schema": {"type": "object"}}],
+    "tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": true}
+  })");
+  EXPECT_EQ(Canonical(fake.last_body()), Canonical(expected));
+  json::object required = body;
+  required["tool_choice"] = "required";
+  required.erase("parallel_tool_calls");
+  ASSERT_OK(p->Chat(required, ChatRequest{}, milliseconds(5000)));
+  EXPECT_EQ(Canonical(fake.last_body().at("tool_choice")), Canonical(json::object{{"type", "any"}}));
+}
+
+TEST(AnthropicProviderTest, StreamedToolUseBecomesToolCallDeltas) {
+  FakeAnthropic fake;
+  auto block_start = [](int index, const char* id, const char* name) {
+    return Event("content_block_start",
+                 json::object{{"type", "content_block_start"},
+                              {"index", index},
+                              {"content_block", json::object{{"type", "tool_use"}, {"id", id}, {"name", name},
+                                                             {"input", json::object{}}}}});
+  };
+  auto input_delta = [](int index, const char* partial) {
+    return Event("content_block_delta",
+                 json::object{{"type", "content_block_delta"},
+                              {"index", index},
+                              {"delta", json::object{{"type", "input_json_delta"}, {"partial_json", partial}}}});
+  };
+  fake.AnswerStream(MessageStart() + block_start(0, "toolu_1", "get_weather") + input_delta(0, "{\"city\":") +
+                    input_delta(0, "\"Paris\"}") + block_start(1, "toolu_2", "get_time") + input_delta(1, "{}") +
+                    MessageEnd("tool_use"));
+  auto p = MakeAnthropicProvider(ProviderFor(fake.base_url()));
+  auto s = Stream(*p, UserChat("hi"));
+  ASSERT_OK(s.result);
+  std::map<int64_t, std::string> args, names, ids;
+  std::string finish;
+  for (const auto& c : s.chunks) {
+    if (c.at("choices").as_array().empty()) continue;
+    const auto& choice = c.at("choices").as_array()[0].as_object();
+    if (choice.at("finish_reason").is_string()) finish = choice.at("finish_reason").as_string();
+    const auto* calls = choice.at("delta").as_object().if_contains("tool_calls");
+    if (calls == nullptr) continue;
+    for (const auto& d : calls->as_array()) {
+      const int64_t i = d.at("index").as_int64();
+      if (const auto* id = d.as_object().if_contains("id")) ids[i] = id->as_string();
+      const auto& f = d.at("function").as_object();
+      if (const auto* n = f.if_contains("name")) names[i] += n->as_string();
+      if (const auto* a = f.if_contains("arguments")) args[i] += a->as_string();
+    }
+  }
+  EXPECT_EQ(finish, "tool_calls");
+  EXPECT_EQ(ids[0], "toolu_1");
+  EXPECT_EQ(names[0], "get_weather");
+  EXPECT_EQ(args[0], R"({"city":"Paris"})");
+  EXPECT_EQ(ids[1], "toolu_2");
+  EXPECT_EQ(names[1], "get_time");
+  EXPECT_EQ(args[1], "{}");
+  const auto& message = s.result->response.at("choices").as_array()[0].at("message");
+  EXPECT_TRUE(message.at("content").is_null());
+  EXPECT_EQ(message.at("tool_calls").as_array()[0].at("function").at("arguments").as_string(), R"({"city":"Paris"})");
 }
 
 TEST(AnthropicProviderTest, CachedPromptTokensCountAsPromptTokens) {
