@@ -3,6 +3,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <cstdlib>
+
 #include "helpers.h"
 
 namespace keel::testing {
@@ -155,6 +158,76 @@ TEST_F(EngineTest, SigtermDrainsAndTheRunFinishesAfterRestart) {
   ASSERT_EQ(Status(run), "succeeded") << json::serialize(run);
   // The step in flight at SIGTERM finished and was checkpointed before the exit.
   EXPECT_EQ(MockCount(mock_->url(), "first r9\n#mock sleep=300"), 1);
+}
+
+// A run whose stored JSON cannot be read back (damaged on disk, or written by another
+// version) is that run's failure: the queue, the list, GET and cancel go on.
+TEST(UnreadableRecordTest, ADamagedRunFailsAloneAndTheNodeKeepsServing) {
+  TempDir dir;
+  const std::string config =
+      "storage: sqlite://data/keel.db\n"
+      "engine: {workers: 2, lease_timeout: 2s, poll_interval: 50ms}\n"
+      "pipelines:\n"
+      "  park:\n"
+      "    steps:\n"
+      "      - id: wait\n"
+      "        wait_for_signal: {name: go}\n"
+      "  echo:\n"
+      "    steps:\n"
+      "      - id: out\n"
+      "        transform: {got: \"{{input.v}}\"}\n";
+  auto server = std::make_unique<KeelServer>(dir.path(), config);
+  ASSERT_NE(server->port(), 0);
+  auto submit = [&](const std::string& pipeline) {
+    auto r = HttpPostJson(server->url() + "/v1/runs",
+                          json::object{{"pipeline", pipeline}, {"input", {{"v", 1}}}});
+    EXPECT_EQ(r.status, 201) << r.raw;
+    return std::string(r.body.at("id").as_string());
+  };
+  const std::string due = submit("park");     // damaged, then made due: leased next
+  const std::string parked = submit("park");  // damaged, left waiting
+  for (const auto& id : {due, parked}) {
+    ASSERT_TRUE(Eventually(
+        [&] { return Status(HttpGet(server->url() + "/v1/runs/" + id).body) == "waiting"; }));
+  }
+  ASSERT_EQ(server->Terminate(), 0);
+  const std::string sql = "UPDATE runs SET input = '{\"m\":1e400}' WHERE id IN ('" + due + "', '" +
+                          parked + "'); UPDATE queue SET due_at = 0 WHERE run_id = '" + due + "';";
+  {
+    std::FILE* f = std::fopen((dir.path() + "/damage.sql").c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    std::fputs(sql.c_str(), f);
+    std::fclose(f);
+  }
+  ASSERT_EQ(std::system(("sqlite3 -bail '" + dir.path() + "/data/keel.db' < '" + dir.path() +
+                         "/damage.sql'")
+                            .c_str()),
+            0);
+  server = std::make_unique<KeelServer>(dir.path(), config);
+  ASSERT_NE(server->port(), 0);
+
+  auto run = WaitForTerminal(server->url(), due);
+  ASSERT_EQ(Status(run), "failed") << json::serialize(run);
+  const std::string message(run.at("error").at("message").as_string());
+  EXPECT_NE(message.find("runs.input"), std::string::npos) << message;
+  EXPECT_NE(message.find(due), std::string::npos) << message;
+  EXPECT_EQ(message.find("/usr/include"), std::string::npos) << message;
+  // Every other run goes on.
+  const std::string fine = submit("echo");
+  EXPECT_EQ(Status(WaitForTerminal(server->url(), fine)), "succeeded");
+  auto list = HttpGet(server->url() + "/v1/runs?limit=100");
+  ASSERT_EQ(list.status, 200) << list.raw;
+  EXPECT_EQ(list.body.at("data").as_array().size(), 3u);
+  auto got = HttpGet(server->url() + "/v1/runs/" + parked);
+  ASSERT_EQ(got.status, 200) << got.raw;
+  EXPECT_EQ(Status(got.body), "waiting");
+  EXPECT_NE(json::serialize(got.body.at("error")).find("runs.input"), std::string::npos) << got.raw;
+  auto cancelled = HttpPost(server->url() + "/v1/runs/" + parked + "/cancel", "");
+  EXPECT_EQ(cancelled.status, 200) << cancelled.raw;
+  EXPECT_EQ(HttpPost(server->url() + "/v1/runs/" + due + "/cancel", "").status, 409);
+  EXPECT_EQ(HttpGet(server->url() + "/readyz").status, 200);
+  const std::string metrics = HttpGet(server->url() + "/metrics").raw;
+  EXPECT_NE(metrics.find("keel_storage_up 1"), std::string::npos);
 }
 
 }  // namespace

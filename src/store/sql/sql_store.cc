@@ -581,7 +581,10 @@ Result<RunPage> SqlStore::ListRuns(const RunFilter& filter) {
     if (!filter.pipeline.empty()) s.Bind(2, filter.pipeline);
     if (!filter.cursor.empty()) s.Bind(3, filter.cursor);
     s.Bind(4, limit + 1);
-    while (s.Step()) page.runs.push_back(ReadRunRow(s));
+    while (s.Step()) {
+      page.runs.push_back(ReadRunRow(s));
+      ShowDamage(page.runs.back());
+    }
     if (static_cast<int>(page.runs.size()) > limit) {
       page.runs.pop_back();
       page.next_cursor = page.runs.back().id;
