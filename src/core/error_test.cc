@@ -35,6 +35,7 @@ const std::vector<CodeCase>& AllCodes() {
       {ErrorCode::kQueueFull, "queue_full", false, 429},
       {ErrorCode::kCancelled, "cancelled", false, 409},
       {ErrorCode::kUnavailable, "unavailable", true, 503},
+      {ErrorCode::kWorkerLost, "worker_lost", false, 500},
       {ErrorCode::kInternal, "internal", false, 500},
   };
   return kCases;
