@@ -7,6 +7,7 @@
 #include "keel/core/regex.h"
 #include "keel/core/secrets.h"
 #include "keel/core/template.h"
+#include "keel/net/digest.h"
 #include "keel/net/http_client.h"
 
 namespace keel::engine {
@@ -274,28 +275,6 @@ Result<std::string> EncodeUrlValue(std::string_view v, UrlPart part) {
   return net::PercentEncode(v);
 }
 
-std::string Base64(std::string_view in) {
-  static constexpr char kAlphabet[] =
-      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  out.reserve((in.size() + 2) / 3 * 4);
-  std::size_t i = 0;
-  for (; i + 2 < in.size(); i += 3) {
-    const uint32_t n =
-        (uint32_t(uint8_t(in[i])) << 16) | (uint32_t(uint8_t(in[i + 1])) << 8) | uint8_t(in[i + 2]);
-    for (int k = 18; k >= 0; k -= 6) out.push_back(kAlphabet[(n >> k) & 63]);
-  }
-  if (i < in.size()) {
-    uint32_t n = uint32_t(uint8_t(in[i])) << 16;
-    if (i + 1 < in.size()) n |= uint32_t(uint8_t(in[i + 1])) << 8;
-    out.push_back(kAlphabet[(n >> 18) & 63]);
-    out.push_back(kAlphabet[(n >> 12) & 63]);
-    out.push_back(i + 1 < in.size() ? kAlphabet[(n >> 6) & 63] : '=');
-    out.push_back('=');
-  }
-  return out;
-}
-
 class HttpStep final : public StepRunner {
  public:
   explicit HttpStep(const EngineConfig& config) : config_(config) {}
@@ -406,7 +385,7 @@ class HttpStep final : public StepRunner {
       rec["output"] = resp.body;
     } else {
       // Not text: kept whole, in base64, and said so.
-      rec["output"] = Base64(resp.body);
+      rec["output"] = net::Base64(resp.body);
       rec["encoding"] = "base64";
     }
     return StepOutcome::Done(std::move(rec));

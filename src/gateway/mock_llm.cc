@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "keel/core/ids.h"
+#include "keel/net/digest.h"
 
 namespace keel::gateway {
 namespace {
@@ -54,7 +55,8 @@ Directives ParseDirectives(std::string_view prompt) {
     std::string_view line = prompt.substr(pos, end - pos);
     pos = end + 1;
     while (!line.empty() && (line.front() == ' ' || line.front() == '\t')) line.remove_prefix(1);
-    if (line.rfind("#mock", 0) != 0 || (line.size() > 5 && line[5] != ' ' && line[5] != '\t')) continue;
+    if (line.rfind("#mock", 0) != 0 || (line.size() > 5 && line[5] != ' ' && line[5] != '\t'))
+      continue;
     line.remove_prefix(5);
     // reply= takes the rest of the line.
     if (const auto r = line.find("reply="); r != std::string_view::npos) {
@@ -71,23 +73,35 @@ Directives ParseDirectives(std::string_view prompt) {
       if (word.empty()) continue;
       const auto eq = word.find('=');
       const std::string_view key = word.substr(0, eq);
-      const std::string_view val = eq == std::string_view::npos ? std::string_view() : word.substr(eq + 1);
+      const std::string_view val =
+          eq == std::string_view::npos ? std::string_view() : word.substr(eq + 1);
       if (key == "truncate") {  // truncate or truncate=N
         d.truncate = true;
         if (!val.empty()) d.truncate_after = NonNegative(val, 0);
         continue;
       }
-      if (key == "sleep") d.sleep_ms = ToInt(val, 0);
-      else if (key == "fail") d.fail = std::string(val);
-      else if (key == "retry_after") d.retry_after = static_cast<int>(ToInt(val, 1));
-      else if (key == "times") d.times = ToInt(val, 1);
-      else if (key == "after") d.after = NonNegative(val, 0);
-      else if (key == "hang") d.hang = true;
-      else if (key == "malformed") d.malformed = true;
-      else if (key == "reset") d.reset = true;
-      else if (key == "first_byte") d.first_byte_ms = NonNegative(val, 0);
-      else if (key == "stall") d.stall_ms = NonNegative(val, 0);
-      else if (key == "reset_after") d.reset_after = NonNegative(val, 0);
+      if (key == "sleep")
+        d.sleep_ms = ToInt(val, 0);
+      else if (key == "fail")
+        d.fail = std::string(val);
+      else if (key == "retry_after")
+        d.retry_after = static_cast<int>(ToInt(val, 1));
+      else if (key == "times")
+        d.times = ToInt(val, 1);
+      else if (key == "after")
+        d.after = NonNegative(val, 0);
+      else if (key == "hang")
+        d.hang = true;
+      else if (key == "malformed")
+        d.malformed = true;
+      else if (key == "reset")
+        d.reset = true;
+      else if (key == "first_byte")
+        d.first_byte_ms = NonNegative(val, 0);
+      else if (key == "stall")
+        d.stall_ms = NonNegative(val, 0);
+      else if (key == "reset_after")
+        d.reset_after = NonNegative(val, 0);
       else if (key == "tool") {
         for (std::size_t a = 0; a <= val.size();) {
           const auto comma = std::min(val.find(',', a), val.size());
@@ -134,7 +148,8 @@ void ParseTools(const json::object& req, Request& out) {
       if (!name || !name->is_string()) continue;
       const json::value* params = fn->if_contains("parameters");
       if (!params) params = fn->if_contains("input_schema");
-      out.tools.emplace_back(std::string(name->get_string()), params ? *params : json::value(json::object{}));
+      out.tools.emplace_back(std::string(name->get_string()),
+                             params ? *params : json::value(json::object{}));
     }
   }
   if (const auto* c = req.if_contains("tool_choice")) {
@@ -143,9 +158,12 @@ void ParseTools(const json::object& req, Request& out) {
       out.tool_none = c->get_string() == "none";
     } else if (c->is_object()) {
       const auto& co = c->get_object();
-      const std::string_view type = co.if_contains("type") && co.at("type").is_string() ? std::string_view(co.at("type").get_string()) : "";
+      const std::string_view type = co.if_contains("type") && co.at("type").is_string()
+                                        ? std::string_view(co.at("type").get_string())
+                                        : "";
       const json::value* name = co.if_contains("name");
-      if (const auto* f = co.if_contains("function"); f && f->is_object()) name = f->get_object().if_contains("name");
+      if (const auto* f = co.if_contains("function"); f && f->is_object())
+        name = f->get_object().if_contains("name");
       if (name && name->is_string()) out.tool_forced = std::string(name->get_string());
       out.tool_required = type == "any" || type == "required";
       out.tool_none = type == "none";
@@ -160,14 +178,18 @@ json::value InstanceOf(const json::value& schema, int depth = 0) {
   if (!schema.is_object() || depth > 16) return nullptr;
   const auto& s = schema.get_object();
   if (const auto* c = s.if_contains("const")) return *c;
-  if (const auto* e = s.if_contains("enum"); e && e->is_array() && !e->get_array().empty()) return e->get_array()[0];
+  if (const auto* e = s.if_contains("enum"); e && e->is_array() && !e->get_array().empty())
+    return e->get_array()[0];
   for (const char* k : {"anyOf", "oneOf", "allOf"}) {
-    if (const auto* a = s.if_contains(k); a && a->is_array() && !a->get_array().empty()) return InstanceOf(a->get_array()[0], depth + 1);
+    if (const auto* a = s.if_contains(k); a && a->is_array() && !a->get_array().empty())
+      return InstanceOf(a->get_array()[0], depth + 1);
   }
   std::string type = "object";
   if (const auto* t = s.if_contains("type")) {
-    if (t->is_string()) type = t->get_string();
-    else if (t->is_array() && !t->get_array().empty() && t->get_array()[0].is_string()) type = t->get_array()[0].get_string();
+    if (t->is_string())
+      type = t->get_string();
+    else if (t->is_array() && !t->get_array().empty() && t->get_array()[0].is_string())
+      type = t->get_array()[0].get_string();
   } else if (!s.contains("properties")) {
     return nullptr;
   }
@@ -175,15 +197,20 @@ json::value InstanceOf(const json::value& schema, int depth = 0) {
     const auto* v = s.if_contains(k);
     return v && v->is_number() ? v->to_number<double>() : def;
   };
-  if (type == "string") return json::string(std::string(static_cast<std::size_t>(std::max(1.0, num("minLength", 4))), 'x'));
-  if (type == "integer") return static_cast<int64_t>(std::ceil(std::max(num("minimum", 0), num("exclusiveMinimum", -1) + 1)));
+  if (type == "string")
+    return json::string(
+        std::string(static_cast<std::size_t>(std::max(1.0, num("minLength", 4))), 'x'));
+  if (type == "integer")
+    return static_cast<int64_t>(
+        std::ceil(std::max(num("minimum", 0), num("exclusiveMinimum", -1) + 1)));
   if (type == "number") return std::max(num("minimum", 0), num("exclusiveMinimum", -1) + 1);
   if (type == "boolean") return true;
   if (type == "null") return nullptr;
   if (type == "array") {
     json::array a;
     const auto* items = s.if_contains("items");
-    for (int i = 0; i < static_cast<int>(num("minItems", 0)); ++i) a.push_back(items ? InstanceOf(*items, depth + 1) : json::value(nullptr));
+    for (int i = 0; i < static_cast<int>(num("minItems", 0)); ++i)
+      a.push_back(items ? InstanceOf(*items, depth + 1) : json::value(nullptr));
     return a;
   }
   json::object o;
@@ -191,7 +218,9 @@ json::value InstanceOf(const json::value& schema, int depth = 0) {
   if (const auto* req = s.if_contains("required"); req && req->is_array()) {
     for (const auto& name : req->get_array()) {
       if (!name.is_string()) continue;
-      const json::value* ps = props && props->is_object() ? props->get_object().if_contains(name.get_string()) : nullptr;
+      const json::value* ps = props && props->is_object()
+                                  ? props->get_object().if_contains(name.get_string())
+                                  : nullptr;
       o[name.get_string()] = ps ? InstanceOf(*ps, depth + 1) : json::value("x");
     }
   }
@@ -238,7 +267,8 @@ std::string ParseMessages(const json::object& req, Request& out) {
     if (content != nullptr && content->is_array()) {
       for (const auto& part : content->get_array()) {
         const auto* type = part.is_object() ? part.get_object().if_contains("type") : nullptr;
-        if (type && type->is_string() && type->get_string() == "tool_result") out.after_tool_result = true;
+        if (type && type->is_string() && type->get_string() == "tool_result")
+          out.after_tool_result = true;
       }
     }
     if (content == nullptr) continue;
@@ -256,7 +286,8 @@ std::string ParseOpenAi(const json::object& req, Request& out) {
   if (const auto* rf = req.if_contains("response_format"); rf != nullptr && rf->is_object()) {
     if (const auto* js = rf->get_object().if_contains("json_schema"); js && js->is_object()) {
       if (const auto* sc = js->get_object().if_contains("schema")) out.schema = *sc;
-    } else if (const auto* t = rf->get_object().if_contains("type"); t && t->is_string() && t->get_string() == "json_object") {
+    } else if (const auto* t = rf->get_object().if_contains("type");
+               t && t->is_string() && t->get_string() == "json_object") {
       out.json_object = true;
     }
   }
@@ -416,9 +447,10 @@ json::object OpenAiUsage(const Answer& a) {
 json::array OpenAiToolCalls(const Answer& a) {
   json::array calls;
   for (const auto& c : a.calls) {
-    calls.push_back(json::object{{"id", c.id},
-                                 {"type", "function"},
-                                 {"function", json::object{{"name", c.name}, {"arguments", c.arguments}}}});
+    calls.push_back(
+        json::object{{"id", c.id},
+                     {"type", "function"},
+                     {"function", json::object{{"name", c.name}, {"arguments", c.arguments}}}});
   }
   return calls;
 }
@@ -429,52 +461,58 @@ std::string OpenAiBody(const Answer& a) {
     message["content"] = nullptr;  // as OpenAI answers a tool call
     message["tool_calls"] = OpenAiToolCalls(a);
   }
-  json::object resp{
-      {"id", a.id},
-      {"object", "chat.completion"},
-      {"created", kCreated},
-      {"model", a.model},
-      {"choices", json::array{json::object{{"index", 0},
-                                           {"message", std::move(message)},
-                                           {"finish_reason", a.calls.empty() ? "stop" : "tool_calls"}}}},
-      {"usage", OpenAiUsage(a)}};
+  json::object resp{{"id", a.id},
+                    {"object", "chat.completion"},
+                    {"created", kCreated},
+                    {"model", a.model},
+                    {"choices", json::array{json::object{
+                                    {"index", 0},
+                                    {"message", std::move(message)},
+                                    {"finish_reason", a.calls.empty() ? "stop" : "tool_calls"}}}},
+                    {"usage", OpenAiUsage(a)}};
   return json::serialize(resp);
 }
 
 StreamParts OpenAiStream(const Answer& a, bool include_usage) {
   StreamParts s;
   if (a.calls.empty()) {
-    s.prologue.push_back(SseData(OpenAiChunk(a, json::object{{"role", "assistant"}}, nullptr, include_usage)));
+    s.prologue.push_back(
+        SseData(OpenAiChunk(a, json::object{{"role", "assistant"}}, nullptr, include_usage)));
     for (const auto& piece : StreamPieces(a.text)) {
-      s.content.push_back(SseData(OpenAiChunk(a, json::object{{"content", piece}}, nullptr, include_usage)));
+      s.content.push_back(
+          SseData(OpenAiChunk(a, json::object{{"content", piece}}, nullptr, include_usage)));
     }
   } else {
     // As OpenAI streams tool calls: each call's id and name first, then its arguments in
     // pieces, every delta naming the call by its index.
-    s.prologue.push_back(
-        SseData(OpenAiChunk(a, json::object{{"role", "assistant"}, {"content", nullptr}}, nullptr, include_usage)));
+    s.prologue.push_back(SseData(OpenAiChunk(
+        a, json::object{{"role", "assistant"}, {"content", nullptr}}, nullptr, include_usage)));
     for (std::size_t i = 0; i < a.calls.size(); ++i) {
       const auto& c = a.calls[i];
       const auto index = static_cast<int64_t>(i);
       s.content.push_back(SseData(OpenAiChunk(
           a,
-          json::object{{"tool_calls", json::array{json::object{{"index", index},
-                                                               {"id", c.id},
-                                                               {"type", "function"},
-                                                               {"function", json::object{{"name", c.name}, {"arguments", ""}}}}}}},
+          json::object{{"tool_calls",
+                        json::array{json::object{
+                            {"index", index},
+                            {"id", c.id},
+                            {"type", "function"},
+                            {"function", json::object{{"name", c.name}, {"arguments", ""}}}}}}},
           nullptr, include_usage)));
       const std::size_t half = c.arguments.size() / 2;
       for (const std::string& piece : {c.arguments.substr(0, half), c.arguments.substr(half)}) {
         if (piece.empty()) continue;
         s.content.push_back(SseData(OpenAiChunk(
             a,
-            json::object{{"tool_calls", json::array{json::object{{"index", index},
-                                                                 {"function", json::object{{"arguments", piece}}}}}}},
+            json::object{{"tool_calls", json::array{json::object{
+                                            {"index", index},
+                                            {"function", json::object{{"arguments", piece}}}}}}},
             nullptr, include_usage)));
       }
     }
   }
-  s.epilogue.push_back(SseData(OpenAiChunk(a, json::object{}, a.calls.empty() ? "stop" : "tool_calls", include_usage)));
+  s.epilogue.push_back(SseData(
+      OpenAiChunk(a, json::object{}, a.calls.empty() ? "stop" : "tool_calls", include_usage)));
   if (include_usage) {
     s.epilogue.push_back(SseData(json::object{{"id", a.id},
                                               {"object", "chat.completion.chunk"},
@@ -491,8 +529,8 @@ json::array AnthropicContent(const Answer& a) {
   if (a.calls.empty()) return json::array{json::object{{"type", "text"}, {"text", a.text}}};
   json::array content;
   for (const auto& c : a.calls) {
-    content.push_back(
-        json::object{{"type", "tool_use"}, {"id", c.id}, {"name", c.name}, {"input", json::parse(c.arguments)}});
+    content.push_back(json::object{
+        {"type", "tool_use"}, {"id", c.id}, {"name", c.name}, {"input", json::parse(c.arguments)}});
   }
   return content;
 }
@@ -521,13 +559,14 @@ std::vector<std::string> AnthropicPrologue(const Answer& a, bool text_block = tr
       {"stop_reason", nullptr},
       {"stop_sequence", nullptr},
       {"usage", json::object{{"input_tokens", a.prompt_tokens}, {"output_tokens", 0}}}};
-  std::vector<std::string> events{
-      SseEvent("message_start", json::object{{"type", "message_start"}, {"message", std::move(message)}})};
+  std::vector<std::string> events{SseEvent(
+      "message_start", json::object{{"type", "message_start"}, {"message", std::move(message)}})};
   if (text_block) {
-    events.push_back(SseEvent("content_block_start",
-                              json::object{{"type", "content_block_start"},
-                                           {"index", 0},
-                                           {"content_block", json::object{{"type", "text"}, {"text", ""}}}}));
+    events.push_back(
+        SseEvent("content_block_start",
+                 json::object{{"type", "content_block_start"},
+                              {"index", 0},
+                              {"content_block", json::object{{"type", "text"}, {"text", ""}}}}));
   }
   return events;
 }
@@ -541,41 +580,48 @@ StreamParts AnthropicStream(const Answer& a) {
   s.prologue = AnthropicPrologue(a, a.calls.empty());
   if (a.calls.empty()) {
     for (const auto& piece : StreamPieces(a.text)) {
-      s.content.push_back(SseEvent("content_block_delta",
-                                   json::object{{"type", "content_block_delta"},
-                                                {"index", 0},
-                                                {"delta", json::object{{"type", "text_delta"}, {"text", piece}}}}));
+      s.content.push_back(
+          SseEvent("content_block_delta",
+                   json::object{{"type", "content_block_delta"},
+                                {"index", 0},
+                                {"delta", json::object{{"type", "text_delta"}, {"text", piece}}}}));
     }
-    s.epilogue.push_back(SseEvent("content_block_stop", json::object{{"type", "content_block_stop"}, {"index", 0}}));
+    s.epilogue.push_back(
+        SseEvent("content_block_stop", json::object{{"type", "content_block_stop"}, {"index", 0}}));
   } else {
     // One tool_use block per call: its start (id, name, empty input), its input as
     // input_json_delta pieces, its stop.
     for (std::size_t i = 0; i < a.calls.size(); ++i) {
       const auto& c = a.calls[i];
       const auto index = static_cast<int64_t>(i);
-      s.content.push_back(SseEvent(
-          "content_block_start",
-          json::object{{"type", "content_block_start"},
-                       {"index", index},
-                       {"content_block",
-                        json::object{{"type", "tool_use"}, {"id", c.id}, {"name", c.name}, {"input", json::object{}}}}}));
+      s.content.push_back(
+          SseEvent("content_block_start",
+                   json::object{{"type", "content_block_start"},
+                                {"index", index},
+                                {"content_block", json::object{{"type", "tool_use"},
+                                                               {"id", c.id},
+                                                               {"name", c.name},
+                                                               {"input", json::object{}}}}}));
       const std::size_t half = c.arguments.size() / 2;
       for (const std::string& piece : {c.arguments.substr(0, half), c.arguments.substr(half)}) {
         if (piece.empty()) continue;
-        s.content.push_back(
-            SseEvent("content_block_delta",
-                     json::object{{"type", "content_block_delta"},
-                                  {"index", index},
-                                  {"delta", json::object{{"type", "input_json_delta"}, {"partial_json", piece}}}}));
+        s.content.push_back(SseEvent(
+            "content_block_delta", json::object{{"type", "content_block_delta"},
+                                                {"index", index},
+                                                {"delta", json::object{{"type", "input_json_delta"},
+                                                                       {"partial_json", piece}}}}));
       }
-      s.content.push_back(SseEvent("content_block_stop", json::object{{"type", "content_block_stop"}, {"index", index}}));
+      s.content.push_back(SseEvent("content_block_stop",
+                                   json::object{{"type", "content_block_stop"}, {"index", index}}));
     }
   }
   s.epilogue.push_back(SseEvent(
       "message_delta",
-      json::object{{"type", "message_delta"},
-                   {"delta", json::object{{"stop_reason", a.calls.empty() ? "end_turn" : "tool_use"}, {"stop_sequence", nullptr}}},
-                   {"usage", json::object{{"output_tokens", a.completion_tokens}}}}));
+      json::object{
+          {"type", "message_delta"},
+          {"delta", json::object{{"stop_reason", a.calls.empty() ? "end_turn" : "tool_use"},
+                                 {"stop_sequence", nullptr}}},
+          {"usage", json::object{{"output_tokens", a.completion_tokens}}}}));
   s.epilogue.push_back(AnthropicStop());
   return s;
 }
@@ -606,22 +652,6 @@ std::vector<std::string> MalformedStream(bool anthropic, const Answer& a) {
 }
 
 }  // namespace
-
-std::string Base64(std::string_view bytes) {
-  static constexpr char kAlphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  out.reserve((bytes.size() + 2) / 3 * 4);
-  for (std::size_t i = 0; i < bytes.size(); i += 3) {
-    uint32_t n = static_cast<uint32_t>(static_cast<unsigned char>(bytes[i])) << 16;
-    if (i + 1 < bytes.size()) n |= static_cast<uint32_t>(static_cast<unsigned char>(bytes[i + 1])) << 8;
-    if (i + 2 < bytes.size()) n |= static_cast<unsigned char>(bytes[i + 2]);
-    out.push_back(kAlphabet[(n >> 18) & 63]);
-    out.push_back(kAlphabet[(n >> 12) & 63]);
-    out.push_back(i + 1 < bytes.size() ? kAlphabet[(n >> 6) & 63] : '=');
-    out.push_back(i + 2 < bytes.size() ? kAlphabet[n & 63] : '=');
-  }
-  return out;
-}
 
 int64_t EstimateTokens(std::string_view text) { return static_cast<int64_t>(text.size() + 3) / 4; }
 
@@ -724,7 +754,8 @@ MockDecision MockLlm::Handle(bool anthropic, std::string_view body,
     return out;
   }
   if ((directed && !d.fail.empty()) || random_fail) {
-    const std::string fail = random_fail && d.fail.empty() ? std::to_string(options_.fail_status) : d.fail;
+    const std::string fail =
+        random_fail && d.fail.empty() ? std::to_string(options_.fail_status) : d.fail;
     if (fail == "context_length") {
       SetError(out, anthropic, 400, "invalid_request_error", "context_length_exceeded",
                anthropic ? "prompt is too long: " + std::to_string(prompt_tokens) +
@@ -749,9 +780,12 @@ MockDecision MockLlm::Handle(bool anthropic, std::string_view body,
   // none. The arguments are an instance of the tool's parameters schema.
   std::vector<std::string> call_names;
   if (!req.tool_none && !req.tools.empty()) {
-    if (!req.tool_forced.empty()) call_names.push_back(req.tool_forced);
-    else if (directed && !d.tools.empty() && !req.after_tool_result) call_names = d.tools;
-    else if (req.tool_required) call_names.push_back(req.tools.front().first);
+    if (!req.tool_forced.empty())
+      call_names.push_back(req.tool_forced);
+    else if (directed && !d.tools.empty() && !req.after_tool_result)
+      call_names = d.tools;
+    else if (req.tool_required)
+      call_names.push_back(req.tools.front().first);
   }
   for (std::size_t i = 0; i < call_names.size(); ++i) {
     json::value params = json::object{};
@@ -761,9 +795,10 @@ MockDecision MockLlm::Handle(bool anthropic, std::string_view body,
     json::value args = InstanceOf(params);
     if (!args.is_object()) args = json::object{};
     char hex[17];
-    std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(id ^ (i * 0x9e3779b97f4a7c15ULL)));
-    a.calls.push_back(ToolUse{(anthropic ? "toolu_mock" : "call_mock") + std::string(hex), call_names[i],
-                              json::serialize(args)});
+    std::snprintf(hex, sizeof hex, "%016llx",
+                  static_cast<unsigned long long>(id ^ (i * 0x9e3779b97f4a7c15ULL)));
+    a.calls.push_back(ToolUse{(anthropic ? "toolu_mock" : "call_mock") + std::string(hex),
+                              call_names[i], json::serialize(args)});
   }
   // Structured output: an instance of the schema (json_object: {"answer": TEXT}), unless a
   // directive scripts the reply.
@@ -777,7 +812,8 @@ MockDecision MockLlm::Handle(bool anthropic, std::string_view body,
     a.text = AnswerText(req.prompt, d);
   }
   a.completion_tokens = EstimateTokens(a.text);
-  for (const auto& c : a.calls) a.completion_tokens += EstimateTokens(c.name) + EstimateTokens(c.arguments);
+  for (const auto& c : a.calls)
+    a.completion_tokens += EstimateTokens(c.name) + EstimateTokens(c.arguments);
   out.body = anthropic ? AnthropicBody(a) : OpenAiBody(a);
   if (!req.stream) return out;
 
@@ -808,12 +844,14 @@ MockDecision MockLlm::Handle(bool anthropic, std::string_view body,
   return out;
 }
 
-MockDecision MockLlm::HandleEmbeddings(std::string_view body, std::chrono::steady_clock::time_point) {
+MockDecision MockLlm::HandleEmbeddings(std::string_view body,
+                                       std::chrono::steady_clock::time_point) {
   MockDecision out;
   out.delay = options_.latency;
   boost::system::error_code ec;
   const json::value req = json::parse(body, ec);
-  const json::value* input = !ec && req.is_object() ? req.get_object().if_contains("input") : nullptr;
+  const json::value* input =
+      !ec && req.is_object() ? req.get_object().if_contains("input") : nullptr;
   std::vector<std::string> texts;
   if (input && input->is_string()) texts.emplace_back(input->get_string());
   if (input && input->is_array()) {
@@ -824,7 +862,8 @@ MockDecision MockLlm::HandleEmbeddings(std::string_view body, std::chrono::stead
   if (texts.empty()) {
     out.kind = MockDecision::Kind::kError;
     out.status = 400;
-    out.body = R"({"error":{"message":"input must be a non-empty string or array of strings","type":"invalid_request_error","code":null}})";
+    out.body =
+        R"({"error":{"message":"input must be a non-empty string or array of strings","type":"invalid_request_error","code":null}})";
     return out;
   }
   bool base64 = false;
@@ -833,7 +872,8 @@ MockDecision MockLlm::HandleEmbeddings(std::string_view body, std::chrono::stead
     if (!base64 && !(f->is_string() && f->get_string() == "float")) {
       out.kind = MockDecision::Kind::kError;
       out.status = 400;
-      out.body = R"({"error":{"message":"encoding_format must be \"float\" or \"base64\"","type":"invalid_request_error","param":"encoding_format","code":null}})";
+      out.body =
+          R"({"error":{"message":"encoding_format must be \"float\" or \"base64\"","type":"invalid_request_error","param":"encoding_format","code":null}})";
       return out;
     }
   }
@@ -842,7 +882,8 @@ MockDecision MockLlm::HandleEmbeddings(std::string_view body, std::chrono::stead
     std::lock_guard lock(mu_);
     ++total_;
     ++by_prompt_["embeddings: " + texts[0]];
-    if (options_.fail_rate > 0) random_fail = std::uniform_real_distribution<double>(0, 1)(rng_) < options_.fail_rate;
+    if (options_.fail_rate > 0)
+      random_fail = std::uniform_real_distribution<double>(0, 1)(rng_) < options_.fail_rate;
   }
   if (random_fail) {
     out.kind = MockDecision::Kind::kError;
@@ -873,16 +914,20 @@ MockDecision MockLlm::HandleEmbeddings(std::string_view body, std::chrono::stead
       std::memcpy(&u, &f, sizeof u);
       for (int b = 0; b < 4; ++b) bytes.push_back(static_cast<char>((u >> (8 * b)) & 0xff));
     }
-    json::value embedding = base64 ? json::value(Base64(bytes)) : json::value(std::move(v));
-    data.push_back(json::object{{"object", "embedding"}, {"index", static_cast<int64_t>(i)}, {"embedding", std::move(embedding)}});
+    json::value embedding = base64 ? json::value(net::Base64(bytes)) : json::value(std::move(v));
+    data.push_back(json::object{{"object", "embedding"},
+                                {"index", static_cast<int64_t>(i)},
+                                {"embedding", std::move(embedding)}});
     tokens += EstimateTokens(texts[i]);
   }
   std::string model = "mock-embed-1";
-  if (const auto* m = req.get_object().if_contains("model"); m && m->is_string()) model = m->get_string();
-  out.body = json::serialize(json::object{{"object", "list"},
-                                          {"data", std::move(data)},
-                                          {"model", model},
-                                          {"usage", json::object{{"prompt_tokens", tokens}, {"total_tokens", tokens}}}});
+  if (const auto* m = req.get_object().if_contains("model"); m && m->is_string())
+    model = m->get_string();
+  out.body = json::serialize(
+      json::object{{"object", "list"},
+                   {"data", std::move(data)},
+                   {"model", model},
+                   {"usage", json::object{{"prompt_tokens", tokens}, {"total_tokens", tokens}}}});
   return out;
 }
 

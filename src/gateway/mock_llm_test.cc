@@ -11,6 +11,7 @@
 
 #include "keel/core/json.h"
 #include "keel/core/json_schema.h"
+#include "keel/net/digest.h"
 #include "keel/testing/assert.h"
 
 namespace keel::gateway {
@@ -814,7 +815,8 @@ json::object TimeTool() {
       .as_object();
 }
 
-std::string WithTools(std::string_view prompt, json::value tool_choice = nullptr, bool stream = false) {
+std::string WithTools(std::string_view prompt, json::value tool_choice = nullptr,
+                      bool stream = false) {
   json::object body = ParseJson(Chat(prompt)).value().as_object();
   body["tools"] = json::array{WeatherTool(), TimeTool()};
   if (!tool_choice.is_null()) body["tool_choice"] = tool_choice;
@@ -845,7 +847,9 @@ TEST(MockLlmToolsTest, ToolChoiceRequiredAnswersAToolCallWithArgumentsOfItsSchem
 TEST(MockLlmToolsTest, ANamedToolChoiceCallsThatTool) {
   MockLlm mock(MockOptions{});
   const auto d = mock.HandleChat(
-      WithTools("time?", json::object{{"type", "function"}, {"function", json::object{{"name", "get_time"}}}}), kT0);
+      WithTools("time?", json::object{{"type", "function"},
+                                      {"function", json::object{{"name", "get_time"}}}}),
+      kT0);
   EXPECT_EQ(Get(Body(d), "choices.0.message.tool_calls.0.function.name"), "get_time");
 }
 
@@ -863,18 +867,26 @@ TEST(MockLlmToolsTest, TheToolDirectiveCallsSeveralToolsInParallel) {
 
 TEST(MockLlmToolsTest, NoToolCallUnlessAskedAndNoneAfterAToolsResult) {
   MockLlm mock(MockOptions{});
-  EXPECT_TRUE(Get(Body(mock.HandleChat(WithTools("plain"), kT0)), "choices.0.message.content").is_string());
-  EXPECT_TRUE(Get(Body(mock.HandleChat(WithTools("x\n#mock tool=get_time", "none"), kT0)), "choices.0.message.content")
+  EXPECT_TRUE(
+      Get(Body(mock.HandleChat(WithTools("plain"), kT0)), "choices.0.message.content").is_string());
+  EXPECT_TRUE(Get(Body(mock.HandleChat(WithTools("x\n#mock tool=get_time", "none"), kT0)),
+                  "choices.0.message.content")
                   .is_string());
   // Without tools in the request, the directive does nothing.
-  EXPECT_TRUE(Get(Body(mock.HandleChat(Chat("x\n#mock tool=get_time"), kT0)), "choices.0.message.content").is_string());
+  EXPECT_TRUE(
+      Get(Body(mock.HandleChat(Chat("x\n#mock tool=get_time"), kT0)), "choices.0.message.content")
+          .is_string());
   // After the tool's result, the answer is text: a tool loop ends.
   json::object body = ParseJson(WithTools("x\n#mock tool=get_time")).value().as_object();
   body["messages"].as_array().push_back(json::object{
-      {"role", "assistant"}, {"content", nullptr},
-      {"tool_calls", json::array{json::object{{"id", "c1"}, {"type", "function"},
-                                              {"function", json::object{{"name", "get_time"}, {"arguments", "{}"}}}}}}});
-  body["messages"].as_array().push_back(json::object{{"role", "tool"}, {"tool_call_id", "c1"}, {"content", "12:00"}});
+      {"role", "assistant"},
+      {"content", nullptr},
+      {"tool_calls", json::array{json::object{
+                         {"id", "c1"},
+                         {"type", "function"},
+                         {"function", json::object{{"name", "get_time"}, {"arguments", "{}"}}}}}}});
+  body["messages"].as_array().push_back(
+      json::object{{"role", "tool"}, {"tool_call_id", "c1"}, {"content", "12:00"}});
   const auto after = Body(mock.HandleChat(json::serialize(body), kT0));
   EXPECT_TRUE(Get(after, "choices.0.message.content").is_string()) << json::serialize(after);
   EXPECT_EQ(Get(after, "choices.0.finish_reason"), "stop");
@@ -883,7 +895,8 @@ TEST(MockLlmToolsTest, NoToolCallUnlessAskedAndNoneAfterAToolsResult) {
 TEST(MockLlmToolsTest, StreamedToolCallsComeAsDeltasThatAddUpToTheWholeAnswer) {
   MockLlm mock(MockOptions{});
   const auto whole = Body(mock.HandleChat(WithTools("both\n#mock tool=get_weather,get_time"), kT0));
-  const auto d = mock.HandleChat(WithTools("both\n#mock tool=get_weather,get_time", nullptr, true), kT0);
+  const auto d =
+      mock.HandleChat(WithTools("both\n#mock tool=get_weather,get_time", nullptr, true), kT0);
   ASSERT_TRUE(d.stream);
   std::map<int64_t, std::string> args, names;
   std::string finish;
@@ -897,12 +910,14 @@ TEST(MockLlmToolsTest, StreamedToolCallsComeAsDeltasThatAddUpToTheWholeAnswer) {
         args[i] += Get(c, "function.arguments").as_string();
       }
     }
-    if (const auto* f = FindPath(e.json, "choices.0.finish_reason"); f && f->is_string()) finish = f->as_string();
+    if (const auto* f = FindPath(e.json, "choices.0.finish_reason"); f && f->is_string())
+      finish = f->as_string();
   }
   EXPECT_EQ(finish, "tool_calls");
   ASSERT_EQ(args.size(), 2u);
   for (int64_t i = 0; i < 2; ++i) {
-    const auto& call = whole.at("choices").at(0).at("message").at("tool_calls").at(static_cast<std::size_t>(i));
+    const auto& call =
+        whole.at("choices").at(0).at("message").at("tool_calls").at(static_cast<std::size_t>(i));
     EXPECT_EQ(names[i], call.at("function").at("name").as_string());
     EXPECT_EQ(args[i], call.at("function").at("arguments").as_string());
   }
@@ -912,7 +927,8 @@ TEST(MockLlmToolsTest, StreamedToolCallsComeAsDeltasThatAddUpToTheWholeAnswer) {
 TEST(MockLlmToolsTest, AnthropicToolsAreAnsweredWithToolUseBlocks) {
   MockLlm mock(MockOptions{});
   json::value body = AnthropicBody("weather?", false);
-  body.as_object()["tools"] = json::parse(R"([{"name": "get_weather", "input_schema": {"type": "object",
+  body.as_object()["tools"] =
+      json::parse(R"([{"name": "get_weather", "input_schema": {"type": "object",
       "required": ["city"], "properties": {"city": {"type": "string"}}}}])");
   body.as_object()["tool_choice"] = json::object{{"type", "any"}};
   const auto d = Body(mock.HandleMessages(json::serialize(body), kT0));
@@ -934,13 +950,15 @@ TEST(MockLlmToolsTest, AnthropicToolsAreAnsweredWithToolUseBlocks) {
 
 TEST(MockLlmJsonModesTest, JsonSchemaAnswersAValueThatSatisfiesTheSchema) {
   MockLlm mock(MockOptions{});
-  const json::value schema = json::parse(R"({"type": "object", "required": ["title", "score", "tags", "ok"],
+  const json::value schema =
+      json::parse(R"({"type": "object", "required": ["title", "score", "tags", "ok"],
       "properties": {"title": {"type": "string", "minLength": 2}, "score": {"type": "number", "minimum": 3},
                      "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
                      "ok": {"type": "boolean"}}})");
   json::object body = ParseJson(Chat("structured please")).value().as_object();
   body["response_format"] = json::object{
-      {"type", "json_schema"}, {"json_schema", json::object{{"name", "x"}, {"strict", true}, {"schema", schema}}}};
+      {"type", "json_schema"},
+      {"json_schema", json::object{{"name", "x"}, {"strict", true}, {"schema", schema}}}};
   auto value = ParseJson(Content(mock.HandleChat(json::serialize(body), kT0)));
   ASSERT_OK(value);
   auto compiled = JsonSchema::Compile(schema);
@@ -960,8 +978,10 @@ TEST(MockLlmJsonModesTest, JsonObjectAnswersAJsonObject) {
 
 TEST(MockLlmEmbeddingsTest, Base64IsTheLittleEndianFloat32sOfTheFloatAnswer) {
   MockLlm mock(MockOptions{});
-  const auto floats = Body(mock.HandleEmbeddings(R"({"input": ["alpha", "beta"], "encoding_format": "float"})", kT0));
-  const auto b64 = Body(mock.HandleEmbeddings(R"({"input": ["alpha", "beta"], "encoding_format": "base64"})", kT0));
+  const auto floats = Body(
+      mock.HandleEmbeddings(R"({"input": ["alpha", "beta"], "encoding_format": "float"})", kT0));
+  const auto b64 = Body(
+      mock.HandleEmbeddings(R"({"input": ["alpha", "beta"], "encoding_format": "base64"})", kT0));
   for (std::size_t i = 0; i < 2; ++i) {
     const auto& values = floats.at("data").at(i).at("embedding").as_array();
     std::string bytes;
@@ -972,11 +992,11 @@ TEST(MockLlmEmbeddingsTest, Base64IsTheLittleEndianFloat32sOfTheFloatAnswer) {
       std::memcpy(&u, &f, 4);
       for (int b = 0; b < 4; ++b) bytes.push_back(static_cast<char>((u >> (8 * b)) & 0xff));
     }
-    EXPECT_EQ(b64.at("data").at(i).at("embedding").as_string(), Base64(bytes));
+    EXPECT_EQ(b64.at("data").at(i).at("embedding").as_string(), net::Base64(bytes));
   }
-  EXPECT_EQ(Base64("Man"), "TWFu");
-  EXPECT_EQ(Base64("Ma"), "TWE=");
-  EXPECT_EQ(Base64("M"), "TQ==");
+  EXPECT_EQ(net::Base64("Man"), "TWFu");
+  EXPECT_EQ(net::Base64("Ma"), "TWE=");
+  EXPECT_EQ(net::Base64("M"), "TQ==");
   const auto bad = mock.HandleEmbeddings(R"({"input": "x", "encoding_format": "hex"})", kT0);
   EXPECT_EQ(bad.status, 400);
 }

@@ -24,4 +24,13 @@ std::string DigestHex(std::string_view data, const EVP_MD* md) {
 std::string Sha256Hex(std::string_view data) { return DigestHex(data, EVP_sha256()); }
 std::string Sha1Hex(std::string_view data) { return DigestHex(data, EVP_sha1()); }
 
+std::string Base64(std::string_view data) {
+  std::string out(4 * ((data.size() + 2) / 3) + 1, '\0');  // EVP_EncodeBlock adds a NUL
+  const int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()),
+                                reinterpret_cast<const unsigned char*>(data.data()),
+                                static_cast<int>(data.size()));
+  out.resize(static_cast<std::size_t>(n));
+  return out;
+}
+
 }  // namespace keel::net

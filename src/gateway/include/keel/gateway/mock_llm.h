@@ -131,8 +131,6 @@ class MockLlm {
   int64_t window_tokens_ = 0;                  // GUARDED_BY(mu_)
 };
 
-/// Standard base64 (RFC 4648, with padding) of `bytes`.
-std::string Base64(std::string_view bytes);
 
 /// Rough token estimate used by the mock and for budgets: one token per 4 bytes.
 int64_t EstimateTokens(std::string_view text);
