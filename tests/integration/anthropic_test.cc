@@ -219,5 +219,58 @@ TEST_F(AnthropicTest, AStreamWithNoFirstByteInTimeFailsOver) {
       << m;
 }
 
+// An OpenAI tool-call round trip through an Anthropic target: tools and tool_choice go
+// out as Anthropic's, tool_use comes back as tool_calls (whole and streamed), and the
+// tool's result goes out as a tool_result, after which the mock answers text.
+TEST_F(AnthropicTest, ToolCallsRoundTripThroughAnAnthropicTarget) {
+  MockLlm mock;
+  Start(Anthropic("claude", mock.url()), "  smart: {targets: [{provider: claude}]}\n");
+  json::value body = Chat("smart", "weather in Paris?");
+  body.as_object()["tools"] = json::parse(R"([{"type": "function", "function": {"name": "get_weather",
+      "parameters": {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}}])");
+  body.as_object()["tool_choice"] = "required";
+  auto r = Call(body);
+  ASSERT_EQ(r.status, 200) << r.raw;
+  const auto& choice = r.body.at("choices").as_array().at(0);
+  EXPECT_EQ(choice.at("finish_reason").as_string(), "tool_calls");
+  EXPECT_TRUE(choice.at("message").at("content").is_null()) << r.raw;
+  const auto& call = choice.at("message").at("tool_calls").as_array().at(0);
+  EXPECT_EQ(call.at("function").at("name").as_string(), "get_weather");
+  EXPECT_TRUE(json::parse(call.at("function").at("arguments").as_string()).at("city").is_string());
+
+  // Streamed: the same call as deltas.
+  json::value streamed = body;
+  streamed.as_object()["stream"] = true;
+  auto s = StreamCall(server_->url(), streamed);
+  ASSERT_EQ(s.status, 200) << s.raw;
+  std::string name, args, finish;
+  for (const auto& d : s.data) {
+    if (d == "[DONE]") continue;
+    const auto v = json::parse(d);
+    if (v.at("choices").as_array().empty()) continue;
+    const auto& c = v.at("choices").as_array()[0];
+    if (c.at("finish_reason").is_string()) finish = c.at("finish_reason").as_string();
+    if (const auto* calls = c.at("delta").as_object().if_contains("tool_calls")) {
+      const auto& f = calls->as_array()[0].at("function").as_object();
+      if (const auto* n = f.if_contains("name")) name += n->as_string();
+      if (const auto* a = f.if_contains("arguments")) args += a->as_string();
+    }
+  }
+  EXPECT_EQ(finish, "tool_calls");
+  EXPECT_EQ(name, "get_weather");
+  EXPECT_EQ(args, call.at("function").at("arguments").as_string());
+
+  // The tool's result: the mock (which sees a tool_result) answers text.
+  json::value next = Chat("smart", "weather in Paris?");
+  next.as_object()["tools"] = body.at("tools");
+  auto& messages = next.as_object()["messages"].as_array();
+  messages.push_back(choice.at("message"));
+  messages.push_back(json::object{{"role", "tool"}, {"tool_call_id", call.at("id")}, {"content", "sunny"}});
+  auto after = Call(next);
+  ASSERT_EQ(after.status, 200) << after.raw;
+  EXPECT_EQ(after.body.at("choices").as_array()[0].at("finish_reason").as_string(), "stop") << after.raw;
+  EXPECT_TRUE(after.body.at("choices").as_array()[0].at("message").at("content").is_string());
+}
+
 }  // namespace
 }  // namespace keel::testing
