@@ -335,26 +335,9 @@ class HttpStep final : public StepRunner {
     const auto limit =
         static_cast<std::size_t>(NumberOr(spec.if_contains("max_response_bytes"),
                                           static_cast<double>(config_.http.max_response_bytes)));
-    // Read as a stream, so that an answer past the limit is cut off, not held whole.
-    net::ClientResponse resp;
-    bool too_large = false;
-    net::StreamTimeouts timeouts{ctx.step.timeout, ctx.step.timeout};
-    auto sent = net::SendHttpStreaming(
-        req, timeouts,
-        [&](int status, const net::Headers& headers) {
-          resp.status = status;
-          resp.headers = headers;
-          return true;
-        },
-        [&](std::string_view data) {
-          if (resp.body.size() + data.size() > limit) {
-            too_large = true;
-            return false;
-          }
-          resp.body.append(data);
-          return true;
-        });
-    if (too_large) {
+    req.max_response_bytes = limit;  // cut off past it, not held whole
+    auto sent = net::SendHttp(req);
+    if (!sent.ok() && sent.error().code == ErrorCode::kInvalidOutput) {
       return Final(Error(ErrorCode::kInvalidOutput,
                          where + req.method + " " + RedactUrl(*url) + " answered more than " +
                              std::to_string(limit) +
@@ -366,7 +349,7 @@ class HttpStep final : public StepRunner {
       e.message = where + RedactSecrets(e.message);
       return e;
     }
-    resp.status = *sent;
+    const net::ClientResponse& resp = *sent;
     if (resp.status < 200 || resp.status >= 300) {
       return Error(ClassifyHttpStatus(resp.status), where + req.method + " " + RedactUrl(*url) +
                                                         " answered " + std::to_string(resp.status) +

@@ -26,8 +26,20 @@ struct Handle {
   }
 };
 
+// The body of SendHttp, up to its bound.
+struct BodySink {
+  std::string* body;
+  std::size_t max;  // 0: no bound
+  bool exceeded = false;
+};
+
 size_t OnBody(char* data, size_t size, size_t n, void* user) {
-  static_cast<std::string*>(user)->append(data, size * n);
+  auto* sink = static_cast<BodySink*>(user);
+  if (sink->max != 0 && sink->body->size() + size * n > sink->max) {
+    sink->exceeded = true;
+    return 0;  // curl abandons the transfer (CURLE_WRITE_ERROR)
+  }
+  sink->body->append(data, size * n);
   return size * n;
 }
 
@@ -41,10 +53,12 @@ size_t OnHeader(char* data, size_t size, size_t n, void* user) {
   const auto colon = line.find(':');
   if (colon == std::string_view::npos) return size * n;
   std::string name(line.substr(0, colon));
-  std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
+  std::transform(name.begin(), name.end(), name.begin(),
+                 [](unsigned char c) { return std::tolower(c); });
   std::string_view value = line.substr(colon + 1);
   while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
-  while (!value.empty() && (value.back() == '\r' || value.back() == '\n' || value.back() == ' ')) value.remove_suffix(1);
+  while (!value.empty() && (value.back() == '\r' || value.back() == '\n' || value.back() == ' '))
+    value.remove_suffix(1);
   headers->emplace_back(std::move(name), std::string(value));
   return size * n;
 }
@@ -100,12 +114,14 @@ int OnStreamProgress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t)
   const auto now = std::chrono::steady_clock::now();
   if (!st->any_byte && now - st->start > st->timeouts.first_byte) {
     st->timed_out = true;
-    st->timeout_what = "no first byte within " + std::to_string(st->timeouts.first_byte.count()) + "ms";
+    st->timeout_what =
+        "no first byte within " + std::to_string(st->timeouts.first_byte.count()) + "ms";
     return 1;
   }
   if (st->any_byte && now - st->last_byte > st->timeouts.idle) {
     st->timed_out = true;
-    st->timeout_what = "the stream stalled for over " + std::to_string(st->timeouts.idle.count()) + "ms";
+    st->timeout_what =
+        "the stream stalled for over " + std::to_string(st->timeouts.idle.count()) + "ms";
     return 1;
   }
   return 0;
@@ -114,15 +130,18 @@ int OnStreamProgress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t)
 // Options every request sets; returns the header list to free after the transfer.
 curl_slist* SetCommon(CURL* c, const ClientRequest& request) {
   curl_slist* headers = nullptr;
-  for (const auto& [k, v] : request.headers) headers = curl_slist_append(headers, (k + ": " + v).c_str());
+  for (const auto& [k, v] : request.headers)
+    headers = curl_slist_append(headers, (k + ": " + v).c_str());
   // No "Expect: 100-continue" round trip for large bodies.
   headers = curl_slist_append(headers, "Expect:");
   curl_easy_setopt(c, CURLOPT_URL, request.url.c_str());
   curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(c, CURLOPT_TCP_NODELAY, 1L);
   // curl reads 0 as "no timeout" (300s for connect): a spent budget must not become none.
-  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, std::max(1L, static_cast<long>(request.connect_timeout.count())));
-  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, std::max(1L, static_cast<long>(request.total_timeout.count())));
+  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS,
+                   std::max(1L, static_cast<long>(request.connect_timeout.count())));
+  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS,
+                   std::max(1L, static_cast<long>(request.total_timeout.count())));
   curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers);
   return headers;
 }
@@ -158,14 +177,17 @@ Result<int> SendHttpStreaming(const ClientRequest& request, const StreamTimeouts
   curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
   if (rc == CURLE_OK && !st.headers_done && on_headers) {
     // An empty body: the headers callback has not run yet.
-    if (!on_headers(static_cast<int>(status), st.headers)) return Error(ErrorCode::kCancelled, "aborted");
+    if (!on_headers(static_cast<int>(status), st.headers))
+      return Error(ErrorCode::kCancelled, "aborted");
   }
   if (rc != CURLE_OK) {
     const std::string what = " (" + request.method + " " + request.url + ")";
     if (st.was_cancelled) return Error(ErrorCode::kCancelled, "cancelled" + what);
     if (st.timed_out) return Error(ErrorCode::kTimeout, "timed out: " + st.timeout_what + what);
-    if (st.aborted_by_callback) return Error(ErrorCode::kCancelled, "the stream was abandoned by its reader" + what);
-    if (rc == CURLE_OPERATION_TIMEDOUT) return Error(ErrorCode::kTimeout, std::string("timed out: ") + curl_easy_strerror(rc) + what);
+    if (st.aborted_by_callback)
+      return Error(ErrorCode::kCancelled, "the stream was abandoned by its reader" + what);
+    if (rc == CURLE_OPERATION_TIMEDOUT)
+      return Error(ErrorCode::kTimeout, std::string("timed out: ") + curl_easy_strerror(rc) + what);
     return Error(ErrorCode::kNetwork, curl_easy_strerror(rc) + what);
   }
   return static_cast<int>(status);
@@ -178,8 +200,9 @@ Result<ClientResponse> SendHttp(const ClientRequest& request) {
   curl_easy_reset(c);
   ClientResponse response;
   curl_slist* headers = SetCommon(c, request);
+  BodySink sink{&response.body, request.max_response_bytes};
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, OnBody);
-  curl_easy_setopt(c, CURLOPT_WRITEDATA, &response.body);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, &sink);
   curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, OnHeader);
   curl_easy_setopt(c, CURLOPT_HEADERDATA, &response.headers);
   if (request.method == "POST" || request.method == "PUT" || request.method == "PATCH") {
@@ -196,11 +219,18 @@ Result<ClientResponse> SendHttp(const ClientRequest& request) {
   }
   const CURLcode rc = curl_easy_perform(c);
   curl_slist_free_all(headers);
+  if (sink.exceeded) {
+    return Error(ErrorCode::kInvalidOutput,
+                 request.method + " " + request.url + " answered more than " +
+                     std::to_string(request.max_response_bytes) + " bytes");
+  }
   if (rc != CURLE_OK) {
-    const std::string what = std::string(curl_easy_strerror(rc)) + " (" + request.method + " " + request.url + ")";
+    const std::string what =
+        std::string(curl_easy_strerror(rc)) + " (" + request.method + " " + request.url + ")";
     switch (rc) {
       case CURLE_ABORTED_BY_CALLBACK:
-        return Error(ErrorCode::kCancelled, "cancelled (" + request.method + " " + request.url + ")");
+        return Error(ErrorCode::kCancelled,
+                     "cancelled (" + request.method + " " + request.url + ")");
       case CURLE_OPERATION_TIMEDOUT:
         return Error(ErrorCode::kTimeout, "timed out: " + what);
       default:

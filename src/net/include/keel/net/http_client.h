@@ -25,6 +25,10 @@ struct ClientRequest {
   /// When set, the blocking client abandons the exchange (kCancelled), checked at least
   /// once a second. Must outlive the call. Default: none.
   const std::atomic<bool>* cancelled = nullptr;
+  /// SendHttp only: the most body bytes read; past it the exchange is abandoned and
+  /// answered kInvalidOutput ("answered more than N bytes"), the body not kept.
+  /// Default: 0 (no bound).
+  std::size_t max_response_bytes = 0;
 };
 
 struct ClientResponse {
@@ -55,7 +59,8 @@ Result<int> SendHttpStreaming(const ClientRequest& request, const StreamTimeouts
                               const OnHeaders& on_headers, const OnData& on_data);
 
 /// Sends one request. Transport failures are classified: kTimeout (connect or total
-/// deadline passed), kNetwork (refused, reset, DNS). Any HTTP status is a success here;
+/// deadline passed), kNetwork (refused, reset, DNS); a body past
+/// `request.max_response_bytes` is kInvalidOutput. Any HTTP status is a success here;
 /// the caller classifies it.
 Result<ClientResponse> SendHttp(const ClientRequest& request);
 
