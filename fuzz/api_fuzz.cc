@@ -45,13 +45,15 @@ struct Node {
 Node& Get() {
   static Node* node = [] {
     auto* n = new Node;
-    const char* base = std::filesystem::exists("/dev/shm") ? "/dev/shm" : "/tmp";
+    // KEEL_FUZZ_TMP (scripts/fuzz.sh sets it), else /dev/shm, else /tmp.
+    const char* base = std::getenv("KEEL_FUZZ_TMP");
+    if (base == nullptr) base = std::filesystem::exists("/dev/shm") ? "/dev/shm" : "/tmp";
     std::string tmpl = std::string(base) + "/keel-api-fuzz-XXXXXX";
     if (::mkdtemp(tmpl.data()) == nullptr) keel::fuzz::Fail("mkdtemp failed");
     n->dir = tmpl;
     // At exit (libFuzzer's -max_total_time ends with exit()), the server, the gateway and
     // the store stop and join their threads before static destructors run; then the
-    // directory goes. A crashed run leaves it (scripts/fuzz.sh removes keel-api-fuzz-*).
+    // directory goes. A crashed run leaves it (scripts/fuzz.sh removes its KEEL_FUZZ_TMP).
     std::atexit([] {
       Node& n = Get();
       if (n.api) n.api->Stop();

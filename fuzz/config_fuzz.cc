@@ -1,7 +1,8 @@
 // Fuzzes the YAML config (ParseConfig, keel/core/config.h: what `keel config check`
 // runs). The input is a keel.yaml. ${NAME} references resolve to "fuzz" for names that
-// start with "SET" and to nothing otherwise. Properties: no crash, no hang; every
-// pipeline of an accepted config is stored and read back as each run keeps it
+// start with "SET" and to nothing otherwise. Properties: no crash, no hang (YAML alias
+// bombs are refused by the config reader's bounds); every pipeline of an accepted config
+// is stored and read back as each run keeps it
 // (engine::DefinitionToJson / DefinitionFromJson) and its input_schema compiles.
 
 #include <algorithm>
@@ -14,10 +15,6 @@
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace keel;
   const std::string_view yaml = fuzz::AsText(data, size);
-  // TODO(issue 10, item 5; the lead is bounding alias expansion in config.cc): a YAML
-  // alias bomb takes unbounded time and memory today. Until that lands, inputs with more
-  // than 8 aliases (which bounds the expansion to a few dozen copies) are skipped.
-  if (std::count(yaml.begin(), yaml.end(), '*') > 8) return 0;
   const EnvLookup env = [](const std::string& name) -> std::optional<std::string> {
     if (name.rfind("SET", 0) == 0) return std::string("fuzz");
     return std::nullopt;
@@ -30,13 +27,17 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (const auto& [name, pipeline] : config->pipelines) {
     const json::value stored = engine::DefinitionToJson(pipeline, &config->pipelines);
     const std::string text = json::serialize(stored);
-    auto reread = ParseJson(text);
-    if (!reread.ok()) {
-      // TODO(issue 10, item 1; the lead's one JSON codec): a config value may hold a
-      // non-finite number or nest deeper than the store reads back. Known; skipped.
-      if (fuzz::HasNonFinite(stored) || fuzz::Depth(stored) > 32) continue;
-      fuzz::Fail("a stored definition does not parse back", text);
-    }
+    // The store reads definitions back with ParseStoredJson (the codec's depth plus the
+    // store's envelope).
+    auto reread = ParseStoredJson(text);
+    // TODO(issue 10, item 1; reported to the lead, src/core/config.cc): ParseConfig takes
+    // text that is not UTF-8 (a key "rep\x93y" in a transform), which the store's codec
+    // then refuses to read back, so every run of that pipeline is unreadable
+    // (fuzz/corpus/config_fuzz/non-utf8-key-in-transform.yaml). Skipped until config
+    // check refuses it; remove this line then.
+    if (!reread.ok() && !IsValidUtf8(text)) continue;
+    if (!reread.ok())
+      fuzz::Fail("a stored definition does not parse back", reread.error().message + "\n" + text);
     auto back = engine::DefinitionFromJson(*reread);
     if (!back.ok())
       fuzz::Fail("a stored definition does not read back", back.error().message + "\n" + text);

@@ -69,10 +69,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (int status : fuzz::Statuses(answer)) {
     if (status >= 500 && status != 503) fuzz::Fail("the server answered 5xx", answer);
   }
-  // The server is still serving.
-  const std::string probe =
-      fuzz::Exchange(port, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-  if (probe.rfind("HTTP/1.1 200", 0) != 0)
-    fuzz::Fail("the server stopped serving after this input", probe);
+  // The server is still serving (every 16 inputs: a probe is a second connection).
+  static unsigned n = 0;
+  if (++n % 16 == 0) {
+    const std::string probe =
+        fuzz::Exchange(port, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    if (probe.rfind("HTTP/1.1 200", 0) != 0) fuzz::Fail("the server stopped serving", probe);
+  }
   return 0;
 }

@@ -11,8 +11,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <string_view>
 
@@ -26,20 +28,30 @@ namespace keel::fuzz {
 /// (SO_LINGER 0), so that millions of exchanges leave no TIME_WAIT sockets behind.
 inline std::string Exchange(uint16_t port, std::string_view bytes,
                             std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) Fail("socket() failed");
-  const linger no_linger{1, 0};
-  ::setsockopt(fd, SOL_SOCKET, SO_LINGER, &no_linger, sizeof no_linger);
-  const int one = 1;
-  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(port);
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
-    ::close(fd);
-    Fail("cannot connect to the server under test (did it die?)");
+  // Connecting may fail for a moment when the loopback's ephemeral ports are all in
+  // TIME_WAIT (thousands of exchanges a second; the server closes first): retry for up
+  // to 5 s. A server that stopped listening still fails, with the errno.
+  int fd = -1;
+  int last_errno = 0;
+  for (int attempt = 0; attempt < 100 && fd < 0; ++attempt) {
+    if (attempt > 0) ::usleep(50'000);
+    fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) Fail("socket() failed", std::strerror(errno));
+    const linger no_linger{1, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_LINGER, &no_linger, sizeof no_linger);
+    const int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
+      last_errno = errno;
+      ::close(fd);
+      fd = -1;
+    }
   }
+  if (fd < 0) Fail("cannot connect to the server under test for 5 s", std::strerror(last_errno));
   std::size_t sent = 0;
   while (sent < bytes.size()) {
     const ssize_t n = ::send(fd, bytes.data() + sent, bytes.size() - sent, MSG_NOSIGNAL);

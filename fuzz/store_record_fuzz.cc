@@ -45,12 +45,14 @@ void Exec(sqlite3* db, const char* sql) {
 Fixture& Get() {
   static Fixture* f = [] {
     auto* fx = new Fixture;
-    const char* base = std::filesystem::exists("/dev/shm") ? "/dev/shm" : "/tmp";
+    // KEEL_FUZZ_TMP (scripts/fuzz.sh sets it), else /dev/shm, else /tmp.
+    const char* base = std::getenv("KEEL_FUZZ_TMP");
+    if (base == nullptr) base = std::filesystem::exists("/dev/shm") ? "/dev/shm" : "/tmp";
     std::string tmpl = std::string(base) + "/keel-store-fuzz-XXXXXX";
     if (::mkdtemp(tmpl.data()) == nullptr) keel::fuzz::Fail("mkdtemp failed");
     fx->dir = tmpl;
     // The directory goes when the process ends normally; a crashed run leaves it in
-    // /dev/shm (scripts/fuzz.sh removes keel-store-fuzz-*).
+    // /dev/shm (scripts/fuzz.sh removes its KEEL_FUZZ_TMP).
     std::atexit([] {
       Fixture& f = Get();
       if (f.db != nullptr) sqlite3_close(f.db);
