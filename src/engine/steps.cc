@@ -92,6 +92,29 @@ class LlmStep final : public StepRunner {
       rec["repairs"] = round;
       if (r->cache != gateway::CacheStatus::kNone)
         rec["cache"] = gateway::CacheStatusName(r->cache);
+      // What the model's first choice said besides its text: kept, not interpreted (an llm
+      // step runs no tools).
+      const json::value* choice = nullptr;
+      if (const auto* choices = r->response.if_contains("choices");
+          choices && choices->is_array() && !choices->get_array().empty()) {
+        choice = &choices->get_array()[0];
+      }
+      bool tool_calls = false;
+      if (choice && choice->is_object()) {
+        const auto& c = choice->get_object();
+        if (const auto* fr = c.if_contains("finish_reason"); fr && fr->is_string())
+          rec["finish_reason"] = *fr;
+        if (const auto* m = c.if_contains("message"); m && m->is_object()) {
+          const auto* calls = m->get_object().if_contains("tool_calls");
+          tool_calls = calls && calls->is_array() && !calls->get_array().empty();
+          if (tool_calls) rec["tool_calls"] = *calls;
+        }
+      }
+      if (format && tool_calls && r->text.empty()) {
+        return Error(ErrorCode::kInvalidOutput, "step \"" + ctx.step.id +
+                                                    "\": the model answered with tool calls "
+                                                    "instead of JSON; an llm step runs no tools");
+      }
       if (!format) {
         rec["output"] = r->text;
         return StepOutcome::Done(std::move(rec));

@@ -234,10 +234,11 @@ TEST_F(SqliteSchemaTest, AVersion1DatabaseIsMigratedKeepingItsRuns) {
   }
   {
     RawDb db(DbPath());
-    EXPECT_EQ(db.Int("PRAGMA user_version"), 2);
+    EXPECT_EQ(db.Int("PRAGMA user_version"), 3);
     const auto runs = db.Columns("runs");
     for (const char* c : {"waiting", "signals", "parent"}) EXPECT_EQ(runs.count(c), 1u) << c;
     EXPECT_EQ(db.Columns("queue").count("woken"), 1u);
+    EXPECT_EQ(db.Columns("steps").count("interrupted"), 1u);
   }
   // Opened again (already at version 2): nothing is migrated twice, the run is intact.
   auto store = MustOpen();
