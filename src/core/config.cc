@@ -304,7 +304,11 @@ class Reader {
       }
       case YAML::NodeType::Map: {
         json::object obj;
-        for (const auto& kv : n) obj[kv.first.as<std::string>()] = ToJson(kv.second, depth + 1);
+        for (const auto& kv : n) {
+          const auto key = kv.first.as<std::string>();
+          if (!IsValidUtf8(key)) Fail(kv.first, "the key is not valid UTF-8");
+          obj[key] = ToJson(kv.second, depth + 1);
+        }
         return obj;
       }
       case YAML::NodeType::Scalar:

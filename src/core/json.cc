@@ -93,6 +93,13 @@ class LimitedHandler {
           "the integer " + Lexeme() +
               " does not fit in 64 bits: send it as a string, or as a number with a decimal point");
     }
+    // Boost.JSON 1.81 parses decimals inexactly (a unit in the last place off, at times);
+    // its serializer writes the shortest text that reads back exactly. Reading the text
+    // again correctly rounded makes a stored double read back as it was written.
+    double exact = d;
+    const auto [end, err] = std::from_chars(number_.data(), number_.data() + number_.size(), exact);
+    if (err == std::errc() && end == number_.data() + number_.size() && std::isfinite(exact))
+      d = exact;
     number_.clear();
     st.push_double(d);
     return Done();
