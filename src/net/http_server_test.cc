@@ -18,6 +18,7 @@
 #include "keel/core/json.h"
 #include "keel/net/http_client.h"
 #include "keel/testing/assert.h"
+#include "keel/testing/raw_socket.h"
 #include "test_server.h"
 
 namespace keel::net {
@@ -25,6 +26,7 @@ namespace {
 
 using std::chrono::milliseconds;
 using SteadyClock = std::chrono::steady_clock;
+using testing::RawSocket;
 
 ClientRequest Get(std::string url) {
   ClientRequest r;
@@ -369,84 +371,6 @@ TEST(HttpServerTest, StopIsIdempotent) {
   EXPECT_FALSE(r.ok() && r->status == 200) << "answered after Stop()";
 }
 
-// A raw TCP client for requests no HTTP library would send. Reads are bounded by
-// `timeout` (SO_RCVTIMEO): a server that neither answers nor closes fails the test
-// instead of hanging it.
-class RawClient {
- public:
-  explicit RawClient(uint16_t port, const char* source = nullptr,
-                     std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
-    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
-    if (fd_ < 0) return;
-    timeval tv{};
-    tv.tv_sec = timeout.count() / 1000;
-    tv.tv_usec = (timeout.count() % 1000) * 1000;
-    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    if (source != nullptr) {
-      sockaddr_in from{};
-      from.sin_family = AF_INET;
-      ::inet_pton(AF_INET, source, &from.sin_addr);
-      if (::bind(fd_, reinterpret_cast<sockaddr*>(&from), sizeof from) != 0) return;
-    }
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(port);
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    connected_ = ::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
-  }
-  ~RawClient() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  bool connected() const { return connected_; }
-  bool Send(std::string_view bytes) {
-    while (!bytes.empty()) {
-      const auto n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
-      if (n <= 0) return false;
-      bytes.remove_prefix(static_cast<std::size_t>(n));
-    }
-    return true;
-  }
-  // Everything until the server closes; `closed` is false when the read timed out.
-  std::string ReadAll(bool* closed = nullptr) {
-    std::string out;
-    char buf[4096];
-    for (;;) {
-      const auto n = ::recv(fd_, buf, sizeof buf, 0);
-      if (n > 0) {
-        out.append(buf, static_cast<std::size_t>(n));
-        continue;
-      }
-      if (closed) *closed = n == 0 || errno == ECONNRESET;
-      return out;
-    }
-  }
-  // One whole response (header and Content-Length body); "" on timeout or close first.
-  std::string ReadResponse() {
-    for (;;) {
-      const auto end = pending_.find("\r\n\r\n");
-      if (end != std::string::npos) {
-        std::size_t length = 0;
-        const auto cl = pending_.find("Content-Length: ");
-        if (cl != std::string::npos && cl < end) length = std::stoul(pending_.substr(cl + 16));
-        if (pending_.size() >= end + 4 + length) {
-          std::string out = pending_.substr(0, end + 4 + length);
-          pending_.erase(0, end + 4 + length);
-          return out;
-        }
-      }
-      char buf[4096];
-      const auto n = ::recv(fd_, buf, sizeof buf, 0);
-      if (n <= 0) return {};
-      pending_.append(buf, static_cast<std::size_t>(n));
-    }
-  }
-
- private:
-  int fd_ = -1;
-  bool connected_ = false;
-  std::string pending_;
-};
-
 int StatusOf(std::string_view response) {
   if (response.size() < 12 || response.substr(0, 5) != "HTTP/") return 0;
   return std::atoi(std::string(response.substr(9, 3)).c_str());
@@ -466,11 +390,11 @@ struct RawAnswer {
       rest;  // anything after the first response (a second answer would be a smuggled request)
 };
 RawAnswer SendRaw(uint16_t port, std::string_view request) {
-  RawClient c(port);
+  RawSocket c(port);
   RawAnswer a;
   if (!c.connected() || !c.Send(request)) return a;
   a.response = c.ReadResponse();
-  a.rest = c.ReadAll(&a.closed);
+  a.rest = c.ReadToEnd(&a.closed);
   return a;
 }
 
@@ -612,18 +536,18 @@ TEST(HttpServerTest, AConnectionThatSendsNoWholeHeaderIsClosedAfterTheHeaderTime
   TestServer server(EchoHandler, options);
   ASSERT_TRUE(server.ok());
   {
-    RawClient silent(server->port());
+    RawSocket silent(server->port());
     ASSERT_TRUE(silent.connected());
     bool closed = false;
-    EXPECT_EQ(silent.ReadAll(&closed), "");
+    EXPECT_EQ(silent.ReadToEnd(&closed), "");
     EXPECT_TRUE(closed) << "a connection that sent nothing was kept past the header timeout";
   }
   {
-    RawClient partial(server->port());
+    RawSocket partial(server->port());
     ASSERT_TRUE(partial.connected());
     ASSERT_TRUE(partial.Send("GET / HTTP/1.1\r\nHost: x\r\nX-Slow: "));
     bool closed = false;
-    partial.ReadAll(&closed);
+    partial.ReadToEnd(&closed);
     EXPECT_TRUE(closed) << "a header that never ended was waited for past the header timeout";
   }
   // A request in time is served.
@@ -636,20 +560,20 @@ TEST(HttpServerTest, OneAddressCannotTakeEveryConnection) {
   options.max_connections = 8;  // max_connections_per_address 0: a quarter, 2
   TestServer server(EchoHandler, options);
   ASSERT_TRUE(server.ok());
-  RawClient first(server->port());
-  RawClient second(server->port());
+  RawSocket first(server->port());
+  RawSocket second(server->port());
   ASSERT_TRUE(first.connected() && second.connected());
   // The server accepts in arrival order: the third connection from 127.0.0.1 is over.
-  RawClient third(server->port());
+  RawSocket third(server->port());
   ASSERT_TRUE(third.connected());
   bool closed = false;
-  const std::string refused = third.ReadAll(&closed);
+  const std::string refused = third.ReadToEnd(&closed);
   EXPECT_EQ(StatusOf(refused), 503) << refused;
   EXPECT_NE(refused.find("max_connections_per_ip is 2"), std::string::npos) << refused;
   EXPECT_TRUE(closed);
 
   // Another address is served (all of 127/8 is loopback on Linux).
-  RawClient other(server->port(), "127.0.0.2");
+  RawSocket other(server->port(), std::chrono::seconds(10), "127.0.0.2");
   ASSERT_TRUE(other.connected());
   ASSERT_TRUE(other.Send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"));
   const std::string ok = other.ReadResponse();
@@ -669,11 +593,11 @@ TEST(HttpServerTest, AnExplicitPerAddressBoundIsKept) {
   options.max_connections_per_address = 1;
   TestServer server(EchoHandler, options);
   ASSERT_TRUE(server.ok());
-  RawClient first(server->port());
+  RawSocket first(server->port());
   ASSERT_TRUE(first.connected());
-  RawClient second(server->port());
+  RawSocket second(server->port());
   ASSERT_TRUE(second.connected());
-  const std::string refused = second.ReadAll();
+  const std::string refused = second.ReadToEnd();
   EXPECT_EQ(StatusOf(refused), 503) << refused;
   EXPECT_NE(refused.find("Retry-After: 1"), std::string::npos) << refused;
 }

@@ -27,6 +27,7 @@
 
 #include "helpers.h"
 #include "keel/core/json.h"
+#include "keel/testing/raw_socket.h"
 
 namespace keel::testing {
 namespace {
@@ -34,66 +35,6 @@ namespace {
 using namespace std::chrono_literals;
 using namespace std::string_literals;
 using std::chrono::milliseconds;
-
-// A raw TCP client. Every read is bounded by `timeout` (SO_RCVTIMEO).
-class RawSocket {
- public:
-  RawSocket(uint16_t port, milliseconds timeout, const char* source = nullptr) {
-    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
-    if (fd_ < 0) return;
-    timeval tv{};
-    tv.tv_sec = timeout.count() / 1000;
-    tv.tv_usec = (timeout.count() % 1000) * 1000;
-    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    if (source != nullptr) {
-      sockaddr_in from{};
-      from.sin_family = AF_INET;
-      ::inet_pton(AF_INET, source, &from.sin_addr);
-      if (::bind(fd_, reinterpret_cast<sockaddr*>(&from), sizeof from) != 0) return;
-    }
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(port);
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    connected_ = ::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
-  }
-  ~RawSocket() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  RawSocket(const RawSocket&) = delete;
-  RawSocket& operator=(const RawSocket&) = delete;
-
-  bool connected() const { return connected_; }
-  // False when the server stopped reading (closed, reset) before everything was sent.
-  bool Send(std::string_view bytes) {
-    while (!bytes.empty()) {
-      const auto n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
-      if (n <= 0) return false;
-      bytes.remove_prefix(static_cast<std::size_t>(n));
-    }
-    return true;
-  }
-  void HalfClose() { ::shutdown(fd_, SHUT_WR); }
-  // Reads until the server closes (closed = true) or a read times out (closed = false).
-  std::string ReadToEnd(bool& closed) {
-    std::string out;
-    char buf[8192];
-    for (;;) {
-      const auto n = ::recv(fd_, buf, sizeof buf, 0);
-      if (n > 0) {
-        out.append(buf, static_cast<std::size_t>(n));
-        continue;
-      }
-      closed = n == 0 || errno == ECONNRESET || errno == EPIPE;
-      return out;
-    }
-  }
-
- private:
-  int fd_ = -1;
-  bool connected_ = false;
-};
 
 struct Exchanged {
   bool connected = false;
@@ -138,7 +79,7 @@ Exchanged Exchange(uint16_t port, std::string_view request, bool half_close = tr
   s.Send(request);  // a server that closes early (huge headers) may stop reading
   if (half_close) s.HalfClose();
   bool closed = false;
-  const std::string all = s.ReadToEnd(closed);
+  const std::string all = s.ReadToEnd(&closed);
   e.closed = closed;
   e.timed_out = !closed;
   SplitFirst(all, e);
@@ -579,7 +520,7 @@ TEST_F(HostileHttpTest, ASilentConnectionIsClosedAfterTheHeaderTimeout) {
   RawSocket silent(port(), 10s);
   ASSERT_TRUE(silent.connected());
   bool closed = false;
-  EXPECT_EQ(silent.ReadToEnd(closed), "");
+  EXPECT_EQ(silent.ReadToEnd(&closed), "");
   EXPECT_TRUE(closed) << "kept past server.header_timeout (1s)";
   EXPECT_EQ(Healthz(), 200);
 }
