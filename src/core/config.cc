@@ -1106,6 +1106,18 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
 
 Result<Config> ParseConfig(std::string_view yaml, const EnvLookup& env, std::string_view source) {
   const std::string prefix = std::string(source) + ": ";
+  // Every name and value may end up in a stored definition, which holds valid UTF-8 only.
+  if (!IsValidUtf8(yaml)) {
+    std::size_t good = 0;  // the longest valid prefix
+    for (std::size_t lo = 0, hi = yaml.size(); lo < hi;) {
+      const std::size_t mid = (lo + hi + 1) / 2;
+      if (IsValidUtf8(yaml.substr(0, mid))) lo = mid; else hi = mid - 1;
+      good = lo;
+    }
+    const auto line = 1 + std::count(yaml.begin(), yaml.begin() + static_cast<std::ptrdiff_t>(good), '\n');
+    return Error(ErrorCode::kInvalidRequest, prefix + "line " + std::to_string(line) + ": the file is not valid UTF-8 (byte " +
+                                                 std::to_string(good) + ")");
+  }
   try {
     const YAML::Node root = YAML::Load(std::string(yaml));
     Reader reader(env);

@@ -996,6 +996,11 @@ TEST(ConfigUntrustedTest, ValuesNestedPastTheJsonLimitAreRefused) {
       {"nest deeper than 64"});
 }
 
+TEST(ConfigUntrustedTest, AFileThatIsNotUtf8IsRefusedWithItsLine) {
+  ExpectConfigError(WithProviders("pipelines:\n  p:\n    steps:\n      - id: t\n        transform: {\"rep\x93y\": 1}\n"),
+                    {"line 10", "not valid UTF-8"});
+}
+
 TEST(ConfigUntrustedTest, InfAndNanStayText) {
   auto c = ParseConfig(WithProviders("pipelines:\n  p:\n    steps:\n      - id: t\n        "
                                      "transform: {a: inf, b: nan, c: 1e400, d: 2.5}\n"),
