@@ -374,10 +374,10 @@ class HttpStep final : public StepRunner {
     }
     const net::ClientResponse& resp = *sent;
     if (resp.status < 200 || resp.status >= 300) {
-      return Error(ClassifyHttpStatus(resp.status), where + req.method + " " + RedactUrl(*url) +
-                                                        " answered " + std::to_string(resp.status) +
-                                                        ": " +
-                                                        RedactSecrets(Utf8Prefix(resp.body, 300)));
+      return Error(ClassifyHttpStatus(resp.status),
+                   where + req.method + " " + RedactUrl(*url) + " answered " +
+                       std::to_string(resp.status) + ": " +
+                       RedactSecrets(ToValidUtf8(std::string_view(resp.body).substr(0, 300))));
     }
     StepRecordJson rec{{"status", resp.status}};
     if (resp.Header("content-type").find("json") != std::string_view::npos) {
@@ -398,11 +398,6 @@ class HttpStep final : public StepRunner {
   }
 
  private:
-  // At most `max` bytes of `s` for a message, as valid UTF-8.
-  static std::string Utf8Prefix(std::string_view s, std::size_t max) {
-    return ToValidUtf8(s.substr(0, max));
-  }
-
   // The URL's host is named by the config: literally in the step's URL, or listed.
   bool Allowed(const std::string& raw_url, const std::string& host) const {
     const std::string literal = UrlHost(raw_url);
