@@ -7,6 +7,8 @@
 // of something the test did, and NothingHappens() gives the workers a few poll intervals
 // to (not) act before asserting that a run is still where it was.
 
+#include "keel/engine/engine.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -21,13 +23,12 @@
 #include "keel/core/ids.h"
 #include "keel/core/json.h"
 #include "keel/core/random.h"
-#include "keel/engine/engine.h"
 #include "keel/engine/pipeline.h"
 #include "keel/gateway/gateway.h"
 #include "keel/store/sqlite_store.h"
 #include "keel/store/store.h"
 #include "keel/testing/assert.h"
-#include "keel/testing/http.h"  // Eventually
+#include "keel/testing/http.h"     // Eventually
 #include "keel/testing/process.h"  // TempDir
 
 namespace keel::engine {
@@ -51,7 +52,8 @@ class EngineTest : public ::testing::Test {
   // manual clock too: tests advance it only while no run is leased.
   void Start(const std::string& pipelines_yaml, int workers = 2) {
     const std::string yaml = "providers:\n  mock: {type: mock}\n" + pipelines_yaml;
-    auto config = ParseConfig(yaml, [](const std::string&) { return std::nullopt; }, "engine_test.yaml");
+    auto config = ParseConfig(
+        yaml, [](const std::string&) { return std::nullopt; }, "engine_test.yaml");
     ASSERT_OK(config);
     config_ = std::move(config).value();
     config_.engine.workers = workers;
@@ -100,7 +102,8 @@ class EngineTest : public ::testing::Test {
 
   // Polls `fn` (real time, for the workers) until it holds; false after kPatience.
   static bool Soon(const std::function<bool()>& fn) {
-    return testing::Eventually(fn, std::chrono::duration_cast<std::chrono::milliseconds>(kPatience));
+    return testing::Eventually(fn,
+                               std::chrono::duration_cast<std::chrono::milliseconds>(kPatience));
   }
 
   // Waits (real time, for the workers) until run `id` is in `status`.
@@ -112,8 +115,8 @@ class EngineTest : public ::testing::Test {
       return r.ok() && r->status == status;
     });
     if (ok) return ::testing::AssertionSuccess();
-    return ::testing::AssertionFailure() << "run " << id << " is " << store::RunStatusName(last) << ", not "
-                                         << store::RunStatusName(status);
+    return ::testing::AssertionFailure() << "run " << id << " is " << store::RunStatusName(last)
+                                         << ", not " << store::RunStatusName(status);
   }
 
   // Lets the workers act for a few poll intervals (a worker that could lease the run would
@@ -125,8 +128,9 @@ class EngineTest : public ::testing::Test {
     auto after = store_->ListEvents(id, 0, 1000);
     const auto run = Get(id);
     if (run.status != status) {
-      return ::testing::AssertionFailure() << "run " << id << " is " << store::RunStatusName(run.status) << ", not "
-                                           << store::RunStatusName(status);
+      return ::testing::AssertionFailure()
+             << "run " << id << " is " << store::RunStatusName(run.status) << ", not "
+             << store::RunStatusName(status);
     }
     if (!before.ok() || !after.ok() || before->size() != after->size()) {
       return ::testing::AssertionFailure() << "run " << id << " logged new events";
@@ -159,7 +163,8 @@ class EngineTest : public ::testing::Test {
 
   // Real time spent since the fixture was built.
   std::chrono::milliseconds RealElapsed() const {
-    return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - real_start_);
+    return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
+                                                                 real_start_);
   }
 };
 
@@ -417,7 +422,8 @@ pipelines:
   engine_->Notify();  // the lease wakes the run, which parks again until the lease ends
   ASSERT_TRUE(Soon([&] {
     const auto run = Get(id);
-    return run.status == RunStatus::kWaiting && run.waiting.is_object() && run.waiting.as_object().contains("worker");
+    return run.status == RunStatus::kWaiting && run.waiting.is_object() &&
+           run.waiting.as_object().contains("worker");
   }));
   EXPECT_EQ(Get(id).waiting.at("task"), "leased");
 
@@ -505,7 +511,8 @@ pipelines:
     const auto run = Get(id);
     const auto* s = Step(run, "job");
     return run.status == RunStatus::kWaiting && s && s->attempts == 2;
-  })) << store::RunStatusName(Get(id).status) << ": " << Get(id).error.value_or(Error()).message;
+  })) << store::RunStatusName(Get(id).status)
+      << ": " << Get(id).error.value_or(Error()).message;
   clock_.Advance(10s - 1ms);
   EXPECT_TRUE(NothingHappens(id, RunStatus::kWaiting));
   auto second = store_->LeaseTask("q", "w");
@@ -529,7 +536,7 @@ pipelines:
       - id: only
         transform: {n: "{{input.n}}"}
 )",
-        /*workers=*/1));
+                                /*workers=*/1));
   const std::string parked = Submit("approve");
   ASSERT_TRUE(Reaches(parked, RunStatus::kWaiting));
 
@@ -563,7 +570,8 @@ pipelines:
   const auto run = Get(id);
   ASSERT_TRUE(run.output.is_array());
   ASSERT_EQ(run.output.as_array().size(), 7u);
-  for (int i = 0; i < 7; ++i) EXPECT_EQ(run.output.as_array()[i], json::value("echo-x" + std::to_string(i))) << i;
+  for (int i = 0; i < 7; ++i)
+    EXPECT_EQ(run.output.as_array()[i], json::value("echo-x" + std::to_string(i))) << i;
   ASSERT_NE(Step(run, "each"), nullptr);
   EXPECT_EQ(Step(run, "each")->output.at("items"), 7);
 }
@@ -725,7 +733,8 @@ pipelines:
   EXPECT_TRUE(Engine::NodeReadiness().ready);
   const std::string id = Submit("slow");
   ASSERT_TRUE(Soon([&] {
-    const auto* st = Step(Get(id), "ask");
+    const store::RunRecord run = Get(id);  // Step points into it
+    const auto* st = Step(run, "ask");
     return st && st->status == store::StepStatus::kRunning;
   }));
   // Within the bound, a busy worker is not a stalled one.
