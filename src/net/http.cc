@@ -7,6 +7,8 @@
 #include <boost/url/pct_string_view.hpp>
 #include <boost/url/src.hpp>  // Boost.URL compiled here, once, for all of keel.
 
+#include "keel/core/json.h"  // IsValidUtf8
+
 namespace keel::net {
 
 std::string PercentEncode(std::string_view in) {
@@ -26,49 +28,6 @@ std::string PercentEncode(std::string_view in) {
   }
   return out;
 }
-
-namespace {
-
-// Whether `s` is well-formed UTF-8: no overlong forms, no surrogates, at most U+10FFFF.
-bool WellFormedUtf8(std::string_view s) {
-  std::size_t i = 0;
-  while (i < s.size()) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    int n = 0;
-    unsigned lo = 0x80, hi = 0xBF;  // the range of the first continuation byte
-    if (c >= 0xC2 && c <= 0xDF)
-      n = 1;
-    else if (c == 0xE0)
-      n = 2, lo = 0xA0;
-    else if (c >= 0xE1 && c <= 0xEC)
-      n = 2;
-    else if (c == 0xED)
-      n = 2, hi = 0x9F;
-    else if (c >= 0xEE && c <= 0xEF)
-      n = 2;
-    else if (c == 0xF0)
-      n = 3, lo = 0x90;
-    else if (c >= 0xF1 && c <= 0xF3)
-      n = 3;
-    else if (c == 0xF4)
-      n = 3, hi = 0x8F;
-    else
-      return false;
-    if (i + n >= s.size()) return false;
-    for (int k = 1; k <= n; ++k) {
-      const auto b = static_cast<unsigned char>(s[i + k]);
-      if (k == 1 ? (b < lo || b > hi) : (b < 0x80 || b > 0xBF)) return false;
-    }
-    i += n + 1;
-  }
-  return true;
-}
-
-}  // namespace
 
 Result<std::vector<std::string>> SplitPath(std::string_view raw_path) {
   std::vector<std::string> out;
@@ -93,7 +52,7 @@ Result<std::vector<std::string>> SplitPath(std::string_view raw_path) {
     for (char c : boost::urls::decode_view(*escaped)) segment.push_back(c);
     bool control = false;
     for (unsigned char c : segment) control = control || c < 0x20 || c == 0x7F;
-    if (control || !WellFormedUtf8(segment)) {
+    if (control || !IsValidUtf8(segment)) {
       return Error(ErrorCode::kInvalidRequest,
                    "the path segment \"" + std::string(raw) +
                        "\" decodes to a control character or to invalid UTF-8; "
