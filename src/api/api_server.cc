@@ -60,12 +60,7 @@ json::value RunToJson(const store::RunRecord& run, bool with_steps) {
   }
   if (with_steps) {
     json::array steps;
-    std::map<std::string, int64_t> items_done;  // map steps: items checkpointed so far
     for (const auto& s : run.steps) {
-      if (const auto hash = s.step_id.rfind('#'); hash != std::string::npos) {
-        ++items_done[s.step_id.substr(0, hash)];
-        continue;
-      }
       json::object so{{"id", s.step_id},
                       {"status", store::StepStatusName(s.status)},
                       {"attempts", s.attempts},
@@ -77,12 +72,8 @@ json::value RunToJson(const store::RunRecord& run, bool with_steps) {
       if (s.output.is_object()) {
         for (const auto& kv : s.output.get_object()) so[kv.key()] = kv.value();
       }
+      if (s.items > 0) so["items_done"] = s.items;  // a map step: its items checkpointed so far
       steps.push_back(std::move(so));
-    }
-    for (auto& s : steps) {
-      auto& so = s.as_object();
-      const auto it = items_done.find(std::string(so.at("id").as_string()));
-      if (it != items_done.end()) so["items_done"] = it->second;
     }
     o["steps"] = std::move(steps);
   }
@@ -248,6 +239,9 @@ class ApiServerImpl final : public ApiServer {
       if (s.size() == 2 && m == "GET") return name = "list_runs", &ApiServerImpl::ListRuns;
       if (s.size() == 3 && m == "GET") return name = "get_run", &ApiServerImpl::GetRun;
       if (s.size() == 4 && s[3] == "events" && m == "GET") return name = "run_events", &ApiServerImpl::RunEvents;
+      if (s.size() == 6 && s[3] == "steps" && s[5] == "items" && m == "GET") {
+        return name = "step_items", &ApiServerImpl::StepItems;
+      }
       if (s.size() == 4 && s[3] == "cancel" && m == "POST") return name = "cancel_run", &ApiServerImpl::CancelRun;
       if (s.size() == 4 && s[3] == "redrive" && m == "POST") return name = "redrive_run", &ApiServerImpl::RedriveRun;
       if (s.size() == 5 && s[3] == "signals" && m == "POST") return name = "signal_run", &ApiServerImpl::SignalRun;
@@ -276,6 +270,7 @@ class ApiServerImpl final : public ApiServer {
     else if (v1 && s[1] == "runs" && s.size() == 2) allow = "GET, POST";
     else if (v1 && s[1] == "runs" && s.size() == 3) allow = "GET";
     else if (v1 && s[1] == "runs" && s.size() == 4 && s[3] == "events") allow = "GET";
+    else if (v1 && s[1] == "runs" && s.size() == 6 && s[3] == "steps" && s[5] == "items") allow = "GET";
     else if (v1 && s[1] == "runs" && s.size() == 4 && (s[3] == "cancel" || s[3] == "redrive")) allow = "POST";
     else if (v1 && s[1] == "runs" && s.size() == 5 && s[3] == "signals") allow = "POST";
     else if (v1 && (s[1] == "dlq" || s[1] == "pipelines" || s[1] == "models") && s.size() == 2) allow = "GET";
@@ -494,6 +489,25 @@ class ApiServerImpl final : public ApiServer {
     for (const auto& e : *events) data.push_back(EventToJson(e));
     const int64_t last = events->empty() ? *after : events->back().seq;
     return JsonResponse(200, json::object{{"object", "list"}, {"data", std::move(data)}, {"next_after", last}});
+  }
+
+  // A map step's checkpointed items, in index order, a page at a time (a map may have
+  // millions: the run's record counts them, this lists them).
+  HttpResponse StepItems(const HttpRequest& req, const std::vector<std::string_view>& s) {
+    auto limit = ParseIntParam(req, "limit", 100, 1, 1000);
+    if (!limit.ok()) return ErrorResponse(limit.error());
+    auto after = ParseIntParam(req, "after", -1, -1, std::numeric_limits<int>::max());
+    if (!after.ok()) return ErrorResponse(after.error());
+    // One more than asked: whether there are more.
+    auto items = store_.ListItems(std::string(s[2]), std::string(s[4]), *after, *limit + 1, true);
+    if (!items.ok()) return ErrorResponse(items.error());
+    const bool more = static_cast<int>(items->size()) > *limit;
+    if (more) items->pop_back();
+    json::array data;
+    for (auto& item : *items) data.push_back(json::object{{"index", item.index}, {"output", std::move(item.output)}});
+    const int64_t last = items->empty() ? *after : items->back().index;
+    return JsonResponse(200, json::object{{"object", "list"}, {"data", std::move(data)}, {"has_more", more},
+                                          {"next_after", last}});
   }
 
   HttpResponse CancelRun(const HttpRequest&, const std::vector<std::string_view>& s) {

@@ -59,8 +59,8 @@ Result<std::vector<Piece>> Split(std::string_view s) {
   return pieces;
 }
 
-Result<json::value> Lookup(std::string_view path, const json::value& context) {
-  const json::value* v = FindPath(context, path);
+Result<json::value> Lookup(std::string_view path, const TemplateContext& context) {
+  const json::value* v = context.Find(path);
   if (v == nullptr) {
     return Error(ErrorCode::kInvalidRequest,
                  "template reference {{" + std::string(path) + "}} names no value");
@@ -70,7 +70,7 @@ Result<json::value> Lookup(std::string_view path, const json::value& context) {
 
 // Interpolates every reference of `pieces` into one string, each through `escape`
 // unless it is raw (or there is no escape).
-Result<std::string> Interpolate(const std::vector<Piece>& pieces, const json::value& context,
+Result<std::string> Interpolate(const std::vector<Piece>& pieces, const TemplateContext& context,
                                 const TemplateEscape* escape) {
   std::string out;
   for (const auto& p : pieces) {
@@ -95,7 +95,7 @@ Result<std::string> Interpolate(const std::vector<Piece>& pieces, const json::va
   return out;
 }
 
-Result<json::value> RenderString(const json::string& s, const json::value& context) {
+Result<json::value> RenderString(const json::string& s, const TemplateContext& context) {
   auto pieces = Split(std::string_view(s.data(), s.size()));
   if (!pieces.ok()) return std::move(pieces).error();
   if (pieces->size() == 1 && (*pieces)[0].is_ref) return Lookup((*pieces)[0].text, context);
@@ -106,7 +106,34 @@ Result<json::value> RenderString(const json::string& s, const json::value& conte
 
 }  // namespace
 
-Result<json::value> RenderTemplate(const json::value& tmpl, const json::value& context) {
+TemplateContext& TemplateContext::Bind(std::string name, const json::value& value) {
+  for (auto& [n, v] : names_) {
+    if (n == name) {
+      v = &value;
+      return *this;
+    }
+  }
+  names_.emplace_back(std::move(name), &value);
+  return *this;
+}
+
+const json::value* TemplateContext::Find(std::string_view path) const {
+  const auto dot = path.find('.');
+  const std::string_view first = path.substr(0, dot);
+  for (const auto& [n, v] : names_) {
+    if (n == first) return dot == std::string_view::npos ? v : FindPath(*v, path.substr(dot + 1));
+  }
+  return root_ != nullptr ? FindPath(*root_, path) : nullptr;
+}
+
+const json::value* FindReferenced(const json::value& tmpl, const TemplateContext& context) {
+  if (!tmpl.is_string()) return nullptr;
+  auto pieces = Split(std::string_view(tmpl.get_string().data(), tmpl.get_string().size()));
+  if (!pieces.ok() || pieces->size() != 1 || !(*pieces)[0].is_ref) return nullptr;
+  return context.Find((*pieces)[0].text);
+}
+
+Result<json::value> RenderTemplate(const json::value& tmpl, const TemplateContext& context) {
   switch (tmpl.kind()) {
     case json::kind::string:
       return RenderString(tmpl.get_string(), context);
@@ -135,14 +162,14 @@ Result<json::value> RenderTemplate(const json::value& tmpl, const json::value& c
   }
 }
 
-Result<std::string> RenderTemplateString(std::string_view tmpl, const json::value& context) {
+Result<std::string> RenderTemplateString(std::string_view tmpl, const TemplateContext& context) {
   auto r = RenderString(json::string(tmpl), context);
   if (!r.ok()) return std::move(r).error();
   if (r->is_string()) return std::string(r->get_string());
   return json::serialize(*r);
 }
 
-Result<std::string> RenderTemplateString(std::string_view tmpl, const json::value& context,
+Result<std::string> RenderTemplateString(std::string_view tmpl, const TemplateContext& context,
                                          const TemplateEscape& escape) {
   auto pieces = Split(tmpl);
   if (!pieces.ok()) return std::move(pieces).error();

@@ -167,6 +167,44 @@ TEST(TemplateTest, ReferencesOfAMalformedTemplateAreAnError) {
   EXPECT_FALSE(TemplateReferences(json::value("{{a..b}}")).ok());
 }
 
+// A context of bound names borrows its values: a map item sees its own "item" and
+// "index" over the run's scope, and a bound name shadows the root's.
+TEST(TemplateContextTest, BoundNamesShadowTheRootAndAreBorrowed) {
+  const json::value root = Context();
+  json::value item = json::object{{"id", 7}};
+  json::value index = 3;
+  TemplateContext ctx(root);
+  ctx.Bind("item", item).Bind("index", index);
+  auto r = RenderTemplate(json::parse(R"({"a": "{{item.id}}", "b": "{{index}}", "c": "{{input.who.name}}"})"), ctx);
+  ASSERT_OK(r);
+  EXPECT_EQ(*r, json::parse(R"({"a": 7, "b": 3, "c": "Ada"})"));
+  // Borrowed: a change to the bound value is seen, and rebinding replaces.
+  item.as_object()["id"] = 8;
+  EXPECT_EQ(*RenderTemplate(json::value("{{item.id}}"), ctx), json::value(8));
+  const json::value other = "other input";
+  ctx.Bind("input", other);
+  EXPECT_EQ(*RenderTemplate(json::value("{{input}}"), ctx), json::value("other input"));
+  EXPECT_FALSE(RenderTemplate(json::value("{{input.who.name}}"), ctx).ok());  // shadowed
+  EXPECT_EQ(*RenderTemplate(json::value("{{steps.plan.text}}"), ctx), json::value("the plan"));
+  // Without a root, only bound names resolve.
+  TemplateContext bare;
+  bare.Bind("item", item);
+  EXPECT_EQ(*RenderTemplate(json::value("x{{item.id}}"), bare), json::value("x8"));
+  EXPECT_FALSE(RenderTemplate(json::value("{{steps.plan}}"), bare).ok());
+}
+
+TEST(TemplateContextTest, FindReferencedBorrowsAWholeStringReferenceOnly) {
+  const json::value root = Context();
+  const json::value* tags = FindReferenced(json::value("{{ input.tags }}"), root);
+  ASSERT_NE(tags, nullptr);
+  EXPECT_EQ(tags, root.at("input").as_object().if_contains("tags"));  // the value itself, not a copy
+  EXPECT_EQ(FindReferenced(json::value("tags: {{input.tags}}"), root), nullptr);
+  EXPECT_EQ(FindReferenced(json::value("{{input.tags}}{{input.ok}}"), root), nullptr);
+  EXPECT_EQ(FindReferenced(json::value("{{input.missing}}"), root), nullptr);
+  EXPECT_EQ(FindReferenced(json::value("{{input.tags"), root), nullptr);
+  EXPECT_EQ(FindReferenced(json::parse(R"(["{{input.tags}}"])"), root), nullptr);
+}
+
 TEST(TemplateEscapeTest, EveryInterpolatedValueGoesThroughTheEscapeButRawOnes) {
   const json::value ctx = json::parse(R"({"input": {"q": "a&b", "n": 3, "p": "x/y"}})");
   std::vector<std::size_t> offsets;

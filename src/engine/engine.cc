@@ -3,10 +3,12 @@
 #include <prometheus/counter.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
+#include <malloc.h>  // malloc_trim (glibc)
 #include <unistd.h>
 
 #include <atomic>
 #include <condition_variable>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <set>
@@ -23,6 +25,10 @@
 
 namespace keel::engine {
 namespace {
+
+// A map over at least this many items hands the memory it leaves free back to the
+// system (malloc_trim) when its run leaves the worker; smaller ones are not worth it.
+constexpr std::size_t kTrimAfterItems = 1024;
 
 // A step's record breaks no rule of the JSON codec (core/json.h), so the store can write
 // it and read it back: a tool's, a model's or a template's value that does fails the
@@ -371,6 +377,15 @@ class EngineImpl final : public Engine {
       ~Untracker() { self->Untrack(id); }
     } untracker{this, active_id};
 
+    // A large map leaves much memory free behind it, in the arenas of the threads that
+    // ran its items: handed back to the system when the run leaves this worker.
+    struct Trimmer {
+      bool armed = false;
+      ~Trimmer() {
+        if (armed) malloc_trim(0);
+      }
+    } trimmer;
+
     auto def = Definition(run);
     if (!def.ok()) {
       obs::LogError("run cannot execute", {{"run_id", run.id}, {"error", def.error().message}});
@@ -465,7 +480,11 @@ class EngineImpl final : public Engine {
       }
       attempt = *started;
     }
-    json::value scope = json::object{{"input", run.input}, {"steps", std::move(steps_scope)}};
+    // What templates see: the run's input (borrowed from the record, not copied) and the
+    // checkpoints of the steps done.
+    json::value steps_done = std::move(steps_scope);
+    TemplateContext scope;
+    scope.Bind("input", run.input).Bind("steps", steps_done);
 
     while (true) {
       const std::string idem = run.id + "/" + step->id;
@@ -473,7 +492,7 @@ class EngineImpl final : public Engine {
       const auto t0 = std::chrono::steady_clock::now();
       Result<StepOutcome> result = Error(ErrorCode::kInternal, "not run");
       if (step->kind == StepKind::kMap) {
-        result = RunMap(ctx, lease);
+        result = RunMap(ctx, lease, trimmer.armed);
       } else if (auto it = runners_.find(step->kind); it != runners_.end()) {
         result = it->second->Run(ctx);
       } else {
@@ -556,7 +575,7 @@ class EngineImpl final : public Engine {
         (void)store_.ReleaseLease(lease);
         return;
       }
-      scope.as_object()["steps"].as_object()[step->id] = std::move(rec);
+      steps_done.as_object()[step->id] = std::move(rec);
       cur = index.at(next);
       step = &pipeline.steps[cur];
       record = nullptr;
@@ -571,13 +590,38 @@ class EngineImpl final : public Engine {
     return (kind.front() == 'a' || kind.front() == 'o' ? "an " : "a ") + std::string(kind);
   }
 
+  // Calls `fn` with each checkpointed item of map step `step_id`, in index order, read a
+  // page at a time (outputs only when `with_outputs`): what a map holds is a page, never
+  // all of its items.
+  Result<void> ForEachItem(const std::string& run_id, const std::string& step_id, bool with_outputs,
+                           const std::function<void(store::ItemRecord&)>& fn) {
+    const int page = with_outputs ? 1000 : 10000;
+    int64_t after = -1;
+    while (true) {
+      auto items = store_.ListItems(run_id, step_id, after, page, with_outputs);
+      if (!items.ok()) return std::move(items).error();
+      for (auto& item : *items) fn(item);
+      if (static_cast<int>(items->size()) < page) return {};
+      after = items->back().index;
+    }
+  }
+
   // A map: each item of `over` through the item step, `concurrency` at once, each
   // checkpointed as it finishes; items checkpointed before (by an earlier attempt, or
-  // before a crash) are not run again.
-  Result<StepOutcome> RunMap(const StepContext& ctx, const store::Lease& lease) {
+  // before a crash) are not run again. It holds the items to do and, per thread, one
+  // item's "item" and "index" over the run's scope (shared, never copied); finished
+  // items' outputs stay in the store until every item is done, then make the step's output.
+  // `large`: set when the map is over enough items that its memory is worth trimming.
+  Result<StepOutcome> RunMap(const StepContext& ctx, const store::Lease& lease, bool& large) {
     const auto& spec = ctx.step.spec.as_object();
-    auto over = RenderTemplate(spec.at("over"), ctx.scope);
-    if (!over.ok()) return std::move(over).error();
+    // `over` is most often one reference ("{{input.items}}"): the array is borrowed.
+    std::optional<Result<json::value>> rendered;
+    const json::value* over = FindReferenced(spec.at("over"), ctx.scope);
+    if (over == nullptr) {
+      rendered = RenderTemplate(spec.at("over"), ctx.scope);
+      if (!rendered->ok()) return std::move(*rendered).error();
+      over = &**rendered;
+    }
     if (!over->is_array()) {
       StepOutcome o;
       o.fail = Error(ErrorCode::kInvalidRequest, "step \"" + ctx.step.id + "\": map over must be an array, but " +
@@ -586,18 +630,17 @@ class EngineImpl final : public Engine {
     }
     const auto& items = over->as_array();
     const std::size_t n = items.size();
-    std::vector<json::value> outputs(n);
-    std::map<std::string, const store::StepRecord*> recs;
-    for (const auto& s : ctx.run.steps) recs[s.step_id] = &s;
+    if (n >= kTrimAfterItems) large = true;
+    std::vector<bool> done(n, false);
+    auto listed = ForEachItem(ctx.run_id, ctx.step.id, false, [&](store::ItemRecord& item) {
+      if (item.index >= 0 && static_cast<std::size_t>(item.index) < n) done[static_cast<std::size_t>(item.index)] = true;
+    });
+    if (!listed.ok()) return std::move(listed).error();
     std::vector<std::size_t> todo;
     for (std::size_t i = 0; i < n; ++i) {
-      const auto it = recs.find(store::ItemStepId(ctx.step.id, static_cast<int64_t>(i)));
-      if (it != recs.end() && it->second->status == StepStatus::kSucceeded) {
-        outputs[i] = it->second->output;
-      } else {
-        todo.push_back(i);
-      }
+      if (!done[i]) todo.push_back(i);
     }
+    done = {};
     StepConfig item_step = ctx.step;
     const auto& inner = spec.at("step").as_object();
     item_step.kind = *StepKindFromName(inner.at("kind").as_string());
@@ -609,8 +652,10 @@ class EngineImpl final : public Engine {
     std::optional<Error> first_error;  // GUARDED_BY(mu)
     bool final = false;                // GUARDED_BY(mu)
     auto work = [&] {
-      // One copy of the scope per thread (not per item: it holds the whole input).
-      json::value scope = ctx.scope;
+      // This thread's "item" and "index", bound over the run's scope (never a copy of it:
+      // it holds the whole input).
+      json::value index;
+      TemplateContext scope = ctx.scope;
       while (true) {
         {
           std::lock_guard lock(mu);
@@ -620,8 +665,8 @@ class EngineImpl final : public Engine {
         const std::size_t k = next.fetch_add(1);
         if (k >= todo.size()) return;
         const std::size_t i = todo[k];
-        scope.as_object()["item"] = items[i];
-        scope.as_object()["index"] = static_cast<int64_t>(i);
+        index = static_cast<int64_t>(i);
+        scope.Bind("item", items[i]).Bind("index", index);
         const std::string idem = ctx.idempotency_key + "#" + std::to_string(i);
         StepContext ictx{ctx.run_id, item_step, ctx.attempt, scope, idem, ctx.run, nullptr, ctx.now, ctx.cancelled, ctx.lease};
         auto r = runner->Run(ictx);
@@ -643,13 +688,9 @@ class EngineImpl final : public Engine {
           }
         }
         if (!err) {
-          json::value out = r->record["output"];
+          const json::value& out = r->record["output"];
           auto saved = Persist([&] { return store_.CompleteItem(lease, ctx.step.id, static_cast<int64_t>(i), out); });
-          if (saved.ok()) {
-            std::lock_guard lock(mu);
-            outputs[i] = std::move(out);
-            continue;
-          }
+          if (saved.ok()) continue;
           err = saved.error();
         }
         std::lock_guard lock(mu);
@@ -666,6 +707,7 @@ class EngineImpl final : public Engine {
     for (std::size_t t = 1; t < threads; ++t) pool.emplace_back(work);
     if (threads > 0) work();
     for (auto& t : pool) t.join();
+    todo = {};
     if (first_error) {
       if (final) {
         StepOutcome o;
@@ -675,8 +717,18 @@ class EngineImpl final : public Engine {
       return std::move(*first_error);
     }
     if (ctx.cancelled && ctx.cancelled->load()) return Error(ErrorCode::kCancelled, "the run was cancelled");
+    // Every item is checkpointed: their outputs, in order, are the step's.
     json::array out;
-    for (auto& v : outputs) out.push_back(std::move(v));
+    out.reserve(n);
+    auto read = ForEachItem(ctx.run_id, ctx.step.id, true, [&](store::ItemRecord& item) {
+      if (item.index == static_cast<int64_t>(out.size()) && out.size() < n) out.push_back(std::move(item.output));
+    });
+    if (!read.ok()) return std::move(read).error();
+    if (out.size() != n) {
+      // Not reachable through the Store's contract; the next attempt runs what is missing.
+      return Error(ErrorCode::kInternal, "step \"" + ctx.step.id + "\": item " + std::to_string(out.size()) +
+                                             " of " + std::to_string(n) + " has no checkpoint");
+    }
     return StepOutcome::Done(StepRecordJson{{"output", std::move(out)}, {"items", static_cast<int64_t>(n)}});
   }
 

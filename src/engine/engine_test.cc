@@ -576,6 +576,53 @@ pipelines:
   EXPECT_EQ(Step(run, "each")->output.at("items"), 7);
 }
 
+// A map over more items than a page of the store: every item sees its own element and
+// index over the run's scope (shared by the items, not copied), the items are read back
+// in order, and the run record holds the map step only, with its items counted.
+TEST_F(EngineTest, AMapOverManyItemsAssemblesItsOutputFromItsCheckpoints) {
+  ASSERT_NO_FATAL_FAILURE(Start(R"(
+pipelines:
+  fan:
+    steps:
+      - id: make
+        transform: {list: "{{input.items}}"}
+      - id: each
+        map:
+          over: "{{steps.make.output.list}}"
+          concurrency: 4
+          step: {transform: {i: "{{index}}", v: "{{item}}", tag: "{{input.tag}}-{{index}}"}}
+      - id: last
+        transform: "{{steps.each.output.2499}}"
+  literal:
+    steps:
+      - id: each
+        map:
+          over: ["{{input.tag}}", "b"]
+          concurrency: 2
+          step: {transform: "{{index}}:{{item}}"}
+)"));
+  constexpr int kItems = 2500;
+  json::array items;
+  for (int i = 0; i < kItems; ++i) items.push_back(i * 2);
+  const std::string id = Submit("fan", json::object{{"items", items}, {"tag", "t"}});
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  const auto run = Get(id);
+  ASSERT_EQ(run.steps.size(), 3u);
+  const auto* each = Step(run, "each");
+  ASSERT_NE(each, nullptr);
+  EXPECT_EQ(each->items, kItems);
+  const auto& out = each->output.at("output").as_array();
+  ASSERT_EQ(out.size(), static_cast<std::size_t>(kItems));
+  for (int i = 0; i < kItems; ++i) {
+    ASSERT_EQ(out[i], (json::object{{"i", i}, {"v", i * 2}, {"tag", "t-" + std::to_string(i)}})) << i;
+  }
+  EXPECT_EQ(run.output, (json::object{{"i", 2499}, {"v", 4998}, {"tag", "t-2499"}}));
+
+  const std::string lit = Submit("literal", json::object{{"tag", "a"}});
+  ASSERT_TRUE(Reaches(lit, RunStatus::kSucceeded));
+  EXPECT_EQ(Get(lit).output, (json::array{"0:a", "1:b"}));
+}
+
 TEST_F(EngineTest, RetryBackoffWaitsForTheClock) {
   ASSERT_NO_FATAL_FAILURE(Start(R"(
 pipelines:

@@ -579,7 +579,7 @@ Error BadCondition(const std::string& why) {
                "a condition of the run's definition is malformed: " + why);
 }
 
-Result<bool> Evaluate(const json::value& c, const json::value& scope, PatternCache* patterns,
+Result<bool> Evaluate(const json::value& c, const TemplateContext& scope, PatternCache* patterns,
                       int depth) {
   // config check bounds nesting at 16; a stored definition from elsewhere is bounded too.
   if (depth > 64) return BadCondition("conditions nest deeper than 64 levels");
@@ -654,7 +654,7 @@ Result<bool> Evaluate(const json::value& c, const json::value& scope, PatternCac
 
 }  // namespace
 
-Result<bool> EvaluateCondition(const json::value& c, const json::value& scope,
+Result<bool> EvaluateCondition(const json::value& c, const TemplateContext& scope,
                                PatternCache* patterns) {
   return Evaluate(c, scope, patterns, 0);
 }

@@ -43,7 +43,7 @@ class PatternCache {
 /// A malformed condition (from a stored definition) and a `matches` the regex engine
 /// gives up on are kInvalidRequest errors, never a crash. `patterns` (optional, not
 /// owned) caches compiled regular expressions.
-Result<bool> EvaluateCondition(const json::value& condition, const json::value& scope,
+Result<bool> EvaluateCondition(const json::value& condition, const TemplateContext& scope,
                                PatternCache* patterns = nullptr);
 
 /// The text of an llm answer as JSON: the whole text, or the first fenced ```json block.

@@ -1382,14 +1382,6 @@ TEST_P(StoreConformance, NextDueAtTracksTheEarliestDueRun) {
 // ---------------------------------------------------------------------------------------
 // Waiting runs: timers, signals, map items and child runs.
 
-// A copy of the record of `step_id` in `run`, if it has one.
-std::optional<StepRecord> FindStep(const RunRecord& run, const std::string& step_id) {
-  for (const auto& st : run.steps) {
-    if (st.step_id == step_id) return st;
-  }
-  return std::nullopt;
-}
-
 int64_t CountStatus(const StoreStats& s, RunStatus st) {
   return s.runs_by_status.count(st) ? s.runs_by_status.at(st) : 0;
 }
@@ -1793,7 +1785,6 @@ TEST_P(StoreConformance, CompleteItemCheckpointsEachItemOnce) {
   const std::string id = Submit();
   const Lease l = LeaseOnly(id, 1min);
   Must(store().StartStep(l, "fanout"), "StartStep fanout");
-  const Timestamp t_items = clock_.Now();
   Must(store().CompleteItem(l, "fanout", 2, json::object{{"i", 2}}), "CompleteItem 2");
   Must(store().CompleteItem(l, "fanout", 0, json::value("zero")), "CompleteItem 0");
   Must(store().CompleteItem(l, "fanout", 12, json::array{1, 2}), "CompleteItem 12");
@@ -1801,48 +1792,98 @@ TEST_P(StoreConformance, CompleteItemCheckpointsEachItemOnce) {
   clock_.Advance(1s);
   EXPECT_OK(store().CompleteItem(l, "fanout", 2, json::object{{"i", "again"}}));
 
+  // The run holds its steps only: a map's items are counted on it and read in pages.
+  auto items_of = [&](int64_t after, int limit, bool with_outputs) {
+    return Must(store().ListItems(id, "fanout", after, limit, with_outputs), "ListItems");
+  };
   auto check = [&](const RunRecord& run) {
-    ASSERT_EQ(run.steps.size(), 4u);
-    EXPECT_EQ(run.steps[0].step_id, "fanout");  // started first
+    ASSERT_EQ(run.steps.size(), 1u);
+    EXPECT_EQ(run.steps[0].step_id, "fanout");
     EXPECT_EQ(StepStatusName(run.steps[0].status), "running");
-    const std::vector<std::pair<std::string, json::value>> items{
-        {"fanout#2", json::object{{"i", 2}}}, {"fanout#0", json::value("zero")}, {"fanout#12", json::array{1, 2}}};
-    for (const auto& [item_id, output] : items) {
-      SCOPED_TRACE(item_id);
-      const auto item = FindStep(run, item_id);
-      ASSERT_TRUE(item.has_value());
-      EXPECT_EQ(StepStatusName(item->status), "succeeded");
-      EXPECT_EQ(item->output, output);
-      EXPECT_EQ(Ms(item->finished_at), Ms(t_items));
-      EXPECT_FALSE(item->error.has_value());
-    }
-    EXPECT_FALSE(FindStep(run, "fanout#1").has_value());
+    EXPECT_EQ(run.steps[0].items, 3);
+    const auto items = items_of(-1, 100, true);
+    ASSERT_EQ(items.size(), 3u);  // in index order, whatever the order they finished in
+    EXPECT_EQ(items[0].index, 0);
+    EXPECT_EQ(items[0].output, json::value("zero"));
+    EXPECT_EQ(items[1].index, 2);
+    EXPECT_EQ(items[1].output, (json::object{{"i", 2}}));
+    EXPECT_EQ(items[2].index, 12);
+    EXPECT_EQ(items[2].output, (json::array{1, 2}));
   };
   check(Get(id));
+  // Pages: after an index, at most `limit`; without outputs, the indexes alone.
+  {
+    const auto page = items_of(0, 1, true);
+    ASSERT_EQ(page.size(), 1u);
+    EXPECT_EQ(page[0].index, 2);
+    const auto last = items_of(2, 1, false);
+    ASSERT_EQ(last.size(), 1u);
+    EXPECT_EQ(last[0].index, 12);
+    EXPECT_TRUE(last[0].output.is_null());
+    EXPECT_TRUE(items_of(12, 10, true).empty());
+    EXPECT_TRUE(Must(store().ListItems(id, "other", -1, 10, true), "ListItems other").empty());
+    EXPECT_TRUE(FailsWith(store().ListItems("run_nope", "fanout", -1, 10, true), ErrorCode::kNotFound));
+  }
   // A checkpointed item never runs again.
   EXPECT_TRUE(FailsWith(store().StartStep(l, ItemStepId("fanout", 0)), ErrorCode::kConflict));
   Reopen();
   check(Get(id));
 
+  auto has_item = [&](int64_t index) {
+    for (const auto& item : items_of(-1, 100, false)) {
+      if (item.index == index) return true;
+    }
+    return false;
+  };
   // The lease is checked: with an expired lease nothing is recorded.
   clock_.Advance(1min);
   EXPECT_TRUE(FailsWith(store().CompleteItem(l, "fanout", 5, json::value(5)), ErrorCode::kLeaseLost));
-  EXPECT_FALSE(FindStep(Get(id), "fanout#5").has_value());
+  EXPECT_FALSE(has_item(5));
   const LeasedRun again = LeaseNext();
   ASSERT_EQ(again.run.id, id);
-  check(again.run);  // LeaseRun hands the items out too
+  check(again.run);  // LeaseRun counts the items too
   Must(store().CompleteItem(again.lease, "fanout", 5, json::value(5)), "CompleteItem 5");
-  const auto item5 = FindStep(Get(id), "fanout#5");
-  ASSERT_TRUE(item5.has_value());
-  EXPECT_EQ(item5->output, json::value(5));
+  EXPECT_TRUE(has_item(5));
+  EXPECT_EQ(items_of(2, 1, true).at(0).output, json::value(5));
   // A superseded lease.
   EXPECT_TRUE(FailsWith(store().CompleteItem(l, "fanout", 6, json::value(6)), ErrorCode::kLeaseLost));
-  EXPECT_FALSE(FindStep(Get(id), "fanout#6").has_value());
+  EXPECT_FALSE(has_item(6));
   // A cancelled run's lease.
   Must(store().CancelRun(id), "CancelRun");
   EXPECT_TRUE(FailsWith(store().CompleteItem(again.lease, "fanout", 7, json::value(7)), ErrorCode::kLeaseLost));
-  EXPECT_FALSE(FindStep(Get(id), "fanout#7").has_value());
-  EXPECT_EQ(Get(id).steps.size(), 5u);
+  EXPECT_FALSE(has_item(7));
+  const RunRecord cancelled = Get(id);
+  ASSERT_EQ(cancelled.steps.size(), 1u);
+  EXPECT_EQ(cancelled.steps[0].items, 4);
+}
+
+// A map over many items: every one is listed once, in order, across pages.
+TEST_P(StoreConformance, ListItemsPagesThroughAManyItemMap) {
+  const std::string id = Submit();
+  const Lease l = LeaseOnly(id);
+  Must(store().StartStep(l, "fanout"), "StartStep fanout");
+  constexpr int64_t kItems = 2500;
+  for (int64_t i = kItems - 1; i >= 0; --i) {
+    Must(store().CompleteItem(l, "fanout", i, json::object{{"i", i}}), "CompleteItem");
+  }
+  Must(store().StartStep(l, "after"), "StartStep after");  // a step after the items
+  int64_t after = -1, seen = 0;
+  while (true) {
+    const auto page = Must(store().ListItems(id, "fanout", after, 1000, true), "ListItems");
+    for (const auto& item : page) {
+      ASSERT_EQ(item.index, seen);
+      ASSERT_EQ(item.output, (json::object{{"i", seen}}));
+      ++seen;
+    }
+    if (page.size() < 1000) break;
+    after = page.back().index;
+  }
+  EXPECT_EQ(seen, kItems);
+  const RunRecord run = Get(id);
+  ASSERT_EQ(run.steps.size(), 2u);
+  EXPECT_EQ(run.steps[0].items, kItems);
+  EXPECT_EQ(run.steps[1].step_id, "after");
+  EXPECT_EQ(run.steps[1].items, 0);
 }
 
 // An item whose execution was recorded (StartStep on its record id, e.g. to count its
@@ -1854,10 +1895,13 @@ TEST_P(StoreConformance, CompleteItemCheckpointsAnItemWhoseAttemptWasStarted) {
   Must(store().StartStep(l, "fanout"), "StartStep fanout");
   EXPECT_EQ(Must(store().StartStep(l, ItemStepId("fanout", 1)), "StartStep item 1"), 1);
   Must(store().CompleteItem(l, "fanout", 1, json::value("one")), "CompleteItem 1");
-  const auto item = FindStep(Get(id), "fanout#1");
-  ASSERT_TRUE(item.has_value());
-  EXPECT_EQ(StepStatusName(item->status), "succeeded");
-  EXPECT_EQ(item->output, json::value("one"));
+  const auto items = Must(store().ListItems(id, "fanout", -1, 10, true), "ListItems");
+  ASSERT_EQ(items.size(), 1u);
+  EXPECT_EQ(items[0].index, 1);
+  EXPECT_EQ(items[0].output, json::value("one"));
+  const RunRecord run = Get(id);
+  ASSERT_EQ(run.steps.size(), 1u);  // the item's record is an item now
+  EXPECT_EQ(run.steps[0].items, 1);
   EXPECT_TRUE(FailsWith(store().StartStep(l, ItemStepId("fanout", 1)), ErrorCode::kConflict));
 }
 

@@ -42,7 +42,7 @@ TEST(CliTest, MigrateCreatesTheSchemaIsIdempotentAndRefusesANewerOne) {
   std::ofstream(cfg) << "storage: sqlite://" << dir.path() << "/data/keel.db\n";
   auto out = migrate(cfg);
   EXPECT_EQ(out.code, 0) << out.err;
-  EXPECT_NE(out.err.find("schema version 3 (created)"), std::string::npos) << out.err;
+  EXPECT_NE(out.err.find("schema version 4 (created)"), std::string::npos) << out.err;
   out = migrate(cfg);
   EXPECT_EQ(out.code, 0) << out.err;
   EXPECT_NE(out.err.find("(up to date)"), std::string::npos) << out.err;

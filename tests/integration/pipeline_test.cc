@@ -511,6 +511,24 @@ TEST_F(PipelineTest, MapRunsEveryItemOnceInOrderAndShowsItsProgress) {
            each->at("items_done").as_int64() == 4;
   });
   EXPECT_EQ(Status(during), "running") << json::serialize(during);
+  // The finished items can be read while the map runs, in index order, a page at a time.
+  const std::string items_url = url() + "/v1/runs/" + id + "/steps/each/items";
+  const auto page = HttpGet(items_url + "?limit=2");
+  ASSERT_EQ(page.status, 200) << page.raw;
+  ASSERT_EQ(page.body.at("data").as_array().size(), 2u) << page.raw;
+  EXPECT_EQ(page.body.at("data").at(0).at("index"), 0);
+  EXPECT_TRUE(Contains(std::string(page.body.at("data").at(0).at("output").as_string()), "alpha")) << page.raw;
+  EXPECT_EQ(page.body.at("data").at(1).at("index"), 1);
+  EXPECT_EQ(page.body.at("has_more"), true);
+  const auto rest = HttpGet(items_url + "?limit=10&after=" + std::to_string(page.body.at("next_after").as_int64()));
+  ASSERT_EQ(rest.status, 200) << rest.raw;
+  std::vector<int64_t> indexes;  // 3 and 4, and 2 once its slow answer came
+  for (const auto& item : rest.body.at("data").as_array()) indexes.push_back(item.at("index").as_int64());
+  EXPECT_TRUE(indexes == (std::vector<int64_t>{3, 4}) || indexes == (std::vector<int64_t>{2, 3, 4})) << rest.raw;
+  EXPECT_EQ(rest.body.at("has_more"), false);
+  EXPECT_EQ(HttpGet(items_url + "?limit=0").status, 400);
+  EXPECT_EQ(HttpGet(url() + "/v1/runs/run_nope/steps/each/items").status, 404);
+  EXPECT_EQ(HttpPost(items_url, "{}").status, 405);
   const auto run = WaitForTerminal(url(), id);
   ASSERT_EQ(Status(run), "succeeded") << json::serialize(run);
   const auto& out = run.at("output").as_array();

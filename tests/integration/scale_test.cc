@@ -412,7 +412,7 @@ TEST(ScaleTest, MigrateCreatesThenFindsTheSchemaUpToDate) {
     EXPECT_EQ(p.Wait(20s), 0);
   };
   run();
-  EXPECT_EQ(db.Query("SELECT version FROM keel_schema"), "3");
+  EXPECT_EQ(db.Query("SELECT version FROM keel_schema"), "4");
   run();
   EXPECT_EQ(db.Query("SELECT count(*) FROM keel_schema"), "1");
 }

@@ -106,6 +106,37 @@ TEST_F(PostgresStoreTest, TheSchemaIsCreatedOnceAtTheCurrentVersion) {
   EXPECT_EQ(keel::testing::Psql(url_, "SELECT count(*) FROM keel_schema"), "1");
 }
 
+// A version-3 database (map items told apart by their ids only) is migrated: its items
+// become items of their step.
+TEST_F(PostgresStoreTest, AVersion3DatabaseIsMigratedKeepingItsMapItems) {
+  std::string id;
+  {
+    Store& s = Node();
+    id = Submit(s);
+    auto l = s.LeaseRun("w", 30s);
+    ASSERT_OK(l);
+    ASSERT_TRUE(l->has_value());
+    ASSERT_OK(s.StartStep((*l)->lease, "map"));
+    for (int i = 0; i < 3; ++i) ASSERT_OK(s.CompleteItem((*l)->lease, "map", i, json::value(i * 10)));
+  }
+  // Back to what version 3 wrote.
+  keel::testing::Psql(url_, "DROP INDEX steps_by_item; ALTER TABLE steps DROP COLUMN item_of; "
+                            "UPDATE keel_schema SET version = 3");
+  Store& s = Node();
+  auto version = ReadPostgresSchemaVersion(Options(url_));
+  ASSERT_OK(version);
+  EXPECT_EQ(*version, PostgresSchemaVersion());
+  auto run = s.GetRun(id);
+  ASSERT_OK(run);
+  ASSERT_EQ(run->steps.size(), 1u);
+  EXPECT_EQ(run->steps[0].items, 3);
+  auto items = s.ListItems(id, "map", 0, 10, true);
+  ASSERT_OK(items);
+  ASSERT_EQ(items->size(), 2u);
+  EXPECT_EQ((*items)[1].index, 2);
+  EXPECT_EQ((*items)[1].output, json::value(20));
+}
+
 TEST_F(PostgresStoreTest, NodesStartingTogetherCreateTheSchemaOnce) {
   std::vector<std::thread> threads;
   std::atomic<int> failed{0};
@@ -271,7 +302,12 @@ TEST_F(PostgresStoreTest, ConcurrentMapItemsOfOneRunAllCommit) {
   EXPECT_EQ(errors.load(), 0);
   auto run = s.GetRun(id);
   ASSERT_OK(run);
-  EXPECT_EQ(run->steps.size(), 201u);  // the map step and its 200 items
+  ASSERT_EQ(run->steps.size(), 1u);  // the map step; its items are counted on it
+  EXPECT_EQ(run->steps[0].items, 200);
+  auto items = s.ListItems(id, "map", -1, 1000, true);
+  ASSERT_OK(items);
+  ASSERT_EQ(items->size(), 200u);
+  for (int i = 0; i < 200; ++i) EXPECT_EQ((*items)[i].output, json::value(i)) << i;
 }
 
 // A listener that counts calls and lets a test wait for the next one.

@@ -100,7 +100,7 @@ std::optional<RunRecord> LoadRun(Conn& db, const std::string& id, bool with_step
         "SELECT step_id, status, attempts, output, error, started_at, finished_at, interrupted, "
         "prior_attempts "
         "FROM steps "
-        "WHERE run_id = ?1 ORDER BY seq");
+        "WHERE run_id = ?1 AND item_of IS NULL ORDER BY seq");
     s.Bind(1, id);
     while (s.Step()) {
       StepRecord st;
@@ -124,6 +124,15 @@ std::optional<RunRecord> LoadRun(Conn& db, const std::string& id, bool with_step
       st.prior_attempts = static_cast<int>(s.Int(8));
       NoteDamage(*run, std::move(cols.damage));
       run->steps.push_back(std::move(st));
+    }
+    // A map's items are counted, not loaded: an index range per map step.
+    auto c = db.Prepare("SELECT item_of, count(*) FROM steps WHERE run_id = ?1 AND item_of IS NOT NULL GROUP BY item_of");
+    c.Bind(1, id);
+    while (c.Step()) {
+      const std::string of = c.Text(0);
+      for (auto& st : run->steps) {
+        if (st.step_id == of) st.items = c.Int(1);
+      }
     }
   }
   ShowDamage(*run);
@@ -197,7 +206,7 @@ std::optional<int> StartStepRow(Conn& db, Txn& txn, const std::string& run_id, c
   {
     auto s = db.Prepare(
         "INSERT INTO steps(run_id, step_id, seq, status, attempts, started_at) "
-        "VALUES(?1, ?2, (SELECT count(*) FROM steps WHERE run_id = ?1), 'running', 1, ?3) "
+        "VALUES(?1, ?2, (SELECT count(*) FROM steps WHERE run_id = ?1 AND item_of IS NULL), 'running', 1, ?3) "
         "ON CONFLICT(run_id, step_id) DO UPDATE SET status = 'running', started_at = "
         "coalesce(steps.started_at, ?3), "
         "attempts = steps.attempts + CASE WHEN steps.status <> 'waiting' THEN 1 ELSE 0 END "
@@ -847,15 +856,44 @@ Result<void> SqlStore::CompleteItem(const Lease& lease, const std::string& step_
     // Items of one map commit side by side: each is a row of its own.
     if (auto e = CheckLease(db, lease, txn.now, /*shared=*/true)) return *e;
     auto s = db.Prepare(
-        "INSERT INTO steps(run_id, step_id, seq, status, attempts, output, started_at, finished_at) "
-        "VALUES(?1, ?2, ?5, 'succeeded', 1, ?3, ?4, ?4) "
-        "ON CONFLICT(run_id, step_id) DO UPDATE SET status = 'succeeded', output = ?3, error = NULL, finished_at = ?4 "
+        "INSERT INTO steps(run_id, step_id, seq, status, attempts, output, started_at, finished_at, item_of) "
+        "VALUES(?1, ?2, ?5, 'succeeded', 1, ?3, ?4, ?4, ?6) "
+        "ON CONFLICT(run_id, step_id) DO UPDATE SET status = 'succeeded', output = ?3, error = NULL, finished_at = ?4, "
+        "seq = ?5, item_of = ?6 "
         "WHERE steps.status <> 'succeeded'");
     // Items order after the steps by their index: no count over the run's records (a
     // cost per item that grew with the map).
     s.Bind(1, lease.run_id).Bind(2, ItemStepId(step_id, index)).Bind(3, json::serialize(output))
-        .Bind(4, ToMillis(txn.now)).Bind(5, kItemSeqBase + index).Send();
+        .Bind(4, ToMillis(txn.now)).Bind(5, kItemSeqBase + index).Bind(6, step_id).Send();
     return Unit{};
+  });
+}
+
+Result<std::vector<ItemRecord>> SqlStore::ListItems(const std::string& run_id, const std::string& step_id,
+                                                    int64_t after_index, int limit, bool with_outputs) {
+  return Read<std::vector<ItemRecord>>([&](Conn& db) -> Result<std::vector<ItemRecord>> {
+    {
+      auto s = db.Prepare("SELECT 1 FROM runs WHERE id = ?1");
+      s.Bind(1, run_id);
+      if (!s.Step()) return NoRun(run_id);
+    }
+    std::vector<ItemRecord> out;
+    auto s = db.Prepare(std::string("SELECT seq, ") + (with_outputs ? "output" : "NULL") +
+                        " FROM steps WHERE run_id = ?1 AND item_of = ?2 AND seq > ?3 AND status = 'succeeded' "
+                        "ORDER BY seq LIMIT ?4");
+    s.Bind(1, run_id).Bind(2, step_id).Bind(3, kItemSeqBase + std::max<int64_t>(after_index, -1))
+        .Bind(4, std::clamp(limit, 1, 10000));
+    while (s.Step()) {
+      ItemRecord item;
+      item.index = s.Int(0) - kItemSeqBase;
+      if (with_outputs) {
+        ColumnReader cols(s, "run " + run_id + ", item " + std::to_string(item.index) + " of step \"" + step_id + "\"");
+        item.output = cols.Json(1, "steps.output");
+        if (cols.damage) return *cols.damage;
+      }
+      out.push_back(std::move(item));
+    }
+    return out;
   });
 }
 

@@ -149,6 +149,15 @@ class SqliteSchemaTest : public ::testing::Test {
     db.Exec("INSERT INTO queue(run_id, due_at) VALUES('" + id + "', " + t + ")");
     db.Exec("INSERT INTO events(run_id, type, at, data) VALUES('" + id + "', 'RunSubmitted', " + t +
             R"(, '{"pipeline":"legacy"}'))");
+    // A map step with two items, as every version wrote them (ids STEP#INDEX, seq from
+    // 2^40): the migration to version 4 makes them items of their step.
+    db.Exec("INSERT INTO steps(run_id, step_id, seq, status, attempts, started_at) VALUES('" + id +
+            "', 'fan', 0, 'running', 1, " + t + ")");
+    for (int i = 0; i < 2; ++i) {
+      db.Exec("INSERT INTO steps(run_id, step_id, seq, status, attempts, output, started_at, finished_at) VALUES('" +
+              id + "', 'fan#" + std::to_string(i) + "', " + std::to_string((int64_t{1} << 40) + i) +
+              ", 'succeeded', 1, '" + std::to_string(10 + i) + "', " + t + ", " + t + ")");
+    }
     db.Exec("PRAGMA user_version=1");
   }
 
@@ -183,6 +192,15 @@ TEST_F(SqliteSchemaTest, AVersion1DatabaseIsMigratedKeepingItsRuns) {
     EXPECT_TRUE(run->waiting.is_null());
     EXPECT_TRUE(run->signals.empty());
     EXPECT_EQ(run->parent, "");
+    // The map step's items are its items: counted on it, listed in index order.
+    ASSERT_EQ(run->steps.size(), 1u);
+    EXPECT_EQ(run->steps[0].step_id, "fan");
+    EXPECT_EQ(run->steps[0].items, 2);
+    auto items = store->ListItems(kRunId, "fan", -1, 10, true);
+    ASSERT_OK(items);
+    ASSERT_EQ(items->size(), 2u);
+    EXPECT_EQ((*items)[1].index, 1);
+    EXPECT_EQ((*items)[1].output, json::value(11));
     auto events = store->ListEvents(kRunId, 0, 100);
     ASSERT_OK(events);
     ASSERT_EQ(events->size(), 1u);
@@ -234,11 +252,13 @@ TEST_F(SqliteSchemaTest, AVersion1DatabaseIsMigratedKeepingItsRuns) {
   }
   {
     RawDb db(DbPath());
-    EXPECT_EQ(db.Int("PRAGMA user_version"), 3);
+    EXPECT_EQ(db.Int("PRAGMA user_version"), 4);
     const auto runs = db.Columns("runs");
     for (const char* c : {"waiting", "signals", "parent"}) EXPECT_EQ(runs.count(c), 1u) << c;
     EXPECT_EQ(db.Columns("queue").count("woken"), 1u);
     EXPECT_EQ(db.Columns("steps").count("interrupted"), 1u);
+    EXPECT_EQ(db.Columns("steps").count("item_of"), 1u);
+    EXPECT_EQ(db.Int("SELECT count(*) FROM sqlite_master WHERE name = 'steps_by_item'"), 1);
   }
   // Opened again (already at version 2): nothing is migrated twice, the run is intact.
   auto store = MustOpen();

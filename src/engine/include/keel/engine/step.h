@@ -12,6 +12,7 @@
 #include "keel/core/config.h"
 #include "keel/core/json.h"
 #include "keel/core/result.h"
+#include "keel/core/template.h"
 #include "keel/store/store.h"
 
 namespace keel::engine {
@@ -21,8 +22,8 @@ struct StepContext {
   const StepConfig& step;
   int attempt = 1;
   /// {"input": ..., "steps": {ID: {"output": ..., ...}}}: what templates may reference
-  /// (inside a map also "item" and "index").
-  const json::value& scope;
+  /// (inside a map also "item" and "index", over the run's scope, which items share).
+  const TemplateContext& scope;
   /// Stable across attempts of this step of this run: "<run_id>/<step_id>".
   const std::string& idempotency_key;
   /// The run as leased: its signals, its definition, its step records.

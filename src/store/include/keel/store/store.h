@@ -58,6 +58,14 @@ struct StepRecord {
   std::optional<Timestamp> finished_at;  // when it succeeded or failed for good
   json::value output;                    // null until succeeded
   std::optional<Error> error;            // the last attempt's error, if it failed
+  /// For a map step: how many of its items are checkpointed (ListItems reads them).
+  int64_t items = 0;
+};
+
+/// One checkpointed item of a map step.
+struct ItemRecord {
+  int64_t index = 0;
+  json::value output;  // null when listed without outputs
 };
 
 struct RunRecord {
@@ -75,7 +83,8 @@ struct RunRecord {
   std::optional<Timestamp> started_at;
   std::optional<Timestamp> finished_at;
   /// Filled by GetRun and LeaseRun (in the order steps first started); empty in lists.
-  /// The items of a map step are records too, with ids "STEP#INDEX" (ItemStepId).
+  /// A map step's items are not here (a map may have millions): StepRecord::items counts
+  /// them and ListItems reads them, a page at a time.
   std::vector<StepRecord> steps;
   /// While `waiting`: what the run waits for (the waiting step's description); else null.
   json::value waiting;
@@ -268,6 +277,13 @@ class Store {
   /// run's lease is held; an item checkpointed once is never executed again.
   virtual Result<void> CompleteItem(const Lease& lease, const std::string& step_id, int64_t index,
                                     const json::value& output) = 0;
+
+  /// The checkpointed items of map step `step_id` of a run with index > after_index, in
+  /// index order, at most `limit` (clamped to 1..10000): how a map's items are read,
+  /// never with the run. Without `with_outputs`, only their indexes. kNotFound for an
+  /// unknown run; an item whose output cannot be decoded is kInternal, naming it.
+  virtual Result<std::vector<ItemRecord>> ListItems(const std::string& run_id, const std::string& step_id,
+                                                    int64_t after_index, int limit, bool with_outputs) = 0;
 
   /// Delivers signal `name` to a run that has not ended: kept in RunRecord::signals (a
   /// second signal of one name replaces the first), logged (SignalReceived), and a

@@ -72,6 +72,8 @@ class SqlStore : public Store {
                            const json::value& waiting) override;
   Result<void> CompleteItem(const Lease& lease, const std::string& step_id, int64_t index,
                             const json::value& output) override;
+  Result<std::vector<ItemRecord>> ListItems(const std::string& run_id, const std::string& step_id,
+                                            int64_t after_index, int limit, bool with_outputs) override;
   Result<RunRecord> SendSignal(const std::string& run_id, const std::string& name, const json::value& payload) override;
   Result<TaskRecord> EnsureTask(const Lease& lease, const std::string& step_id, int attempt, const std::string& queue,
                                 const json::value& input, Duration heartbeat_timeout) override;
