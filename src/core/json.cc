@@ -20,7 +20,10 @@ class LimitedHandler {
   static constexpr std::size_t max_key_size = json::string::max_size();
   static constexpr std::size_t max_string_size = json::string::max_size();
 
-  explicit LimitedHandler(json::storage_ptr sp) : st(std::move(sp)) {}
+  // `track_path`: keep the path of the value being parsed (for a refusal's message); off
+  // on the first pass, which most documents pass (a refusal parses again, with it on).
+  LimitedHandler(json::storage_ptr sp, unsigned char* temp, std::size_t temp_size, bool track_path)
+      : st(std::move(sp), temp, temp_size), track_(track_path) {}
 
   json::value_stack st;
   std::string reason;  // why a rule of keel's refused the document, when one did
@@ -28,33 +31,35 @@ class LimitedHandler {
   bool on_document_begin(json::error_code&) { return true; }
   bool on_document_end(json::error_code&) { return true; }
   bool on_object_begin(json::error_code&) {
-    frames_.push_back(Frame{false, 0, {}});
+    if (track_) frames_.push_back(Frame{false, 0, {}});
     return true;
   }
   bool on_object_end(std::size_t n, json::error_code&) {
     st.push_object(n);
-    frames_.pop_back();
+    if (track_) frames_.pop_back();
     return Done();
   }
   bool on_array_begin(json::error_code&) {
-    frames_.push_back(Frame{true, 0, {}});
+    if (track_) frames_.push_back(Frame{true, 0, {}});
     return true;
   }
   bool on_array_end(std::size_t n, json::error_code&) {
     st.push_array(n);
-    frames_.pop_back();
+    if (track_) frames_.pop_back();
     return Done();
   }
   bool on_key_part(json::string_view s, std::size_t, json::error_code&) {
     st.push_chars(s);
-    key_.append(s.data(), s.size());
+    if (track_) key_.append(s.data(), s.size());
     return true;
   }
   bool on_key(json::string_view s, std::size_t, json::error_code&) {
     st.push_key(s);
-    key_.append(s.data(), s.size());
-    frames_.back().key = std::move(key_);
-    key_.clear();
+    if (track_) {
+      key_.append(s.data(), s.size());
+      frames_.back().key = std::move(key_);
+      key_.clear();
+    }
     return true;
   }
   bool on_string_part(json::string_view s, std::size_t, json::error_code&) {
@@ -133,7 +138,7 @@ class LimitedHandler {
   };
 
   bool Done() {
-    if (!frames_.empty() && frames_.back().array) ++frames_.back().index;
+    if (track_ && !frames_.empty() && frames_.back().array) ++frames_.back().index;
     return true;
   }
   bool Refuse(json::error_code& ec, std::string why) {
@@ -145,6 +150,7 @@ class LimitedHandler {
     return number_.size() > 40 ? number_.substr(0, 40) + "..." : number_;
   }
 
+  bool track_;
   std::vector<Frame> frames_;
   std::string key_;
   std::string number_;
@@ -152,10 +158,14 @@ class LimitedHandler {
 
 }  // namespace
 
-Result<json::value> ParseJsonWithDepth(std::string_view text, std::size_t max_depth) {
+namespace {
+
+Result<json::value> Parse(std::string_view text, std::size_t max_depth, bool track_path) {
   json::parse_options opt;
   opt.max_depth = max_depth;
-  json::basic_parser<LimitedHandler> parser(opt, json::storage_ptr());
+  // What the value is built in, while it is: on the stack, as json::parse does.
+  unsigned char temp[BOOST_JSON_STACK_BUFFER_SIZE];
+  json::basic_parser<LimitedHandler> parser(opt, json::storage_ptr(), temp, sizeof temp, track_path);
   json::error_code ec;
   const std::size_t consumed = parser.write_some(false, text.data(), text.size(), ec);
   std::string why;
@@ -177,10 +187,17 @@ Result<json::value> ParseJsonWithDepth(std::string_view text, std::size_t max_de
     }
     return parser.handler().st.release();
   }
+  if (!track_path) return Parse(text, max_depth, true);  // again, to say where
   std::string path = parser.handler().Path();
   std::string message = "invalid JSON at byte " + std::to_string(consumed);
   if (!path.empty()) message += " (at " + path + ")";
   return Error(ErrorCode::kInvalidRequest, message + ": " + why, std::move(path));
+}
+
+}  // namespace
+
+Result<json::value> ParseJsonWithDepth(std::string_view text, std::size_t max_depth) {
+  return Parse(text, max_depth, false);
 }
 
 Result<json::value> ParseJson(std::string_view text) {

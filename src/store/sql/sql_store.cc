@@ -98,8 +98,10 @@ std::optional<RunRecord> LoadRun(Conn& db, const std::string& id, bool with_step
   if (with_steps) {
     auto s = db.Prepare(
         "SELECT step_id, status, attempts, output, error, started_at, finished_at, interrupted, "
-        "prior_attempts "
-        "FROM steps "
+        "prior_attempts, "
+        // A map's items are counted, not loaded: an index range per step.
+        "(SELECT count(*) FROM steps i WHERE i.run_id = ?1 AND i.item_of = s.step_id) "
+        "FROM steps s "
         "WHERE run_id = ?1 AND item_of IS NULL ORDER BY seq");
     s.Bind(1, id);
     while (s.Step()) {
@@ -122,17 +124,9 @@ std::optional<RunRecord> LoadRun(Conn& db, const std::string& id, bool with_step
       st.finished_at = s.OptTime(6);
       st.interrupted = static_cast<int>(s.Int(7));
       st.prior_attempts = static_cast<int>(s.Int(8));
+      st.items = s.Int(9);
       NoteDamage(*run, std::move(cols.damage));
       run->steps.push_back(std::move(st));
-    }
-    // A map's items are counted, not loaded: an index range per map step.
-    auto c = db.Prepare("SELECT item_of, count(*) FROM steps WHERE run_id = ?1 AND item_of IS NOT NULL GROUP BY item_of");
-    c.Bind(1, id);
-    while (c.Step()) {
-      const std::string of = c.Text(0);
-      for (auto& st : run->steps) {
-        if (st.step_id == of) st.items = c.Int(1);
-      }
     }
   }
   ShowDamage(*run);
