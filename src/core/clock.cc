@@ -9,6 +9,8 @@ Timestamp SystemClock::Now() const {
   return std::chrono::time_point_cast<std::chrono::milliseconds>(std::chrono::system_clock::now());
 }
 
+SteadyTime SystemClock::SteadyNow() const { return std::chrono::steady_clock::now(); }
+
 SystemClock* SystemClock::Instance() {
   static auto* clock = new SystemClock();
   return clock;

@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <fstream>
 #include <cctype>
 #include <charconv>
 #include <cmath>
@@ -388,9 +389,29 @@ RetryConfig ReadRetry(Reader& r, const YAML::Node& n, RetryConfig base, const st
   return base;
 }
 
+// A `tls` block: {ca_file, client_cert, client_key}, each a readable file; a client
+// certificate comes with its key.
+TlsSettings ReadTls(Reader& r, const YAML::Node& n, const std::string& what) {
+  r.Keys(n, what, {"ca_file", "client_cert", "client_key"});
+  TlsSettings t;
+  auto file = [&](const char* key, std::string& out) {
+    if (!n[key]) return;
+    out = r.Str(n[key], what + "." + key);
+    std::ifstream in(out);
+    if (out.empty() || !in.good()) Fail(n[key], what + "." + key + " \"" + out + "\" cannot be read (it must name a PEM file)");
+  };
+  file("ca_file", t.ca_file);
+  file("client_cert", t.client_cert);
+  file("client_key", t.client_key);
+  if (t.client_cert.empty() != t.client_key.empty()) {
+    Fail(n, what + " needs both client_cert and client_key (mTLS), or neither");
+  }
+  return t;
+}
+
 ProviderConfig ReadProvider(Reader& r, const std::string& name, const YAML::Node& n) {
   const std::string what = "provider \"" + name + "\"";
-  r.Keys(n, what, {"type", "base_url", "api_key", "model", "context_window", "timeout", "headers", "query", "limits", "cost", "health_check"});
+  r.Keys(n, what, {"type", "base_url", "api_key", "model", "context_window", "timeout", "headers", "query", "limits", "cost", "health_check", "tls"});
   ProviderConfig p;
   p.name = name;
   p.line = LineOf(n);
@@ -439,6 +460,10 @@ ProviderConfig ReadProvider(Reader& r, const std::string& name, const YAML::Node
   if (const auto h = n["headers"]) {
     if (!h.IsMap()) Fail(h, what + ".headers must be a mapping of header names to values");
     for (const auto& kv : h) p.headers[kv.first.as<std::string>()] = r.Str(kv.second, what + ".headers");
+  }
+  if (const auto t = n["tls"]) {
+    if (!t.IsMap()) Fail(t, what + ".tls must be a mapping {ca_file, client_cert, client_key}");
+    p.tls = ReadTls(r, t, what + ".tls");
   }
   return p;
 }
@@ -971,7 +996,7 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
     }
   }
   if (const auto s = root["server"]) {
-    r.Keys(s, "server", {"max_body_bytes", "max_connections", "handler_threads", "io_threads", "idle_timeout",
+    r.Keys(s, "server", {"max_body_bytes", "max_model_body_bytes", "max_connections", "handler_threads", "io_threads", "idle_timeout",
                          "max_connections_per_ip", "header_timeout"});
     if (s["max_body_bytes"]) {
       if (!s["max_body_bytes"].IsScalar()) Fail(s["max_body_bytes"], "server.max_body_bytes must be a size");
@@ -979,6 +1004,13 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
       if (!v.ok()) Fail(s["max_body_bytes"], "server.max_body_bytes: " + v.error().message);
       if (*v < 1024 || *v > (64u << 20)) Fail(s["max_body_bytes"], "server.max_body_bytes must be between 1KiB and 64MiB");
       c.server.max_body_bytes = *v;
+    }
+    if (const auto m = s["max_model_body_bytes"]) {
+      if (!m.IsScalar()) Fail(m, "server.max_model_body_bytes must be a size");
+      auto v = ParseByteSize(m.Scalar());
+      if (!v.ok()) Fail(m, "server.max_model_body_bytes: " + v.error().message);
+      if (*v < 1024 || *v > (256u << 20)) Fail(m, "server.max_model_body_bytes must be between 1KiB and 256MiB");
+      c.server.max_model_body_bytes = *v;
     }
     if (s["max_connections"]) c.server.max_connections = static_cast<int>(r.Int(s["max_connections"], "server.max_connections", 1, 65536));
     if (s["handler_threads"]) c.server.handler_threads = static_cast<int>(r.Int(s["handler_threads"], "server.handler_threads", 1, 1024));

@@ -1036,3 +1036,34 @@ TEST(ConfigUntrustedTest, HttpStepHeadersAndResponseBound) {
 
 }  // namespace
 }  // namespace keel
+
+namespace keel {
+namespace {
+
+// A provider's tls block: files must be readable; a client certificate needs its key.
+TEST(ConfigTest, ProviderTlsFilesAreReadAndChecked) {
+  const std::string dir = ::testing::TempDir();
+  const std::string ca = dir + "/keel-config-test-ca.pem";
+  const std::string key = dir + "/keel-config-test-key.pem";
+  std::ofstream(ca) << "-----BEGIN CERTIFICATE-----\n";
+  std::ofstream(key) << "-----BEGIN PRIVATE KEY-----\n";
+  auto r = ParseConfig("providers:\n  p:\n    type: openai\n    base_url: https://h/v1\n    tls: {ca_file: " + ca +
+                           ", client_cert: " + ca + ", client_key: " + key + "}\n",
+                       Env());
+  ASSERT_OK(r);
+  EXPECT_EQ(r->providers.at("p").tls.ca_file, ca);
+  EXPECT_EQ(r->providers.at("p").tls.client_cert, ca);
+  EXPECT_EQ(r->providers.at("p").tls.client_key, key);
+
+  ExpectConfigError("providers:\n  p:\n    type: openai\n    base_url: https://h/v1\n    tls: {ca_file: /no/such/ca.pem}\n",
+                    {"line 5", "tls.ca_file", "/no/such/ca.pem", "cannot be read"});
+  ExpectConfigError("providers:\n  p:\n    type: openai\n    base_url: https://h/v1\n    tls: {client_cert: " + ca + "}\n",
+                    {"both client_cert and client_key"});
+  ExpectConfigError("providers:\n  p:\n    type: openai\n    base_url: https://h/v1\n    tls: {verify: false}\n",
+                    {"verify"});
+  ExpectConfigError("providers:\n  p:\n    type: openai\n    base_url: https://h/v1\n    tls: /etc/ca.pem\n",
+                    {"tls must be a mapping"});
+}
+
+}  // namespace
+}  // namespace keel

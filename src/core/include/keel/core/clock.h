@@ -13,18 +13,26 @@ namespace keel {
 using Duration = std::chrono::milliseconds;
 /// Wall-clock time with millisecond precision: what keel stores and compares.
 using Timestamp = std::chrono::sys_time<std::chrono::milliseconds>;
+/// A reading of a monotonic clock, for deadlines and elapsed times: it never goes back when
+/// the wall clock is set, and has sub-millisecond resolution. Its epoch is arbitrary:
+/// compare readings of one Clock only, never store them.
+using SteadyTime = std::chrono::steady_clock::time_point;
 
 /// Source of the current time. Implementations are thread-safe.
 class Clock {
  public:
   virtual ~Clock() = default;
   virtual Timestamp Now() const = 0;
+  /// The monotonic reading. Default: Now() (so a ManualClock moves both together).
+  virtual SteadyTime SteadyNow() const { return SteadyTime(Now().time_since_epoch()); }
 };
 
 /// The real wall clock.
 class SystemClock final : public Clock {
  public:
   Timestamp Now() const override;
+  /// std::chrono::steady_clock.
+  SteadyTime SteadyNow() const override;
   /// A process-wide instance; never destroyed.
   static SystemClock* Instance();
 };

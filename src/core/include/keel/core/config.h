@@ -11,6 +11,7 @@
 
 #include "keel/core/backoff.h"
 #include "keel/core/clock.h"
+#include "keel/core/tls.h"
 #include "keel/core/json.h"
 #include "keel/core/result.h"
 
@@ -74,6 +75,9 @@ struct ProviderConfig {
   std::map<std::string, std::string> query;
   /// Extra request headers (e.g. an Azure api-key). Values are never logged.
   std::map<std::string, std::string> headers;
+  /// https:// base URLs: the CAs to trust and an optional client certificate
+  /// (keel/core/tls.h). Default: the system's CA bundle, no client certificate.
+  TlsSettings tls;
   int line = 0;
 };
 
@@ -163,6 +167,9 @@ struct PipelineConfig {
 struct ServerConfig {
   /// Largest request body accepted. Default: 1 MiB. Range: 1 KiB..64 MiB.
   std::size_t max_body_bytes = 1 << 20;
+  /// Largest request body of the model endpoints (chat completions, embeddings): prompts
+  /// with base64 images or documents. Default: 32 MiB. Range: 1 KiB..256 MiB.
+  std::size_t max_model_body_bytes = 32 << 20;
   /// Open connections at most; more are refused. Default: 1024. Range: 1..65536.
   int max_connections = 1024;
   /// Threads that run request handlers (storage calls block them). Default: 64.
