@@ -77,7 +77,7 @@ struct StreamState {
   std::chrono::steady_clock::time_point last_byte;
   bool any_byte = false;
   StreamTimeouts timeouts;
-  const std::atomic<bool>* cancelled = nullptr;
+  const ClientRequest* request = nullptr;
   bool was_cancelled = false;
 };
 
@@ -101,13 +101,17 @@ size_t OnStreamBody(char* data, size_t size, size_t n, void* user) {
   return size * n;
 }
 
+bool Cancelled(const ClientRequest& r) {
+  return (r.cancelled != nullptr && r.cancelled->load()) || (r.cancel && r.cancel->cancelled());
+}
+
 int OnCancelProgress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
-  return static_cast<const std::atomic<bool>*>(user)->load() ? 1 : 0;
+  return Cancelled(*static_cast<const ClientRequest*>(user)) ? 1 : 0;
 }
 
 int OnStreamProgress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
   auto* st = static_cast<StreamState*>(user);
-  if (st->cancelled && st->cancelled->load()) {
+  if (Cancelled(*st->request)) {
     st->was_cancelled = true;
     return 1;
   }
@@ -143,6 +147,9 @@ curl_slist* SetCommon(CURL* c, const ClientRequest& request) {
   curl_easy_setopt(c, CURLOPT_TIMEOUT_MS,
                    std::max(1L, static_cast<long>(request.total_timeout.count())));
   curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers);
+  if (!request.tls.ca_file.empty()) curl_easy_setopt(c, CURLOPT_CAINFO, request.tls.ca_file.c_str());
+  if (!request.tls.client_cert.empty()) curl_easy_setopt(c, CURLOPT_SSLCERT, request.tls.client_cert.c_str());
+  if (!request.tls.client_key.empty()) curl_easy_setopt(c, CURLOPT_SSLKEY, request.tls.client_key.c_str());
   return headers;
 }
 
@@ -159,7 +166,7 @@ Result<int> SendHttpStreaming(const ClientRequest& request, const StreamTimeouts
   StreamState st{&on_headers, &on_data, c};
   st.start = st.last_byte = std::chrono::steady_clock::now();
   st.timeouts = timeouts;
-  st.cancelled = request.cancelled;
+  st.request = &request;
   curl_slist* headers = SetCommon(c, request);
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, OnStreamBody);
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &st);
@@ -212,10 +219,10 @@ Result<ClientResponse> SendHttp(const ClientRequest& request) {
   if (request.method != "GET" && request.method != "POST") {
     curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, request.method.c_str());
   }
-  if (request.cancelled != nullptr) {
+  if (request.cancelled != nullptr || request.cancel) {
     curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
     curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, OnCancelProgress);
-    curl_easy_setopt(c, CURLOPT_XFERINFODATA, const_cast<std::atomic<bool>*>(request.cancelled));
+    curl_easy_setopt(c, CURLOPT_XFERINFODATA, const_cast<ClientRequest*>(&request));
   }
   const CURLcode rc = curl_easy_perform(c);
   curl_slist_free_all(headers);

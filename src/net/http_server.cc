@@ -6,8 +6,10 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/url/parse.hpp>
+#include <deque>
 #include <future>
 #include <mutex>
+#include <sys/socket.h>
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
@@ -158,6 +160,15 @@ class Session : public std::enable_shared_from_this<Session> {
   // Streaming: WriteRaw blocks the calling (non-I/O) thread until the bytes are written.
   bool WriteRaw(std::string bytes);
   void EndStream(bool reset);
+  // Streaming without blocking (on the session's executor): queues bytes; `drained` runs
+  // once the queue is empty or the client is gone.
+  bool QueueRaw(std::string bytes);
+  std::size_t queued() const { return queued_bytes_; }
+  void WhenDrained(std::function<void()> fn);
+  bool gone() const { return gone_; }
+  // The client of the request being answered went away.
+  void ClientGone();
+  const std::shared_ptr<CancelSignal>& client_gone() const { return client_gone_; }
 
  private:
   friend class ServerImpl;
@@ -169,6 +180,10 @@ class Session : public std::enable_shared_from_this<Session> {
   // error answer (400, 413, 431) and close.
   void OnReadError(beast::error_code ec);
   void Write(HttpResponse response, bool keep_alive);
+  // While a handler works on a request: notices the client closing its connection (a
+  // readable socket with nothing to read), without consuming a pipelined next request.
+  void WatchClient();
+  void WriteQueued();
   // After an answer that closes the connection: reads and drops what the client still
   // sends (at most 1 MiB for at most 2s) so that the answer is not lost to a reset.
   void Linger();
@@ -186,6 +201,17 @@ class Session : public std::enable_shared_from_this<Session> {
   bool linger_ = true;
   std::size_t lingered_ = 0;
   std::array<char, 4096> drain_{};
+  // The request being answered: its number on this connection, and its client-gone signal.
+  std::size_t body_limit_ = 0;  // the request being read: its body limit and what sets it
+  std::string body_setting_;
+  uint64_t generation_ = 0;
+  std::shared_ptr<CancelSignal> client_gone_ = std::make_shared<CancelSignal>();
+  // Non-blocking streaming.
+  std::deque<std::string> queue_;
+  std::size_t queued_bytes_ = 0;
+  bool writing_ = false;
+  bool gone_ = false;
+  std::function<void()> drained_;
 };
 
 }  // namespace
@@ -194,6 +220,9 @@ class Session : public std::enable_shared_from_this<Session> {
 // 500 if no copy of the responder answered.
 struct Responder::State {
   std::shared_ptr<Session> session;
+  // This request's, not the session's current one (which is the next request's once this
+  // one is answered).
+  std::shared_ptr<CancelSignal> client_gone;
   std::atomic<bool> sent{false};
   ~State();
 };
@@ -400,7 +429,9 @@ void Session::Refuse(HttpResponse r) {
 
 void Session::ReadNext() {
   parser_.emplace();
-  parser_->body_limit(server_.options().max_body_bytes);
+  // The body's limit depends on the request (ServerOptions::body_limit): set once its
+  // header is in, before any body byte is parsed.
+  parser_->body_limit(boost::none);
   parser_->header_limit(static_cast<std::uint32_t>(server_.options().max_header_bytes));
   request_ = HttpRequest();
   if (first_request_ || buffer_.size() > 0) {
@@ -444,6 +475,22 @@ void Session::OnHeader(beast::error_code ec) {
     Write(std::move(r), false);
     return;
   }
+  body_limit_ = server_.options().max_body_bytes;
+  body_setting_ = server_.options().max_body_setting;
+  if (server_.options().body_limit) {
+    auto limit = server_.options().body_limit(request_);
+    if (limit.bytes > 0) {
+      body_limit_ = limit.bytes;
+      body_setting_ = std::move(limit.setting);
+    }
+  }
+  // The header is in: the body's own limit. A declared length past it is refused before
+  // a byte of the body is read.
+  if (const auto length = parser_->content_length(); length && *length > body_limit_) {
+    OnReadError(http::error::body_limit);
+    return;
+  }
+  parser_->body_limit(body_limit_);
   if (parser_->is_done()) {
     OnRead({});
     return;
@@ -467,8 +514,8 @@ void Session::OnReadError(beast::error_code ec) {
   if (ec == http::error::body_limit) {
     r.status = 413;
     r.body = ErrorBody("payload_too_large", "request body is larger than the limit of " +
-                                                std::to_string(server_.options().max_body_bytes) +
-                                                " bytes");
+                                                std::to_string(body_limit_) + " bytes (set by " +
+                                                body_setting_ + ")");
   } else if (ec == http::error::header_limit) {
     r.status = 431;
     r.body = ErrorBody("invalid_request", "request headers are larger than the limit of " +
@@ -496,9 +543,81 @@ void Session::OnRead(beast::error_code ec) {
   if (!rec) req.remote = ep.address().to_string() + ":" + std::to_string(ep.port());
   stream_.expires_never();  // the handler may take its time (long polls)
 
+  ++generation_;
+  client_gone_ = std::make_shared<CancelSignal>();
+  gone_ = false;
+  WatchClient();
   auto state = std::make_shared<Responder::State>();
   state->session = shared_from_this();
+  state->client_gone = client_gone_;
   server_.handler()(std::move(req), Responder(std::move(state)));
+}
+
+void Session::WatchClient() {
+  stream_.socket().async_wait(
+      tcp::socket::wait_read, [self = shared_from_this(), gen = generation_](beast::error_code ec) {
+        if (ec || gen != self->generation_ || self->buffer_.size() > 0) return;
+        char byte;
+        const ssize_t n = ::recv(self->stream_.socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (n > 0) return;  // a pipelined request: read once this answer is out
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+          self->WatchClient();
+          return;
+        }
+        self->ClientGone();
+      });
+}
+
+void Session::ClientGone() {
+  gone_ = true;
+  auto signal = client_gone_;
+  signal->Cancel();
+  if (drained_) {
+    auto fn = std::move(drained_);
+    drained_ = nullptr;
+    fn();
+  }
+}
+
+bool Session::QueueRaw(std::string bytes) {
+  if (gone_ || server_.stopping()) return false;
+  queued_bytes_ += bytes.size();
+  queue_.push_back(std::move(bytes));
+  WriteQueued();
+  return true;
+}
+
+void Session::WriteQueued() {
+  if (writing_ || queue_.empty()) return;
+  writing_ = true;
+  stream_.expires_after(std::chrono::seconds(30));
+  asio::async_write(stream_, asio::buffer(queue_.front()),
+                    [self = shared_from_this()](beast::error_code ec, std::size_t) {
+                      self->writing_ = false;
+                      self->stream_.expires_never();
+                      self->queued_bytes_ -= self->queue_.front().size();
+                      self->queue_.pop_front();
+                      if (ec) {
+                        self->queue_.clear();
+                        self->queued_bytes_ = 0;
+                        self->ClientGone();
+                        return;
+                      }
+                      if (!self->queue_.empty()) return self->WriteQueued();
+                      if (self->drained_) {
+                        auto fn = std::move(self->drained_);
+                        self->drained_ = nullptr;
+                        fn();
+                      }
+                    });
+}
+
+void Session::WhenDrained(std::function<void()> fn) {
+  if (gone_ || queue_.empty()) {
+    fn();
+    return;
+  }
+  drained_ = std::move(fn);
 }
 
 void Session::Linger() {
@@ -524,6 +643,8 @@ Responder::State::~State() {
 
 asio::any_io_executor Responder::executor() const { return state_->session->executor(); }
 
+std::shared_ptr<CancelSignal> Responder::client_gone() const { return state_->client_gone; }
+
 void Responder::operator()(HttpResponse r) const {
   if (state_->sent.exchange(true)) return;
   state_->session->Send(std::move(r));
@@ -535,18 +656,32 @@ std::string_view ReasonFor(int status) {
   return http::obsolete_reason(static_cast<http::status>(status));
 }
 
+// One chunk of a chunked body: its size in hex, the bytes, CRLF.
+std::string ChunkFrame(std::string_view data) {
+  char size[20];
+  std::snprintf(size, sizeof size, "%zx\r\n", data.size());
+  std::string frame(size);
+  frame.append(data);
+  frame.append("\r\n");
+  return frame;
+}
+
+// The status line and headers of a chunked answer.
+std::string StreamHead(int status, std::string_view content_type, const Headers& headers) {
+  std::string head = "HTTP/1.1 " + std::to_string(status) + " " + std::string(ReasonFor(status)) + "\r\n";
+  head += "Server: keel\r\nContent-Type: " + std::string(content_type) + "\r\nTransfer-Encoding: chunked\r\n";
+  for (const auto& [k, v] : headers) head += k + ": " + v + "\r\n";
+  head += "\r\n";
+  return head;
+}
+
 class SessionChunkedWriter final : public ChunkedWriter {
  public:
   explicit SessionChunkedWriter(std::shared_ptr<Session> s) : session_(std::move(s)) {}
   ~SessionChunkedWriter() override { Finish(); }
   bool Write(std::string_view data) override {
     if (done_ || data.empty()) return !done_;
-    char size[20];
-    std::snprintf(size, sizeof size, "%zx\r\n", data.size());
-    std::string frame(size);
-    frame.append(data);
-    frame.append("\r\n");
-    if (!session_->WriteRaw(std::move(frame))) {
+    if (!session_->WriteRaw(ChunkFrame(data))) {
       done_ = true;
       session_->EndStream(true);
       return false;
@@ -577,16 +712,55 @@ class SessionChunkedWriter final : public ChunkedWriter {
 std::unique_ptr<ChunkedWriter> Responder::StartStream(int status, std::string content_type,
                                                       Headers headers) const {
   if (state_->sent.exchange(true)) return nullptr;
-  std::string head =
-      "HTTP/1.1 " + std::to_string(status) + " " + std::string(ReasonFor(status)) + "\r\n";
-  head += "Server: keel\r\nContent-Type: " + content_type + "\r\nTransfer-Encoding: chunked\r\n";
-  for (const auto& [k, v] : headers) head += k + ": " + v + "\r\n";
-  head += "\r\n";
-  if (!state_->session->WriteRaw(std::move(head))) {
+  if (!state_->session->WriteRaw(StreamHead(status, content_type, headers))) {
     state_->session->EndStream(true);
     return nullptr;
   }
   return std::make_unique<SessionChunkedWriter>(state_->session);
+}
+
+namespace {
+
+class SessionAsyncWriter final : public AsyncChunkedWriter {
+ public:
+  explicit SessionAsyncWriter(std::shared_ptr<Session> s) : session_(std::move(s)) {}
+  ~SessionAsyncWriter() override { Finish(); }
+  bool Write(std::string data) override {
+    if (done_) return false;
+    if (data.empty()) return !session_->gone();
+    return session_->QueueRaw(ChunkFrame(data));
+  }
+  std::size_t buffered() const override { return session_->queued(); }
+  void OnDrained(std::function<void()> fn) override { session_->WhenDrained(std::move(fn)); }
+  bool gone() const override { return session_->gone(); }
+  void Finish() override {
+    if (done_) return;
+    done_ = true;
+    if (!session_->QueueRaw("0\r\n\r\n")) return session_->EndStream(true);
+    session_->WhenDrained([s = session_] { s->EndStream(s->gone()); });
+  }
+  void Reset() override {
+    if (done_) return;
+    done_ = true;
+    // What was queued goes out first: the reset comes where the caller put it.
+    session_->WhenDrained([s = session_] { s->EndStream(true); });
+  }
+
+ private:
+  std::shared_ptr<Session> session_;
+  bool done_ = false;
+};
+
+}  // namespace
+
+std::shared_ptr<AsyncChunkedWriter> Responder::StartStreamAsync(int status, std::string content_type,
+                                                                Headers headers) const {
+  if (state_->sent.exchange(true)) return nullptr;
+  if (!state_->session->QueueRaw(StreamHead(status, content_type, headers))) {
+    state_->session->EndStream(true);
+    return nullptr;
+  }
+  return std::make_shared<SessionAsyncWriter>(state_->session);
 }
 
 namespace {
@@ -610,6 +784,7 @@ bool Session::WriteRaw(std::string bytes) {
 
 void Session::EndStream(bool reset) {
   asio::post(stream_.get_executor(), [self = shared_from_this(), reset] {
+    ++self->generation_;  // answered: the client may close now without cancelling it
     if (reset || !self->keep_alive_) {
       beast::error_code ec;
       if (reset) self->stream_.socket().set_option(asio::socket_base::linger(true, 0), ec);
@@ -649,6 +824,7 @@ void Session::Write(HttpResponse r, bool keep_alive) {
                     [self = shared_from_this(), keep_alive](beast::error_code ec, std::size_t) {
                       self->out_.reset();
                       if (ec) return;
+                      ++self->generation_;  // answered: the client may close now without cancelling it
                       if (!keep_alive) {
                         beast::error_code ignored;
                         self->stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);

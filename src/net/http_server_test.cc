@@ -4,9 +4,12 @@
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
 #include <chrono>
 #include <future>
 #include <memory>
@@ -16,8 +19,10 @@
 #include <thread>
 
 #include "keel/core/json.h"
+#include "keel/net/async_http_client.h"
 #include "keel/net/http_client.h"
 #include "keel/testing/assert.h"
+#include "keel/testing/http.h"
 #include "keel/testing/raw_socket.h"
 #include "test_server.h"
 
@@ -668,6 +673,366 @@ TEST(HttpHeadersTest, FindHeaderIgnoresCase) {
   EXPECT_EQ(FindHeader(headers, "x-a"), "1");
   EXPECT_EQ(FindHeader(headers, "x-b"), "");
   EXPECT_EQ(FindHeader(headers, "X"), "");
+}
+
+// ---- Non-blocking streamed answers and client-gone detection ----------------------------
+
+// A raw loopback connection that reads up to a given terminator (chunked answers have no
+// Content-Length). Reads are bounded by 10s; closes on destruction.
+class StreamClient {
+ public:
+  explicit StreamClient(uint16_t port, int receive_buffer = 0) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    if (receive_buffer > 0) ::setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &receive_buffer, sizeof receive_buffer);
+    timeval tv{10, 0};
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    connected_ = ::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+  }
+  ~StreamClient() { Close(); }
+  bool connected() const { return connected_; }
+  bool Send(std::string_view bytes) {
+    while (!bytes.empty()) {
+      const ssize_t n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+      if (n <= 0) return false;
+      bytes.remove_prefix(static_cast<std::size_t>(n));
+    }
+    return true;
+  }
+  // Everything up to and including `terminator` (the rest is kept for the next read); ""
+  // on a timeout or a close first.
+  std::string ReadUntil(std::string_view terminator) {
+    for (;;) {
+      if (const auto at = pending_.find(terminator); at != std::string::npos) {
+        std::string out = pending_.substr(0, at + terminator.size());
+        pending_.erase(0, at + terminator.size());
+        return out;
+      }
+      char buf[65536];
+      const ssize_t n = ::recv(fd_, buf, sizeof buf, 0);
+      if (n <= 0) return {};
+      pending_.append(buf, static_cast<std::size_t>(n));
+    }
+  }
+  // Reads and drops exactly `n` bytes: false on a timeout or a close first.
+  bool Skip(std::size_t n) {
+    const std::size_t from_pending = std::min(n, pending_.size());
+    pending_.erase(0, from_pending);
+    n -= from_pending;
+    char buf[65536];
+    while (n > 0) {
+      const ssize_t got = ::recv(fd_, buf, std::min(n, sizeof buf), 0);
+      if (got <= 0) return false;
+      n -= static_cast<std::size_t>(got);
+    }
+    return true;
+  }
+  void Close() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_ = -1;
+  bool connected_ = false;
+  std::string pending_;
+};
+
+constexpr std::string_view kGetStream = "GET /stream HTTP/1.1\r\nHost: x\r\n\r\n";
+constexpr std::string_view kGetNext = "GET /next HTTP/1.1\r\nHost: x\r\n\r\n";
+
+HttpResponse Text(std::string body) {
+  HttpResponse r;
+  r.content_type = "text/plain";
+  r.body = std::move(body);
+  return r;
+}
+
+TEST(HttpServerStreamTest, StartStreamAsyncSendsChunksInOrderThenServesTheNextRequest) {
+  TestServer server([](HttpRequest&& req, Responder respond) {
+    if (req.path != "/stream") return respond(Text("next"));
+    auto w = respond.StartStreamAsync(200, "text/event-stream", {{"X-Stream", "1"}});
+    ASSERT_NE(w, nullptr);
+    EXPECT_TRUE(w->Write("a"));
+    EXPECT_TRUE(w->Write(""));  // nothing to send: no chunk (an empty one would end the body)
+    // The rest from later turns of the connection's executor, as an upstream would feed it.
+    boost::asio::post(respond.executor(), [w, ex = respond.executor()] {
+      EXPECT_TRUE(w->Write("bb"));
+      boost::asio::post(ex, [w] {
+        EXPECT_TRUE(w->Write(std::string(300, 'c')));
+        w->Finish();
+        w->Finish();  // idempotent
+        EXPECT_FALSE(w->Write("late"));
+      });
+    });
+  });
+  ASSERT_TRUE(server.ok());
+  StreamClient c(server->port());
+  ASSERT_TRUE(c.connected());
+  ASSERT_TRUE(c.Send(kGetStream));
+  const std::string head = c.ReadUntil("\r\n\r\n");
+  EXPECT_EQ(StatusOf(head), 200) << head;
+  EXPECT_NE(head.find("Transfer-Encoding: chunked"), std::string::npos) << head;
+  EXPECT_NE(head.find("X-Stream: 1"), std::string::npos) << head;
+  EXPECT_NE(head.find("Content-Type: text/event-stream"), std::string::npos) << head;
+  const std::string body = c.ReadUntil("0\r\n\r\n");
+  EXPECT_EQ(body, "1\r\na\r\n2\r\nbb\r\n12c\r\n" + std::string(300, 'c') + "\r\n0\r\n\r\n");
+  // Keep-alive: the same connection serves the next request.
+  ASSERT_TRUE(c.Send(kGetNext));
+  const std::string next = c.ReadUntil("next");
+  EXPECT_EQ(StatusOf(next), 200) << next;
+  EXPECT_EQ(server->open_connections(), 1);
+}
+
+// Streams `total` bytes in `block`s, waiting for OnDrained whenever more than `allowed`
+// bytes are queued: the handler's side of backpressure. Runs on the connection's executor.
+struct Producer : std::enable_shared_from_this<Producer> {
+  static constexpr std::size_t kBlock = 16 << 10;
+  static constexpr std::size_t kAllowed = 64 << 10;
+  static constexpr std::size_t kTotal = 16 << 20;
+  std::shared_ptr<AsyncChunkedWriter> writer;
+  std::atomic<std::size_t> produced{0};
+  std::atomic<std::size_t> max_buffered{0};
+  std::atomic<int> waits{0};
+  std::atomic<bool> saw_gone{false};
+  std::promise<void> first_wait;
+  std::promise<bool> done;  // true: all sent; false: the client went away
+
+  void Run() {
+    const std::string block(kBlock, 'x');
+    while (produced < kTotal) {
+      if (!writer->Write(block)) {
+        saw_gone = writer->gone();
+        writer.reset();  // here, on the connection's executor: the writer holds the connection
+        done.set_value(false);
+        return;
+      }
+      produced += kBlock;
+      max_buffered = std::max(max_buffered.load(), writer->buffered());
+      if (writer->buffered() > kAllowed) {
+        if (++waits == 1) first_wait.set_value();
+        writer->OnDrained([self = shared_from_this()] { self->Run(); });
+        return;
+      }
+    }
+    writer->Finish();
+    writer.reset();
+    done.set_value(true);
+  }
+};
+
+TEST(HttpServerStreamTest, ASlowReaderHoldsBackTheHandlerAndBufferingStaysBounded) {
+  auto producer = std::make_shared<Producer>();
+  TestServer server([producer](HttpRequest&&, Responder respond) {
+    producer->writer = respond.StartStreamAsync(200, "application/octet-stream");
+    ASSERT_NE(producer->writer, nullptr);
+    producer->Run();
+  });
+  ASSERT_TRUE(server.ok());
+  StreamClient c(server->port(), 32 << 10);  // a small window: the reader holds back soon
+  ASSERT_TRUE(c.Send(kGetStream));
+  auto first_wait = producer->first_wait.get_future();
+  ASSERT_EQ(first_wait.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  // Reading nothing: the handler is held well before the end, its queue bounded.
+  auto done = producer->done.get_future();
+  EXPECT_EQ(done.wait_for(milliseconds(300)), std::future_status::timeout);
+  EXPECT_LT(producer->produced.load(), Producer::kTotal / 2);
+  // Now read it all: OnDrained lets the handler go on to the end.
+  ASSERT_NE(c.ReadUntil("\r\n\r\n"), "");
+  constexpr std::size_t kFrame = 4 + 2 + Producer::kBlock + 2;  // "4000\r\n" data "\r\n"
+  ASSERT_TRUE(c.Skip(Producer::kTotal / Producer::kBlock * kFrame));
+  EXPECT_EQ(c.ReadUntil("0\r\n\r\n"), "0\r\n\r\n");
+  ASSERT_EQ(done.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  EXPECT_TRUE(done.get());
+  EXPECT_GT(producer->waits.load(), 1);
+  EXPECT_LE(producer->max_buffered.load(), Producer::kAllowed + Producer::kBlock + 64);
+}
+
+TEST(HttpServerStreamTest, AClientGoneMidStreamWakesOnDrainedAndRefusesWrites) {
+  auto producer = std::make_shared<Producer>();
+  std::promise<void> gone;
+  TestServer server([&, producer](HttpRequest&&, Responder respond) {
+    respond.client_gone()->OnCancel([&] { gone.set_value(); });
+    producer->writer = respond.StartStreamAsync(200, "application/octet-stream");
+    ASSERT_NE(producer->writer, nullptr);
+    producer->Run();
+  });
+  ASSERT_TRUE(server.ok());
+  StreamClient c(server->port(), 32 << 10);
+  ASSERT_TRUE(c.Send(kGetStream));
+  auto first_wait = producer->first_wait.get_future();
+  ASSERT_EQ(first_wait.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  c.Close();  // while the handler waits for OnDrained
+  auto done = producer->done.get_future();
+  ASSERT_EQ(done.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  EXPECT_FALSE(done.get());
+  EXPECT_EQ(gone.get_future().wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  EXPECT_TRUE(producer->saw_gone.load());
+  ASSERT_TRUE(testing::Eventually([&] { return server->open_connections() == 0; }, std::chrono::seconds(10)));
+}
+
+TEST(HttpServerStreamTest, ClientGoneFiresWhenTheClientClosesBeforeTheAnswer) {
+  std::promise<Responder> pending;
+  std::promise<void> gone;
+  TestServer server([&](HttpRequest&&, Responder respond) {
+    respond.client_gone()->OnCancel([&] { gone.set_value(); });
+    pending.set_value(respond);
+  });
+  ASSERT_TRUE(server.ok());
+  StreamClient c(server->port());
+  ASSERT_TRUE(c.Send(kGetStream));
+  auto responder = pending.get_future();
+  ASSERT_EQ(responder.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  Responder respond = responder.get();
+  EXPECT_FALSE(respond.client_gone()->cancelled());
+  c.Close();
+  EXPECT_EQ(gone.get_future().wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  EXPECT_TRUE(respond.client_gone()->cancelled());
+  // Too late for a stream too: no writer for a client gone.
+  std::promise<bool> got_writer;
+  boost::asio::post(respond.executor(), [&] { got_writer.set_value(respond.StartStreamAsync(200, "text/plain") != nullptr); });
+  auto w = got_writer.get_future();
+  ASSERT_EQ(w.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  EXPECT_FALSE(w.get());
+  respond(Text("too late"));  // ignored, harmless
+}
+
+TEST(HttpServerStreamTest, ClientGoneFiresWhenTheAsyncClientCancels) {
+  std::promise<void> got;
+  std::promise<void> gone;
+  std::promise<Responder> keep;
+  TestServer server([&](HttpRequest&&, Responder respond) {
+    respond.client_gone()->OnCancel([&] { gone.set_value(); });
+    keep.set_value(respond);
+    got.set_value();
+  });
+  ASSERT_TRUE(server.ok());
+  boost::asio::io_context io;
+  auto cancel = std::make_shared<CancelSignal>();
+  ClientRequest req = Get(server.Url("/slow"));
+  req.total_timeout = std::chrono::seconds(30);
+  req.cancel = cancel;
+  std::promise<Result<ClientResponse>> answer;
+  SendHttpAsync(io.get_executor(), std::move(req), [&](Result<ClientResponse> r) { answer.set_value(std::move(r)); });
+  std::thread io_thread([&] { io.run(); });
+  ASSERT_EQ(got.get_future().wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  cancel->Cancel();
+  auto r = answer.get_future();
+  ASSERT_EQ(r.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  EXPECT_EQ(r.get().error().code, ErrorCode::kCancelled);
+  EXPECT_EQ(gone.get_future().wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  io_thread.join();
+  keep.get_future().get()(Text("too late"));  // answered (and dropped) before the server goes
+}
+
+TEST(HttpServerStreamTest, ClientGoneDoesNotFireForAnsweredRequests) {
+  std::mutex mu;
+  std::vector<std::shared_ptr<CancelSignal>> signals;  // by request, as each handler saw it
+  std::vector<Responder> responders;  // of /keep and /hold (a Responder holds its connection)
+  std::promise<void> second;
+  TestServer server([&](HttpRequest&& req, Responder respond) {
+    {
+      std::lock_guard lock(mu);
+      signals.push_back(respond.client_gone());
+      if (req.path == "/keep" || req.path == "/hold") responders.push_back(respond);
+    }
+    if (req.path == "/hold") return second.set_value();  // never answered
+    respond(Text("answered"));
+  });
+  ASSERT_TRUE(server.ok());
+  {
+    // An answered request, then the client closes: nothing to cancel.
+    StreamClient c(server->port());
+    ASSERT_TRUE(c.Send(kGetNext));
+    ASSERT_NE(c.ReadUntil("answered"), "");
+    ASSERT_TRUE(c.Send(kGetNext));
+    ASSERT_NE(c.ReadUntil("answered"), "");
+  }
+  ASSERT_TRUE(testing::Eventually([&] { return server->open_connections() == 0; }, std::chrono::seconds(10)));
+  {
+    std::lock_guard lock(mu);
+    ASSERT_EQ(signals.size(), 2u);
+    EXPECT_FALSE(signals[0]->cancelled());
+    EXPECT_FALSE(signals[1]->cancelled());
+  }
+  {
+    // An answered request and a held one on one connection; the client leaves: only the
+    // held one is cancelled, also through the first request's Responder.
+    StreamClient c(server->port());
+    ASSERT_TRUE(c.Send("GET /keep HTTP/1.1\r\nHost: x\r\n\r\n"));
+    ASSERT_NE(c.ReadUntil("answered"), "");
+    ASSERT_TRUE(c.Send("GET /hold HTTP/1.1\r\nHost: x\r\n\r\n"));
+    ASSERT_EQ(second.get_future().wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  }
+  std::shared_ptr<CancelSignal> held;
+  {
+    std::lock_guard lock(mu);
+    ASSERT_EQ(signals.size(), 4u);
+    held = signals[3];
+  }
+  std::promise<void> held_gone;
+  held->OnCancel([&] { held_gone.set_value(); });
+  ASSERT_EQ(held_gone.get_future().wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  std::lock_guard lock(mu);
+  EXPECT_FALSE(signals[2]->cancelled());
+  ASSERT_EQ(responders.size(), 2u);
+  EXPECT_FALSE(responders[0].client_gone()->cancelled());
+  EXPECT_TRUE(responders[1].client_gone()->cancelled());
+  responders.clear();
+}
+
+TEST(HttpServerStreamTest, PipelinedRequestsAreServedInOrderWhileTheFirstIsPending) {
+  std::mutex mu;
+  std::vector<std::string> paths;
+  std::vector<std::shared_ptr<CancelSignal>> signals;
+  std::promise<Responder> first;
+  std::atomic<int> firsts{0};
+  TestServer server([&](HttpRequest&& req, Responder respond) {
+    {
+      std::lock_guard lock(mu);
+      paths.push_back(req.path);
+      signals.push_back(respond.client_gone());
+    }
+    if (req.path == "/first") {
+      ++firsts;
+      return first.set_value(respond);  // answered later, from the test thread
+    }
+    respond(Text("answer " + req.path));
+  });
+  ASSERT_TRUE(server.ok());
+  for (const bool together : {true, false}) {
+    SCOPED_TRACE(together ? "sent together" : "second sent while the first is pending");
+    first = std::promise<Responder>();
+    {
+      std::lock_guard lock(mu);
+      paths.clear();
+      signals.clear();
+    }
+    StreamClient c(server->port());
+    const std::string a = "GET /first HTTP/1.1\r\nHost: x\r\n\r\n";
+    const std::string b = "GET /second HTTP/1.1\r\nHost: x\r\n\r\n";
+    ASSERT_TRUE(c.Send(together ? a + b : a));
+    auto f = first.get_future();
+    ASSERT_EQ(f.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+    Responder respond = f.get();
+    if (!together) {
+      ASSERT_TRUE(c.Send(b));
+    }
+    // A pipelined request is no sign of a client gone.
+    EXPECT_FALSE(respond.client_gone()->cancelled());
+    respond(Text("answer /first"));
+    const std::string one = c.ReadUntil("answer /first");
+    const std::string two = c.ReadUntil("answer /second");
+    EXPECT_EQ(StatusOf(one), 200) << one;
+    EXPECT_EQ(StatusOf(two), 200) << two;
+    std::lock_guard lock(mu);
+    EXPECT_EQ(paths, (std::vector<std::string>{"/first", "/second"}));
+    ASSERT_EQ(signals.size(), 2u);
+    EXPECT_FALSE(signals[0]->cancelled());
+  }
 }
 
 }  // namespace

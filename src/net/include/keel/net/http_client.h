@@ -8,7 +8,9 @@
 #include <functional>
 #include <string>
 
+#include "keel/core/cancel.h"
 #include "keel/core/result.h"
+#include "keel/core/tls.h"
 #include "keel/net/http.h"
 
 namespace keel::net {
@@ -25,6 +27,12 @@ struct ClientRequest {
   /// When set, the blocking client abandons the exchange (kCancelled), checked at least
   /// once a second. Must outlive the call. Default: none.
   const std::atomic<bool>* cancelled = nullptr;
+  /// When set, the exchange stops at once when it fires (kCancelled): the asynchronous
+  /// client closes the connection; the blocking one checks it as `cancelled`. Default: none.
+  std::shared_ptr<CancelSignal> cancel;
+  /// https:// only: the CAs to trust and the client certificate (keel/core/tls.h).
+  /// Default: the system's CA bundle, no client certificate.
+  TlsSettings tls;
   /// SendHttp only: the most body bytes read; past it the exchange is abandoned and
   /// answered kInvalidOutput ("answered more than N bytes"), the body not kept.
   /// Default: 0 (no bound).

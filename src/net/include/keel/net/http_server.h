@@ -19,6 +19,7 @@
 #include <memory>
 #include <string>
 
+#include "keel/core/cancel.h"
 #include "keel/core/result.h"
 #include "keel/net/http.h"
 
@@ -39,6 +40,32 @@ class ChunkedWriter {
   virtual void Reset() = 0;
 };
 
+/// The body of a streamed answer (chunked transfer encoding) written without blocking:
+/// for handlers that run on the connection's I/O thread. Every call must be made on the
+/// connection's executor (Responder::executor()). Memory is the caller's to bound: queue
+/// a chunk, and once buffered() is past what the caller allows, wait for OnDrained before
+/// producing more (that is how a slow reader holds back its upstream).
+class AsyncChunkedWriter {
+ public:
+  virtual ~AsyncChunkedWriter() = default;
+  /// Queues one chunk. False when the client has gone (nothing queued; stop producing).
+  virtual bool Write(std::string data) = 0;
+  /// Bytes queued and not yet handed to the socket.
+  virtual std::size_t buffered() const = 0;
+  /// Runs `fn` on the connection's executor once nothing is queued or the client has
+  /// gone: at once (inline) when that is already so. One waiter at a time (a second call
+  /// replaces the first).
+  virtual void OnDrained(std::function<void()> fn) = 0;
+  /// True once a write failed or the client closed the connection.
+  virtual bool gone() const = 0;
+  /// Ends the answer with the last chunk once the queue is written; the connection may
+  /// serve the next request. Idempotent; the destructor calls it.
+  virtual void Finish() = 0;
+  /// Resets the connection (RST) instead of finishing, once what was queued is written:
+  /// for fault injection.
+  virtual void Reset() = 0;
+};
+
 /// Answers one request: either once with a whole response (operator()), or by
 /// StartStream and then chunks. Copyable; any thread. If every copy is destroyed without
 /// an answer, the client gets a 500.
@@ -53,6 +80,16 @@ class Responder {
   /// client is gone. Must not be called on an I/O thread.
   std::unique_ptr<ChunkedWriter> StartStream(int status, std::string content_type,
                                              Headers headers = {}) const;
+  /// StartStream without blocking: queues the status line and headers and returns the
+  /// writer of the body; null if an answer was already given or the client is gone. Call
+  /// it on the connection's executor.
+  std::shared_ptr<AsyncChunkedWriter> StartStreamAsync(int status, std::string content_type,
+                                                       Headers headers = {}) const;
+  /// Cancelled when the client closes its connection (or a write to it fails) before this
+  /// request's answer is complete: whatever the handler started for it should stop.
+  /// Detected while the server waits for the handler, without reading the next request.
+  /// Never null.
+  std::shared_ptr<CancelSignal> client_gone() const;
   /// The connection's executor (a strand of the server's I/O context): asynchronous work
   /// for this request (keel/net/async_http_client.h) runs there, and answers from it
   /// without a thread switch.
@@ -74,6 +111,17 @@ struct ServerOptions {
   int io_threads = 2;
   /// Largest body accepted; a larger one is answered 413. Default: 1 MiB.
   std::size_t max_body_bytes = 1 << 20;
+  /// The setting that sets max_body_bytes, named in the 413's message so that a client
+  /// knows what to ask for. Default: "max_body_bytes".
+  std::string max_body_setting = "max_body_bytes";
+  /// A request's own body limit and its setting's name, decided from its header (method,
+  /// path, segments: already checked) before the body is read; when unset, or when it
+  /// answers 0 bytes, max_body_bytes applies. Runs on an I/O thread. Default: unset.
+  struct BodyLimit {
+    std::size_t bytes = 0;
+    std::string setting;
+  };
+  std::function<BodyLimit(const HttpRequest&)> body_limit;
   /// Largest header block; a larger one is answered 431. Default: 16 KiB.
   std::size_t max_header_bytes = 16 << 10;
   /// Connections open at once; more are answered 503 and closed. Default: 1024.
