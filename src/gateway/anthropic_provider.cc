@@ -11,9 +11,12 @@
 #include <utility>
 #include <vector>
 
+#include "anthropic_request.h"
 #include "keel/core/secrets.h"
 #include "keel/core/sse.h"
+#include "keel/net/async_http_client.h"
 #include "keel/net/http_client.h"
+#include "keel/obs/log.h"
 #include "provider.h"
 
 namespace keel::gateway::detail {
@@ -21,209 +24,11 @@ namespace {
 
 constexpr std::string_view kDefaultBaseUrl = "https://api.anthropic.com/v1";
 constexpr std::string_view kApiVersion = "2023-06-01";
-constexpr int64_t kDefaultMaxTokens = 4096;
-
-std::string_view StringOr(const json::value* v, std::string_view fallback = {}) {
-  return v != nullptr && v->is_string() ? std::string_view(v->get_string()) : fallback;
-}
-
-int64_t IntOr(const json::value* v, int64_t fallback = 0) {
-  if (v == nullptr) return fallback;
-  if (v->is_int64()) return v->get_int64();
-  if (v->is_uint64()) return static_cast<int64_t>(std::min<uint64_t>(v->get_uint64(), INT64_MAX));
-  if (v->is_double()) return static_cast<int64_t>(v->get_double());
-  return fallback;
-}
 
 int64_t UnixSeconds() {
   return std::chrono::duration_cast<std::chrono::seconds>(
              std::chrono::system_clock::now().time_since_epoch())
       .count();
-}
-
-// ---- Request: OpenAI chat-completions -> Anthropic Messages ------------------------------
-
-// The non-empty texts of an OpenAI message's content: a string, or the "text" parts of a
-// list of parts. Other parts (images, audio, files) are dropped.
-std::vector<std::string> TextParts(const json::value* content) {
-  std::vector<std::string> parts;
-  if (content == nullptr) return parts;
-  if (content->is_string()) {
-    if (!content->get_string().empty()) parts.emplace_back(content->get_string());
-    return parts;
-  }
-  if (!content->is_array()) return parts;
-  for (const auto& part : content->get_array()) {
-    if (!part.is_object()) continue;
-    const auto& po = part.get_object();
-    if (StringOr(po.if_contains("type")) != "text") continue;
-    const std::string_view text = StringOr(po.if_contains("text"));
-    if (!text.empty()) parts.emplace_back(text);
-  }
-  return parts;
-}
-
-// max_completion_tokens, else max_tokens, else the default: Anthropic requires one.
-Result<int64_t> MaxTokens(const json::object& in) {
-  for (const char* key : {"max_completion_tokens", "max_tokens"}) {
-    const json::value* v = in.if_contains(key);
-    if (v == nullptr || v->is_null()) continue;
-    const bool whole = v->is_int64() || v->is_uint64() ||
-                       (v->is_double() && v->get_double() == static_cast<double>(IntOr(v)));
-    if (!whole || IntOr(v) < 1) {
-      return Error(ErrorCode::kInvalidRequest, std::string(key) + " must be a positive integer",
-                   key);
-    }
-    return IntOr(v);
-  }
-  return kDefaultMaxTokens;
-}
-
-// An assistant message's tool_calls as Anthropic tool_use blocks (arguments parsed; an
-// argument string that is not a JSON object is sent as {}).
-void AddToolUses(const json::object& message, json::array& blocks) {
-  const json::value* calls = message.if_contains("tool_calls");
-  if (calls == nullptr || !calls->is_array()) return;
-  for (const auto& c : calls->get_array()) {
-    if (!c.is_object()) continue;
-    const auto& co = c.get_object();
-    const json::value* fn = co.if_contains("function");
-    const json::object empty;
-    const json::object& f = fn != nullptr && fn->is_object() ? fn->get_object() : empty;
-    boost::system::error_code ec;
-    json::value input = json::parse(StringOr(f.if_contains("arguments"), "{}"), ec);
-    if (ec || !input.is_object()) input = json::object{};
-    blocks.push_back(json::object{{"type", "tool_use"},
-                                  {"id", StringOr(co.if_contains("id"))},
-                                  {"name", StringOr(f.if_contains("name"))},
-                                  {"input", std::move(input)}});
-  }
-}
-
-// OpenAI's tools and tool_choice in Anthropic's shapes: {name, description, input_schema};
-// "auto" {type: auto}, "required" {type: any}, "none" {type: none}, a named function
-// {type: tool, name}; parallel_tool_calls: false sets disable_parallel_tool_use.
-void AddTools(const json::object& in, json::object& out) {
-  if (const auto* tools = in.if_contains("tools"); tools != nullptr && tools->is_array()) {
-    json::array list;
-    for (const auto& t : tools->get_array()) {
-      if (!t.is_object()) continue;
-      const json::value* fn = t.get_object().if_contains("function");
-      if (fn == nullptr || !fn->is_object()) continue;
-      const auto& f = fn->get_object();
-      json::object tool{{"name", StringOr(f.if_contains("name"))}};
-      if (const auto d = StringOr(f.if_contains("description")); !d.empty()) tool["description"] = d;
-      const json::value* params = f.if_contains("parameters");
-      tool["input_schema"] = params != nullptr && params->is_object() ? *params : json::value(json::object{{"type", "object"}});
-      list.push_back(std::move(tool));
-    }
-    if (!list.empty()) out["tools"] = std::move(list);
-  }
-  json::object choice;
-  if (const auto* c = in.if_contains("tool_choice"); c != nullptr) {
-    if (c->is_string()) {
-      const std::string_view v = c->get_string();
-      choice["type"] = v == "required" ? "any" : v == "none" ? "none" : "auto";
-    } else if (c->is_object()) {
-      const json::value* fn = c->get_object().if_contains("function");
-      if (fn != nullptr && fn->is_object()) {
-        choice["type"] = "tool";
-        choice["name"] = StringOr(fn->get_object().if_contains("name"));
-      }
-    }
-  }
-  if (const auto* par = in.if_contains("parallel_tool_calls"); par != nullptr && par->is_bool() && !par->get_bool()) {
-    if (!choice.contains("type")) choice["type"] = "auto";
-    choice["disable_parallel_tool_use"] = true;
-  }
-  if (!choice.empty() && out.contains("tools")) out["tool_choice"] = std::move(choice);
-}
-
-// Translates an OpenAI chat-completions body into an Anthropic Messages body. System (and
-// developer) messages, wherever they are, become the top-level `system`, joined by blank
-// lines; consecutive user or assistant messages are merged (Anthropic alternates roles);
-// an assistant's tool_calls become tool_use blocks and a `tool` message a tool_result
-// block of a user message; tools and tool_choice are translated; messages with nothing to
-// send and unsupported fields are dropped. `stream` is left to the caller.
-Result<json::object> ToAnthropicRequest(const json::object& in) {
-  const json::value* msgs = in.if_contains("messages");
-  if (msgs == nullptr || !msgs->is_array()) {
-    return Error(ErrorCode::kInvalidRequest, "messages must be an array", "messages");
-  }
-  std::string system;
-  json::array messages;
-  std::string_view last_role;
-  for (const auto& m : msgs->get_array()) {
-    if (!m.is_object()) continue;
-    const auto& mo = m.get_object();
-    const std::string_view role = StringOr(mo.if_contains("role"));
-    std::vector<std::string> parts = TextParts(mo.if_contains("content"));
-    if (role == "system" || role == "developer") {
-      for (auto& p : parts) {
-        if (!system.empty()) system += "\n\n";
-        system += p;
-      }
-      continue;
-    }
-    json::array add;
-    std::string_view as = role;
-    if (role == "tool") {
-      std::string text;
-      for (auto& p : parts) text += (text.empty() ? "" : "\n") + p;
-      add.push_back(json::object{{"type", "tool_result"},
-                                 {"tool_use_id", StringOr(mo.if_contains("tool_call_id"))},
-                                 {"content", std::move(text)}});
-      as = "user";
-    } else if (role == "user" || role == "assistant") {
-      for (auto& p : parts) add.push_back(json::object{{"type", "text"}, {"text", std::move(p)}});
-      if (role == "assistant") AddToolUses(mo, add);
-    }
-    if (add.empty()) continue;
-    if (messages.empty() || as != last_role) {
-      messages.push_back(json::object{{"role", as}, {"content", json::array{}}});
-      last_role = as;
-    }
-    json::array& blocks = messages.back().get_object()["content"].get_array();
-    for (auto& b : add) blocks.push_back(std::move(b));
-  }
-  if (messages.empty()) {
-    return Error(ErrorCode::kInvalidRequest,
-                 "messages holds no user or assistant message with text to send", "messages");
-  }
-  // A message of one text block is sent as a plain string, as most clients write it.
-  for (auto& m : messages) {
-    json::value& content = m.get_object()["content"];
-    if (content.get_array().size() == 1 && StringOr(content.get_array()[0].get_object().if_contains("type")) == "text") {
-      json::value text = content.get_array()[0].get_object()["text"];
-      content = std::move(text);
-    }
-  }
-  auto max_tokens = MaxTokens(in);
-  if (!max_tokens.ok()) return std::move(max_tokens).error();
-
-  json::object out;
-  if (const auto* model = in.if_contains("model"); model != nullptr) out["model"] = *model;
-  if (!system.empty()) out["system"] = system;
-  out["messages"] = std::move(messages);
-  out["max_tokens"] = *max_tokens;
-  AddTools(in, out);
-  // OpenAI's range is 0..2, Anthropic's 0..1: clamped, so that a request every OpenAI
-  // target accepts is not refused here.
-  if (const auto* t = in.if_contains("temperature"); t != nullptr && t->is_number()) {
-    out["temperature"] = std::clamp(t->to_number<double>(), 0.0, 1.0);
-  }
-  if (const auto* p = in.if_contains("top_p"); p != nullptr && p->is_number()) out["top_p"] = *p;
-  if (const auto* stop = in.if_contains("stop"); stop != nullptr) {
-    json::array seqs;
-    if (stop->is_string() && !stop->get_string().empty()) seqs.push_back(*stop);
-    if (stop->is_array()) {
-      for (const auto& s : stop->get_array()) {
-        if (s.is_string() && !s.get_string().empty()) seqs.push_back(s);
-      }
-    }
-    if (!seqs.empty()) out["stop_sequences"] = std::move(seqs);
-  }
-  return out;
 }
 
 // ---- Answers: Anthropic -> OpenAI chat.completion ----------------------------------------
@@ -403,8 +208,8 @@ Result<ChatResult> ParseMessage(std::string_view body, const std::string& provid
 // out with the first text, so that an error before any text still fails over invisibly.
 class StreamTranslator {
  public:
-  StreamTranslator(std::string provider, std::string fallback_model, const Gateway::ChunkSink& sink)
-      : provider_(std::move(provider)), model_(std::move(fallback_model)), sink_(sink) {
+  StreamTranslator(std::string provider, std::string fallback_model, Gateway::ChunkSink sink)
+      : provider_(std::move(provider)), model_(std::move(fallback_model)), sink_(std::move(sink)) {
     result_.provider = provider_;
   }
 
@@ -414,9 +219,10 @@ class StreamTranslator {
     boost::system::error_code ec;
     const json::value v = json::parse(ev.data, ec);
     if (ec || !v.is_object()) {
-      error_ = Error(ErrorCode::kInvalidOutput,
-                     "provider " + provider_ + " streamed an event that is not a JSON object");
-      return false;
+      // One malformed event does not end a stream that can go on.
+      obs::LogWarn("dropped a malformed stream event",
+                   {{"provider", provider_}, {"bytes", static_cast<int64_t>(ev.data.size())}});
+      return true;
     }
     const auto& o = v.get_object();
     const std::string_view type = StringOr(o.if_contains("type"), ev.event);
@@ -539,7 +345,7 @@ class StreamTranslator {
 
   std::string provider_;
   std::string model_;
-  const Gateway::ChunkSink& sink_;
+  Gateway::ChunkSink sink_;
   std::string id_ = "msg";
   int64_t created_ = UnixSeconds();
   Usage usage_;
@@ -571,12 +377,56 @@ class AnthropicProvider final : public Provider {
         url_((config_.base_url.empty() ? std::string(kDefaultBaseUrl) : config_.base_url) +
              "/messages") {}
 
+  bool async() const override { return true; }
+
   Result<ChatResult> Chat(const json::object& body, const ChatRequest& req,
                           Duration timeout) override {
     auto translated = ToAnthropicRequest(body);
     if (!translated.ok()) return Local(std::move(translated).error());
-    auto http = Request(*translated, req, timeout, "application/json");
-    auto resp = net::SendHttp(http);
+    return Answer(net::SendHttp(Request(*translated, req, timeout, "application/json")));
+  }
+
+  void ChatAsync(const json::object& body, const ChatRequest& req, Duration timeout,
+                 const boost::asio::any_io_executor& executor,
+                 std::function<void(Result<ChatResult>)> done) override {
+    auto translated = ToAnthropicRequest(body);
+    if (!translated.ok()) return done(Local(std::move(translated).error()));
+    net::SendHttpAsync(executor, Request(*translated, req, timeout, "application/json"),
+                       [this, done = std::move(done)](Result<net::ClientResponse> resp) {
+                         done(Answer(std::move(resp)));
+                       });
+  }
+
+  Result<ChatResult> ChatStream(const json::object& body, const ChatRequest& req, Duration timeout,
+                                const Gateway::ChunkSink& on_chunk) override {
+    auto translated = ToAnthropicRequest(body);
+    if (!translated.ok()) return Local(std::move(translated).error());
+    (*translated)["stream"] = true;
+    StreamTranslator translator(config_.name, config_.model, on_chunk);
+    auto r = StreamEvents(Request(*translated, req, timeout, "text/event-stream"), Timeouts(timeout),
+                          config_.name, [&](const SseEvent& ev) { return translator.OnEvent(ev); });
+    return End(translator, std::move(r));
+  }
+
+  void ChatStreamAsync(const json::object& body, const ChatRequest& req, Duration timeout,
+                       const boost::asio::any_io_executor& executor,
+                       std::shared_ptr<Gateway::StreamSink> sink,
+                       std::function<void(Result<ChatResult>)> done) override {
+    auto translated = ToAnthropicRequest(body);
+    if (!translated.ok()) return done(Local(std::move(translated).error()));
+    (*translated)["stream"] = true;
+    auto translator = std::make_shared<StreamTranslator>(
+        config_.name, config_.model, [sink](const json::object& chunk) { return sink->OnChunk(chunk); });
+    StreamEventsAsync(
+        executor, Request(*translated, req, timeout, "text/event-stream"), Timeouts(timeout),
+        config_.name, sink, [translator](const SseEvent& ev) { return translator->OnEvent(ev); },
+        [this, translator, done = std::move(done)](Result<EventStream> r) {
+          done(End(*translator, std::move(r)));
+        });
+  }
+
+ private:
+  Result<ChatResult> Answer(Result<net::ClientResponse> resp) const {
     if (!resp.ok()) {
       Error e = std::move(resp).error();
       e.message = "provider " + config_.name + ": " + e.message;
@@ -588,19 +438,15 @@ class AnthropicProvider final : public Provider {
     return ParseMessage(resp->body, config_.name, config_.model);
   }
 
-  Result<ChatResult> ChatStream(const json::object& body, const ChatRequest& req, Duration timeout,
-                                const Gateway::ChunkSink& on_chunk) override {
-    auto translated = ToAnthropicRequest(body);
-    if (!translated.ok()) return Local(std::move(translated).error());
-    (*translated)["stream"] = true;
-    auto http = Request(*translated, req, timeout, "text/event-stream");
-    net::StreamTimeouts st{std::min(config_.timeout.first_byte, timeout), config_.timeout.idle};
-
-    StreamTranslator translator(config_.name, config_.model, on_chunk);
-    auto r = StreamEvents(http, st, config_.name, [&](const SseEvent& ev) { return translator.OnEvent(ev); });
+  // The outcome of a streamed call once its transfer ended. A transfer cut after
+  // message_stop lost nothing of the answer.
+  Result<ChatResult> End(StreamTranslator& translator, Result<EventStream> r) const {
     if (translator.error()) return *translator.error();
     if (translator.cancelled()) return Error(ErrorCode::kCancelled, "the client went away");
-    if (!r.ok()) return std::move(r).error();
+    if (!r.ok()) {
+      if (translator.done() && r.error().code != ErrorCode::kCancelled) return std::move(translator.result());
+      return std::move(r).error();
+    }
     if (r->status < 200 || r->status >= 300) {
       return AnthropicError(r->status, r->headers, r->error_body, config_.name);
     }
@@ -612,7 +458,10 @@ class AnthropicProvider final : public Provider {
     return std::move(translator.result());
   }
 
- private:
+  net::StreamTimeouts Timeouts(Duration timeout) const {
+    return net::StreamTimeouts{std::min(config_.timeout.first_byte, timeout), config_.timeout.idle};
+  }
+
   net::ClientRequest Request(const json::object& body, const ChatRequest& req, Duration timeout,
                              std::string accept) const {
     net::ClientRequest http;
@@ -628,6 +477,8 @@ class AnthropicProvider final : public Provider {
     for (const auto& [k, v] : config_.headers) http.headers.emplace_back(k, v);
     http.body = json::serialize(body);
     http.cancelled = req.cancelled;
+    http.cancel = req.cancel;
+    http.tls = config_.tls;
     http.connect_timeout = std::min(config_.timeout.connect, timeout);
     http.total_timeout = std::min(config_.timeout.total, timeout);
     return http;

@@ -1,3 +1,5 @@
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <cctype>
 #include <charconv>
 #include <chrono>
@@ -8,6 +10,7 @@
 #include "keel/gateway/mock_llm.h"
 #include "keel/net/async_http_client.h"
 #include "keel/net/http_client.h"
+#include "keel/obs/log.h"
 #include "provider.h"
 
 namespace keel::gateway::detail {
@@ -157,6 +160,128 @@ Result<EventStream> StreamEvents(const net::ClientRequest& http, const net::Stre
   return out;
 }
 
+namespace {
+
+// The consumer of one asynchronous event stream: the same rules as StreamEvents, with the
+// sink's backpressure.
+class EventConsumer final : public net::StreamConsumer {
+ public:
+  EventConsumer(std::string provider, std::shared_ptr<Gateway::StreamSink> sink, SseParser::Callback on_event,
+                std::function<void(Result<EventStream>)> done)
+      : provider_(std::move(provider)),
+        sink_(std::move(sink)),
+        on_event_(std::move(on_event)),
+        done_(std::move(done)),
+        parser_([this](const SseEvent& ev) {
+          stopped_ = !on_event_(ev);
+          return !stopped_;
+        }) {}
+
+  bool OnHeaders(int status, const net::Headers& headers) override {
+    out_.status = status;
+    out_.headers = headers;
+    return true;
+  }
+
+  bool OnData(std::string_view data, const std::shared_ptr<net::StreamControl>& control) override {
+    if (out_.status < 200 || out_.status >= 300) {
+      if (out_.error_body.size() < 65536) out_.error_body.append(data);
+      return true;
+    }
+    if (!parser_.Feed(data)) {
+      overlong_ = !stopped_;
+      return false;
+    }
+    if (sink_ && sink_->Full()) {
+      control->Pause();
+      sink_->WhenReady([control] { control->Resume(); });
+    }
+    return true;
+  }
+
+  void OnDone(Result<int> r) override {
+    if (stopped_) return done_(Error(ErrorCode::kCancelled, "the stream was stopped by its reader"));
+    if (overlong_) return done_(Error(ErrorCode::kInvalidOutput, "provider " + provider_ + " streamed a line longer than 1 MiB"));
+    if (!r.ok()) {
+      Error e = std::move(r).error();
+      e.message = "provider " + provider_ + ": " + e.message;
+      return done_(std::move(e));
+    }
+    done_(std::move(out_));
+  }
+
+ private:
+  std::string provider_;
+  std::shared_ptr<Gateway::StreamSink> sink_;
+  SseParser::Callback on_event_;
+  std::function<void(Result<EventStream>)> done_;
+  SseParser parser_;
+  EventStream out_;
+  bool stopped_ = false;
+  bool overlong_ = false;
+};
+
+}  // namespace
+
+void StreamEventsAsync(const boost::asio::any_io_executor& executor, net::ClientRequest http,
+                       const net::StreamTimeouts& timeouts, const std::string& provider,
+                       std::shared_ptr<Gateway::StreamSink> sink, SseParser::Callback on_event,
+                       std::function<void(Result<EventStream>)> done) {
+  net::SendHttpStreamAsync(executor, std::move(http), timeouts,
+                           std::make_shared<EventConsumer>(provider, std::move(sink), std::move(on_event), std::move(done)));
+}
+
+bool OpenAiStreamReader::OnEvent(const SseEvent& ev) {
+  if (ev.data == "[DONE]") {
+    done_ = true;
+    return true;
+  }
+  boost::system::error_code ec;
+  json::value v = json::parse(ev.data, ec);
+  if (ec || !v.is_object()) {
+    // One malformed event does not end a stream that can go on.
+    ++dropped_;
+    obs::LogWarn("dropped a malformed stream event",
+                 {{"provider", provider_}, {"bytes", static_cast<int64_t>(ev.data.size())}});
+    return true;
+  }
+  if (const auto* err = v.get_object().if_contains("error"); err && err->is_object()) {
+    bad_ = UpstreamError(500, {}, ev.data, provider_);
+    return false;
+  }
+  if (const auto* choices = v.get_object().if_contains("choices"); choices && choices->is_array()) {
+    for (const auto& c : choices->get_array()) {
+      if (const auto* f = c.is_object() ? c.get_object().if_contains("finish_reason") : nullptr; f && f->is_string()) {
+        finished_ = true;
+      }
+    }
+  }
+  Accumulate(v.get_object(), result_);
+  if (!sink_(v.get_object())) {
+    gone_ = true;
+    return false;
+  }
+  return true;
+}
+
+Result<ChatResult> OpenAiStreamReader::End(Result<EventStream> transfer) {
+  if (bad_) return *bad_;
+  if (gone_) return Error(ErrorCode::kCancelled, "the client went away");
+  if (!transfer.ok()) {
+    // A transfer cut after the finish reason (and usage) lost nothing of the answer.
+    if (finished_ && transfer.error().code != ErrorCode::kCancelled) return std::move(result_);
+    return std::move(transfer).error();
+  }
+  if (transfer->status < 200 || transfer->status >= 300) {
+    return UpstreamError(transfer->status, transfer->headers, transfer->error_body, provider_);
+  }
+  if (!done_ && !finished_) {
+    return Error(ErrorCode::kInvalidOutput, "provider " + provider_ + ": the stream ended before its finish reason "
+                                                                    "or [DONE] (truncated)");
+  }
+  return std::move(result_);
+}
+
 std::string QueryString(const std::map<std::string, std::string>& query) {
   std::string out;
   for (const auto& [k, v] : query) out += (out.empty() ? "?" : "&") + net::PercentEncode(k) + "=" + net::PercentEncode(v);
@@ -186,54 +311,34 @@ class OpenAiProvider final : public Provider {
   }
 
   Result<ChatResult> Embed(const json::object& body, const ChatRequest& req, Duration timeout) override {
-    auto resp = Checked(net::SendHttp(Request(embeddings_url_, json::serialize(body), "application/json", req, timeout)));
-    if (!resp.ok()) return std::move(resp).error();
-    return ParseEmbeddings(resp->body, config_.name);
+    return Embeddings(net::SendHttp(Request(embeddings_url_, json::serialize(body), "application/json", req, timeout)));
+  }
+
+  void EmbedAsync(const json::object& body, const ChatRequest& req, Duration timeout,
+                  const boost::asio::any_io_executor& executor, std::function<void(Result<ChatResult>)> done) override {
+    if (!async_) return Provider::EmbedAsync(body, req, timeout, executor, std::move(done));
+    net::SendHttpAsync(executor, Request(embeddings_url_, json::serialize(body), "application/json", req, timeout),
+                       [this, done = std::move(done)](Result<net::ClientResponse> resp) { done(Embeddings(std::move(resp))); });
   }
 
   Result<ChatResult> ChatStream(const json::object& body, const ChatRequest& req, Duration timeout,
                                 const Gateway::ChunkSink& on_chunk) override {
-    json::object b = body;
-    b["stream"] = true;
-    b["stream_options"] = json::object{{"include_usage", true}};  // always: for limits and cost
-    const net::ClientRequest http = Request(url_, json::serialize(b), "text/event-stream", req, timeout);
-    net::StreamTimeouts st{std::min(config_.timeout.first_byte, timeout), config_.timeout.idle};
+    OpenAiStreamReader reader(config_.name, on_chunk);
+    auto r = StreamEvents(StreamRequest(body, req, timeout), StreamTimeouts(timeout), config_.name,
+                          [&](const SseEvent& ev) { return reader.OnEvent(ev); });
+    return reader.End(std::move(r));
+  }
 
-    ChatResult result;
-    result.provider = config_.name;
-    bool done = false;
-    std::optional<Error> bad;
-    bool reader_gone = false;
-    auto r = StreamEvents(http, st, config_.name, [&](const SseEvent& ev) {
-      if (ev.data == "[DONE]") {
-        done = true;
-        return true;
-      }
-      boost::system::error_code ec;
-      json::value v = json::parse(ev.data, ec);
-      if (ec || !v.is_object()) {
-        bad = Error(ErrorCode::kInvalidOutput, "provider " + config_.name + " streamed a chunk that is not a JSON object");
-        return false;
-      }
-      if (const auto* err = v.get_object().if_contains("error"); err && err->is_object()) {
-        bad = UpstreamError(500, {}, ev.data, config_.name);
-        return false;
-      }
-      Accumulate(v.get_object(), result);
-      if (!on_chunk(v.get_object())) {
-        reader_gone = true;
-        return false;
-      }
-      return true;
-    });
-    if (bad) return *bad;
-    if (reader_gone) return Error(ErrorCode::kCancelled, "the client went away");
-    if (!r.ok()) return std::move(r).error();
-    if (r->status < 200 || r->status >= 300) return UpstreamError(r->status, r->headers, r->error_body, config_.name);
-    if (!done) {
-      return Error(ErrorCode::kInvalidOutput, "provider " + config_.name + ": the stream ended before [DONE] (truncated)");
-    }
-    return result;
+  void ChatStreamAsync(const json::object& body, const ChatRequest& req, Duration timeout,
+                       const boost::asio::any_io_executor& executor, std::shared_ptr<Gateway::StreamSink> sink,
+                       std::function<void(Result<ChatResult>)> done) override {
+    if (!async_) return Provider::ChatStreamAsync(body, req, timeout, executor, std::move(sink), std::move(done));
+    auto reader = std::make_shared<OpenAiStreamReader>(config_.name,
+                                                       [sink](const json::object& chunk) { return sink->OnChunk(chunk); });
+    StreamEventsAsync(
+        executor, StreamRequest(body, req, timeout), StreamTimeouts(timeout), config_.name, sink,
+        [reader](const SseEvent& ev) { return reader->OnEvent(ev); },
+        [reader, done = std::move(done)](Result<EventStream> r) { done(reader->End(std::move(r))); });
   }
 
  private:
@@ -248,9 +353,22 @@ class OpenAiProvider final : public Provider {
     for (const auto& [k, v] : config_.headers) http.headers.emplace_back(k, v);
     http.body = std::move(body);
     http.cancelled = req.cancelled;
+    http.cancel = req.cancel;
+    http.tls = config_.tls;
     http.connect_timeout = std::min(config_.timeout.connect, timeout);
     http.total_timeout = std::min(config_.timeout.total, timeout);
     return http;
+  }
+
+  net::ClientRequest StreamRequest(const json::object& body, const ChatRequest& req, Duration timeout) const {
+    json::object b = body;
+    b["stream"] = true;
+    b["stream_options"] = json::object{{"include_usage", true}};  // always: for limits and cost
+    return Request(url_, json::serialize(b), "text/event-stream", req, timeout);
+  }
+
+  net::StreamTimeouts StreamTimeouts(Duration timeout) const {
+    return net::StreamTimeouts{std::min(config_.timeout.first_byte, timeout), config_.timeout.idle};
   }
 
   // The answer to a whole request: transport failures and error answers become this
@@ -271,43 +389,74 @@ class OpenAiProvider final : public Provider {
     return ParseCompletion(checked->body, config_.name);
   }
 
+  Result<ChatResult> Embeddings(Result<net::ClientResponse> resp) const {
+    auto checked = Checked(std::move(resp));
+    if (!checked.ok()) return std::move(checked).error();
+    return ParseEmbeddings(checked->body, config_.name);
+  }
+
   ProviderConfig config_;
   std::string url_;
   std::string embeddings_url_;
   bool async_ = net::SupportsAsync(url_);
 };
 
+// Runs `fn(cancelled)` on `executor` after `delay`, or at once (cancelled = true) when
+// `cancel` fires first. The timer holds no thread.
+void AfterOrCancel(const boost::asio::any_io_executor& executor, Duration delay, const std::shared_ptr<CancelSignal>& cancel,
+                   std::function<void(bool cancelled)> fn) {
+  auto timer = std::make_shared<boost::asio::steady_timer>(executor, delay);
+  uint64_t handle = 0;
+  if (cancel) {
+    std::weak_ptr<boost::asio::steady_timer> weak = timer;
+    handle = cancel->OnCancel([weak, executor] {
+      boost::asio::post(executor, [weak] {
+        if (auto t = weak.lock()) t->cancel();
+      });
+    });
+  }
+  timer->async_wait([timer, cancel, handle, fn = std::move(fn)](boost::system::error_code ec) {
+    if (cancel) cancel->Remove(handle);
+    fn(ec == boost::asio::error::operation_aborted || (cancel && cancel->cancelled()));
+  });
+}
+
 // The built-in mock, answered in-process: the default provider when keel starts with no
-// configuration, so that the example pipelines run with no network at all.
+// configuration, so that the example pipelines run with no network at all. Its latency
+// (a `sleep` directive) is a timer on the asynchronous paths: no thread waits it out.
 class MockProvider final : public Provider {
  public:
   explicit MockProvider(ProviderConfig config) : config_(std::move(config)), mock_(MockOptions{}) {}
 
+  bool async() const override { return true; }
+
   Result<ChatResult> Chat(const json::object& body, const ChatRequest&, Duration timeout) override {
     const auto d = mock_.HandleChat(json::serialize(body), std::chrono::steady_clock::now());
-    const auto wait = std::min<Duration>(std::chrono::duration_cast<Duration>(d.delay), timeout);
-    // Simulated provider latency, bounded by the call's timeout.
-    if (wait.count() > 0) std::this_thread::sleep_for(wait);
-    if (d.delay > timeout || d.kind == MockDecision::Kind::kHang) {
-      return Error(ErrorCode::kTimeout, "provider " + config_.name + ": timed out after " + std::to_string(timeout.count()) + "ms");
-    }
-    switch (d.kind) {
-      case MockDecision::Kind::kReset:
-        return Error(ErrorCode::kNetwork, "provider " + config_.name + ": connection reset (mock)");
-      case MockDecision::Kind::kError: {
-        net::Headers h;
-        if (d.retry_after_s > 0) h.emplace_back("retry-after", std::to_string(d.retry_after_s));
-        return UpstreamError(d.status, h, d.body, config_.name);
-      }
-      default:
-        return ParseCompletion(d.body, config_.name);
-    }
+    const auto wait = Wait(d, timeout);
+    if (wait.count() > 0) std::this_thread::sleep_for(wait);  // the blocking path: simulated latency
+    return Answer(d, timeout);
+  }
+
+  void ChatAsync(const json::object& body, const ChatRequest& req, Duration timeout,
+                 const boost::asio::any_io_executor& executor, std::function<void(Result<ChatResult>)> done) override {
+    auto d = mock_.HandleChat(json::serialize(body), std::chrono::steady_clock::now());
+    const auto wait = Wait(d, timeout);
+    if (wait.count() <= 0) return done(Answer(d, timeout));
+    AfterOrCancel(executor, wait, req.cancel, [this, d = std::move(d), timeout, done = std::move(done)](bool cancelled) {
+      if (cancelled) return done(Cancelled());
+      done(Answer(d, timeout));
+    });
   }
 
   Result<ChatResult> Embed(const json::object& body, const ChatRequest&, Duration) override {
     const auto d = mock_.HandleEmbeddings(json::serialize(body), std::chrono::steady_clock::now());
     if (d.kind == MockDecision::Kind::kError) return UpstreamError(d.status, {}, d.body, config_.name);
     return ParseEmbeddings(d.body, config_.name);
+  }
+
+  void EmbedAsync(const json::object& body, const ChatRequest& req, Duration timeout, const boost::asio::any_io_executor&,
+                  std::function<void(Result<ChatResult>)> done) override {
+    done(Embed(body, req, timeout));  // answered at once: nothing to wait for
   }
 
   // The in-process mock streams the events the mock decides (OpenAI's chunks: text word
@@ -317,55 +466,113 @@ class MockProvider final : public Provider {
   // `keel mock-llm` server's and are not waited out in-process.
   Result<ChatResult> ChatStream(const json::object& body, const ChatRequest&, Duration timeout,
                                 const Gateway::ChunkSink& on_chunk) override {
-    json::object b = body;
-    b["stream"] = true;
-    b["stream_options"] = json::object{{"include_usage", true}};  // always: for limits and cost
-    const auto start = std::chrono::steady_clock::now();
-    const auto d = mock_.HandleChat(json::serialize(b), start);
-    const auto deadline = start + timeout;
-    auto wait = [&](std::chrono::milliseconds ms) {
-      const auto until = std::min(std::chrono::steady_clock::now() + ms, deadline);
-      if (until > std::chrono::steady_clock::now()) std::this_thread::sleep_until(until);
-      return std::chrono::steady_clock::now() < deadline;
-    };
-    auto timed_out = [&] {
-      return Error(ErrorCode::kTimeout, "provider " + config_.name + ": timed out after " + std::to_string(timeout.count()) + "ms");
-    };
-    if (d.kind == MockDecision::Kind::kHang || !wait(std::chrono::duration_cast<std::chrono::milliseconds>(d.delay))) {
-      return timed_out();
+    const auto d = mock_.HandleChat(json::serialize(StreamBody(body)), std::chrono::steady_clock::now());
+    const auto wait = Wait(d, timeout);
+    if (wait.count() > 0) std::this_thread::sleep_for(wait);
+    if (auto early = Early(d, timeout)) return std::move(*early);
+    OpenAiStreamReader reader(config_.name, on_chunk);
+    SseParser parser([&](const SseEvent& ev) { return reader.OnEvent(ev); });
+    for (const auto& ev : d.events) {
+      if (!parser.Feed(ev)) break;
     }
-    if (d.kind == MockDecision::Kind::kReset) return Error(ErrorCode::kNetwork, "provider " + config_.name + ": connection reset (mock)");
-    if (d.kind == MockDecision::Kind::kError) {
-      net::Headers h;
-      if (d.retry_after_s > 0) h.emplace_back("retry-after", std::to_string(d.retry_after_s));
-      return UpstreamError(d.status, h, d.body, config_.name);
-    }
-    ChatResult result;
-    result.provider = config_.name;
-    bool done = false;
-    for (std::size_t i = 0; i < d.events.size(); ++i) {
-      std::string_view ev = d.events[i];
-      if (ev.rfind("data: ", 0) != 0) continue;
-      ev.remove_prefix(6);
-      while (!ev.empty() && (ev.back() == '\n' || ev.back() == '\r')) ev.remove_suffix(1);
-      if (ev == "[DONE]") {
-        done = true;
-        break;
-      }
-      boost::system::error_code ec;
-      json::value v = json::parse(ev, ec);
-      if (ec || !v.is_object()) {
-        return Error(ErrorCode::kInvalidOutput, "provider " + config_.name + " streamed a chunk that is not a JSON object");
-      }
-      Accumulate(v.get_object(), result);
-      if (!on_chunk(v.get_object())) return Error(ErrorCode::kCancelled, "the client went away");
-    }
-    if (d.reset_at_end) return Error(ErrorCode::kNetwork, "provider " + config_.name + ": connection reset (mock)");
-    if (!done) return Error(ErrorCode::kInvalidOutput, "provider " + config_.name + ": the stream ended before [DONE] (truncated)");
-    return result;
+    return reader.End(Transfer(d));
+  }
+
+  void ChatStreamAsync(const json::object& body, const ChatRequest& req, Duration timeout,
+                       const boost::asio::any_io_executor& executor, std::shared_ptr<Gateway::StreamSink> sink,
+                       std::function<void(Result<ChatResult>)> done) override {
+    auto st = std::make_shared<StreamState>();
+    st->d = mock_.HandleChat(json::serialize(StreamBody(body)), std::chrono::steady_clock::now());
+    st->timeout = timeout;
+    st->sink = std::move(sink);
+    st->done = std::move(done);
+    st->reader.emplace(config_.name, [s = st.get()](const json::object& chunk) { return s->sink->OnChunk(chunk); });
+    st->parser.emplace([s = st.get()](const SseEvent& ev) { return s->reader->OnEvent(ev); });
+    const auto wait = Wait(st->d, timeout);
+    if (wait.count() <= 0) return Emit(st);
+    AfterOrCancel(executor, wait, req.cancel, [this, st](bool cancelled) {
+      if (cancelled) return st->Done(Cancelled());
+      Emit(st);
+    });
   }
 
  private:
+  struct StreamState {
+    MockDecision d;
+    Duration timeout{0};
+    std::shared_ptr<Gateway::StreamSink> sink;
+    std::function<void(Result<ChatResult>)> done;
+    std::optional<OpenAiStreamReader> reader;
+    std::optional<SseParser> parser;
+    std::size_t next = 0;
+    void Done(Result<ChatResult> r) {
+      auto fn = std::move(done);
+      sink.reset();
+      fn(std::move(r));
+    }
+  };
+
+  // Relays the decided events, pausing while the sink is full.
+  void Emit(const std::shared_ptr<StreamState>& st) {
+    if (st->next == 0) {
+      if (auto early = Early(st->d, st->timeout)) return st->Done(std::move(*early));
+    }
+    while (st->next < st->d.events.size()) {
+      if (!st->parser->Feed(st->d.events[st->next++])) return st->Done(st->reader->End(Transfer(st->d)));
+      if (st->sink->Full() && st->next < st->d.events.size()) {
+        st->sink->WhenReady([this, st] { Emit(st); });
+        return;
+      }
+    }
+    st->Done(st->reader->End(Transfer(st->d)));
+  }
+
+  static json::object StreamBody(const json::object& body) {
+    json::object b = body;
+    b["stream"] = true;
+    b["stream_options"] = json::object{{"include_usage", true}};  // always: for limits and cost
+    return b;
+  }
+
+  // How long to wait before answering: the decided delay, bounded by the call's timeout.
+  static Duration Wait(const MockDecision& d, Duration timeout) {
+    if (d.kind == MockDecision::Kind::kHang) return timeout;
+    return std::min<Duration>(std::chrono::duration_cast<Duration>(d.delay), timeout);
+  }
+
+  Error TimedOut(Duration timeout) const {
+    return Error(ErrorCode::kTimeout, "provider " + config_.name + ": timed out after " + std::to_string(timeout.count()) + "ms");
+  }
+  Error Reset() const { return Error(ErrorCode::kNetwork, "provider " + config_.name + ": connection reset (mock)"); }
+  static Error Cancelled() { return Error(ErrorCode::kCancelled, "the call was cancelled"); }
+
+  Error UpstreamFailure(const MockDecision& d) const {
+    net::Headers h;
+    if (d.retry_after_s > 0) h.emplace_back("retry-after", std::to_string(d.retry_after_s));
+    return UpstreamError(d.status, h, d.body, config_.name);
+  }
+
+  // What ends a call before any answer: a timeout, a reset, an error status.
+  std::optional<Error> Early(const MockDecision& d, Duration timeout) const {
+    if (d.delay > timeout || d.kind == MockDecision::Kind::kHang) return TimedOut(timeout);
+    if (d.kind == MockDecision::Kind::kReset) return Reset();
+    if (d.kind == MockDecision::Kind::kError) return UpstreamFailure(d);
+    return std::nullopt;
+  }
+
+  // How a streamed answer's transfer ended.
+  Result<EventStream> Transfer(const MockDecision& d) const {
+    if (d.reset_at_end) return Reset();
+    EventStream out;
+    out.status = 200;
+    return out;
+  }
+
+  Result<ChatResult> Answer(const MockDecision& d, Duration timeout) const {
+    if (auto early = Early(d, timeout)) return std::move(*early);
+    return ParseCompletion(d.body, config_.name);
+  }
+
   ProviderConfig config_;
   MockLlm mock_;
 };

@@ -3,7 +3,6 @@
 #include <gtest/gtest.h>
 
 #include <mutex>
-#include <thread>
 
 #include "keel/net/http_server.h"
 
@@ -50,13 +49,15 @@ TEST_F(GatewayTest, FailsOverOn503AndNamesTheModelThatAnswered) {
   EXPECT_EQ(MockTotal(up.url()), 1);
 }
 
+// The loop's backoff and Retry-After are tested on a manual clock (attempt_loop_test.cc);
+// here, what needs a process: the Retry-After header of a real 429 read and waited out by
+// the real timer of an I/O thread (a lower bound, whatever the machine's speed).
 TEST_F(GatewayTest, RetryAfterIsHonouredOnTheSameTarget) {
   MockLlm only;
   Start(Provider("only", only.url()), "  r: {targets: [{provider: only}], retry: {max_attempts: 3, initial_backoff: 10ms}}\n");
-  const auto t0 = std::chrono::steady_clock::now();
   auto r = Call("r", "#mock fail=429 retry_after=1 times=1");
   ASSERT_EQ(r.status, 200) << r.raw;
-  EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(1000));
+  EXPECT_GE(std::stoll(std::string(r.Header("x-keel-duration-ms"))), 1000);
   EXPECT_EQ(r.Header("x-keel-attempts"), "2");
   EXPECT_EQ(MockTotal(only.url()), 2);
 }
@@ -70,12 +71,14 @@ TEST_F(GatewayTest, FourXxFailsFastAndIsNeverRetried) {
   EXPECT_EQ(MockTotal(a.url()) + MockTotal(b.url()), 1);
 }
 
-TEST_F(GatewayTest, BreakerOpensAtItsThresholdAndHalfOpensAfterOpenFor) {
+// Half-open after open_for, and the trial, are tested on a manual clock
+// (attempt_loop_test.cc); here, real 500s open the circuit and /metrics shows it.
+TEST_F(GatewayTest, BreakerOpensAtItsThreshold) {
   MockLlm bad({"--fail-rate", "1", "--fail-status", "500"});
   MockLlm good;
   Start(Provider("bad", bad.url()) + Provider("good", good.url()),
         "  r:\n    targets: [{provider: bad}, {provider: good, tier: 2}]\n"
-        "    circuit_breaker: {failure_rate: 0.5, min_requests: 4, consecutive_failures: 0, open_for: 1s}\n"
+        "    circuit_breaker: {failure_rate: 0.5, min_requests: 4, consecutive_failures: 0, open_for: 1h}\n"
         "    retry_budget: {ratio: 10, min_per_second: 1000}\n");
   for (int i = 0; i < 4; ++i) ASSERT_EQ(Call("r", "x").status, 200);
   EXPECT_EQ(MockTotal(bad.url()), 4);  // the 4th failure reaches min_requests: open
@@ -83,13 +86,6 @@ TEST_F(GatewayTest, BreakerOpensAtItsThresholdAndHalfOpensAfterOpenFor) {
   EXPECT_EQ(MockTotal(bad.url()), 4) << "calls went to a target whose circuit is open";
   auto m = HttpGet(server_->url() + "/metrics").raw;
   EXPECT_NE(m.find("keel_gateway_circuit_state{provider=\"bad\",route=\"r\"} 2"), std::string::npos) << m;
-  // After open_for, one trial call goes through (and fails, so it opens again).
-  ASSERT_TRUE(Eventually([&] {
-    EXPECT_EQ(Call("r", "z").status, 200);
-    return MockTotal(bad.url()) == 5;
-  }, std::chrono::seconds(5)));
-  for (int i = 0; i < 5; ++i) ASSERT_EQ(Call("r", "w").status, 200);
-  EXPECT_EQ(MockTotal(bad.url()), 5);
 }
 
 TEST_F(GatewayTest, ActiveHealthChecksCloseARecoveredCircuitWithoutUserTraffic) {
@@ -114,26 +110,6 @@ TEST_F(GatewayTest, ActiveHealthChecksCloseARecoveredCircuitWithoutUserTraffic) 
   auto r = Call("r", "hello");
   ASSERT_EQ(r.status, 200);
   EXPECT_EQ(r.Header("x-keel-provider"), "a");
-}
-
-TEST_F(GatewayTest, ConcurrencyLimitAndLeastBusySpreadCallsInFlight) {
-  MockLlm a, b;
-  Start(Provider("a", a.url(), ", limits: {max_concurrency: 1}") + Provider("b", b.url(), ", limits: {max_concurrency: 1}"),
-        "  busy: {strategy: least_busy, targets: [{provider: a}, {provider: b}]}\n"
-        "  only_a: {targets: [{provider: a}]}\n");
-  // A slow call holds a's only slot...
-  std::thread slow([&] { EXPECT_EQ(Call("only_a", "#mock sleep=1500").status, 200); });
-  ASSERT_TRUE(Eventually([&] { return MockCount(a.url(), "#mock sleep=1500") == 1; }));
-  // ...so least_busy sends the next call to b, and a route of a alone is refused at once.
-  auto r = Call("busy", "next");
-  ASSERT_EQ(r.status, 200) << r.raw;
-  EXPECT_EQ(r.Header("x-keel-provider"), "b");
-  auto refused = Call("only_a", "refused");
-  EXPECT_EQ(refused.status, 503) << refused.raw;
-  EXPECT_FALSE(refused.Header("retry-after").empty());
-  EXPECT_NE(std::string(refused.body.at("error").at("message").as_string()).find("max_concurrency"), std::string::npos);
-  EXPECT_EQ(MockCount(a.url(), "refused"), 0);
-  slow.join();
 }
 
 TEST_F(GatewayTest, CostIsAttributedToTheProviderThatAnswered) {
@@ -176,38 +152,25 @@ double LatencyAverage(const std::string& metrics, const std::string& provider) {
   return at == std::string::npos ? -1 : std::stod(metrics.substr(at + series.size()));
 }
 
-// Asserts no timing: each call must go to the target whose average (as keel reports it just
-// before the call) is the lower, whatever the machine made of the calls' latencies. Without
-// the latency strategy every call would go to `slow`, listed first, which is the slower by
-// at least its 60 ms of injected latency on any machine where a local call takes less.
-TEST_F(GatewayTest, LatencyStrategyMovesTrafficToTheFasterTarget) {
+// The latency strategy's order (the faster first, re-measuring a stale target) is tested on
+// a manual clock (attempt_loop_test.cc: RouteStrategyTest). Here, what does not depend on
+// the machine's speed: unmeasured targets go first in route order, and /metrics shows each
+// target's average from its first sample, the slow one's at least its injected 60 ms.
+TEST_F(GatewayTest, LatencyStrategyMeasuresEachTarget) {
   MockLlm slow({"--latency-ms", "60"});
   MockLlm fast;
   Start(Provider("slow", slow.url()) + Provider("fast", fast.url()),
         "  r: {strategy: latency, targets: [{provider: slow}, {provider: fast}]}\n");
-  // Unmeasured targets first, in route order: one call each.
+  EXPECT_EQ(LatencyAverage(HttpGet(server_->url() + "/metrics").raw, "slow"), -1);
   auto first = Call("r", "warm 1");
   ASSERT_EQ(first.status, 200) << first.raw;
   EXPECT_EQ(first.Header("x-keel-provider"), "slow");
   auto second = Call("r", "warm 2");
   ASSERT_EQ(second.status, 200) << second.raw;
   EXPECT_EQ(second.Header("x-keel-provider"), "fast");
-  int followed = 0, to_fast = 0;
-  constexpr int kCalls = 10;
-  for (int i = 0; i < kCalls; ++i) {
-    const auto m = HttpGet(server_->url() + "/metrics").raw;
-    const double s = LatencyAverage(m, "slow"), f = LatencyAverage(m, "fast");
-    ASSERT_GE(s, 0.060) << "the slow target answers after 60 ms at least:\n" << m;
-    ASSERT_GE(f, 0) << m;
-    auto r = Call("r", "l" + std::to_string(i));
-    ASSERT_EQ(r.status, 200) << r.raw;
-    const std::string expected = f < s ? "fast" : "slow";
-    followed += r.Header("x-keel-provider") == expected ? 1 : 0;
-    to_fast += r.Header("x-keel-provider") == "fast" ? 1 : 0;
-  }
-  // A re-measure of the other target (when its sample is 10 s old) may take one call.
-  EXPECT_GE(followed, kCalls - 1);
-  EXPECT_EQ(MockTotal(fast.url()), 1 + to_fast);
+  const auto m = HttpGet(server_->url() + "/metrics").raw;
+  EXPECT_GE(LatencyAverage(m, "slow"), 0.060) << m;
+  EXPECT_GE(LatencyAverage(m, "fast"), 0) << m;
 }
 
 TEST_F(GatewayTest, RoundRobinAlternates) {
@@ -217,22 +180,6 @@ TEST_F(GatewayTest, RoundRobinAlternates) {
   for (int i = 0; i < 10; ++i) ASSERT_EQ(Call("r", "x").status, 200);
   EXPECT_EQ(MockTotal(a.url()), 5);
   EXPECT_EQ(MockTotal(b.url()), 5);
-}
-
-TEST_F(GatewayTest, RetryBudgetCapsRetriesDuringAFullOutage) {
-  MockLlm down({"--fail-rate", "1", "--fail-status", "503"});
-  Start(Provider("down", down.url()),
-        "  r:\n    targets: [{provider: down}]\n    retry: {max_attempts: 5, initial_backoff: 1ms, max_backoff: 2ms}\n"
-        "    retry_budget: {ratio: 0.1, min_per_second: 0}\n"
-        "    circuit_breaker: {consecutive_failures: 0, min_requests: 1000000}\n");
-  constexpr int kCalls = 60;
-  for (int i = 0; i < kCalls; ++i) {
-    auto r = Call("r", "o" + std::to_string(i));
-    ASSERT_EQ(r.status, 503) << r.raw;
-  }
-  // Without a budget: 60 x 5 = 300 calls. With it: 60 first attempts + 10% retries.
-  EXPECT_LE(MockTotal(down.url()), kCalls + kCalls / 10 + 1);
-  EXPECT_GE(MockTotal(down.url()), kCalls);
 }
 
 TEST_F(GatewayTest, EveryTargetRateLimitedAnswers429WithRetryAfter) {
@@ -391,11 +338,10 @@ TEST_F(GatewayTest, AStreamWithNoFirstByteInTimeFailsOver) {
   Start("  slow: {type: openai, base_url: " + slow.url() + "/v1, timeout: {connect: 1s, first_byte: 300ms, total: 10s}}\n" +
             "  local: {type: mock}\n",
         "  r: {targets: [{provider: slow}, {provider: local}]}\n");
-  const auto t0 = std::chrono::steady_clock::now();
   auto s = StreamCall(server_->url(), StreamBody("r", "#mock first_byte=5000"));
   ASSERT_EQ(s.status, 200) << s.raw;
   EXPECT_EQ(s.data.back(), "[DONE]");
-  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(4));
+  // The first-byte timeout fired (the total, 10s, would have let the 5s answer through).
   auto m = HttpGet(server_->url() + "/metrics").raw;
   EXPECT_NE(m.find("keel_llm_requests_total{outcome=\"timeout\",provider=\"slow\",route=\"r\"} 1"), std::string::npos) << m;
 }

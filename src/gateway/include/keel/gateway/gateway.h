@@ -27,13 +27,19 @@
 #include <string>
 #include <vector>
 
+#include "keel/core/cancel.h"
 #include "keel/core/clock.h"
 #include "keel/core/config.h"
 #include "keel/core/json.h"
 #include "keel/core/random.h"
 #include "keel/core/result.h"
+#include "keel/core/timer.h"
 
 namespace keel::gateway {
+
+namespace detail {
+class Provider;  // src/gateway/provider.h: private to keel_gateway, for tests' fakes
+}  // namespace detail
 
 /// How a call uses its route's response cache: the request directives of HTTP's
 /// Cache-Control.
@@ -73,6 +79,10 @@ struct ChatRequest {
   /// When set, the call stops (kCancelled): no further attempt starts, and a blocking
   /// provider call in flight is abandoned within a second. Must outlive the call.
   const std::atomic<bool>* cancelled = nullptr;
+  /// When set and cancelled (a client that hung up, a run cancelled), the call stops at
+  /// once (kCancelled): the provider call in flight is closed, no further attempt starts,
+  /// and its concurrency slot is free. Default: none.
+  std::shared_ptr<CancelSignal> cancel;
   /// Default: read and store (when the route has a cache).
   CacheMode cache = CacheMode::kDefault;
 };
@@ -101,12 +111,29 @@ struct RouteInfo {
   std::vector<std::string> providers;
 };
 
+/// What a gateway waits with and calls, when not its own: the seam for tests, which drive
+/// the resilience loop on a ManualClock and ManualTimer with scripted providers.
+struct GatewayDeps {
+  /// Waits out backoffs, on every path; paired with the `clock` given to Create (a
+  /// ManualTimer on the same ManualClock). ChatAsync dispatches the continuation to the
+  /// call's executor, so `done` still runs there; a pending wait on an injected timer does
+  /// not keep that executor's io_context running (run it again once the timer fired).
+  /// Must outlive the gateway. Default: null, real time: ChatAsync waits on a timer of the
+  /// call's executor, the blocking calls sleep on their thread (SystemTimer).
+  Timer* timer = nullptr;
+  /// Makes the provider of each configured provider, once, at Create; a null return (or
+  /// no function) gives the built-in one of its `type`. Default: none.
+  std::function<std::unique_ptr<detail::Provider>(const ProviderConfig&)> make_provider;
+};
+
 class Gateway {
  public:
   /// Builds providers and routes from a validated config. `registry`, `clock` and
-  /// `random` must outlive the gateway.
+  /// `random` must outlive the gateway; `deps` as GatewayDeps says (default: real time,
+  /// built-in providers).
   static Result<std::unique_ptr<Gateway>> Create(const Config& config, prometheus::Registry& registry,
-                                                 const Clock& clock, Random& random);
+                                                 const Clock& clock, Random& random,
+                                                 GatewayDeps deps = {});
   virtual ~Gateway() = default;
 
   /// Calls the route. Errors carry the class of the deciding failure: kNotFound for an
@@ -126,6 +153,30 @@ class Gateway {
   /// Receives one chat.completion.chunk of a streamed answer; false: stop (the client is
   /// gone).
   using ChunkSink = std::function<bool(const json::object& chunk)>;
+
+  /// Receives a streamed answer without blocking, with backpressure. Every call is made
+  /// on the executor given to ChatStreamAsync.
+  class StreamSink {
+   public:
+    virtual ~StreamSink() = default;
+    /// One chat.completion.chunk; false: stop (the client is gone).
+    virtual bool OnChunk(const json::object& chunk) = 0;
+    /// True while the sink holds more than it allows: the call reads nothing more from
+    /// the provider until the function given to WhenReady runs.
+    virtual bool Full() const = 0;
+    /// Runs `ready` once the sink takes chunks again (or its client is gone).
+    virtual void WhenReady(std::function<void()> ready) = 0;
+  };
+
+  /// ChatStream without holding a thread: the provider's events are relayed to `sink` as
+  /// they arrive, and a sink that is Full() holds the provider back (TCP flow control),
+  /// so a slow client costs a bounded buffer. Same failover rules as ChatStream. `done`
+  /// runs on `executor`, exactly once, after the last chunk.
+  virtual void ChatStreamAsync(ChatRequest request, const boost::asio::any_io_executor& executor,
+                               std::shared_ptr<StreamSink> sink, Callback done);
+
+  /// Embeddings without holding a thread; `done` runs on `executor`, exactly once.
+  virtual void EmbeddingsAsync(ChatRequest request, const boost::asio::any_io_executor& executor, Callback done);
 
   /// Calls the route with a streamed answer. Until the first chunk reaches `on_chunk`,
   /// failures fail over exactly as in Chat; after it, a failure ends the call with an
