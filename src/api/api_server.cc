@@ -209,6 +209,10 @@ class ApiServerImpl final : public ApiServer {
       ChatCompletionsEntry(req, respond);
       return;
     }
+    if (h == &ApiServerImpl::Embeddings) {
+      EmbeddingsEntry(req, respond);
+      return;
+    }
     auto shared = std::make_shared<HttpRequest>(std::move(req));
     const bool queued = pool_.Submit([this, h, shared, name, respond]() mutable {
       const auto segs2 = Segments(*shared);
@@ -643,9 +647,9 @@ class ApiServerImpl final : public ApiServer {
     return ErrorResponse(Error(ErrorCode::kInternal, "unreachable"));
   }
 
-  // POST /v1/chat/completions, parsed on the I/O thread. A whole answer is served from
-  // there too: the gateway calls providers asynchronously, so the request holds no thread
-  // while they answer. A streamed one goes to a handler thread (its writes block).
+  // POST /v1/chat/completions, parsed on the I/O thread, and answered from there: the
+  // gateway calls providers asynchronously, so neither a whole answer nor a stream holds
+  // a thread while providers answer. A client that hangs up cancels its call.
   void ChatCompletionsEntry(const HttpRequest& req, const net::Responder& respond) {
     bool stream = false;
     auto call = ParseChatRequest(req, stream);
@@ -653,52 +657,73 @@ class ApiServerImpl final : public ApiServer {
       respond(Answer("chat_completions", ErrorResponse(call.error())));
       return;
     }
+    call->cancel = respond.client_gone();
+    std::string route = call->route;
     if (!stream) {
-      std::string route = call->route;
       gateway_.ChatAsync(std::move(*call), respond.executor(),
                          [this, respond, route = std::move(route)](Result<gateway::ChatResult> r) {
                            respond(Answer("chat_completions", ChatAnswer(route, std::move(r))));
                          });
       return;
     }
-    auto shared = std::make_shared<gateway::ChatRequest>(std::move(*call));
-    const bool queued = pool_.Submit([this, shared, respond] { ChatCompletionsStreaming(*shared, respond); });
-    if (!queued) respond(Answer("chat_completions", Overloaded()));
+    auto sink = std::make_shared<SseSink>(respond, route);
+    gateway_.ChatStreamAsync(std::move(*call), respond.executor(), sink,
+                             [this, sink, respond, route](Result<gateway::ChatResult> r) {
+                               EndStream(*sink, respond, route, std::move(r));
+                             });
   }
 
-  void ChatCompletionsStreaming(const gateway::ChatRequest& call, const net::Responder& respond) {
-    // Streamed: the answer starts with the first chunk, so that every failure before it
-    // (failed over or not) is still a plain HTTP error with its status.
-    std::unique_ptr<net::ChunkedWriter> writer;
-    auto r = gateway_.ChatStream(call, [&](const json::object& chunk) {
-      if (!writer) {
-        writer = respond.StartStream(200, "text/event-stream",
-                                     {{"Cache-Control", "no-cache"}, {"X-Keel-Route", call.route}});
-        if (!writer) return false;
-      }
-      return writer->Write(FormatSse(json::serialize(chunk)));
-    });
-    if (!writer) {
+  // A streamed answer's body, written without blocking. The answer starts with the first
+  // chunk, so that every failure before it (failed over or not) is still a plain HTTP
+  // error with its status. Holds at most kMaxBuffered bytes for a slow client before it
+  // holds back the provider.
+  class SseSink final : public gateway::Gateway::StreamSink {
+   public:
+    static constexpr std::size_t kMaxBuffered = 64 << 10;
+    SseSink(net::Responder respond, std::string route) : respond_(std::move(respond)), route_(std::move(route)) {}
+    bool OnChunk(const json::object& chunk) override {
+      if (!Start({{"Cache-Control", "no-cache"}, {"X-Keel-Route", route_}})) return false;
+      return writer_->Write(FormatSse(json::serialize(chunk)));
+    }
+    bool Full() const override { return writer_ && !writer_->gone() && writer_->buffered() > kMaxBuffered; }
+    void WhenReady(std::function<void()> ready) override {
+      if (!writer_) return ready();
+      writer_->OnDrained(std::move(ready));
+    }
+    bool started() const { return writer_ != nullptr; }
+    bool Start(net::Headers headers) {
+      if (!writer_) writer_ = respond_.StartStreamAsync(200, "text/event-stream", std::move(headers));
+      return writer_ != nullptr;
+    }
+    net::AsyncChunkedWriter& writer() { return *writer_; }
+
+   private:
+    net::Responder respond_;
+    std::string route_;
+    std::shared_ptr<net::AsyncChunkedWriter> writer_;
+  };
+
+  void EndStream(SseSink& sink, const net::Responder& respond, const std::string& route, Result<gateway::ChatResult> r) {
+    if (!sink.started()) {
       if (!r.ok()) {
         auto resp = ErrorResponse(r.error());
-        resp.headers.emplace_back("X-Keel-Route", call.route);
+        resp.headers.emplace_back("X-Keel-Route", route);
         respond(Answer("chat_completions", std::move(resp)));
         return;
       }
-      writer = respond.StartStream(200, "text/event-stream", {{"Cache-Control", "no-cache"}});
-      if (!writer) return;
+      if (!sink.Start({{"Cache-Control", "no-cache"}})) return;
     }
     if (r.ok()) {
-      writer->Write("data: [DONE]\n\n");
+      sink.writer().Write("data: [DONE]\n\n");
       Answer("chat_completions", JsonResponse(200, nullptr));
     } else {
       // After the first token: end with an error event, never a silent truncation.
       const Error& e = r.error();
-      writer->Write(FormatSse(json::serialize(json::object{
+      sink.writer().Write(FormatSse(json::serialize(json::object{
           {"error", json::object{{"type", ErrorCodeName(e.code)}, {"message", e.message}, {"code", ErrorCodeName(e.code)}}}})));
       Answer("chat_completions", JsonResponse(502, nullptr));
     }
-    writer->Finish();
+    sink.writer().Finish();
   }
 
   HttpResponse ChatAnswer(const std::string& route, Result<gateway::ChatResult> r) {
@@ -828,15 +853,35 @@ class ApiServerImpl final : public ApiServer {
     return call;
   }
 
-  // POST /v1/embeddings: OpenAI-compatible; `model` names a route.
-  HttpResponse Embeddings(const HttpRequest& req, const std::vector<std::string_view>&) {
+  // Only a marker for Route(): EmbeddingsEntry answers these requests.
+  HttpResponse Embeddings(const HttpRequest&, const std::vector<std::string_view>&) {
+    return ErrorResponse(Error(ErrorCode::kInternal, "unreachable"));
+  }
+
+  // POST /v1/embeddings: OpenAI-compatible; `model` names a route. Parsed and answered on
+  // the I/O thread, as chat completions are.
+  void EmbeddingsEntry(const HttpRequest& req, const net::Responder& respond) {
+    auto call = ParseEmbeddingsRequest(req);
+    if (!call.ok()) {
+      respond(Answer("embeddings", ErrorResponse(call.error())));
+      return;
+    }
+    call->cancel = respond.client_gone();
+    std::string route = call->route;
+    gateway_.EmbeddingsAsync(std::move(*call), respond.executor(),
+                             [this, respond, route = std::move(route)](Result<gateway::ChatResult> r) {
+                               respond(Answer("embeddings", EmbeddingsAnswer(route, std::move(r))));
+                             });
+  }
+
+  Result<gateway::ChatRequest> ParseEmbeddingsRequest(const HttpRequest& req) {
     auto body = ParseJson(req.body);
-    if (!body.ok()) return ErrorResponse(body.error());
-    if (!body->is_object()) return ErrorResponse(BadRequest("the body must be a JSON object with model and input"));
+    if (!body.ok()) return std::move(body).error();
+    if (!body->is_object()) return BadRequest("the body must be a JSON object with model and input");
     json::object o = std::move(body->as_object());
     const auto* model = o.if_contains("model");
     if (model == nullptr || !model->is_string()) {
-      return ErrorResponse(BadRequest("\"model\" must be a string naming a route (GET /v1/models lists them)", "model"));
+      return BadRequest("\"model\" must be a string naming a route (GET /v1/models lists them)", "model");
     }
     const auto* input = o.if_contains("input");
     bool ok = input != nullptr && ((input->is_string() && !input->get_string().empty()) ||
@@ -844,25 +889,28 @@ class ApiServerImpl final : public ApiServer {
     if (ok && input->is_array()) {
       for (const auto& v : input->get_array()) ok = ok && (v.is_string() || v.is_array());
     }
-    if (!ok) return ErrorResponse(BadRequest("\"input\" must be a non-empty string or array of strings", "input"));
+    if (!ok) return BadRequest("\"input\" must be a non-empty string or array of strings", "input");
     gateway::ChatRequest call;
     auto route = RouteOf(req, model->get_string());
-    if (!route.ok()) return ErrorResponse(route.error());
+    if (!route.ok()) return std::move(route).error();
     call.route = std::move(route).value();
     o.erase("model");
     call.body = std::move(o);
     call.idempotency_key = std::string(req.Header("idempotency-key"));
     call.cache = CacheModeOf(req);
-    auto r = gateway_.Embeddings(call);
+    return call;
+  }
+
+  HttpResponse EmbeddingsAnswer(const std::string& route, Result<gateway::ChatResult> r) {
     if (!r.ok()) {
       auto resp = ErrorResponse(r.error());
-      resp.headers.emplace_back("X-Keel-Route", call.route);
+      resp.headers.emplace_back("X-Keel-Route", route);
       return resp;
     }
     json::object out = std::move(r->response);
     if (!r->model.empty()) out["model"] = r->model;
     auto resp = JsonResponse(200, out);
-    AddKeelHeaders(resp.headers, call.route, *r);
+    AddKeelHeaders(resp.headers, route, *r);
     return resp;
   }
 
@@ -928,6 +976,17 @@ Result<std::unique_ptr<ApiServer>> ApiServer::Create(const Config& config, net::
                                                      prometheus::Registry& registry, bool ops_only) {
   auto api = std::make_unique<ApiServerImpl>(config, store, gateway, clock, random, registry);
   api->set_ops_only(ops_only);
+  // The model endpoints take prompts with images and documents: their own, larger limit.
+  server.max_body_setting = "server.max_body_bytes";
+  const std::size_t model_limit = config.server.max_model_body_bytes;
+  server.body_limit = [model_limit](const net::HttpRequest& req) {
+    const auto& s = req.segments;
+    const bool model = req.method == "POST" && s.size() >= 2 && s[0] == "v1" &&
+                       ((s.size() == 3 && s[1] == "chat" && s[2] == "completions") ||
+                        (s.size() == 2 && (s[1] == "embeddings" || s[1] == "completions" || s[1] == "responses" ||
+                                           s[1] == "messages")));
+    return model ? net::ServerOptions::BodyLimit{model_limit, "server.max_model_body_bytes"} : net::ServerOptions::BodyLimit{};
+  };
   KEEL_RETURN_IF_ERROR(api->Listen(std::move(server)));
   return std::unique_ptr<ApiServer>(std::move(api));
 }

@@ -1,10 +1,10 @@
+#include <atomic>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <chrono>
-#include <condition_variable>
 #include <memory>
-#include <mutex>
 
 #include "keel/api/api_server.h"
-#include "keel/net/worker_pool.h"
 #include "keel/obs/log.h"
 #include "responses.h"
 
@@ -14,15 +14,13 @@ namespace {
 using net::HttpRequest;
 using net::HttpResponse;
 
-// Threads that write streamed answers: a stream's calls block, and a stalled stream
-// sleeps between its events, so streams never run on an I/O thread.
-constexpr int kStreamThreads = 32;
-constexpr std::size_t kMaxQueuedStreams = 4096;
+// A stream's bytes queued for a slow reader before the mock waits for them to drain.
+constexpr std::size_t kMaxBufferedStream = 64 << 10;
 
 class MockLlmServerImpl final : public MockLlmServer {
  public:
   explicit MockLlmServerImpl(const gateway::MockOptions& options)
-      : mock_(options), streams_(kStreamThreads, kMaxQueuedStreams) {}
+      : mock_(options) {}
   ~MockLlmServerImpl() override { Stop(); }
 
   Result<void> Listen(const net::ServerOptions& options) {
@@ -36,15 +34,9 @@ class MockLlmServerImpl final : public MockLlmServer {
 
   uint16_t port() const override { return server_->port(); }
 
-  // Wakes stalled streams (they reset their connections) and lets the stream threads
-  // finish while the I/O threads still run, then stops the server.
+  // Stops the server: streams in flight end with their connections.
   void Stop() override {
-    {
-      std::lock_guard lock(mu_);
-      stopping_ = true;
-    }
-    cv_.notify_all();
-    streams_.Stop();
+    stopping_.store(true);
     if (server_) server_->Stop();
   }
 
@@ -108,62 +100,69 @@ class MockLlmServerImpl final : public MockLlmServer {
     server_->After(d.delay, [respond = std::move(respond), r = std::move(r)]() mutable { respond(std::move(r)); });
   }
 
-  // Waits (a timer) for the delay and the first byte, then writes the stream on a
-  // stream thread.
+  // Waits (a timer) for the delay and the first byte, then writes the stream from the
+  // connection's I/O thread, each stall a timer: a stream holds no thread.
+  struct StreamState {
+    std::shared_ptr<const gateway::MockDecision> d;
+    net::Responder respond;
+    std::shared_ptr<net::AsyncChunkedWriter> writer;
+    std::size_t next = 0;
+    boost::asio::steady_timer timer;
+    StreamState(std::shared_ptr<const gateway::MockDecision> dd, net::Responder r)
+        : d(std::move(dd)), respond(std::move(r)), timer(respond.executor()) {}
+  };
+
   void Stream(std::shared_ptr<const gateway::MockDecision> d, net::Responder respond) {
-    const auto wait = d->delay + d->first_byte;
-    auto start = [this, d, respond]() mutable {
-      const bool queued = streams_.Submit([this, d, respond] { WriteStream(*d, respond); });
-      if (!queued) {
-        respond(ErrorResponse(
-            Error(ErrorCode::kUnavailable, "the mock is writing too many streams"), 503));
-      }
-    };
+    auto st = std::make_shared<StreamState>(std::move(d), std::move(respond));
+    const auto wait = st->d->delay + st->d->first_byte;
     if (wait.count() <= 0) {
-      start();
+      boost::asio::dispatch(st->respond.executor(), [this, st] { WriteStream(st); });
       return;
     }
-    server_->After(wait, std::move(start));
+    st->timer.expires_after(wait);
+    st->timer.async_wait([this, st](boost::system::error_code ec) {
+      if (!ec) WriteStream(st);
+    });
   }
 
-  // Runs on a stream thread: blocking and sleeping are fine here.
-  void WriteStream(const gateway::MockDecision& d, const net::Responder& respond) {
-    if (Stopping()) return;  // the responder answers 500 when dropped
-    auto writer = respond.StartStream(d.status, std::string(gateway::kEventStreamType),
-                                      {{"Cache-Control", "no-cache"}});
-    if (writer == nullptr) return;  // the client is gone
-    for (std::size_t i = 0; i < d.events.size(); ++i) {
-      if (i > 0 && d.stall.count() > 0 && !Sleep(d.stall)) {
-        writer->Reset();
+  // On the connection's executor: the next events, until a stall, a full buffer or the end.
+  void WriteStream(const std::shared_ptr<StreamState>& st) {
+    if (stopping_.load()) return;  // the responder answers 500 when dropped
+    const gateway::MockDecision& d = *st->d;
+    if (!st->writer) {
+      st->writer = st->respond.StartStreamAsync(d.status, std::string(gateway::kEventStreamType),
+                                                {{"Cache-Control", "no-cache"}});
+      if (st->writer == nullptr) return;  // the client is gone
+    }
+    while (st->next < d.events.size()) {
+      if (st->writer->gone()) return;
+      if (st->writer->buffered() > kMaxBufferedStream) {
+        st->writer->OnDrained([this, st] { WriteStream(st); });
         return;
       }
-      if (!writer->Write(d.events[i])) return;
+      const std::size_t i = st->next++;
+      if (i > 0 && d.stall.count() > 0) {
+        --st->next;
+        st->timer.expires_after(d.stall);
+        st->timer.async_wait([this, st](boost::system::error_code ec) {
+          if (ec || stopping_.load()) return;
+          st->writer->Write(st->d->events[st->next++]);
+          WriteStream(st);
+        });
+        return;
+      }
+      st->writer->Write(d.events[i]);
     }
     if (d.reset_at_end) {
-      writer->Reset();
+      st->writer->Reset();
     } else {
-      writer->Finish();
+      st->writer->Finish();
     }
-  }
-
-  bool Stopping() {
-    std::lock_guard lock(mu_);
-    return stopping_;
-  }
-
-  // Sleeps for `duration`; false when the server stops first.
-  bool Sleep(std::chrono::milliseconds duration) {
-    std::unique_lock lock(mu_);
-    return !cv_.wait_for(lock, duration, [this] { return stopping_; });
   }
 
   gateway::MockLlm mock_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool stopping_ = false;  // GUARDED_BY(mu_)
+  std::atomic<bool> stopping_{false};
   std::unique_ptr<net::HttpServer> server_;
-  // Declared after server_ so that it is destroyed (joined) first.
-  net::WorkerPool streams_;
 };
 
 }  // namespace
