@@ -1,5 +1,7 @@
 #include "keel/api/api_server.h"
 
+#include "task_polls.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cctype>
@@ -18,6 +20,7 @@
 #include "keel/obs/log.h"
 #include "keel/obs/metrics.h"
 #include "responses.h"
+#include "task_polls.h"
 
 namespace keel::api {
 
@@ -152,6 +155,11 @@ class ApiServerImpl final : public ApiServer {
                            .Help("Storage calls refused because no connection became free within postgres.pool_timeout")
                            .Register(registry)
                            .Add({})),
+        polls_gauge_(prometheus::BuildGauge()
+                         .Name("keel_task_polls_waiting")
+                         .Help("Task long polls (POST /v1/tasks/poll) waiting for a task on this node")
+                         .Register(registry)
+                         .Add({})),
         dlq_gauge_(prometheus::BuildGauge()
                        .Name("keel_dlq_size")
                        .Help("Runs in the dead-letter queue")
@@ -185,11 +193,16 @@ class ApiServerImpl final : public ApiServer {
   }
 
   uint16_t port() const override { return server_->port(); }
-  void SetDraining() override { draining_.store(true); }
+  void SetDraining() override {
+    draining_.store(true);
+    polls_.Stop();
+  }
 
   void Stop() override {
     if (stopped_.exchange(true)) return;
     draining_.store(true);
+    store_.RemoveTaskListener(task_listener_);
+    polls_.Stop();
     if (server_) server_->Stop();
     pool_.Stop();
   }
@@ -211,6 +224,10 @@ class ApiServerImpl final : public ApiServer {
     }
     if (h == &ApiServerImpl::Embeddings) {
       EmbeddingsEntry(req, respond);
+      return;
+    }
+    if (h == &ApiServerImpl::PollTask) {
+      PollTaskEntry(req, respond);
       return;
     }
     auto shared = std::make_shared<HttpRequest>(std::move(req));
@@ -332,6 +349,7 @@ class ApiServerImpl final : public ApiServer {
       queue_gauge_.Add({{"state", "delayed"}}).Set(static_cast<double>(stats->queue_delayed));
       dlq_gauge_.Set(static_cast<double>(stats->runs_by_status[store::RunStatus::kDeadLettered]));
     }
+    polls_gauge_.Set(static_cast<double>(polls_.waiting()));
     if (const auto pool = store_.GetPoolStats(); pool.size > 0) {
       pool_gauge_.Add({{"state", "size"}}).Set(static_cast<double>(pool.size));
       pool_gauge_.Add({{"state", "open"}}).Set(static_cast<double>(pool.open));
@@ -549,42 +567,57 @@ class ApiServerImpl final : public ApiServer {
   }
 
   // POST /v1/tasks/poll {"queue", "worker_id", "wait_ms"}: a long poll; 200 with a task,
-  // or 204 when none came within wait_ms (at most 60000).
-  HttpResponse PollTask(const HttpRequest& req, const std::vector<std::string_view>&) {
-    auto body = TaskBody(req, true);
-    if (!body.ok()) return ErrorResponse(body.error());
-    const auto* queue = body->if_contains("queue");
-    const auto* worker = body->if_contains("worker_id");
-    if (!queue || !queue->is_string() || queue->as_string().empty()) {
-      return ErrorResponse(BadRequest("missing field \"queue\": the task queue to poll (a task step's queue)", "queue"));
-    }
-    if (!worker || !worker->is_string() || worker->as_string().empty() || worker->as_string().size() > 200) {
-      return ErrorResponse(BadRequest("missing field \"worker_id\": a name for this worker (1..200 characters)", "worker_id"));
-    }
-    int64_t wait_ms = 0;
-    if (const auto* w = body->if_contains("wait_ms")) {
-      if (!w->is_int64() || w->as_int64() < 0 || w->as_int64() > 60000) {
-        return ErrorResponse(BadRequest("\"wait_ms\" must be a whole number from 0 to 60000", "wait_ms"));
+  // or 204 when none came within wait_ms (at most 60000). The first look runs on the
+  // handler pool; a poll that has to wait then waits in polls_, holding no thread.
+  void PollTaskEntry(const HttpRequest& req, const net::Responder& respond) {
+    auto shared = std::make_shared<HttpRequest>(req);
+    const bool queued = pool_.Submit([this, shared, respond] {
+      auto body = TaskBody(*shared, true);
+      if (!body.ok()) return respond(Answer("poll_task", ErrorResponse(body.error())));
+      const auto* queue = body->if_contains("queue");
+      const auto* worker = body->if_contains("worker_id");
+      if (!queue || !queue->is_string() || queue->as_string().empty()) {
+        return respond(Answer("poll_task", ErrorResponse(BadRequest(
+            "missing field \"queue\": the task queue to poll (a task step's queue)", "queue"))));
       }
-      wait_ms = w->as_int64();
-    }
-    const std::string q(queue->as_string()), wid(worker->as_string());
-    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
-    while (true) {
+      if (!worker || !worker->is_string() || worker->as_string().empty() || worker->as_string().size() > 200) {
+        return respond(Answer("poll_task", ErrorResponse(BadRequest(
+            "missing field \"worker_id\": a name for this worker (1..200 characters)", "worker_id"))));
+      }
+      int64_t wait_ms = 0;
+      if (const auto* w = body->if_contains("wait_ms")) {
+        if (!w->is_int64() || w->as_int64() < 0 || w->as_int64() > 60000) {
+          return respond(Answer("poll_task", ErrorResponse(BadRequest(
+              "\"wait_ms\" must be a whole number from 0 to 60000", "wait_ms"))));
+        }
+        wait_ms = w->as_int64();
+      }
+      std::string q(queue->as_string()), wid(worker->as_string());
       auto t = store_.LeaseTask(q, wid);
-      if (!t.ok()) return ErrorResponse(t.error());
-      if (t->has_value()) {
-        obs::LogInfo("task leased", {{"run_id", (*t)->run_id}, {"step_id", (*t)->step_id}, {"worker", wid}});
-        return JsonResponse(200, TaskToJson(**t));
+      if (!t.ok() || t->has_value() || wait_ms == 0 || draining_.load()) {
+        return AnswerPoll(respond, wid, std::move(t));
       }
-      const auto left = std::chrono::duration_cast<Duration>(until - std::chrono::steady_clock::now());
-      if (left.count() <= 0 || draining_.load()) break;
-      store_.WaitForTask(q, std::min(left, Duration(1000)));
+      polls_.Wait(std::move(q), std::move(wid), std::chrono::milliseconds(wait_ms), respond);
+    });
+    if (!queued) respond(Answer("poll_task", Overloaded()));
+  }
+
+  // A poll's answer: its task (200), none (204) or the store's error.
+  void AnswerPoll(const net::Responder& respond, const std::string& worker_id, TaskPolls::Outcome t) {
+    if (!t.ok()) return respond(Answer("poll_task", ErrorResponse(t.error())));
+    if (t->has_value()) {
+      obs::LogInfo("task leased", {{"run_id", (*t)->run_id}, {"step_id", (*t)->step_id}, {"worker", worker_id}});
+      return respond(Answer("poll_task", JsonResponse(200, TaskToJson(**t))));
     }
     HttpResponse r;
     r.status = 204;
     r.content_type.clear();
-    return r;
+    respond(Answer("poll_task", std::move(r)));
+  }
+
+  // Routing only: PollTaskEntry answers.
+  HttpResponse PollTask(const HttpRequest&, const std::vector<std::string_view>&) {
+    return ErrorResponse(Error(ErrorCode::kInternal, "poll_task is answered by PollTaskEntry"));
   }
 
   HttpResponse TaskHeartbeat(const HttpRequest&, const std::vector<std::string_view>& s) {
@@ -953,6 +986,12 @@ class ApiServerImpl final : public ApiServer {
   std::map<std::string, json::value> definitions_;
   std::map<std::string, std::string> definition_ids_;
   net::WorkerPool pool_;
+  // The task long polls that wait (after pool_, which runs their store calls).
+  TaskPolls polls_{store_, pool_, [this](const net::Responder& respond, TaskPolls::Outcome t) {
+                     const std::string worker = t.ok() && t->has_value() ? (*t)->worker_id : std::string();
+                     AnswerPoll(respond, worker, std::move(t));
+                   }};
+  uint64_t task_listener_ = store_.AddTaskListener([this] { polls_.Notify(); });
   std::map<std::string, JsonSchema> input_schemas_;  // by pipeline
   std::unique_ptr<net::HttpServer> server_;
   std::atomic<bool> draining_{false};
@@ -964,6 +1003,7 @@ class ApiServerImpl final : public ApiServer {
   prometheus::Counter& pool_waits_;
   prometheus::Counter& pool_timeouts_;
   std::mutex pool_metrics_mu_;
+  prometheus::Gauge& polls_gauge_;
   prometheus::Gauge& dlq_gauge_;
   prometheus::Family<prometheus::Counter>& submitted_;
 };

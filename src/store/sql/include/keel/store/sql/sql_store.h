@@ -12,6 +12,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -82,6 +83,8 @@ class SqlStore : public Store {
   Result<TaskRecord> CompleteTask(const std::string& token, const json::value& output) override;
   Result<TaskRecord> FailTask(const std::string& token, const Error& error, bool retryable) override;
   void WaitForTask(const std::string& queue, Duration max) override;
+  uint64_t AddTaskListener(std::function<void()> listener) override;
+  void RemoveTaskListener(uint64_t handle) override;
   Result<void> ExpireTask(const Lease& lease, const std::string& token) override;
   Result<void> FailRun(const Lease& lease, const Error& error) override;
   Result<void> ReleaseLease(const Lease& lease) override;
@@ -147,6 +150,10 @@ class SqlStore : public Store {
   std::mutex task_mu_;
   std::condition_variable task_cv_;
   uint64_t task_seq_ = 0;  // GUARDED_BY(task_mu_): task arrivals so far
+  // Held while the task listeners run, so that RemoveTaskListener can wait them out.
+  std::mutex task_listeners_mu_;
+  std::map<uint64_t, std::function<void()>> task_listeners_;  // GUARDED_BY(task_listeners_mu_)
+  uint64_t next_task_listener_ = 1;                           // GUARDED_BY(task_listeners_mu_)
 };
 
 }  // namespace keel::store::sql
