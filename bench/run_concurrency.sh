@@ -211,7 +211,7 @@ threads_of() { awk '$1 == "Threads:" {print $2}' "/proc/$1/status"; }
 
 # start_mock LATENCY LOG -> mock_pid, mock_addr_out
 start_mock() {
-  "$KEEL" mock-llm --listen 127.0.0.1:0 --latency-ms "$1" ${MOCK_IO_THREADS:+--io-threads "$MOCK_IO_THREADS"} 2>"$2" &
+  "$KEEL" mock-llm --listen 127.0.0.1:0 --latency-ms "$1" --max-connections $((2 * max_conns + 1024)) ${MOCK_IO_THREADS:+--io-threads "$MOCK_IO_THREADS"} 2>"$2" &
   mock_pid_out=$!
   pids+=("$mock_pid_out")
   mock_addr_out=$(wait_listening "$2" "$mock_pid_out")

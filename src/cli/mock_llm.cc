@@ -17,6 +17,7 @@ void AddMockLlmCommand(CLI::App& app) {
     int rpm = 0;
     int tpm = 0;
     int io_threads = 2;
+    int max_connections = 1024;
   };
   auto f = std::make_shared<Flags>();
   cmd->add_option("--listen", f->listen, "HOST:PORT (port 0: any free port)")->capture_default_str();
@@ -27,6 +28,10 @@ void AddMockLlmCommand(CLI::App& app) {
   cmd->add_option("--rpm", f->rpm, "requests per minute before 429 (0: unlimited)")->check(CLI::Range(0, 100000000));
   cmd->add_option("--tpm", f->tpm, "tokens per minute before 429 (0: unlimited)")->check(CLI::Range(0, 2000000000));
   cmd->add_option("--io-threads", f->io_threads, "I/O threads")->check(CLI::Range(1, 64))->capture_default_str();
+  cmd->add_option("--max-connections", f->max_connections,
+                  "connections open at once, from any one address too (a load test's client is one address)")
+      ->check(CLI::Range(1, 1000000))
+      ->capture_default_str();
   cmd->callback([f] {
     BlockStopSignals();
     net::ServerOptions server;
@@ -36,6 +41,8 @@ void AddMockLlmCommand(CLI::App& app) {
       { ExitCode() = 2; return; }
     }
     server.io_threads = f->io_threads;
+    server.max_connections = f->max_connections;
+    server.max_connections_per_address = f->max_connections;
     server.max_body_bytes = 16 << 20;
     gateway::MockOptions mock;
     mock.latency = std::chrono::milliseconds(f->latency_ms);
