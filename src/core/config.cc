@@ -1026,7 +1026,7 @@ Config ReadConfig(Reader& r, const YAML::Node& root) {
     r.Keys(e, "engine",
            {"workers", "lease_timeout", "heartbeat_interval", "poll_interval", "max_queue_depth", "drain_timeout",
             "max_interrupted_attempts", "stall_timeout"});
-    if (e["workers"]) c.engine.workers = static_cast<int>(r.Int(e["workers"], "engine.workers", 0, 1024));
+    if (e["workers"]) c.engine.workers = static_cast<int>(r.Int(e["workers"], "engine.workers", 0, 100000));
     if (e["lease_timeout"]) {
       c.engine.lease_timeout = r.Dur(e["lease_timeout"], "engine.lease_timeout");
       if (c.engine.lease_timeout < Duration(1000)) Fail(e["lease_timeout"], "engine.lease_timeout must be at least 1s");

@@ -329,8 +329,8 @@ TEST(ConfigTest, RedactUrlHidesPasswords) {
 }
 
 TEST(ConfigTest, OutOfRangeValuesAreRefused) {
-  ExpectConfigError("engine:\n  workers: 2000\n", {"line 2", "between 0 and 1024"});
-  ExpectConfigError("engine:\n  workers: -1\n", {"line 2", "between 0 and 1024"});
+  ExpectConfigError("engine:\n  workers: 100001\n", {"line 2", "between 0 and 100000"});
+  ExpectConfigError("engine:\n  workers: -1\n", {"line 2", "between 0 and 100000"});
   ExpectConfigError("server:\n  max_connections: 0\n", {"line 2", "max_connections"});
   ExpectConfigError("server:\n  max_body_bytes: 100\n", {"line 2", "1KiB and 64MiB"});
   ExpectConfigError("server:\n  max_body_bytes: 65MiB\n", {"line 2", "1KiB and 64MiB"});
@@ -352,13 +352,13 @@ TEST(ConfigTest, OutOfRangeValuesAreRefused) {
 
 TEST(ConfigTest, BoundaryValuesAreAccepted) {
   auto c = ParseConfig(
-      "server: {max_body_bytes: 1KiB, max_connections: 65536}\nengine: {workers: 1024, "
+      "server: {max_body_bytes: 1KiB, max_connections: 65536}\nengine: {workers: 100000, "
       "lease_timeout: 1s}\n",
       Env());
   ASSERT_OK(c);
   EXPECT_EQ(c->server.max_body_bytes, 1024u);
   EXPECT_EQ(c->server.max_connections, 65536);
-  EXPECT_EQ(c->engine.workers, 1024);
+  EXPECT_EQ(c->engine.workers, 100000);
   EXPECT_EQ(c->engine.heartbeat_interval, milliseconds(333));
 }
 

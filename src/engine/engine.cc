@@ -7,7 +7,17 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/thread_pool.hpp>
+#include <boost/asio/use_awaitable.hpp>
 #include <condition_variable>
+#include <exception>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -25,6 +35,14 @@
 
 namespace keel::engine {
 namespace {
+
+namespace asio = boost::asio;
+
+// The engine's threads, whatever engine.workers is: the I/O threads every run's steps
+// execute on (an llm or http step waits on them holding none), and the blocking pool for
+// store calls (leases aside: the lease loop has its own thread) and kBlocking steps.
+constexpr int kIoThreads = 2;
+constexpr int kBlockingThreads = 4;
 
 // A map over at least this many items hands the memory it leaves free back to the
 // system (malloc_trim) when its run leaves the worker; smaller ones are not worth it.
@@ -102,7 +120,6 @@ class EngineImpl final : public Engine {
                          "stalled); "
                          "reason \"\" when it can")
                    .Register(registry)),
-        workers_since_(static_cast<std::size_t>(std::max(config.workers, 0))),
         node_id_(MakeNodeId()) {
     storage_up_.Set(1);
     std::lock_guard lock(RegistryMu());
@@ -118,15 +135,16 @@ class EngineImpl final : public Engine {
   }
 
   void Start() override {
+    if (config_.workers <= 0) return;  // API only: nothing to lease
     // Runs queued or woken anywhere (on this node, or on another sharing the database)
-    // wake an idle worker at once.
-    if (config_.workers > 0) store_.SetWorkListener([this] { Notify(); });
-    for (int i = 0; i < config_.workers; ++i) {
-      workers_.emplace_back([this, i] {
-        WorkerLoop(static_cast<std::size_t>(i), node_id_ + "/" + std::to_string(i));
-      });
-    }
-    if (config_.workers > 0) heartbeat_ = std::thread([this] { HeartbeatLoop(); });
+    // wake the lease loop at once.
+    store_.SetWorkListener([this] { Notify(); });
+    pool_ = std::make_unique<asio::thread_pool>(kBlockingThreads);
+    io_work_.emplace(io_.get_executor());
+    for (int i = 0; i < kIoThreads; ++i) io_threads_.emplace_back([this] { io_.run(); });
+    lease_thread_ = std::thread([this] { LeaseLoop(); });
+    heartbeat_ = std::thread([this] { HeartbeatLoop(); });
+    started_ = true;
   }
 
   void Notify() override {
@@ -134,10 +152,11 @@ class EngineImpl final : public Engine {
       std::lock_guard lock(mu_);
       ++notifications_;
     }
-    cv_.notify_one();
+    cv_.notify_all();
   }
 
   void Stop() override {
+    std::vector<std::shared_ptr<CancelSignal>> to_cancel;
     {
       std::unique_lock lock(mu_);
       if (stopping_) return;
@@ -151,20 +170,33 @@ class EngineImpl final : public Engine {
         obs::LogWarn("drain timeout passed; stopping the steps in flight and handing their runs back",
                      {{"runs", static_cast<int64_t>(active_.size())},
                       {"drain_timeout_ms", static_cast<int64_t>(config_.drain_timeout.count())}});
-        for (auto& [id, a] : active_) a.cancelled->store(true);
+        for (auto& [id, a] : active_) {
+          a.cancelled->store(true);
+          to_cancel.push_back(a.cancel);
+        }
         heartbeat_cv_.notify_all();  // wakes waits for the storage to come back
       }
     }
-    for (auto& t : workers_) {
-      if (t.joinable()) t.join();
-    }
+    // Outside mu_: a call's cancellation may run its completion here.
+    for (auto& c : to_cancel) c->Cancel();
+    if (lease_thread_.joinable()) lease_thread_.join();
     {
-      std::lock_guard lock(mu_);
+      // Every run's execution has ended (each was handed back, checkpointed or ended).
+      std::unique_lock lock(mu_);
+      idle_cv_.wait(lock, [&] { return in_flight_ == 0; });
       heartbeat_stop_ = true;
     }
     heartbeat_cv_.notify_all();
     if (heartbeat_.joinable()) heartbeat_.join();
-    if (config_.workers > 0) store_.SetWorkListener({});
+    // What is left on the I/O context is not a run's (idle pooled connections, timers of
+    // calls abandoned): stopped with it.
+    io_work_.reset();
+    io_.stop();
+    for (auto& t : io_threads_) {
+      if (t.joinable()) t.join();
+    }
+    if (pool_) pool_->join();
+    if (started_) store_.SetWorkListener({});
   }
 
   bool draining() const override {
@@ -182,19 +214,23 @@ class EngineImpl final : public Engine {
       } else if (storage_down_.load()) {
         r = {false, "storage", "the workers' lease calls fail: " + last_lease_error_};
       } else {
-        // Every worker inside one call (a lease or a step attempt) for longer than
-        // stall_timeout: none will lease work soon.
+        // Every thread of the blocking pool inside one call (a store call, a blocking
+        // step) for longer than stall_timeout, or the lease loop inside one lease call: no
+        // run will checkpoint, or no work will be leased, soon. A step waiting on the
+        // network holds no thread and is not a stall.
         const Timestamp now = clock_.Now();
         std::size_t stalled = 0;
-        for (const auto& since : workers_since_) {
-          if (since && now - *since > config_.stall_timeout) ++stalled;
+        for (const auto& [call, since] : pool_calls_) {
+          if (now - since > config_.stall_timeout) ++stalled;
         }
-        if (!workers_since_.empty() && stalled == workers_since_.size()) {
+        const std::string bound = "engine.stall_timeout (" + std::to_string(config_.stall_timeout.count()) + "ms)";
+        if (lease_since_ && now - *lease_since_ > config_.stall_timeout) {
+          r = {false, "stalled", "the lease loop has been inside one lease call for more than " + bound};
+        } else if (stalled >= static_cast<std::size_t>(kBlockingThreads)) {
           r = {false, "stalled",
                "all " + std::to_string(stalled) +
-                   " workers have been inside one lease call or step attempt for more "
-                   "than engine.stall_timeout (" +
-                   std::to_string(config_.stall_timeout.count()) + "ms)"};
+                   " threads of the engine's blocking pool have been inside one store call or "
+                   "blocking step for more than " + bound + ": no run can checkpoint"};
         }
       }
     }
@@ -241,39 +277,42 @@ class EngineImpl final : public Engine {
     return r;
   }
 
-  void WorkerLoop(std::size_t slot, const std::string& worker_id) {
-    // Inside a call (a lease, a step attempt) from when to when: for readiness().
-    auto in_call = [&](bool busy) {
-      std::lock_guard lock(mu_);
-      if (busy)
-        workers_since_[slot] = clock_.Now();
-      else
-        workers_since_[slot].reset();
-    };
-    while (!Stopping()) {
+  // Leases runs while fewer than engine.workers are in flight, and starts each one's
+  // execution on the I/O context. Its own thread: a lease is a store call.
+  void LeaseLoop() {
+    const std::size_t slots = static_cast<std::size_t>(config_.workers);
+    uint64_t leases_taken = 0;
+    while (true) {
       uint64_t seen;
       {
-        std::lock_guard lock(mu_);
+        std::unique_lock lock(mu_);
+        cv_.wait(lock, [&] { return stopping_ || in_flight_ < slots; });
+        if (stopping_) return;
         seen = notifications_;
+        lease_since_ = clock_.Now();
       }
-      in_call(true);
-      auto leased = store_.LeaseRun(worker_id, config_.lease_timeout);
+      // The lease's owner: "host:pid/N", N counting this node's leases (as "host:pid/slot"
+      // did when each worker was a thread).
+      auto leased = store_.LeaseRun(node_id_ + "/" + std::to_string(++leases_taken), config_.lease_timeout);
+      {
+        std::lock_guard lock(mu_);
+        lease_since_.reset();
+      }
       if (leased.ok() && leased->has_value()) {
-        // There may be more: one notification can stand for many runs (another node's
-        // NOTIFY carries any number of commits), so pass the word on to an idle worker.
-        cv_.notify_one();
-        Execute(std::move(**leased));
-        in_call(false);
-        continue;
+        if (storage_down_.exchange(false)) {
+          obs::LogInfo("storage available again");
+          storage_up_.Set(1);
+        }
+        Spawn(std::move(**leased));
+        continue;  // there may be more: one notification can stand for many runs
       }
-      in_call(false);
       if (!leased.ok()) {
         lease_failures_.Increment();
         {
           std::lock_guard lock(mu_);
           last_lease_error_ = leased.error().message;
         }
-        // Said once per outage, not once per worker and poll.
+        // Said once per outage, not once per poll.
         if (!storage_down_.exchange(true)) {
           obs::LogWarn("storage unavailable; workers wait for it", {{"error", leased.error().message}});
           storage_up_.Set(0);
@@ -294,10 +333,88 @@ class EngineImpl final : public Engine {
     }
   }
 
+  // Starts the execution of a leased run on the I/O context. No strand: a run's state is
+  // touched by one coroutine at a time, and what its map lanes share is locked. (GCC 12
+  // destroys co_spawn_entry_point's executor parameter twice, which a strand's reference
+  // count does not survive; the io_context's executor, a pointer, does.)
+  void Spawn(store::LeasedRun leased) {
+    {
+      std::lock_guard lock(mu_);
+      ++in_flight_;
+    }
+    asio::co_spawn(io_.get_executor(), Execute(std::move(leased)), [this](std::exception_ptr e) {
+      if (e) {
+        // Not reachable by contract (no exceptions on the data path); the lease expires
+        // and the run is leased again.
+        try {
+          std::rethrow_exception(e);
+        } catch (const std::exception& x) {
+          obs::LogError("a run's execution threw; its lease is left to expire", {{"error", x.what()}});
+        } catch (...) {
+          obs::LogError("a run's execution threw; its lease is left to expire");
+        }
+      }
+      {
+        std::lock_guard lock(mu_);
+        --in_flight_;
+      }
+      cv_.notify_all();
+      idle_cv_.notify_all();
+    });
+  }
+
+  // Runs `fn` (a store call, a blocking step) on the blocking pool; the caller resumes on
+  // its own executor with what `fn` returned. Counted for readiness() while it runs.
+  template <typename F>
+  asio::awaitable<std::invoke_result_t<F&>> OnPool(F fn) {
+    using R = std::invoke_result_t<F&>;
+    auto ex = co_await asio::this_coro::executor;
+    R r = co_await asio::async_initiate<decltype(asio::use_awaitable), void(R)>(
+        [this, ex, &fn](auto handler) {
+          auto h = std::make_shared<decltype(handler)>(std::move(handler));
+          asio::post(*pool_, [this, ex, &fn, h] {
+            uint64_t call;
+            {
+              std::lock_guard lock(mu_);
+              call = ++next_call_;
+              pool_calls_[call] = clock_.Now();
+            }
+            R out = fn();
+            {
+              std::lock_guard lock(mu_);
+              pool_calls_.erase(call);
+            }
+            asio::post(ex, [h, out = std::move(out)]() mutable { (*h)(std::move(out)); });
+          });
+        },
+        asio::use_awaitable);
+    co_return r;
+  }
+
+  // One attempt through `runner`, where its execution() says.
+  asio::awaitable<Result<StepOutcome>> RunAttempt(StepRunner& runner, const StepContext& ctx) {
+    if (runner.execution() == StepExecution::kInline) co_return runner.Run(ctx);
+    if (runner.execution() == StepExecution::kBlocking) {
+      Result<StepOutcome> r = co_await OnPool([&] { return runner.Run(ctx); });
+      co_return r;
+    }
+    auto ex = co_await asio::this_coro::executor;
+    Result<StepOutcome> r = co_await asio::async_initiate<decltype(asio::use_awaitable), void(Result<StepOutcome>)>(
+        [&runner, &ctx, ex](auto handler) {
+          auto h = std::make_shared<decltype(handler)>(std::move(handler));
+          runner.RunAsync(ctx, ex, [h, ex](Result<StepOutcome> out) {
+            asio::post(ex, [h, out = std::move(out)]() mutable { (*h)(std::move(out)); });
+          });
+        },
+        asio::use_awaitable);
+    co_return r;
+  }
+
   // Lease bookkeeping for the heartbeat thread.
   struct Active {
     store::Lease lease;
     std::shared_ptr<std::atomic<bool>> cancelled;  // set when the lease is lost (cancel)
+    std::shared_ptr<CancelSignal> cancel;          // fired with `cancelled`
     Timestamp renewed_at{};                        // when the lease was taken or last extended
   };
 
@@ -321,25 +438,31 @@ class EngineImpl final : public Engine {
       for (auto& [id, a] : leases) {
         const Timestamp at = clock_.Now();
         auto r = store_.Heartbeat(a.lease, config_.lease_timeout);
-        std::lock_guard relock(mu_);
-        const auto it = active_.find(id);
-        if (r.ok()) {
-          if (it != active_.end()) it->second.renewed_at = at;
-          continue;
+        {
+          std::lock_guard relock(mu_);
+          const auto it = active_.find(id);
+          if (r.ok()) {
+            if (it != active_.end()) it->second.renewed_at = at;
+            continue;
+          }
+          if (it == active_.end()) continue;  // the run ended meanwhile: nothing was lost
         }
-        if (it == active_.end()) continue;  // the run ended meanwhile: nothing was lost
         obs::LogWarn("heartbeat failed", {{"run_id", a.lease.run_id}, {"error", r.error().message}});
-        // Cancelled or taken over: the step in flight should stop.
-        if (r.error().code == ErrorCode::kLeaseLost) a.cancelled->store(true);
+        // Cancelled or taken over: the step in flight stops (a call in flight at once).
+        if (r.error().code == ErrorCode::kLeaseLost) {
+          a.cancelled->store(true);
+          a.cancel->Cancel();
+        }
       }
       lock.lock();
     }
   }
 
-  uint64_t Track(const store::Lease& lease, std::shared_ptr<std::atomic<bool>> cancelled) {
+  uint64_t Track(const store::Lease& lease, std::shared_ptr<std::atomic<bool>> cancelled,
+                 std::shared_ptr<CancelSignal> cancel) {
     std::lock_guard lock(mu_);
     const uint64_t id = ++next_active_;
-    active_[id] = Active{lease, std::move(cancelled), clock_.Now()};
+    active_[id] = Active{lease, std::move(cancelled), std::move(cancel), clock_.Now()};
     return id;
   }
   void Untrack(uint64_t id) {
@@ -366,41 +489,113 @@ class EngineImpl final : public Engine {
     return i + 1 < p.steps.size() ? p.steps[i + 1].id : "end";
   }
 
-  void Execute(store::LeasedRun leased) {
-    const auto& run = leased.run;
-    const store::Lease& lease = leased.lease;
-    auto cancelled = std::make_shared<std::atomic<bool>>(false);
-    const uint64_t active_id = Track(lease, cancelled);
+  // A run in execution: what its steps see and where it is. Owned by its execution
+  // (the coroutine's frame), which outlives every call of its steps; never moved (its
+  // scope refers to its members).
+  struct RunState {
+    explicit RunState(store::LeasedRun l) : leased(std::move(l)) {}
+    RunState(const RunState&) = delete;
+    RunState& operator=(const RunState&) = delete;
+
+    store::LeasedRun leased;
+    // Set, and fired, when the run was cancelled, its lease lost or the drain timed out.
+    std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
+    std::shared_ptr<CancelSignal> cancel = std::make_shared<CancelSignal>();
+    std::shared_ptr<const PipelineConfig> def;
+    std::map<std::string, std::size_t> index;  // step id -> position in def
+    std::size_t cur = 0;                       // the step in execution
+    const StepConfig* step = nullptr;
+    const store::StepRecord* record = nullptr;  // its record in leased.run, if any
+    int interrupted = 0;
+    int attempt = 0;
+    json::value steps_done;  // {ID: checkpoint} of the steps done
+    TemplateContext scope;
+    bool large = false;  // a map over many items ran: trim the memory it left
+  };
+
+  // A leased run, step by step: each attempt on the I/O threads (an llm or http step holds
+  // none while it waits), each store call on the blocking pool, until the run ends, parks,
+  // waits for a retry or is handed back.
+  asio::awaitable<void> Execute(store::LeasedRun leased) {
+    auto st = std::make_unique<RunState>(std::move(leased));
+    const uint64_t active_id = Track(st->leased.lease, st->cancelled, st->cancel);
     struct Untracker {
       EngineImpl* self;
       uint64_t id;
       ~Untracker() { self->Untrack(id); }
     } untracker{this, active_id};
-
-    // A large map leaves much memory free behind it, in the arenas of the threads that
-    // ran its items: handed back to the system when the run leaves this worker.
+    // A large map leaves much memory free behind it: handed back to the system when the
+    // run's execution ends.
     struct Trimmer {
-      bool armed = false;
+      const RunState* st;
       ~Trimmer() {
-        if (armed) malloc_trim(0);
+        if (st->large) malloc_trim(0);
       }
-    } trimmer;
+    } trimmer{st.get()};
 
+    const bool begun = co_await OnPool([&] { return Begin(*st); });
+    if (!begun) co_return;
+    const auto& run = st->leased.run;
+    while (true) {
+      const StepConfig& step = *st->step;
+      const std::string idem = run.id + "/" + step.id;
+      StepContext ctx{run.id,      step,           st->attempt,          st->scope, idem, run, st->record,
+                      clock_.Now(), st->cancelled.get(), &st->leased.lease, st->cancel};
+      const auto t0 = std::chrono::steady_clock::now();
+      Result<StepOutcome> result = Error(ErrorCode::kInternal, "not run");
+      if (step.kind == StepKind::kMap) {
+        result = co_await RunMap(ctx, st->leased.lease, st->large);
+      } else if (auto it = runners_.find(step.kind); it != runners_.end()) {
+        result = co_await RunAttempt(*it->second, ctx);
+      } else {
+        result = Error(ErrorCode::kInvalidRequest, "no runner for step kind " + std::string(StepKindName(step.kind)));
+      }
+      if (result.ok() && !result->fail && !result->suspend) {
+        if (auto storable = CheckStorable(result->record, step.id); !storable.ok()) {
+          // A template's value is the same on every attempt: no retry mends it.
+          if (step.kind == StepKind::kTransform || step.kind == StepKind::kValidate) {
+            StepOutcome failed;
+            failed.fail = std::move(storable).error();
+            result = std::move(failed);
+          } else {
+            result = std::move(storable).error();
+          }
+        }
+      }
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const bool ok = result.ok() && !result->fail;
+      step_latency_
+          .Add({{"pipeline", run.pipeline}, {"kind", std::string(StepKindName(step.kind))},
+                {"outcome", ok ? (result->suspend ? "waiting" : "ok") : "error"}},
+               obs::LatencyBuckets())
+          .Observe(secs);
+      const bool more = co_await OnPool([&] { return AfterAttempt(*st, result, ok); });
+      if (!more) co_return;
+    }
+  }
+
+  // Before the first attempt (on the blocking pool): the definition, the scope the
+  // checkpoints rebuild, the step to resume at, and its attempt started. False when the
+  // run ended or was abandoned instead.
+  bool Begin(RunState& st) {
+    const auto& run = st.leased.run;
+    const store::Lease& lease = st.leased.lease;
     auto def = Definition(run);
     if (!def.ok()) {
       obs::LogError("run cannot execute", {{"run_id", run.id}, {"error", def.error().message}});
       if (store_.FailRun(lease, def.error()).ok()) Finished(run.pipeline, "failed");
-      return;
+      return false;
     }
-    const PipelineConfig& pipeline = **def;
-    std::map<std::string, std::size_t> index;
+    st.def = *def;
+    const PipelineConfig& pipeline = *st.def;
+    auto& index = st.index;
     for (std::size_t i = 0; i < pipeline.steps.size(); ++i) index[pipeline.steps[i].id] = i;
     // Rebuild what the finished steps left, and find where to resume: walk the path the
     // run took, from the first step through its checkpoints.
     json::object steps_scope;
     std::map<std::string, const store::StepRecord*> records;
     for (const auto& s : run.steps) records[s.step_id] = &s;
-    std::size_t cur = 0;
+    std::size_t& cur = st.cur;
     for (std::size_t hops = 0;; ++hops) {
       const auto it = records.find(pipeline.steps[cur].id);
       if (it == records.end() || it->second->status != StepStatus::kSucceeded) break;
@@ -415,12 +610,13 @@ class EngineImpl final : public Engine {
                 .ok()) {
           Finished(run.pipeline, "failed");
         }
-        return;
+        return false;
       }
       cur = at->second;
     }
-    const StepConfig* step = &pipeline.steps[cur];
-    const store::StepRecord* record = nullptr;
+    const StepConfig*& step = st.step;
+    step = &pipeline.steps[cur];
+    const store::StepRecord*& record = st.record;
     if (const auto it = records.find(step->id); it != records.end()) record = it->second;
     // A step that parks (a task, a wait, a sleep, a child run) does its work outside the
     // worker: an attempt of it interrupted by a crash (typically while it looked at what
@@ -433,8 +629,9 @@ class EngineImpl final : public Engine {
     // wedged worker) before it finished. That is not the step's failure: it counts
     // against engine.max_interrupted_attempts, not retry.max_attempts, so a run that
     // keeps taking its node down cannot spend the attempts of the runs beside it.
-    int interrupted = record ? record->interrupted : 0;
-    int attempt = 0;
+    int& interrupted = st.interrupted;
+    interrupted = record ? record->interrupted : 0;
+    int& attempt = st.attempt;
     if (resume) {
       attempt = record->attempts;
       obs::LogInfo("resuming an interrupted attempt", {{"run_id", run.id}, {"step_id", step->id}, {"attempt", attempt}});
@@ -459,7 +656,7 @@ class EngineImpl final : public Engine {
         if (Persist([&] { return store_.FailStep(lease, step->id, err, d); }).ok()) {
           Finished(run.pipeline, "dead_lettered");
         }
-        return;
+        return false;
       }
       obs::LogInfo("attempt interrupted (its node was lost); starting another",
                    {{"run_id", run.id},
@@ -469,119 +666,101 @@ class EngineImpl final : public Engine {
       auto started = store_.RestartInterruptedStep(lease, step->id);
       if (!started.ok()) {
         LogAbandon(run.id, step->id, started.error());
-        return;
+        return false;
       }
       attempt = *started;
     } else {
       auto started = store_.StartStep(lease, step->id);
       if (!started.ok()) {
         LogAbandon(run.id, step->id, started.error());
-        return;
+        return false;
       }
       attempt = *started;
     }
     // What templates see: the run's input (borrowed from the record, not copied) and the
     // checkpoints of the steps done.
-    json::value steps_done = std::move(steps_scope);
-    TemplateContext scope;
-    scope.Bind("input", run.input).Bind("steps", steps_done);
+    st.steps_done = std::move(steps_scope);
+    st.scope.Bind("input", run.input).Bind("steps", st.steps_done);
+    return true;
+  }
 
-    while (true) {
-      const std::string idem = run.id + "/" + step->id;
-      StepContext ctx{run.id, *step, attempt, scope, idem, run, record, clock_.Now(), cancelled.get(), &lease};
-      const auto t0 = std::chrono::steady_clock::now();
-      Result<StepOutcome> result = Error(ErrorCode::kInternal, "not run");
-      if (step->kind == StepKind::kMap) {
-        result = RunMap(ctx, lease, trimmer.armed);
-      } else if (auto it = runners_.find(step->kind); it != runners_.end()) {
-        result = it->second->Run(ctx);
-      } else {
-        result = Error(ErrorCode::kInvalidRequest, "no runner for step kind " + std::string(StepKindName(step->kind)));
-      }
-      if (result.ok() && !result->fail && !result->suspend) {
-        if (auto storable = CheckStorable(result->record, step->id); !storable.ok()) {
-          // A template's value is the same on every attempt: no retry mends it.
-          if (step->kind == StepKind::kTransform || step->kind == StepKind::kValidate) {
-            StepOutcome failed;
-            failed.fail = std::move(storable).error();
-            result = std::move(failed);
-          } else {
-            result = std::move(storable).error();
-          }
-        }
-      }
-      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      const bool ok = result.ok() && !result->fail;
-      step_latency_
-          .Add({{"pipeline", run.pipeline}, {"kind", std::string(StepKindName(step->kind))},
-                {"outcome", ok ? (result->suspend ? "waiting" : "ok") : "error"}},
-               obs::LatencyBuckets())
-          .Observe(secs);
-
-      StepRecordJson rec;
-      std::string next;
-      if (!ok && Aborting()) {
-        // Stopped by the drain timeout, not by a fault of the step: the attempt is
-        // recorded as interrupted and the run is due at once, for another node.
-        const Error interrupted_error(
-            ErrorCode::kCancelled, "attempt " + std::to_string(attempt) + " of step \"" + step->id +
-                                       "\" was interrupted: node " + node_id_ + " was draining");
-        FailureDisposition d{FailureDisposition::Kind::kRetry, Duration(0)};
-        d.interrupted = true;  // not the step's failure: not counted against max_attempts
-        auto handed = store_.FailStep(lease, step->id, interrupted_error, d);
-        if (!handed.ok()) LogAbandon(run.id, step->id, handed.error());
-        else obs::LogInfo("run handed back (drain)", {{"run_id", run.id}, {"step_id", step->id}, {"attempt", attempt}});
-        return;
-      }
-      if (!ok) {
-        const bool retryable_kind = !result.ok();
-        Error error = result.ok() ? *result->fail : std::move(result).error();
-        auto recovered = HandleFailure(lease, run, *step, attempt - interrupted, std::move(error),
-                                       retryable_kind);
-        if (!recovered) return;
-        rec = std::move(recovered->first);
-        next = std::move(recovered->second);
-      } else if (result->suspend) {
-        auto parked = Persist([&] { return store_.SuspendStep(lease, step->id, result->wake_at, result->waiting); });
-        if (!parked.ok()) LogAbandon(run.id, step->id, parked.error());
-        else obs::LogDebug("step waiting", {{"run_id", run.id}, {"step_id", step->id}});
-        return;
-      } else {
-        rec = std::move(result->record);
-        next = result->next;
-        if (!next.empty()) rec["next"] = next;
-      }
-      if (next.empty()) next = NextOf(pipeline, cur, rec);
-      const bool last = next == "end";
-      std::optional<json::value> run_output;
-      std::optional<std::string> next_step;
-      if (last) run_output = rec["output"];
-      else next_step = next;
-      // Draining: checkpoint this step and hand the run back rather than start another.
-      const bool hand_back = !last && Stopping();
-      if (hand_back) next_step.reset();
-      auto committed = Persist([&] { return store_.CompleteStep(lease, step->id, rec, next_step, run_output); });
-      if (!committed.ok()) {
-        LogAbandon(run.id, step->id, committed.error());
-        return;
-      }
-      obs::LogDebug("step succeeded", {{"run_id", run.id}, {"step_id", step->id}, {"attempt", attempt}});
-      if (last) {
-        Finished(run.pipeline, "succeeded");
-        obs::LogInfo("run succeeded", {{"run_id", run.id}, {"pipeline", run.pipeline}});
-        return;
-      }
-      if (hand_back) {
-        (void)store_.ReleaseLease(lease);
-        return;
-      }
-      steps_done.as_object()[step->id] = std::move(rec);
-      cur = index.at(next);
-      step = &pipeline.steps[cur];
-      record = nullptr;
-      interrupted = 0;
-      attempt = *committed;
+  // After an attempt (on the blocking pool): its checkpoint, failure, park or hand-back
+  // committed; true when the run goes on with the next step (st says which).
+  bool AfterAttempt(RunState& st, Result<StepOutcome>& result, bool ok) {
+    const auto& run = st.leased.run;
+    const store::Lease& lease = st.leased.lease;
+    const PipelineConfig& pipeline = *st.def;
+    const auto& index = st.index;
+    std::size_t& cur = st.cur;
+    const StepConfig*& step = st.step;
+    const store::StepRecord*& record = st.record;
+    int& interrupted = st.interrupted;
+    int& attempt = st.attempt;
+    json::value& steps_done = st.steps_done;
+    StepRecordJson rec;
+    std::string next;
+    if (!ok && Aborting()) {
+      // Stopped by the drain timeout, not by a fault of the step: the attempt is
+      // recorded as interrupted and the run is due at once, for another node.
+      const Error interrupted_error(
+          ErrorCode::kCancelled, "attempt " + std::to_string(attempt) + " of step \"" + step->id +
+                                     "\" was interrupted: node " + node_id_ + " was draining");
+      FailureDisposition d{FailureDisposition::Kind::kRetry, Duration(0)};
+      d.interrupted = true;  // not the step's failure: not counted against max_attempts
+      auto handed = store_.FailStep(lease, step->id, interrupted_error, d);
+      if (!handed.ok()) LogAbandon(run.id, step->id, handed.error());
+      else obs::LogInfo("run handed back (drain)", {{"run_id", run.id}, {"step_id", step->id}, {"attempt", attempt}});
+      return false;
     }
+    if (!ok) {
+      const bool retryable_kind = !result.ok();
+      Error error = result.ok() ? *result->fail : std::move(result).error();
+      auto recovered = HandleFailure(lease, run, *step, attempt - interrupted, std::move(error),
+                                     retryable_kind);
+      if (!recovered) return false;
+      rec = std::move(recovered->first);
+      next = std::move(recovered->second);
+    } else if (result->suspend) {
+      auto parked = Persist([&] { return store_.SuspendStep(lease, step->id, result->wake_at, result->waiting); });
+      if (!parked.ok()) LogAbandon(run.id, step->id, parked.error());
+      else obs::LogDebug("step waiting", {{"run_id", run.id}, {"step_id", step->id}});
+      return false;
+    } else {
+      rec = std::move(result->record);
+      next = result->next;
+      if (!next.empty()) rec["next"] = next;
+    }
+    if (next.empty()) next = NextOf(pipeline, cur, rec);
+    const bool last = next == "end";
+    std::optional<json::value> run_output;
+    std::optional<std::string> next_step;
+    if (last) run_output = rec["output"];
+    else next_step = next;
+    // Draining: checkpoint this step and hand the run back rather than start another.
+    const bool hand_back = !last && Stopping();
+    if (hand_back) next_step.reset();
+    auto committed = Persist([&] { return store_.CompleteStep(lease, step->id, rec, next_step, run_output); });
+    if (!committed.ok()) {
+      LogAbandon(run.id, step->id, committed.error());
+      return false;
+    }
+    obs::LogDebug("step succeeded", {{"run_id", run.id}, {"step_id", step->id}, {"attempt", attempt}});
+    if (last) {
+      Finished(run.pipeline, "succeeded");
+      obs::LogInfo("run succeeded", {{"run_id", run.id}, {"pipeline", run.pipeline}});
+      return false;
+    }
+    if (hand_back) {
+      (void)store_.ReleaseLease(lease);
+      return false;
+    }
+    steps_done.as_object()[step->id] = std::move(rec);
+    cur = index.at(next);
+    step = &pipeline.steps[cur];
+    record = nullptr;
+    interrupted = 0;
+    attempt = *committed;
+    return true;
   }
 
   // "an array", "a string", "null": a kind's name in a sentence.
@@ -606,36 +785,109 @@ class EngineImpl final : public Engine {
     }
   }
 
+  // What the lanes of one map share. Lives in RunMap's frame, which waits for every lane.
+  struct MapState {
+    const StepContext& ctx;
+    const store::Lease& lease;
+    const StepConfig& item_step;
+    StepRunner& runner;
+    const json::array& items;
+    const std::vector<std::size_t>& todo;
+    std::atomic<std::size_t> next{0};
+    std::mutex mu;
+    std::optional<Error> first_error;  // GUARDED_BY(mu)
+    bool final = false;                // GUARDED_BY(mu)
+  };
+
+  // One lane of a map: items through the item step, each checkpointed as it finishes.
+  asio::awaitable<void> MapLane(MapState& m) {
+    const StepContext& ctx = m.ctx;
+    // This lane's "item" and "index", bound over the run's scope (never a copy of it: it
+    // holds the whole input).
+    json::value index;
+    TemplateContext scope = ctx.scope;
+    while (true) {
+      bool failed;
+      {
+        std::lock_guard lock(m.mu);
+        failed = m.first_error.has_value();
+      }
+      if (failed) co_return;
+      if (ctx.cancelled && ctx.cancelled->load()) co_return;
+      const std::size_t k = m.next.fetch_add(1);
+      if (k >= m.todo.size()) co_return;
+      const std::size_t i = m.todo[k];
+      index = static_cast<int64_t>(i);
+      scope.Bind("item", m.items[i]).Bind("index", index);
+      const std::string idem = ctx.idempotency_key + "#" + std::to_string(i);
+      StepContext ictx{ctx.run_id, m.item_step, ctx.attempt, scope,      idem,
+                       ctx.run,    nullptr,     ctx.now,     ctx.cancelled, ctx.lease, ctx.cancel};
+      Result<StepOutcome> r = co_await RunAttempt(m.runner, ictx);
+      std::optional<Error> err;
+      bool is_final = false;
+      if (!r.ok()) {
+        err = std::move(r).error();
+      } else if (r->fail) {
+        err = *r->fail;
+        is_final = true;
+      } else if (r->suspend) {
+        err = Error(ErrorCode::kInvalidRequest, "a map item cannot wait");
+        is_final = true;
+      }
+      if (!err) {
+        if (auto storable = CheckStorable(r->record, ctx.step.id + "#" + std::to_string(i)); !storable.ok()) {
+          err = std::move(storable).error();
+        }
+      }
+      if (!err) {
+        const json::value& out = r->record["output"];
+        Result<void> saved = co_await OnPool([&] {
+          return Persist([&] { return store_.CompleteItem(m.lease, ctx.step.id, static_cast<int64_t>(i), out); });
+        });
+        if (saved.ok()) continue;
+        err = saved.error();
+      }
+      std::lock_guard lock(m.mu);
+      if (!m.first_error) {
+        err->message = "item " + std::to_string(i) + ": " + err->message;
+        m.final = is_final;
+        m.first_error = std::move(err);
+      }
+    }
+  }
+
   // A map: each item of `over` through the item step, `concurrency` at once, each
   // checkpointed as it finishes; items checkpointed before (by an earlier attempt, or
   // before a crash) are not run again. It holds the items to do and, per thread, one
   // item's "item" and "index" over the run's scope (shared, never copied); finished
   // items' outputs stay in the store until every item is done, then make the step's output.
   // `large`: set when the map is over enough items that its memory is worth trimming.
-  Result<StepOutcome> RunMap(const StepContext& ctx, const store::Lease& lease, bool& large) {
+  asio::awaitable<Result<StepOutcome>> RunMap(const StepContext& ctx, const store::Lease& lease, bool& large) {
     const auto& spec = ctx.step.spec.as_object();
     // `over` is most often one reference ("{{input.items}}"): the array is borrowed.
     std::optional<Result<json::value>> rendered;
     const json::value* over = FindReferenced(spec.at("over"), ctx.scope);
     if (over == nullptr) {
       rendered = RenderTemplate(spec.at("over"), ctx.scope);
-      if (!rendered->ok()) return std::move(*rendered).error();
+      if (!rendered->ok()) co_return std::move(*rendered).error();
       over = &**rendered;
     }
     if (!over->is_array()) {
       StepOutcome o;
       o.fail = Error(ErrorCode::kInvalidRequest, "step \"" + ctx.step.id + "\": map over must be an array, but " +
                                                      json::serialize(spec.at("over")) + " is " + WithArticle(JsonKindName(*over)));
-      return o;
+      co_return o;
     }
     const auto& items = over->as_array();
     const std::size_t n = items.size();
     if (n >= kTrimAfterItems) large = true;
     std::vector<bool> done(n, false);
-    auto listed = ForEachItem(ctx.run_id, ctx.step.id, false, [&](store::ItemRecord& item) {
-      if (item.index >= 0 && static_cast<std::size_t>(item.index) < n) done[static_cast<std::size_t>(item.index)] = true;
+    Result<void> listed = co_await OnPool([&] {
+      return ForEachItem(ctx.run_id, ctx.step.id, false, [&](store::ItemRecord& item) {
+        if (item.index >= 0 && static_cast<std::size_t>(item.index) < n) done[static_cast<std::size_t>(item.index)] = true;
+      });
     });
-    if (!listed.ok()) return std::move(listed).error();
+    if (!listed.ok()) co_return std::move(listed).error();
     std::vector<std::size_t> todo;
     for (std::size_t i = 0; i < n; ++i) {
       if (!done[i]) todo.push_back(i);
@@ -647,89 +899,54 @@ class EngineImpl final : public Engine {
     item_step.spec = inner.at("spec");
     StepRunner* runner = runners_.at(item_step.kind).get();
 
-    std::atomic<std::size_t> next{0};
-    std::mutex mu;
-    std::optional<Error> first_error;  // GUARDED_BY(mu)
-    bool final = false;                // GUARDED_BY(mu)
-    auto work = [&] {
-      // This thread's "item" and "index", bound over the run's scope (never a copy of it:
-      // it holds the whole input).
-      json::value index;
-      TemplateContext scope = ctx.scope;
-      while (true) {
-        {
-          std::lock_guard lock(mu);
-          if (first_error) return;
-        }
-        if (ctx.cancelled && ctx.cancelled->load()) return;
-        const std::size_t k = next.fetch_add(1);
-        if (k >= todo.size()) return;
-        const std::size_t i = todo[k];
-        index = static_cast<int64_t>(i);
-        scope.Bind("item", items[i]).Bind("index", index);
-        const std::string idem = ctx.idempotency_key + "#" + std::to_string(i);
-        StepContext ictx{ctx.run_id, item_step, ctx.attempt, scope, idem, ctx.run, nullptr, ctx.now, ctx.cancelled, ctx.lease};
-        auto r = runner->Run(ictx);
-        std::optional<Error> err;
-        bool is_final = false;
-        if (!r.ok()) {
-          err = std::move(r).error();
-        } else if (r->fail) {
-          err = *r->fail;
-          is_final = true;
-        } else if (r->suspend) {
-          err = Error(ErrorCode::kInvalidRequest, "a map item cannot wait");
-          is_final = true;
-        }
-        if (!err) {
-          if (auto storable = CheckStorable(r->record, ctx.step.id + "#" + std::to_string(i));
-              !storable.ok()) {
-            err = std::move(storable).error();
-          }
-        }
-        if (!err) {
-          const json::value& out = r->record["output"];
-          auto saved = Persist([&] { return store_.CompleteItem(lease, ctx.step.id, static_cast<int64_t>(i), out); });
-          if (saved.ok()) continue;
-          err = saved.error();
-        }
-        std::lock_guard lock(mu);
-        if (!first_error) {
-          err->message = "item " + std::to_string(i) + ": " + err->message;
-          final = is_final;
-          first_error = std::move(err);
-        }
-      }
-    };
+    // The items' lanes: `concurrency` coroutines on the I/O threads, each taking the
+    // next item to do until none is left or one failed; no thread per item or lane.
+    MapState m{ctx, lease, item_step, *runner, items, todo};
     const int64_t cap = spec.at("concurrency").as_int64();
-    const std::size_t threads = std::min<std::size_t>(static_cast<std::size_t>(std::max<int64_t>(1, cap)), todo.size());
-    std::vector<std::thread> pool;
-    for (std::size_t t = 1; t < threads; ++t) pool.emplace_back(work);
-    if (threads > 0) work();
-    for (auto& t : pool) t.join();
-    todo = {};
-    if (first_error) {
-      if (final) {
-        StepOutcome o;
-        o.fail = std::move(*first_error);
-        return o;
-      }
-      return std::move(*first_error);
+    const std::size_t lanes = std::min<std::size_t>(static_cast<std::size_t>(std::max<int64_t>(1, cap)), todo.size());
+    if (lanes > 0) {
+      auto ex = co_await asio::this_coro::executor;
+      co_await asio::async_initiate<decltype(asio::use_awaitable), void()>(
+          [this, &m, lanes, ex](auto handler) {
+            auto h = std::make_shared<decltype(handler)>(std::move(handler));
+            auto left = std::make_shared<std::atomic<std::size_t>>(lanes);
+            for (std::size_t lane = 0; lane < lanes; ++lane) {
+              asio::co_spawn(ex, MapLane(m), [&m, h, left, ex](std::exception_ptr e) {
+                if (e) {
+                  std::lock_guard lock(m.mu);
+                  if (!m.first_error) m.first_error = Error(ErrorCode::kInternal, "a map item's execution threw");
+                }
+                if (left->fetch_sub(1) == 1) asio::post(ex, [h] { (*h)(); });
+              });
+            }
+          },
+          asio::use_awaitable);
     }
-    if (ctx.cancelled && ctx.cancelled->load()) return Error(ErrorCode::kCancelled, "the run was cancelled");
+    todo = {};
+    if (m.first_error) {
+      if (m.final) {
+        StepOutcome o;
+        o.fail = std::move(*m.first_error);
+        co_return o;
+      }
+      co_return std::move(*m.first_error);
+    }
+    if (ctx.cancelled && ctx.cancelled->load()) co_return Error(ErrorCode::kCancelled, "the run was cancelled");
     // Every item is checkpointed: their outputs, in order, are the step's.
     json::array out;
     out.reserve(n);
-    auto read = ForEachItem(ctx.run_id, ctx.step.id, true, [&](store::ItemRecord& item) {
-      if (item.index == static_cast<int64_t>(out.size()) && out.size() < n) out.push_back(std::move(item.output));
+    Result<void> read = co_await OnPool([&] {
+      return ForEachItem(ctx.run_id, ctx.step.id, true, [&](store::ItemRecord& item) {
+        if (item.index == static_cast<int64_t>(out.size()) && out.size() < n) out.push_back(std::move(item.output));
+      });
     });
-    if (!read.ok()) return std::move(read).error();
+    if (!read.ok()) co_return std::move(read).error();
     if (out.size() != n) {
       // Not reachable through the Store's contract; the next attempt runs what is missing.
-      return Error(ErrorCode::kInternal, "step \"" + ctx.step.id + "\": item " + std::to_string(out.size()) +
+      co_return Error(ErrorCode::kInternal, "step \"" + ctx.step.id + "\": item " + std::to_string(out.size()) +
                                              " of " + std::to_string(n) + " has no checkpoint");
     }
-    return StepOutcome::Done(StepRecordJson{{"output", std::move(out)}, {"items", static_cast<int64_t>(n)}});
+    co_return StepOutcome::Done(StepRecordJson{{"output", std::move(out)}, {"items", static_cast<int64_t>(n)}});
   }
 
   // A failed attempt (`attempt`: the step's attempts that failed, this one included,
@@ -823,8 +1040,6 @@ class EngineImpl final : public Engine {
   prometheus::Family<prometheus::Gauge>& ready_;
   std::atomic<bool> storage_down_{false};
   std::string last_lease_error_;  // GUARDED_BY(mu_)
-  std::vector<std::optional<Timestamp>>
-      workers_since_;  // GUARDED_BY(mu_): per worker, in a call since
   std::string node_id_;
   std::mutex definitions_mu_;
   std::map<std::string, std::shared_ptr<const PipelineConfig>> definitions_;  // GUARDED_BY(definitions_mu_)
@@ -839,7 +1054,16 @@ class EngineImpl final : public Engine {
   uint64_t notifications_ = 0;   // GUARDED_BY(mu_)
   uint64_t next_active_ = 0;     // GUARDED_BY(mu_)
   std::map<uint64_t, Active> active_;  // GUARDED_BY(mu_)
-  std::vector<std::thread> workers_;
+  std::size_t in_flight_ = 0;                 // GUARDED_BY(mu_): runs whose execution has not ended
+  uint64_t next_call_ = 0;                    // GUARDED_BY(mu_)
+  std::map<uint64_t, Timestamp> pool_calls_;  // GUARDED_BY(mu_): calls on the blocking pool, since
+  std::optional<Timestamp> lease_since_;      // GUARDED_BY(mu_): the lease loop in a lease call since
+  bool started_ = false;
+  asio::io_context io_{kIoThreads};
+  std::optional<asio::executor_work_guard<asio::io_context::executor_type>> io_work_;
+  std::vector<std::thread> io_threads_;
+  std::unique_ptr<asio::thread_pool> pool_;  // the blocking pool, from Start
+  std::thread lease_thread_;
   std::thread heartbeat_;
 };
 

@@ -12,11 +12,14 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <boost/asio/post.hpp>
 #include <chrono>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "keel/core/clock.h"
 #include "keel/core/config.h"
@@ -30,6 +33,7 @@
 #include "keel/testing/assert.h"
 #include "keel/testing/http.h"     // Eventually
 #include "keel/testing/process.h"  // TempDir
+#include "provider.h"                // gateway::detail::Provider, for HeldProvider
 
 namespace keel::engine {
 namespace {
@@ -51,20 +55,23 @@ class EngineTest : public ::testing::Test {
   // polling every kPollInterval, and starts the engine. Leases (30s) are timed by the
   // manual clock too: tests advance it only while no run is leased.
   void Start(const std::string& pipelines_yaml, int workers = 2) {
-    const std::string yaml = "providers:\n  mock: {type: mock}\n" + pipelines_yaml;
+    const std::string yaml = "providers:\n  mock: {type: mock}\n" + extra_providers_ + pipelines_yaml;
     auto config = ParseConfig(
         yaml, [](const std::string&) { return std::nullopt; }, "engine_test.yaml");
     ASSERT_OK(config);
     config_ = std::move(config).value();
     config_.engine.workers = workers;
     config_.engine.poll_interval = kPollInterval;
+    if (configure_) configure_(config_);
 
     store::SqliteOptions sopts;
     sopts.path = dir_.path() + "/keel.db";
     auto store = store::OpenSqliteStore(sopts, clock_, random_);
     ASSERT_OK(store);
     store_ = std::move(store).value();
-    auto gateway = gateway::Gateway::Create(config_, registry_, clock_, random_);
+    gateway::GatewayDeps deps;
+    deps.make_provider = make_provider_;
+    auto gateway = gateway::Gateway::Create(config_, registry_, clock_, random_, std::move(deps));
     ASSERT_OK(gateway);
     gateway_ = std::move(gateway).value();
     engine_ = Engine::Create(config_.engine, *store_, *gateway_, clock_, random_, registry_);
@@ -150,6 +157,11 @@ class EngineTest : public ::testing::Test {
     const auto* k = run.waiting.as_object().if_contains("kind");
     return k && k->is_string() ? std::string(k->as_string()) : "";
   }
+
+  // Set before Start: changes the parsed config; makes providers (null: the built-in one).
+  std::function<void(Config&)> configure_;
+  std::string extra_providers_;  // more entries of `providers`, each line indented two spaces
+  std::function<std::unique_ptr<gateway::detail::Provider>(const ProviderConfig&)> make_provider_;
 
   testing::TempDir dir_;
   ManualClock clock_;
@@ -765,7 +777,7 @@ pipelines:
   }
 }
 
-TEST_F(EngineTest, ReadinessSaysWhenEveryWorkerIsStalled) {
+TEST_F(EngineTest, AStepWaitingOnTheModelIsNotAStall) {
   ASSERT_NO_FATAL_FAILURE(Start(R"(
 pipelines:
   slow:
@@ -784,20 +796,223 @@ pipelines:
     const auto* st = Step(run, "ask");
     return st && st->status == store::StepStatus::kRunning;
   }));
-  // Within the bound, a busy worker is not a stalled one.
-  clock_.Advance(config_.engine.stall_timeout);
-  EXPECT_TRUE(engine_->readiness().ready);
-  clock_.Advance(1ms);
-  const auto r = engine_->readiness();
-  EXPECT_FALSE(r.ready);
-  EXPECT_EQ(r.reason, "stalled");
-  EXPECT_THAT(r.detail, HasSubstr("engine.stall_timeout"));
-  EXPECT_EQ(Engine::NodeReadiness().reason, "stalled");
-  // The stop that follows (drain) says so too.
+  // The only run this node may execute waits on the model past stall_timeout: it holds
+  // no engine thread, and the node is not stalled (a stall is a store call or a lease
+  // call that does not return).
+  clock_.Advance(config_.engine.stall_timeout + 1ms);
+  EXPECT_TRUE(engine_->readiness().ready) << engine_->readiness().detail;
+  EXPECT_TRUE(Engine::NodeReadiness().ready);
+  // The stop that follows (drain) says so.
   std::thread stop([&] { engine_->Stop(); });
   ASSERT_TRUE(Soon([&] { return engine_->draining(); }));
   EXPECT_EQ(engine_->readiness().reason, "draining");
+  EXPECT_EQ(Engine::NodeReadiness().reason, "draining");
   stop.join();
+}
+
+// ---------------------------------------------------------------------------------------
+// No thread per call: runs waiting on the network hold none of the engine's threads.
+
+// A provider that answers only when the test releases its calls, holding no thread
+// meanwhile; it counts the calls in flight, the most seen at once, and those cancelled.
+class HeldProvider final : public gateway::detail::Provider {
+ public:
+  struct Calls {
+    std::mutex mu;
+    int in_flight = 0;      // GUARDED_BY(mu)
+    int max_in_flight = 0;  // GUARDED_BY(mu)
+    int cancelled = 0;      // GUARDED_BY(mu)
+    std::vector<std::function<void()>> held;  // GUARDED_BY(mu): answer each call
+
+    int InFlight() {
+      std::lock_guard lock(mu);
+      return in_flight;
+    }
+    // Answers every call held.
+    void Release() {
+      std::vector<std::function<void()>> answers;
+      {
+        std::lock_guard lock(mu);
+        answers.swap(held);
+      }
+      for (auto& a : answers) a();
+    }
+  };
+
+  explicit HeldProvider(std::shared_ptr<Calls> calls) : calls_(std::move(calls)) {}
+
+  Result<gateway::ChatResult> Chat(const json::object&, const gateway::ChatRequest&, Duration) override {
+    return Error(ErrorCode::kInternal, "the engine made a blocking call");
+  }
+  Result<gateway::ChatResult> ChatStream(const json::object&, const gateway::ChatRequest&, Duration,
+                                         const gateway::Gateway::ChunkSink&) override {
+    return Error(ErrorCode::kInternal, "the engine streamed");
+  }
+  bool async() const override { return true; }
+  void ChatAsync(const json::object&, const gateway::ChatRequest& req, Duration,
+                 const boost::asio::any_io_executor& executor,
+                 std::function<void(Result<gateway::ChatResult>)> done) override {
+    // `done` is dropped once answered: the cancel callback left on the run's signal must
+    // not keep the gateway's call (which holds that signal) alive.
+    struct Pending {
+      std::mutex mu;
+      std::function<void(Result<gateway::ChatResult>)> done;  // GUARDED_BY(mu); empty once answered
+    };
+    auto pending = std::make_shared<Pending>();
+    pending->done = std::move(done);
+    auto finish = [calls = calls_, executor, pending](Result<gateway::ChatResult> r) {
+      std::function<void(Result<gateway::ChatResult>)> answer;
+      {
+        std::lock_guard lock(pending->mu);
+        answer.swap(pending->done);
+      }
+      if (!answer) return;
+      {
+        std::lock_guard lock(calls->mu);
+        --calls->in_flight;
+      }
+      boost::asio::post(executor, [answer, r = std::move(r)]() mutable { answer(std::move(r)); });
+    };
+    {
+      std::lock_guard lock(calls_->mu);
+      calls_->max_in_flight = std::max(calls_->max_in_flight, ++calls_->in_flight);
+      calls_->held.push_back([finish] { finish(Answer()); });
+    }
+    if (req.cancel) {
+      req.cancel->OnCancel([calls = calls_, finish] {
+        {
+          std::lock_guard lock(calls->mu);
+          ++calls->cancelled;
+        }
+        finish(Error(ErrorCode::kCancelled, "the call was cancelled"));
+      });
+    }
+  }
+
+ private:
+  static gateway::ChatResult Answer() {
+    gateway::ChatResult r;
+    r.text = "held answer";
+    r.model = "held-model";
+    r.usage = json::object{{"prompt_tokens", 1}, {"completion_tokens", 2}, {"total_tokens", 3}};
+    r.response = json::object{
+        {"object", "chat.completion"},
+        {"model", r.model},
+        {"choices", json::array{json::object{
+                        {"index", 0}, {"message", json::object{{"role", "assistant"}, {"content", r.text}}}}}},
+        {"usage", r.usage}};
+    return r;
+  }
+  std::shared_ptr<Calls> calls_;
+};
+
+// Threads of this process now.
+std::size_t ThreadCount() {
+  std::size_t n = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++n;
+  return n;
+}
+
+class AsyncEngineTest : public EngineTest {
+ protected:
+  ~AsyncEngineTest() override {
+    std::lock_guard lock(calls_->mu);
+    calls_->held.clear();  // each holds calls_: a cycle otherwise
+  }
+  void StartHeld(const std::string& pipelines_yaml, int workers) {
+    make_provider_ = [calls = calls_](const ProviderConfig& p) -> std::unique_ptr<gateway::detail::Provider> {
+      if (p.name != "held") return nullptr;
+      return std::make_unique<HeldProvider>(calls);
+    };
+    extra_providers_ = "  held: {type: mock}\n";
+    Start(pipelines_yaml, workers);
+  }
+  // Waits longer than Soon: hundreds of runs are submitted and leased one by one.
+  static bool Within(const std::function<bool()>& fn, std::chrono::seconds patience = 60s) {
+    return testing::Eventually(fn, std::chrono::duration_cast<std::chrono::milliseconds>(patience));
+  }
+  std::shared_ptr<HeldProvider::Calls> calls_ = std::make_shared<HeldProvider::Calls>();
+};
+
+TEST_F(AsyncEngineTest, FiveHundredRunsWaitOnTheModelAtOnceOnAFixedNumberOfThreads) {
+  constexpr int kRuns = 500;
+  ASSERT_NO_FATAL_FAILURE(StartHeld(R"(
+pipelines:
+  ask:
+    steps:
+      - id: ask
+        llm: {route: held, messages: [{role: user, content: "question {{input.n}}"}]}
+      - id: after
+        transform: {answer: "{{steps.ask.text}}"}
+)",
+                                    kRuns));
+  const std::size_t threads_at_start = ThreadCount();
+  std::vector<std::string> ids;
+  for (int i = 0; i < kRuns; ++i) ids.push_back(Submit("ask", json::object{{"n", i}}));
+  // Every run is in its llm step at once: one model latency for all of them.
+  ASSERT_TRUE(Within([&] { return calls_->InFlight() == kRuns; })) << calls_->InFlight() << " calls in flight";
+  const std::size_t threads_at_peak = ThreadCount();
+  EXPECT_LE(threads_at_peak, threads_at_start + 2)
+      << "the engine's threads grew with the runs in flight: " << threads_at_start << " -> " << threads_at_peak;
+  calls_->Release();
+  for (const auto& id : ids) ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  const store::RunRecord run = Get(ids.front());
+  EXPECT_EQ(run.output, (json::value{{"answer", "held answer"}}));
+  std::lock_guard lock(calls_->mu);
+  EXPECT_EQ(calls_->max_in_flight, kRuns);
+  EXPECT_EQ(calls_->cancelled, 0);
+}
+
+TEST_F(AsyncEngineTest, MapItemsWaitOnTheModelAtOnceWithoutAThreadEach) {
+  constexpr int kItems = 200;
+  ASSERT_NO_FATAL_FAILURE(StartHeld(R"(
+pipelines:
+  fan:
+    steps:
+      - id: each
+        map:
+          over: "{{input.items}}"
+          concurrency: 200
+          step: {llm: {route: held, messages: [{role: user, content: "item {{item}}"}]}}
+)",
+                                    1));
+  const std::size_t threads_at_start = ThreadCount();
+  json::array items;
+  for (int i = 0; i < kItems; ++i) items.push_back(i);
+  const std::string id = Submit("fan", json::object{{"items", items}});
+  ASSERT_TRUE(Within([&] { return calls_->InFlight() == kItems; })) << calls_->InFlight() << " calls in flight";
+  EXPECT_LE(ThreadCount(), threads_at_start + 2);
+  calls_->Release();
+  ASSERT_TRUE(Reaches(id, RunStatus::kSucceeded));
+  const store::RunRecord run = Get(id);
+  ASSERT_TRUE(run.output.is_array());
+  EXPECT_EQ(run.output.as_array().size(), static_cast<std::size_t>(kItems));
+  std::lock_guard lock(calls_->mu);
+  EXPECT_EQ(calls_->max_in_flight, kItems);
+}
+
+TEST_F(AsyncEngineTest, CancellingARunCancelsItsModelCallInFlight) {
+  configure_ = [](Config& c) { c.engine.heartbeat_interval = 5ms; };
+  ASSERT_NO_FATAL_FAILURE(StartHeld(R"(
+pipelines:
+  ask:
+    steps:
+      - id: ask
+        llm: {route: held, messages: [{role: user, content: "never answered"}]}
+)",
+                                    4));
+  const std::string id = Submit("ask");
+  ASSERT_TRUE(Soon([&] { return calls_->InFlight() == 1; }));
+  ASSERT_OK(store_->CancelRun(id));
+  // The heartbeat finds the lease gone (its clock must pass half an interval), and the
+  // call in flight is cancelled through the run's signal, not left to answer.
+  ASSERT_TRUE(Soon([&] {
+    clock_.Advance(5ms);
+    std::lock_guard lock(calls_->mu);
+    return calls_->cancelled == 1;
+  }));
+  EXPECT_EQ(calls_->InFlight(), 0);
+  ASSERT_TRUE(Reaches(id, RunStatus::kCancelled));
 }
 
 // ---------------------------------------------------------------------------------------

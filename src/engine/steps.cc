@@ -7,6 +7,7 @@
 #include "keel/core/regex.h"
 #include "keel/core/secrets.h"
 #include "keel/core/template.h"
+#include "keel/net/async_http_client.h"
 #include "keel/net/digest.h"
 #include "keel/net/http_client.h"
 
@@ -50,10 +51,40 @@ class LlmStep final : public StepRunner {
   explicit LlmStep(gateway::Gateway& gateway) : gateway_(gateway) {}
 
   Result<StepOutcome> Run(const StepContext& ctx) override {
+    auto call = Prepare(ctx);
+    if (!call.ok()) return std::move(call).error();
+    while (true) {
+      auto answered = OnAnswer(ctx, *call, gateway_.Chat(call->req));
+      if (answered) return std::move(*answered);
+    }
+  }
+
+  StepExecution execution() const override { return StepExecution::kAsync; }
+
+  void RunAsync(const StepContext& ctx, const boost::asio::any_io_executor& executor, Done done) override {
+    auto call = Prepare(ctx);
+    if (!call.ok()) return done(std::move(call).error());
+    Ask(ctx, std::make_shared<Call>(std::move(call).value()), executor, std::move(done));
+  }
+
+ private:
+  // One attempt's model calls: the request (its messages grow with each repair round)
+  // and what the answer is checked against.
+  struct Call {
+    gateway::ChatRequest req;
+    const json::value* format = nullptr;  // the spec's response_format, if any
+    std::optional<JsonSchema> schema;
+    int repairs = 0;
+    int round = 0;
+    StepRecordJson rec;
+  };
+
+  Result<Call> Prepare(const StepContext& ctx) {
     const auto& spec = ctx.step.spec.as_object();
     auto messages = RenderTemplate(spec.at("messages"), ctx.scope);
     if (!messages.ok()) return std::move(messages).error();
-    gateway::ChatRequest req;
+    Call call;
+    gateway::ChatRequest& req = call.req;
     req.route = json::value_to<std::string>(spec.at("route"));
     req.body["messages"] = std::move(messages).value();
     if (const auto* t = spec.if_contains("temperature"); t && t->is_number())
@@ -63,14 +94,15 @@ class LlmStep final : public StepRunner {
     req.idempotency_key = ctx.idempotency_key;
     req.failover_only = true;  // the step retries durably, with its own backoff
     req.cancelled = ctx.cancelled;
+    req.cancel = ctx.cancel;
     req.timeout = ctx.step.timeout;
 
     const json::value* format = spec.if_contains("response_format");
-    std::optional<JsonSchema> schema;
+    call.format = format;
     if (format && format->at("type") == "json_schema") {
       auto compiled = schemas_.Get(format->at("schema"));
       if (!compiled.ok()) return std::move(compiled).error();
-      schema = std::move(compiled).value();
+      call.schema = std::move(compiled).value();
       req.body["response_format"] = json::object{
           {"type", "json_schema"},
           {"json_schema",
@@ -78,83 +110,96 @@ class LlmStep final : public StepRunner {
     } else if (format) {
       req.body["response_format"] = json::object{{"type", "json_object"}};
     }
-    const int repairs =
-        format ? static_cast<int>(NumberOr(spec.if_contains("repair_attempts"), 2)) : 0;
-
-    StepRecordJson rec;
-    for (int round = 0;; ++round) {
-      auto r = gateway_.Chat(req);
-      if (!r.ok()) return std::move(r).error();
-      rec["text"] = r->text;
-      rec["model"] = r->model;
-      rec["provider"] = r->provider;
-      rec["usage"] = r->usage;
-      rec["repairs"] = round;
-      if (r->cache != gateway::CacheStatus::kNone)
-        rec["cache"] = gateway::CacheStatusName(r->cache);
-      // What the model's first choice said besides its text: kept, not interpreted (an llm
-      // step runs no tools).
-      const json::value* choice = nullptr;
-      if (const auto* choices = r->response.if_contains("choices");
-          choices && choices->is_array() && !choices->get_array().empty()) {
-        choice = &choices->get_array()[0];
-      }
-      bool tool_calls = false;
-      if (choice && choice->is_object()) {
-        const auto& c = choice->get_object();
-        if (const auto* fr = c.if_contains("finish_reason"); fr && fr->is_string())
-          rec["finish_reason"] = *fr;
-        if (const auto* m = c.if_contains("message"); m && m->is_object()) {
-          const auto* calls = m->get_object().if_contains("tool_calls");
-          tool_calls = calls && calls->is_array() && !calls->get_array().empty();
-          if (tool_calls) rec["tool_calls"] = *calls;
-        }
-      }
-      if (format && tool_calls && r->text.empty()) {
-        return Error(ErrorCode::kInvalidOutput, "step \"" + ctx.step.id +
-                                                    "\": the model answered with tool calls "
-                                                    "instead of JSON; an llm step runs no tools");
-      }
-      if (!format) {
-        rec["output"] = r->text;
-        return StepOutcome::Done(std::move(rec));
-      }
-      // Structured output: parsed and checked; a bad answer is sent back once more with
-      // what is wrong, a bounded number of times.
-      auto parsed = ParseModelJson(r->text);
-      std::optional<Error> bad;
-      if (!parsed.ok())
-        bad = parsed.error();
-      else if (schema) {
-        if (auto v = schema->Validate(*parsed); !v.ok()) bad = v.error();
-      }
-      if (!bad) {
-        rec["output"] = std::move(parsed).value();
-        return StepOutcome::Done(std::move(rec));
-      }
-      if (round >= repairs) {
-        return Error(ErrorCode::kInvalidOutput, "the answer of step \"" + ctx.step.id +
-                                                    "\" is not valid JSON for its schema after " +
-                                                    std::to_string(round) +
-                                                    " repair attempts: " + bad->message);
-      }
-      auto& msgs = req.body["messages"].as_array();
-      msgs.push_back(json::object{{"role", "assistant"}, {"content", r->text}});
-      msgs.push_back(
-          json::object{{"role", "user"},
-                       {"content", "Your answer is not valid: " + bad->message +
-                                       ". Answer again with only a JSON value that satisfies the "
-                                       "requested schema, nothing else."}});
-    }
+    call.repairs = format ? static_cast<int>(NumberOr(spec.if_contains("repair_attempts"), 2)) : 0;
+    return call;
   }
 
- private:
+  void Ask(const StepContext& ctx, std::shared_ptr<Call> call, const boost::asio::any_io_executor& executor,
+           Done done) {
+    gateway::ChatRequest req = call->req;
+    gateway_.ChatAsync(std::move(req), executor,
+                       [this, &ctx, call, executor, done = std::move(done)](Result<gateway::ChatResult> r) mutable {
+                         auto answered = OnAnswer(ctx, *call, std::move(r));
+                         if (answered) return done(std::move(*answered));
+                         Ask(ctx, std::move(call), executor, std::move(done));
+                       });
+  }
+
+  // What one answer comes to: the attempt's outcome, or nullopt when the answer is sent
+  // back for repair (call.req then holds the next round's messages).
+  std::optional<Result<StepOutcome>> OnAnswer(const StepContext& ctx, Call& call, Result<gateway::ChatResult> r) {
+    const int round = call.round++;
+    const json::value* format = call.format;
+    StepRecordJson& rec = call.rec;
+    if (!r.ok()) return Result<StepOutcome>(std::move(r).error());
+    rec["text"] = r->text;
+    rec["model"] = r->model;
+    rec["provider"] = r->provider;
+    rec["usage"] = r->usage;
+    rec["repairs"] = round;
+    if (r->cache != gateway::CacheStatus::kNone) rec["cache"] = gateway::CacheStatusName(r->cache);
+    // What the model's first choice said besides its text: kept, not interpreted (an llm
+    // step runs no tools).
+    const json::value* choice = nullptr;
+    if (const auto* choices = r->response.if_contains("choices");
+        choices && choices->is_array() && !choices->get_array().empty()) {
+      choice = &choices->get_array()[0];
+    }
+    bool tool_calls = false;
+    if (choice && choice->is_object()) {
+      const auto& c = choice->get_object();
+      if (const auto* fr = c.if_contains("finish_reason"); fr && fr->is_string()) rec["finish_reason"] = *fr;
+      if (const auto* m = c.if_contains("message"); m && m->is_object()) {
+        const auto* calls = m->get_object().if_contains("tool_calls");
+        tool_calls = calls && calls->is_array() && !calls->get_array().empty();
+        if (tool_calls) rec["tool_calls"] = *calls;
+      }
+    }
+    if (format && tool_calls && r->text.empty()) {
+      return Result<StepOutcome>(Error(ErrorCode::kInvalidOutput,
+                                       "step \"" + ctx.step.id +
+                                           "\": the model answered with tool calls "
+                                           "instead of JSON; an llm step runs no tools"));
+    }
+    if (!format) {
+      rec["output"] = r->text;
+      return Result<StepOutcome>(StepOutcome::Done(std::move(rec)));
+    }
+    // Structured output: parsed and checked; a bad answer is sent back once more with
+    // what is wrong, a bounded number of times.
+    auto parsed = ParseModelJson(r->text);
+    std::optional<Error> bad;
+    if (!parsed.ok())
+      bad = parsed.error();
+    else if (call.schema) {
+      if (auto v = call.schema->Validate(*parsed); !v.ok()) bad = v.error();
+    }
+    if (!bad) {
+      rec["output"] = std::move(parsed).value();
+      return Result<StepOutcome>(StepOutcome::Done(std::move(rec)));
+    }
+    if (round >= call.repairs) {
+      return Result<StepOutcome>(Error(ErrorCode::kInvalidOutput,
+                                       "the answer of step \"" + ctx.step.id +
+                                           "\" is not valid JSON for its schema after " +
+                                           std::to_string(round) + " repair attempts: " + bad->message));
+    }
+    auto& msgs = call.req.body["messages"].as_array();
+    msgs.push_back(json::object{{"role", "assistant"}, {"content", r->text}});
+    msgs.push_back(json::object{{"role", "user"},
+                                {"content", "Your answer is not valid: " + bad->message +
+                                                ". Answer again with only a JSON value that satisfies the "
+                                                "requested schema, nothing else."}});
+    return std::nullopt;
+  }
+
   gateway::Gateway& gateway_;
   SchemaCache schemas_;
 };
 
 class TransformStep final : public StepRunner {
  public:
+  StepExecution execution() const override { return StepExecution::kInline; }
   Result<StepOutcome> Run(const StepContext& ctx) override {
     auto out = RenderTemplate(ctx.step.spec, ctx.scope);
     if (!out.ok()) return std::move(out).error();
@@ -164,6 +209,7 @@ class TransformStep final : public StepRunner {
 
 class ValidateStep final : public StepRunner {
  public:
+  StepExecution execution() const override { return StepExecution::kInline; }
   Result<StepOutcome> Run(const StepContext& ctx) override {
     auto value = RenderTemplate(ctx.step.spec.at("value"), ctx.scope);
     if (!value.ok()) return std::move(value).error();
@@ -185,6 +231,7 @@ class ValidateStep final : public StepRunner {
 
 class ChoiceStep final : public StepRunner {
  public:
+  StepExecution execution() const override { return StepExecution::kInline; }
   Result<StepOutcome> Run(const StepContext& ctx) override {
     std::string to(ctx.step.spec.at("default").as_string());
     int matched = -1;
@@ -212,6 +259,7 @@ class ChoiceStep final : public StepRunner {
 
 class SleepStep final : public StepRunner {
  public:
+  StepExecution execution() const override { return StepExecution::kInline; }
   Result<StepOutcome> Run(const StepContext& ctx) override {
     const Duration d(ctx.step.spec.at("for_ms").as_int64());
     const Timestamp until = StartedAt(ctx) + d;
@@ -225,6 +273,7 @@ class SleepStep final : public StepRunner {
 
 class WaitStep final : public StepRunner {
  public:
+  StepExecution execution() const override { return StepExecution::kInline; }
   Result<StepOutcome> Run(const StepContext& ctx) override {
     const auto& spec = ctx.step.spec.as_object();
     const std::string name(spec.at("name").as_string());
@@ -303,6 +352,42 @@ class HttpStep final : public StepRunner {
   explicit HttpStep(const EngineConfig& config) : config_(config) {}
 
   Result<StepOutcome> Run(const StepContext& ctx) override {
+    auto call = Prepare(ctx);
+    if (!call.ok()) return std::move(call).error();
+    if (call->outcome) return std::move(*call->outcome);
+    return Finish(ctx, *call, net::SendHttp(call->req));
+  }
+
+  StepExecution execution() const override { return StepExecution::kAsync; }
+
+  void RunAsync(const StepContext& ctx, const boost::asio::any_io_executor& executor, Done done) override {
+    auto call = Prepare(ctx);
+    if (!call.ok()) return done(std::move(call).error());
+    if (call->outcome) return done(std::move(*call->outcome));
+    auto shared = std::make_shared<Call>(std::move(call).value());
+    net::ClientRequest req = shared->req;
+    net::SendHttpAsync(executor, std::move(req),
+                       [&ctx, shared, done = std::move(done)](Result<net::ClientResponse> sent) {
+                         done(Finish(ctx, *shared, std::move(sent)));
+                       });
+  }
+
+ private:
+  // One attempt's request, or what the attempt came to before sending anything.
+  struct Call {
+    net::ClientRequest req;
+    std::string url;
+    std::size_t limit = 0;
+    std::optional<StepOutcome> outcome;
+  };
+
+  static Call Ended(StepOutcome o) {
+    Call c;
+    c.outcome = std::move(o);
+    return c;
+  }
+
+  Result<Call> Prepare(const StepContext& ctx) {
     const auto& spec = ctx.step.spec.as_object();
     const std::string where = "step \"" + ctx.step.id + "\": ";
     const std::string raw_url(spec.at("url").as_string());
@@ -310,23 +395,25 @@ class HttpStep final : public StepRunner {
     auto url = RenderTemplateString(raw_url, ctx.scope, [&](std::string_view v, std::size_t at) {
       return EncodeUrlValue(v, layout.At(at));
     });
-    if (!url.ok()) return Final(Error(url.error().code, where + "url " + url.error().message));
+    if (!url.ok()) return Ended(Final(Error(url.error().code, where + "url " + url.error().message)));
     if (url->rfind("http://", 0) != 0 && url->rfind("https://", 0) != 0) {
-      return Final(Error(ErrorCode::kInvalidRequest,
-                         where + "\"" + RedactUrl(*url) + "\" is not an http(s) URL"));
+      return Ended(Final(Error(ErrorCode::kInvalidRequest,
+                         where + "\"" + RedactUrl(*url) + "\" is not an http(s) URL")));
     }
     if (!boost::urls::parse_uri(*url)) {
-      return Final(Error(ErrorCode::kInvalidRequest,
-                         where + "the URL \"" + RedactUrl(*url) + "\" does not parse"));
+      return Ended(Final(Error(ErrorCode::kInvalidRequest,
+                         where + "the URL \"" + RedactUrl(*url) + "\" does not parse")));
     }
     const std::string host = UrlHost(*url);
     if (!Allowed(raw_url, host)) {
-      return Final(
+      return Ended(Final(
           Error(ErrorCode::kInvalidRequest, where + "host \"" + host +
                                                 "\" is not allowed; name it in the step's url or "
-                                                "under http.allow_hosts in keel.yaml"));
+                                                "under http.allow_hosts in keel.yaml")));
     }
-    net::ClientRequest req;
+    Call call;
+    net::ClientRequest& req = call.req;
+    req.cancel = ctx.cancel;
     req.method = std::string(spec.at("method").as_string());
     req.url = *url;
     req.total_timeout = ctx.step.timeout;
@@ -340,10 +427,10 @@ class HttpStep final : public StepRunner {
         std::string value = v.is_string() ? std::string(v.as_string()) : json::serialize(v);
         // A CR or LF would end the header and start another (or a whole second request).
         if (value.find_first_of(std::string_view("\r\n\0", 3)) != std::string::npos) {
-          return Final(
+          return Ended(Final(
               Error(ErrorCode::kInvalidRequest,
                     where + "the value of header " + std::string(k) +
-                        " holds a CR, LF or NUL: a value rendered into a header must be one line"));
+                        " holds a CR, LF or NUL: a value rendered into a header must be one line")));
         }
         req.headers.emplace_back(std::string(k), std::move(value));
       }
@@ -359,7 +446,16 @@ class HttpStep final : public StepRunner {
         static_cast<std::size_t>(NumberOr(spec.if_contains("max_response_bytes"),
                                           static_cast<double>(config_.http.max_response_bytes)));
     req.max_response_bytes = limit;  // cut off past it, not held whole
-    auto sent = net::SendHttp(req);
+    call.url = *url;
+    call.limit = limit;
+    return call;
+  }
+
+  static Result<StepOutcome> Finish(const StepContext& ctx, const Call& call, Result<net::ClientResponse> sent) {
+    const std::string where = "step \"" + ctx.step.id + "\": ";
+    const net::ClientRequest& req = call.req;
+    const std::string* url = &call.url;
+    const std::size_t limit = call.limit;
     if (!sent.ok() && sent.error().code == ErrorCode::kInvalidOutput) {
       return Final(Error(ErrorCode::kInvalidOutput,
                          where + req.method + " " + RedactUrl(*url) + " answered more than " +
@@ -397,7 +493,6 @@ class HttpStep final : public StepRunner {
     return StepOutcome::Done(std::move(rec));
   }
 
- private:
   // The URL's host is named by the config: literally in the step's URL, or listed.
   bool Allowed(const std::string& raw_url, const std::string& host) const {
     const std::string literal = UrlHost(raw_url);

@@ -1,13 +1,26 @@
 #pragma once
-// The engine: a pool of workers that lease queued runs from the Store and execute their
-// pipelines step by step, checkpointing each finished step before the next starts.
+// The engine: leases queued runs from the Store and executes their pipelines step by
+// step, checkpointing each finished step before the next starts.
+//
+// Threads (fixed, whatever engine.workers is): a lease loop (its own thread: it leases
+// while fewer than engine.workers runs are in flight), two I/O threads on which every
+// run's execution is a C++20 coroutine, a blocking pool of four threads for store calls
+// (commits, which SQLite groups) and for steps that can only block (StepExecution::
+// kBlocking), and the heartbeat thread. An llm or http step, or a map item of one, waits
+// on the network holding no thread (StepRunner::RunAsync on the gateway's and the HTTP
+// client's asynchronous calls); transform, validate, choice, sleep and wait steps run
+// inline on the I/O thread. So engine.workers (default 64, up to 100000) bounds memory
+// and the load sent to providers and tools, not threads.
 //
 // Per step attempt: a success is committed together with the start of the next step; a
 // retryable failure gives the lease back with a backoff delay (the run waits in the
-// queue, holding no worker); a non-retryable failure ends the run `failed`; a retryable
+// queue, holding nothing); a non-retryable failure ends the run `failed`; a retryable
 // failure on the last allowed attempt ends it `dead_lettered`. Leases in flight are
-// extended by a heartbeat thread. A crash leaves the lease to expire; the run is then
-// leased again and resumes at the step that was running (docs/guarantees.md).
+// extended by the heartbeat thread; a lease it finds lost (the run was cancelled or taken
+// over), and the drain timeout, fire the run's CancelSignal, which stops the model or
+// HTTP call in flight at once (and sets StepContext::cancelled for runners that block).
+// A crash leaves the lease to expire; the run is then leased again and resumes at the
+// step that was running (docs/guarantees.md).
 
 #include <memory>
 #include <prometheus/registry.h>
@@ -25,10 +38,11 @@ namespace keel::engine {
 struct Readiness {
   bool ready = true;
   /// Why not, when not ready: "draining", "storage" (its lease calls fail), "stalled"
-  /// (every worker has been inside one lease call or step attempt for longer than
-  /// engine.stall_timeout). Empty when ready.
+  /// (the lease loop has been inside one lease call, or every thread of the blocking
+  /// pool inside one store call or blocking step, for longer than engine.stall_timeout; a
+  /// step waiting on the network holds no thread and is no stall). Empty when ready.
   std::string reason;
-  /// What the reason is about: the lease error, how many workers for how long.
+  /// What the reason is about: the lease error, which threads for how long.
   std::string detail;
 };
 
@@ -40,17 +54,17 @@ class Engine {
                                         Random& random, prometheus::Registry& registry);
   virtual ~Engine() = default;
 
-  /// Starts the workers and the heartbeat thread, and registers as the store's work
-  /// listener (Store::SetWorkListener) until Stop, so that runs queued or woken anywhere
-  /// wake an idle worker at once.
+  /// Starts the engine's threads (none when engine.workers is 0), and registers as the
+  /// store's work listener (Store::SetWorkListener) until Stop, so that runs queued or
+  /// woken anywhere wake the lease loop at once. Call once.
   virtual void Start() = 0;
-  /// Says that a run was queued, so an idle worker looks at once. Thread-safe.
+  /// Says that a run was queued, so the lease loop looks at once. Thread-safe.
   virtual void Notify() = 0;
   /// Drains: no new leases; runs in flight finish the step they are in, checkpoint it and
   /// give their lease back. Steps still running after engine.drain_timeout are stopped
   /// (llm and http calls are abandoned, maps take no more items); their attempts are
   /// recorded as interrupted and their runs are due at once, for another node. Returns
-  /// when every worker has stopped. Idempotent.
+  /// when every run's execution has ended and the engine's threads are joined. Idempotent.
   virtual void Stop() = 0;
   /// Whether Stop() has begun.
   virtual bool draining() const = 0;

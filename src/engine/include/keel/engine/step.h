@@ -4,10 +4,13 @@
 // which it runs itself (it fans out over the other runners and checkpoints each item).
 
 #include <atomic>
+#include <boost/asio/any_io_executor.hpp>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
 
+#include "keel/core/cancel.h"
 #include "keel/core/clock.h"
 #include "keel/core/config.h"
 #include "keel/core/json.h"
@@ -36,6 +39,9 @@ struct StepContext {
   const std::atomic<bool>* cancelled = nullptr;
   /// The lease the run is executed under (for steps that write to the store).
   const store::Lease* lease = nullptr;
+  /// Fired with `cancelled` (run cancelled, lease lost, drain timeout): an asynchronous
+  /// call in flight (a model call, an HTTP request) registered on it stops at once.
+  std::shared_ptr<CancelSignal> cancel;
 };
 
 /// The checkpoint a step leaves: {"output": ...} plus kind-specific fields (an llm step
@@ -71,11 +77,36 @@ struct StepOutcome {
   }
 };
 
+/// Where the engine runs an attempt of a kind (StepRunner::execution()).
+enum class StepExecution {
+  /// Run() is CPU-only and quick (a template, a schema, a condition): called on the
+  /// engine's I/O thread.
+  kInline,
+  /// Run() may block (on the store): called on the engine's small blocking pool.
+  kBlocking,
+  /// RunAsync() holds no thread while it waits (a model call, an HTTP request): called
+  /// on the engine's I/O thread, it returns at once and calls `done` later.
+  kAsync,
+};
+
+/// One kind's attempts. Thread-safe: the engine runs attempts of many runs at once.
 class StepRunner {
  public:
+  using Done = std::function<void(Result<StepOutcome>)>;
+
   virtual ~StepRunner() = default;
   /// Executes one attempt. Blocking; bounded by the step's timeout.
   virtual Result<StepOutcome> Run(const StepContext& ctx) = 0;
+  /// How the engine calls this kind. Default: kBlocking.
+  virtual StepExecution execution() const { return StepExecution::kBlocking; }
+  /// Executes one attempt without holding the calling thread while it waits; `done` is
+  /// called exactly once, on `executor` or on a thread of the runner's own (the engine
+  /// moves back to its executor). `ctx` and everything it refers to stay valid until
+  /// `done` is called. Default: done(Run(ctx)), here.
+  virtual void RunAsync(const StepContext& ctx, const boost::asio::any_io_executor& executor, Done done) {
+    (void)executor;
+    done(Run(ctx));
+  }
 };
 
 }  // namespace keel::engine
