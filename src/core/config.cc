@@ -373,8 +373,14 @@ class Reader {
   std::size_t text_ = 0;
 };
 
-RetryConfig ReadRetry(Reader& r, const YAML::Node& n, RetryConfig base, const std::string& what) {
-  r.Keys(n, what, {"max_attempts", "initial_backoff", "multiplier", "max_backoff", "jitter"});
+// `route`: a route's retry, which also holds the same-target rules (read by ReadRoute).
+RetryConfig ReadRetry(Reader& r, const YAML::Node& n, RetryConfig base, const std::string& what, bool route = false) {
+  if (route) {
+    r.Keys(n, what, {"max_attempts", "initial_backoff", "multiplier", "max_backoff", "jitter",
+                     "same_target_retry_after_max", "same_target_on_5xx"});
+  } else {
+    r.Keys(n, what, {"max_attempts", "initial_backoff", "multiplier", "max_backoff", "jitter"});
+  }
   if (n["max_attempts"]) base.max_attempts = static_cast<int>(r.Int(n["max_attempts"], what + ".max_attempts", 1, 100));
   if (n["initial_backoff"]) base.backoff.initial = r.Dur(n["initial_backoff"], what + ".initial_backoff");
   if (n["multiplier"]) base.backoff.multiplier = r.Double(n["multiplier"], what + ".multiplier", 1.0, 100.0);
@@ -430,9 +436,13 @@ ProviderConfig ReadProvider(Reader& r, const std::string& name, const YAML::Node
   }
   if (n["api_key"]) p.api_key = r.Str(n["api_key"], what + ".api_key");
   p.model = n["model"] ? r.Str(n["model"], what + ".model") : name;
-  if (n["context_window"]) p.context_window = r.Int(n["context_window"], what + ".context_window", 1, 100'000'000);
+  if (n["context_window"]) {
+    p.context_window = r.Int(n["context_window"], what + ".context_window", 1, 100'000'000);
+    p.context_window_set = true;
+  }
   if (const auto t = n["timeout"]) {
-    r.Keys(t, what + ".timeout", {"connect", "total", "first_byte", "idle"});
+    r.Keys(t, what + ".timeout", {"connect", "total", "first_byte", "idle", "first_token"});
+    if (t["first_token"]) p.timeout.first_token = r.Dur(t["first_token"], what + ".timeout.first_token");
     if (t["first_byte"]) p.timeout.first_byte = r.Dur(t["first_byte"], what + ".timeout.first_byte", Duration(1));
     if (t["idle"]) p.timeout.idle = r.Dur(t["idle"], what + ".timeout.idle", Duration(1));
     if (t["connect"]) p.timeout.connect = r.Dur(t["connect"], what + ".timeout.connect", Duration(1));
@@ -495,7 +505,19 @@ RouteConfig ReadRoute(Reader& r, const std::string& name, const YAML::Node& n) {
     if (t["tier"]) target.tier = static_cast<int>(r.Int(t["tier"], what + " target tier", 1, 100));
     route.targets.push_back(std::move(target));
   }
-  if (n["retry"]) route.retry = ReadRetry(r, n["retry"], route.retry, what + ".retry");
+  if (const auto rt = n["retry"]) {
+    route.retry = ReadRetry(r, rt, route.retry, what + ".retry", /*route=*/true);
+    if (rt["same_target_retry_after_max"]) {
+      route.same_target_retry_after_max =
+          r.Dur(rt["same_target_retry_after_max"], what + ".retry.same_target_retry_after_max");
+      if (route.same_target_retry_after_max > Duration(3'600'000)) {
+        Fail(rt["same_target_retry_after_max"], what + ".retry.same_target_retry_after_max must be at most 1h");
+      }
+    }
+    if (rt["same_target_on_5xx"]) {
+      route.same_target_on_5xx = static_cast<int>(r.Int(rt["same_target_on_5xx"], what + ".retry.same_target_on_5xx", 0, 10));
+    }
+  }
   if (route.retry.max_attempts > 10) Fail(n["retry"], what + ".retry.max_attempts must be at most 10");
   if (const auto b = n["retry_budget"]) {
     r.Keys(b, what + ".retry_budget", {"ratio", "min_per_second"});

@@ -774,6 +774,54 @@ routes:
   EXPECT_EQ(r.timeout, Duration(30000));
 }
 
+TEST(ConfigTest, FirstTokenSameTargetRulesAndGuessedWindowsAreRead) {
+  auto c = ParseConfig(R"(providers:
+  a: {type: mock, context_window: 32000, timeout: {first_token: 15s}}
+  b: {type: mock}
+routes:
+  plain: {targets: [{provider: a}]}
+  tuned:
+    targets: [{provider: a}, {provider: b}]
+    retry: {max_attempts: 4, same_target_retry_after_max: 2s, same_target_on_5xx: 0}
+)",
+                       Env());
+  ASSERT_OK(c);
+  EXPECT_EQ(c->providers.at("a").timeout.first_token, milliseconds(15000));
+  EXPECT_EQ(c->providers.at("b").timeout.first_token, milliseconds(0)) << "default: off";
+  EXPECT_TRUE(c->providers.at("a").context_window_set);
+  EXPECT_FALSE(c->providers.at("b").context_window_set);
+  EXPECT_EQ(c->providers.at("b").context_window, 128000);
+  const auto& plain = c->routes.at("plain");
+  EXPECT_EQ(plain.same_target_retry_after_max, milliseconds(5000));
+  EXPECT_EQ(plain.same_target_on_5xx, 1);
+  const auto& tuned = c->routes.at("tuned");
+  EXPECT_EQ(tuned.retry.max_attempts, 4);
+  EXPECT_EQ(tuned.same_target_retry_after_max, milliseconds(2000));
+  EXPECT_EQ(tuned.same_target_on_5xx, 0);
+
+  const std::string head =
+      "providers:\n  a: {type: mock}\nroutes:\n  r:\n    targets: [{provider: a}]\n";
+  ExpectConfigError(head + "    retry: {same_target_on_5xx: 11}\n",
+                    {"line 6", "same_target_on_5xx must be between 0 and 10"});
+  ExpectConfigError(head + "    retry: {same_target_retry_after_max: 2h}\n",
+                    {"line 6", "same_target_retry_after_max must be at most 1h"});
+  ExpectConfigError(head + "    retry: {same_target_retry_after_max: soon}\n",
+                    {"line 6", "same_target_retry_after_max"});
+  ExpectConfigError("providers:\n  a: {type: mock, timeout: {first_token: soon}}\n",
+                    {"line 2", "timeout.first_token"});
+  // The same-target rules are a route's: a pipeline's retry refuses them.
+  ExpectConfigError(R"(providers:
+  a: {type: mock}
+pipelines:
+  p:
+    retry: {same_target_on_5xx: 1}
+    steps:
+      - id: s
+        llm: {route: a, messages: [{role: user, content: hi}]}
+)",
+                    {"line 5", "unknown key \"same_target_on_5xx\""});
+}
+
 TEST(ConfigTest, RouteCacheIsAbsentByDefaultAndReadWithDefaults) {
   auto c = ParseConfig(R"(providers:
   a: {type: mock}

@@ -41,12 +41,24 @@ Admitted Admission::Pick(RouteState& route, const AdmissionAsk& ask) {
   const std::vector<TargetState*>& tried = ask.tried ? *ask.tried : kNone;
   const Timestamp now = clock_.Now();
   const auto order = Order(route, now, random_);
+  const std::vector<TargetState*>& excluded = ask.excluded ? *ask.excluded : kNone;
   const bool may_add = static_cast<int>(tried.size()) < route.config.max_failover;
+  auto is_in = [](const std::vector<TargetState*>& v, const TargetState* t) {
+    return std::find(v.begin(), v.end(), t) != v.end();
+  };
   Admitted out;
-  for (int pass = 0; pass < (ask.may_repeat ? 2 : 1); ++pass) {
+  // Pass 0: the preferred target; 1: untried ones; 2: tried ones again.
+  for (int pass = ask.prefer ? 0 : 1; pass < (ask.may_repeat ? 3 : 2); ++pass) {
     for (auto* t : order) {
-      const bool was_tried = std::find(tried.begin(), tried.end(), t) != tried.end();
-      if (pass == 0 ? (was_tried || !may_add) : !was_tried) continue;
+      if (is_in(excluded, t)) continue;
+      const bool was_tried = is_in(tried, t);
+      if (pass == 0) {
+        if (t != ask.prefer) continue;
+      } else if (t == ask.prefer) {
+        continue;  // already asked
+      } else if (pass == 1 ? (was_tried || !may_add) : !was_tried) {
+        continue;
+      }
       bool shared = false;
       const Refusal r = Admit(*t, ask, now, out.rate_wait, shared);
       if (r == Refusal::kNone) {

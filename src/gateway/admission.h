@@ -40,6 +40,12 @@ struct AdmissionAsk {
   const std::vector<TargetState*>* tried = nullptr;
   /// Whether a tried target may take the call again (after the untried ones).
   bool may_repeat = true;
+  /// Targets never to take the call again (one that timed out, one whose guessed window
+  /// was too small); null: none.
+  const std::vector<TargetState*>* excluded = nullptr;
+  /// A target asked first, before the untried ones (the same-target rules of
+  /// docs/gateway.md: a short Retry-After, a 5xx); null: the usual order.
+  TargetState* prefer = nullptr;
   /// After a context_length error: only windows larger than this (0: any).
   int64_t min_window = 0;
   /// The window the prompt needs, in estimated tokens.
@@ -65,9 +71,9 @@ class Admission {
   Admission(const Clock& clock, Random& random, SharedLimits* shared);
 
   /// The first target of the route, in its strategy's order, that admits the call:
-  /// untried targets before tried ones (when ask.may_repeat), and no new target once
-  /// max_failover distinct targets were tried. Every target passed over is counted in
-  /// keel_gateway_refusals_total.
+  /// ask.prefer first, then untried targets before tried ones (when ask.may_repeat), and
+  /// no new target once max_failover distinct targets were tried; never an excluded one. Every
+  /// target passed over is counted in keel_gateway_refusals_total.
   Admitted Pick(RouteState& route, const AdmissionAsk& ask);
 
   /// Undoes an admission whose call was not made: the slot and tokens go back, and the

@@ -45,12 +45,38 @@ bool MakesAttempt(Verdict verdict) {
          verdict == Verdict::kFailover;
 }
 
+bool CarriesToken(const json::object& chunk) {
+  const json::value* choices = chunk.if_contains("choices");
+  if (choices == nullptr || !choices->is_array()) return false;
+  for (const auto& ch : choices->get_array()) {
+    if (!ch.is_object()) continue;
+    const auto& o = ch.get_object();
+    if (const auto* f = o.if_contains("finish_reason"); f && !f->is_null()) return true;
+    const auto* d = o.if_contains("delta");
+    if (d == nullptr || !d->is_object()) continue;
+    const auto& delta = d->get_object();
+    if (!MessageText(delta.if_contains("content")).empty()) return true;
+    if (const auto* t = delta.if_contains("tool_calls");
+        t && t->is_array() && !t->get_array().empty())
+      return true;
+    if (const auto* r = delta.if_contains("refusal");
+        r && r->is_string() && !r->get_string().empty())
+      return true;
+  }
+  return false;
+}
+
 namespace {
 
 // The attempt goes to the target Pick admitted.
 void Take(Call& c, const Admitted& a) {
   if (std::find(c.tried.begin(), c.tried.end(), a.target) == c.tried.end())
     c.tried.push_back(a.target);
+  if (a.target == c.previous && c.last && c.last->code == ErrorCode::kServerError) {
+    ++c.same_5xx;
+  } else {
+    c.same_5xx = 0;
+  }
   c.previous = a.target;
   c.target = a.target;
   c.shared = a.shared;
@@ -148,7 +174,9 @@ Verdict AttemptLoop::Decide(Call& c) {
   }
   AdmissionAsk ask;
   ask.tried = &c.tried;
+  ask.excluded = &c.excluded;
   ask.may_repeat = !req.failover_only;
+  ask.prefer = SameTargetFirst(c) ? c.previous : nullptr;
   ask.min_window = c.min_window;
   ask.needed_window = std::max(c.prompt_tokens, c.min_window + 1);
   ask.estimate = c.estimate;
@@ -199,11 +227,44 @@ Verdict AttemptLoop::Decide(Call& c) {
   return Verdict::kFailover;
 }
 
-void AttemptLoop::Prepare(Call& c) {
+bool AttemptLoop::SameTargetFirst(const Call& c) const {
+  if (!c.last || c.previous == nullptr || c.req.failover_only) return false;
+  const RouteConfig& rc = c.route->config;
+  switch (c.last->code) {
+    case ErrorCode::kRateLimited:
+      // A short Retry-After that the deadline leaves time for: the target will be free
+      // again soon, and it may be the one the caller prefers.
+      return c.last->retry_after && *c.last->retry_after <= rc.same_target_retry_after_max &&
+             clock_.SteadyNow() + *c.last->retry_after < c.deadline;
+    case ErrorCode::kServerError:
+      // One 500 or 502 is often a blip: the same target again, a bounded number of times.
+      return c.same_5xx < rc.same_target_on_5xx;
+    default:
+      // overloaded (503, 529), network (resets), timeouts, invalid_output: elsewhere first.
+      return false;
+  }
+}
+
+void AttemptLoop::Prepare(Call& c, Timer& timer) {
   c.body = c.req.body;
   c.body["model"] = c.target->provider->config.model;
   c.t0 = clock_.SteadyNow();
   c.left = std::max(Duration(1), std::chrono::duration_cast<Duration>(c.deadline - c.t0));
+  c.prelude.clear();
+  c.watch.reset();
+  c.attempt_req.reset();
+  const Duration first_token = c.target->provider->config.timeout.first_token;
+  if (c.stream && first_token.count() > 0 && first_token < c.left) {
+    auto watch = std::make_shared<FirstTokenWatch>();
+    c.attempt_req.emplace(c.req);
+    c.attempt_req->cancel = CancelSignal::Either(c.req.cancel, watch->own);
+    c.watch = watch;
+    timer.After(first_token, [watch] {
+      int waiting = FirstTokenWatch::kWaiting;
+      if (watch->state.compare_exchange_strong(waiting, FirstTokenWatch::kExpired))
+        watch->own->Cancel();
+    });
+  }
 }
 
 void AttemptLoop::Abandon(Call& c) {
@@ -225,7 +286,49 @@ void AttemptLoop::OnFirstChunk(Call& c) {
   c.target->provider->metrics.ttft->Observe(std::chrono::duration<double>(now - c.t0).count());
 }
 
+bool AttemptLoop::Relay(Call& c, const json::object& chunk, const ChunkOut& out) {
+  if (!c.forwarded) {
+    if (c.watch) {
+      if (!CarriesToken(chunk)) {
+        c.prelude.push_back(chunk);
+        return c.watch->state.load() != FirstTokenWatch::kExpired;
+      }
+      int waiting = FirstTokenWatch::kWaiting;
+      if (!c.watch->state.compare_exchange_strong(waiting, FirstTokenWatch::kSeen)) return false;
+    }
+    OnFirstChunk(c);
+    for (const auto& held : c.prelude) {
+      if (!out(held)) return false;
+    }
+    c.prelude.clear();
+  }
+  return out(chunk);
+}
+
+void AttemptLoop::Flush(Call& c, const ChunkOut& out) {
+  if (c.prelude.empty()) return;
+  if (!c.forwarded) OnFirstChunk(c);
+  for (const auto& held : c.prelude) {
+    if (!out(held)) break;
+  }
+  c.prelude.clear();
+}
+
 void AttemptLoop::OnResult(Call& c, Result<ChatResult> r) {
+  if (c.watch) {
+    // The attempt is over: a timer still pending does nothing.
+    int waiting = FirstTokenWatch::kWaiting;
+    const bool expired = !c.watch->state.compare_exchange_strong(waiting, FirstTokenWatch::kSeen) &&
+                         waiting == FirstTokenWatch::kExpired;
+    if (expired && !r.ok() && !c.forwarded && !Cancelled(c.req)) {
+      r = Error(ErrorCode::kTimeout,
+                "provider " + c.target->target.provider +
+                    " sent no token within its first_token timeout of " +
+                    std::to_string(c.target->provider->config.timeout.first_token.count()) + "ms");
+    }
+    c.watch.reset();
+    c.attempt_req.reset();
+  }
   r = Finish(c, std::move(r));
   if (r.ok()) {
     r->attempts = c.attempts;
@@ -240,8 +343,19 @@ void AttemptLoop::OnResult(Call& c, Result<ChatResult> r) {
     return;
   }
   c.last = std::move(r).error();
+  const ProviderConfig& pc = c.target->provider->config;
   if (c.last->code == ErrorCode::kContextLength) {
-    c.min_window = std::max(c.min_window, c.target->provider->config.context_window);
+    if (pc.context_window_set) {
+      c.min_window = std::max(c.min_window, pc.context_window);
+    } else {
+      // Its window is a guess: another target may well have a larger one, whatever its
+      // own (guessed) window says; only this one is not asked again.
+      c.excluded.push_back(c.target);
+    }
+  } else if (c.last->code == ErrorCode::kTimeout && !c.forwarded) {
+    // It stayed silent (connect, first byte, first token, or the whole call): asking it
+    // again within this call would spend the deadline on it twice.
+    c.excluded.push_back(c.target);
   }
 }
 

@@ -7,7 +7,8 @@
 //   if Begin(call):                       route, windows, cache, budget, max attempts
 //     while MakesAttempt(Next(call)):     one decision, one Verdict, counted
 //       wait call.delay on the timer      > 0 only before a retry of the same target
-//       Prepare(call); provider call with call.body and call.left
+//       Prepare(call); provider call with call.body, call.left, call.attempt_request(),
+//                      its stream's chunks through Relay (and Flush once it answered)
 //       OnResult(call, result)            accounts for the attempt, keeps its outcome
 //   call.result holds the answer
 //
@@ -21,8 +22,11 @@
 // driver runs it, one step after the other (the asynchronous driver from thread to thread,
 // each step ordered after the previous one).
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <optional>
 #include <string_view>
 #include <vector>
@@ -30,9 +34,11 @@
 #include "admission.h"
 #include "call_cache.h"
 #include "gateway_metrics.h"
+#include "keel/core/cancel.h"
 #include "keel/core/clock.h"
 #include "keel/core/random.h"
 #include "keel/core/result.h"
+#include "keel/core/timer.h"
 #include "keel/gateway/gateway.h"
 #include "route_table.h"
 
@@ -67,6 +73,20 @@ std::string_view VerdictName(Verdict verdict);
 /// kFirstAttempt, kRetrySameTarget and kFailover.
 bool MakesAttempt(Verdict verdict);
 
+/// A streamed attempt's first_token timeout (timeout.first_token of its provider): the
+/// timer and the relay race to move `state` from kWaiting, once. Shared with the timer's
+/// callback, which may outlive the call. Thread-safe.
+struct FirstTokenWatch {
+  static constexpr int kWaiting = 0, kSeen = 1, kExpired = 2;
+  std::atomic<int> state{kWaiting};
+  /// Cancelled when the timeout expires: the attempt's own signal, under the request's.
+  std::shared_ptr<CancelSignal> own = std::make_shared<CancelSignal>();
+};
+
+/// Whether a chat.completion.chunk carries part of the answer: content, a tool call, a
+/// refusal or a finish reason (not a role-only chunk, nor the usage chunk).
+bool CarriesToken(const json::object& chunk);
+
 /// The state of one call through a route. The drivers read the attempt's fields (target,
 /// delay, body, left) after Next and Prepare; the rest is the loop's.
 struct Call {
@@ -82,6 +102,10 @@ struct Call {
   int64_t estimate = 0;  // prompt tokens plus max_tokens
   int max_attempts = 0;
   std::vector<TargetState*> tried;  // distinct targets, in the order tried
+  // Never called again by this call: a target that timed out, one whose guessed window
+  // answered context_length.
+  std::vector<TargetState*> excluded;
+  int same_5xx = 0;                 // retries of `previous` in a row after a server_error
   TargetState* previous = nullptr;  // the last attempt's
   std::optional<Error> last;        // the last attempt's failure
   int64_t min_window = 0;           // after a context_length error: a larger window is needed
@@ -97,7 +121,14 @@ struct Call {
   json::object body;
   Duration left{0};
   SteadyTime t0{};
+  // A stream under first_token: the watch, the request the attempt is made with (its
+  // cancel signal the watch's), and the chunks held back until the first token.
+  std::shared_ptr<FirstTokenWatch> watch;
+  std::optional<ChatRequest> attempt_req;
+  std::vector<json::object> prelude;
   CallCache cache;
+  /// The request to pass to the provider for the attempt Prepare readied.
+  const ChatRequest& attempt_request() const { return attempt_req ? *attempt_req : req; }
   /// Set when the call is done: by Begin (false), by OnResult (an answer), by Next (a
   /// Verdict that makes no attempt).
   std::optional<Result<ChatResult>> result;
@@ -120,8 +151,11 @@ class AttemptLoop {
   Verdict Next(Call& c);
 
   /// Readies the attempt Next chose, once its delay has passed: the body naming the
-  /// target's model, and the time left until the deadline (at least 1ms).
-  void Prepare(Call& c);
+  /// target's model, and the time left until the deadline (at least 1ms). A stream to a
+  /// provider with timeout.first_token arms it on `timer`: past it with no token relayed,
+  /// the attempt's request (attempt_request()) is cancelled and its failure becomes a
+  /// kTimeout. `timer` must outlive the callback it schedules, or drop it.
+  void Prepare(Call& c, Timer& timer);
 
   /// Gives back the admission of the attempt Next chose, which will not be made (the call
   /// was cancelled during its backoff); the next Next decides kCancelled.
@@ -133,6 +167,15 @@ class AttemptLoop {
   /// A stream's first chunk is about to reach the caller: from here on no failover.
   void OnFirstChunk(Call& c);
 
+  /// Passes a stream's chunk on to `out` (the caller's sink): under first_token, chunks
+  /// that carry no token are held back until one does (or the stream ends: Flush), so a
+  /// failover stays invisible; the first one relayed marks the first chunk. False: stop
+  /// the stream (`out` refused, or the first_token timeout expired first).
+  using ChunkOut = std::function<bool(const json::object&)>;
+  bool Relay(Call& c, const json::object& chunk, const ChunkOut& out);
+  /// After a stream answered: the chunks still held back go to `out`.
+  void Flush(Call& c, const ChunkOut& out);
+
   /// Accounts for the attempt's outcome (the target's slot, latency, breaker, metrics, the
   /// real usage instead of the estimate, secrets redacted from errors) and keeps it for
   /// the next decision; an answer sets c.result and is stored in the cache.
@@ -140,6 +183,10 @@ class AttemptLoop {
 
  private:
   Verdict Decide(Call& c);
+  // Whether the last failure asks for the same target first (docs/gateway.md, "Same
+  // target or another"): a 429 with a short Retry-After, or a server_error under
+  // retry.same_target_on_5xx.
+  bool SameTargetFirst(const Call& c) const;
   Result<ChatResult> Finish(Call& c, Result<ChatResult> r);
   // The answer of a call that ran out of attempts, time or targets: its last failure.
   Result<ChatResult> End(Call& c);

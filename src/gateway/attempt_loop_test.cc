@@ -1,9 +1,13 @@
 // The gateway's resilience loop on a ManualClock and a ManualTimer, through the public
 // Gateway, with scripted providers (GatewayDeps::make_provider): failover by error class,
-// Retry-After and backoff, the retry budget, max_attempts, circuit breakers, deadlines,
-// context windows, every strategy's order, admission limits, streams, cancellation, and
-// the verdict counted for each decision. No sockets, no sleeps: time moves only when a
+// the same-target rules (a short Retry-After, one 5xx, no second call to a silent target),
+// streams' first_token timeout, Retry-After and backoff, the retry budget, max_attempts,
+// circuit breakers (and what they count), deadlines, context windows (configured or
+// guessed), every strategy's order, admission limits, streams, cancellation, and the
+// verdict counted for each decision. No sockets, no sleeps: time moves only when a
 // test (or a fake's simulated latency, or a backoff on the ManualTimer) moves it.
+
+#include "attempt_loop.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -42,7 +46,17 @@ struct Step {
   Duration latency{0};         // the clock moves this much during the call
   int chunks = 0;              // streams that fail: chunks sent before the error
   bool hold = false;           // ChatAsync: answer only when the test releases it
+  bool role_first = false;     // streams: a role-only chunk first (no token)
+  Duration stall{0};           // streams: silence before the first token, on the ManualTimer;
+                               // ends early (kCancelled) when the attempt is cancelled
 };
+
+Step Stall(Duration stall) {
+  Step s;
+  s.role_first = true;
+  s.stall = stall;
+  return s;
+}
 
 Step Fail(ErrorCode code, std::optional<Duration> retry_after = std::nullopt,
           Duration latency = Duration(0)) {
@@ -136,11 +150,12 @@ std::vector<json::object> Chunks() {
 // A detail::Provider that follows its Script, on the test's ManualClock.
 class FakeProvider final : public detail::Provider {
  public:
-  FakeProvider(std::string name, std::shared_ptr<Script> script, ManualClock& clock, bool async,
-               std::vector<std::string>& log, std::mutex& log_mu)
+  FakeProvider(std::string name, std::shared_ptr<Script> script, ManualClock& clock,
+               ManualTimer& timer, bool async, std::vector<std::string>& log, std::mutex& log_mu)
       : name_(std::move(name)),
         script_(std::move(script)),
         clock_(clock),
+        timer_(timer),
         async_(async),
         log_(log),
         log_mu_(log_mu) {}
@@ -157,9 +172,25 @@ class FakeProvider final : public detail::Provider {
     if (s.hold) return script_->Hold(std::move(answer));
     boost::asio::post(executor, std::move(answer));
   }
-  Result<ChatResult> ChatStream(const json::object& body, const ChatRequest&, Duration timeout,
+  Result<ChatResult> ChatStream(const json::object& body, const ChatRequest& req, Duration timeout,
                                 const Gateway::ChunkSink& on_chunk) override {
     const Step s = Begin(body, timeout);
+    if (s.role_first) {
+      const json::object role{
+          {"object", "chat.completion.chunk"},
+          {"choices", json::array{json::object{{"index", 0},
+                                               {"delta", json::object{{"role", "assistant"}}},
+                                               {"finish_reason", nullptr}}}}};
+      if (!on_chunk(role)) return Error(ErrorCode::kCancelled, "the reader stopped");
+    }
+    auto cancelled = [&req] { return req.cancel && req.cancel->cancelled(); };
+    const Timestamp end = clock_.Now() + s.stall;
+    for (int i = 0; i < 100 && clock_.Now() < end && !cancelled(); ++i) {
+      const auto due = timer_.next_due();
+      const Timestamp until = due && *due < end ? std::max(*due, clock_.Now()) : end;
+      timer_.Advance(until - clock_.Now());
+    }
+    if (cancelled()) return Error(ErrorCode::kCancelled, "the call was cancelled");
     const auto chunks = Chunks();
     const std::size_t n = s.error ? static_cast<std::size_t>(s.chunks) : chunks.size();
     for (std::size_t i = 0; i < n && i < chunks.size(); ++i) {
@@ -214,6 +245,7 @@ class FakeProvider final : public detail::Provider {
   std::string name_;
   std::shared_ptr<Script> script_;
   ManualClock& clock_;
+  ManualTimer& timer_;
   bool async_;
   std::vector<std::string>& log_;
   std::mutex& log_mu_;
@@ -235,7 +267,8 @@ class GatewayLoopTest : public ::testing::Test {
     deps.timer = &timer_;
     deps.make_provider = [this,
                           async](const ProviderConfig& p) -> std::unique_ptr<detail::Provider> {
-      return std::make_unique<FakeProvider>(p.name, ScriptOf(p.name), clock_, async, log_, log_mu_);
+      return std::make_unique<FakeProvider>(p.name, ScriptOf(p.name), clock_, timer_, async, log_,
+                                            log_mu_);
     };
     auto g = Gateway::Create(*config, *registry_, clock_, *random_, std::move(deps));
     ASSERT_OK(g);
@@ -325,9 +358,10 @@ const std::string kAB = "  a: {type: mock}\n  b: {type: mock}\n";
 
 // ---- Failover by error class ------------------------------------------------------------
 
-TEST_F(GatewayLoopTest, ServerErrorsNetworkTimeoutsOverloadAndGarbageFailOverAtOnce) {
-  for (ErrorCode code : {ErrorCode::kServerError, ErrorCode::kNetwork, ErrorCode::kTimeout,
-                         ErrorCode::kOverloaded, ErrorCode::kInvalidOutput}) {
+TEST_F(GatewayLoopTest, ResetsTimeoutsOverloadAndGarbageFailOverAtOnce) {
+  // server_error (500, 502, 504) first retries the same target: see OneServerError...
+  for (ErrorCode code : {ErrorCode::kNetwork, ErrorCode::kTimeout, ErrorCode::kOverloaded,
+                         ErrorCode::kInvalidOutput}) {
     SCOPED_TRACE(ErrorCodeName(code));
     scripts_.clear();
     script("a").Always(Fail(code));
@@ -550,7 +584,7 @@ TEST_F(GatewayLoopTest, NoTimeAtAllIsATimeoutBeforeAnyAttempt) {
 // ---- Circuit breakers --------------------------------------------------------------------
 
 TEST_F(GatewayLoopTest, TheBreakerOpensThenLetsOneTrialThroughAfterOpenFor) {
-  script("a").Always(Fail(ErrorCode::kServerError));
+  script("a").Always(Fail(ErrorCode::kOverloaded));
   Start(kAB,
         "  r:\n    targets: [{provider: a}, {provider: b, tier: 2}]\n"
         "    circuit_breaker: {consecutive_failures: 2, min_requests: 1000, open_for: 5s}\n");
@@ -661,8 +695,8 @@ TEST_F(GatewayLoopTest, APromptLargerThanEveryWindowCallsNothingAndMakesNoDecisi
 using RouteStrategyTest = GatewayLoopTest;
 
 TEST_F(RouteStrategyTest, PriorityTriesTiersInOrderThenAsListed) {
-  script("b").Always(Fail(ErrorCode::kServerError));
-  script("c").Always(Fail(ErrorCode::kServerError));
+  script("b").Always(Fail(ErrorCode::kOverloaded));
+  script("c").Always(Fail(ErrorCode::kOverloaded));
   Start(kAB + "  c: {type: mock}\n",
         "  r: {strategy: priority, targets: [{provider: a, tier: 2}, {provider: b}, {provider: "
         "c}], retry_budget: {ratio: 10}}\n");
@@ -819,7 +853,7 @@ TEST_F(AdmissionTest, ARateLimitIsReportedOverOtherRefusals) {
 // ---- Streams, embeddings, cancellation ---------------------------------------------------
 
 TEST_F(GatewayLoopTest, AStreamFailsOverInvisiblyBeforeItsFirstChunk) {
-  script("a").Always(Fail(ErrorCode::kServerError));
+  script("a").Always(Fail(ErrorCode::kOverloaded));
   Start(kAB, "  r: {targets: [{provider: a}, {provider: b}]}\n");
   std::vector<json::object> got;
   auto req = Request("r");
@@ -932,10 +966,243 @@ TEST_F(GatewayLoopTest, CancellingDuringABackoffEndsTheCallAtOnceAndFreesTheSlot
   EXPECT_EQ(script("a").calls(), 2);
 }
 
+// ---- Same target or another (docs/gateway.md, "Same target or another") ------------------
+
+TEST_F(GatewayLoopTest, AShortRetryAfterRetriesTheSameTargetInsteadOfFailingOver) {
+  const std::string routes =
+      "  r: {targets: [{provider: a}, {provider: b}], retry: {initial_backoff: 100ms, jitter: 0}}\n"
+      "  off: {targets: [{provider: a}, {provider: b}], retry: {same_target_retry_after_max: "
+      "0s}}\n";
+  script("a").Then(Fail(ErrorCode::kRateLimited, Duration(2000)));
+  script("a").Then(Answer());
+  Start(kAB, routes);
+  auto r = gateway_->Chat(Request("r"));
+  ASSERT_OK(r);
+  EXPECT_EQ(r->provider, "a");
+  EXPECT_EQ(r->attempts, 2);
+  EXPECT_EQ(r->failovers, 0);
+  EXPECT_EQ(Elapsed(), milliseconds(2000)) << "after its Retry-After";
+  EXPECT_EQ(script("b").calls(), 0);
+  EXPECT_EQ(Verdicts("r", "retry_same_target"), 1);
+  EXPECT_EQ(Verdicts("r", "failover"), 0);
+
+  // Longer than retry.same_target_retry_after_max (default 5s): elsewhere at once.
+  scripts_.clear();
+  script("a").Then(Fail(ErrorCode::kRateLimited, Duration(6000)));
+  Start(kAB, routes);
+  r = gateway_->Chat(Request("r"));
+  ASSERT_OK(r);
+  EXPECT_EQ(r->provider, "b");
+  EXPECT_EQ(Elapsed(), Duration(0));
+  EXPECT_EQ(Verdicts("r", "failover"), 1);
+
+  // Short, but past the deadline: elsewhere at once.
+  scripts_.clear();
+  script("a").Then(Fail(ErrorCode::kRateLimited, Duration(2000)));
+  Start(kAB, routes);
+  auto req = Request("r");
+  req.timeout = Duration(1500);
+  r = gateway_->Chat(req);
+  ASSERT_OK(r);
+  EXPECT_EQ(r->provider, "b");
+  EXPECT_EQ(Elapsed(), Duration(0));
+
+  // same_target_retry_after_max: 0 turns the rule off.
+  scripts_.clear();
+  script("a").Then(Fail(ErrorCode::kRateLimited, Duration(2000)));
+  Start(kAB, routes);
+  r = gateway_->Chat(Request("off"));
+  ASSERT_OK(r);
+  EXPECT_EQ(r->provider, "b");
+  EXPECT_EQ(Elapsed(), Duration(0));
+}
+
+TEST_F(GatewayLoopTest, OneServerErrorRetriesTheSameTargetOnceThenFailsOver) {
+  const std::string routes =
+      "  r:\n    targets: [{provider: a}, {provider: b}]\n"
+      "    retry: {max_attempts: 4, initial_backoff: 100ms, jitter: 0}\n"
+      "    retry_budget: {ratio: 10}\n    circuit_breaker: {consecutive_failures: 0}\n"
+      "  twice:\n    targets: [{provider: a}, {provider: b}]\n"
+      "    retry: {max_attempts: 4, initial_backoff: 100ms, jitter: 0, same_target_on_5xx: 2}\n"
+      "    retry_budget: {ratio: 10}\n    circuit_breaker: {consecutive_failures: 0}\n"
+      "  never:\n    targets: [{provider: a}, {provider: b}]\n"
+      "    retry: {same_target_on_5xx: 0}\n";
+  script("a").Always(Fail(ErrorCode::kServerError));
+  Start(kAB, routes);
+  auto r = gateway_->Chat(Request("r"));
+  ASSERT_OK(r);
+  EXPECT_EQ(r->provider, "b");
+  EXPECT_THAT(TakeLog(), ElementsAre("a", "a", "b"));
+  EXPECT_EQ(Elapsed(), milliseconds(100)) << "the same target after a backoff, then b at once";
+  EXPECT_EQ(Verdicts("r", "retry_same_target"), 1);
+  EXPECT_EQ(Verdicts("r", "failover"), 1);
+
+  ASSERT_OK(gateway_->Chat(Request("twice")));
+  EXPECT_THAT(TakeLog(), ElementsAre("a", "a", "a", "b"));
+  ASSERT_OK(gateway_->Chat(Request("never")));
+  EXPECT_THAT(TakeLog(), ElementsAre("a", "b"));
+
+  // A blip: the retry answers, and b is never asked.
+  script("a").Always(Fail(ErrorCode::kServerError));
+  script("a").Then(Answer());
+  r = gateway_->Chat(Request("r"));
+  ASSERT_OK(r);
+  EXPECT_EQ(r->provider, "a");
+  EXPECT_THAT(TakeLog(), ElementsAre("a", "a"));
+}
+
+TEST_F(GatewayLoopTest, ATargetThatTimedOutIsNotCalledAgainWithinTheCall) {
+  script("a").Always(Fail(ErrorCode::kTimeout));
+  script("b").Always(Fail(ErrorCode::kOverloaded));
+  Start(kAB,
+        "  r:\n    targets: [{provider: a}, {provider: b}]\n"
+        "    retry: {max_attempts: 4, initial_backoff: 1ms, jitter: 0}\n"
+        "    retry_budget: {ratio: 10}\n    circuit_breaker: {consecutive_failures: 0}\n"
+        "  alone: {targets: [{provider: a}], retry: {max_attempts: 3}}\n");
+  auto r = gateway_->Chat(Request("r"));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kOverloaded);
+  // Without the rule, the tried targets come back in order: a, b, a, b.
+  EXPECT_THAT(TakeLog(), ElementsAre("a", "b", "b", "b"));
+  // Alone: the timeout is the answer, with no second wait on a silent target.
+  r = gateway_->Chat(Request("alone"));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kTimeout);
+  EXPECT_THAT(TakeLog(), ElementsAre("a"));
+  EXPECT_EQ(Verdicts("alone", "no_target"), 1);
+}
+
+// ---- first_token ---------------------------------------------------------------------------
+
+bool RoleOnly(const json::object& chunk) { return !detail::CarriesToken(chunk); }
+
+TEST_F(GatewayLoopTest, AStreamWithNoTokenWithinFirstTokenFailsOverBeforeAnythingIsRelayed) {
+  const std::string providers =
+      "  a: {type: mock, timeout: {first_token: 2s}}\n  b: {type: mock}\n  c: {type: mock}\n";
+  const std::string routes =
+      "  r: {targets: [{provider: a}, {provider: b}]}\n"
+      "  plain: {targets: [{provider: c}, {provider: b}]}\n";
+  script("a").Always(Stall(Duration(10000)));
+  script("c").Always(Stall(Duration(10000)));
+  Start(providers, routes);
+  std::vector<json::object> got;
+  auto collect = [&](const json::object& chunk) {
+    got.push_back(chunk);
+    return true;
+  };
+  auto r = gateway_->ChatStream(Request("r"), collect);
+  ASSERT_OK(r);
+  EXPECT_EQ(r->provider, "b");
+  EXPECT_EQ(r->attempts, 2);
+  EXPECT_EQ(r->failovers, 1);
+  EXPECT_EQ(Elapsed(), milliseconds(2000)) << "a was given up at its first_token timeout";
+  ASSERT_EQ(got.size(), 2u) << "b's chunks only: a's role chunk was held back, not relayed";
+  EXPECT_FALSE(RoleOnly(got[0]));
+  EXPECT_EQ(Verdicts("r", "failover"), 1);
+  EXPECT_EQ(Metric("keel_llm_requests_total{outcome=\"timeout\",provider=\"a\",route=\"r\"}"), 1);
+
+  // Without first_token, the same silence is waited out and answered.
+  got.clear();
+  t0_ = clock_.Now();
+  r = gateway_->ChatStream(Request("plain"), collect);
+  ASSERT_OK(r);
+  EXPECT_EQ(r->provider, "c");
+  EXPECT_EQ(Elapsed(), milliseconds(10000));
+  ASSERT_EQ(got.size(), 3u);
+  EXPECT_TRUE(RoleOnly(got[0]));
+
+  // The asynchronous driver, through the same loop.
+  t0_ = clock_.Now();
+  auto sink = std::make_shared<CollectingSink>();
+  std::optional<Result<ChatResult>> streamed;
+  gateway_->ChatStreamAsync(Request("r"), ctx_.get_executor(), sink,
+                            [&](Result<ChatResult> res) { streamed = std::move(res); });
+  RunUntil([&] { return streamed.has_value(); });
+  ASSERT_TRUE(streamed.has_value());
+  ASSERT_OK(*streamed);
+  EXPECT_EQ((*streamed)->provider, "b");
+  EXPECT_EQ(Elapsed(), milliseconds(2000));
+  EXPECT_EQ(sink->chunks.size(), 2u);
+}
+
+TEST_F(GatewayLoopTest, ATokenWithinFirstTokenIsRelayedWithTheChunksHeldBeforeIt) {
+  script("a").Then(Stall(Duration(1000)));
+  script("a").Then(Stall(Duration(10000)));
+  Start("  a: {type: mock, timeout: {first_token: 2s}}\n  b: {type: mock}\n",
+        "  r: {targets: [{provider: a}, {provider: b}]}\n"
+        "  alone: {targets: [{provider: a}], retry: {max_attempts: 3}}\n");
+  std::vector<json::object> got;
+  auto r = gateway_->ChatStream(Request("r"), [&](const json::object& chunk) {
+    got.push_back(chunk);
+    return true;
+  });
+  ASSERT_OK(r);
+  EXPECT_EQ(r->provider, "a");
+  EXPECT_EQ(r->time_to_first_token, milliseconds(1000));
+  ASSERT_EQ(got.size(), 3u);
+  EXPECT_TRUE(RoleOnly(got[0])) << "held back, then relayed before the first token";
+  timer_.Advance(milliseconds(5000));  // the first_token timer, late, does nothing
+  EXPECT_EQ(script("a").calls(), 1);
+
+  // A silent target alone: a timeout naming first_token, and no second try on it.
+  t0_ = clock_.Now();
+  r = gateway_->ChatStream(Request("alone"), [](const json::object&) { return true; });
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kTimeout);
+  EXPECT_THAT(r.error().message, HasSubstr("first_token"));
+  EXPECT_EQ(script("a").calls(), 2);
+  EXPECT_EQ(Elapsed(), milliseconds(2000));
+}
+
+// ---- Context windows that are guesses ------------------------------------------------------
+
+TEST_F(GatewayLoopTest, AContextLengthErrorFromAGuessedWindowMovesToTheNextTarget) {
+  script("a").Always(Fail(ErrorCode::kContextLength));
+  // Neither window is configured: both are the 128000 default, a guess.
+  Start(kAB,
+        "  r: {targets: [{provider: a}, {provider: b}]}\n"
+        "  alone: {targets: [{provider: a}]}\n");
+  auto r = gateway_->Chat(Request("r"));
+  ASSERT_OK(r);
+  EXPECT_EQ(r->provider, "b");
+  EXPECT_THAT(TakeLog(), ElementsAre("a", "b"));
+  EXPECT_EQ(Verdicts("r", "failover"), 1);
+  auto none = gateway_->Chat(Request("alone"));
+  ASSERT_FALSE(none.ok());
+  EXPECT_EQ(none.error().code, ErrorCode::kContextLength);
+  EXPECT_THAT(TakeLog(), ElementsAre("a")) << "the same target is not asked again";
+}
+
+// ---- What the breaker counts -----------------------------------------------------------------
+
+TEST_F(GatewayLoopTest, RequestErrorsNeverOpenTheBreakerButServerErrorsDo) {
+  script("a").Always(Fail(ErrorCode::kInvalidRequest));
+  script("b").Always(Fail(ErrorCode::kServerError));
+  // Default breaker: 5 consecutive failures, or half of at least 20 in 30s.
+  Start(kAB,
+        "  ra: {targets: [{provider: a}], retry: {max_attempts: 1}}\n"
+        "  rb: {targets: [{provider: b}], retry: {max_attempts: 1}}\n");
+  for (int i = 0; i < 20; ++i)
+    EXPECT_EQ(gateway_->Chat(Request("ra")).error().code, ErrorCode::kInvalidRequest);
+  for (ErrorCode code : {ErrorCode::kContextLength, ErrorCode::kContentPolicy}) {
+    script("a").Always(Fail(code));
+    for (int i = 0; i < 10; ++i) EXPECT_EQ(gateway_->Chat(Request("ra")).error().code, code);
+  }
+  EXPECT_EQ(script("a").calls(), 40) << "every one was called: the circuit stayed closed";
+  EXPECT_EQ(Circuit("ra", "a"), 0);
+  EXPECT_EQ(Refusals("ra", "a", "circuit_open"), 0);
+
+  for (int i = 0; i < 5; ++i)
+    EXPECT_EQ(gateway_->Chat(Request("rb")).error().code, ErrorCode::kServerError);
+  EXPECT_EQ(Circuit("rb", "b"), 2) << "five server errors in a row open it";
+  EXPECT_EQ(gateway_->Chat(Request("rb")).error().code, ErrorCode::kOverloaded);
+  EXPECT_EQ(script("b").calls(), 5);
+}
+
 // ---- The verdict counter --------------------------------------------------------------
 
 TEST_F(GatewayLoopTest, EachDecisionIsCountedOnceByVerdict) {
-  script("a").Always(Fail(ErrorCode::kServerError));
+  script("a").Always(Fail(ErrorCode::kOverloaded));
   script("b").Then(Fail(ErrorCode::kRateLimited));
   script("b").Then(Answer());
   Start(kAB,
@@ -972,6 +1239,7 @@ TEST_F(GatewayLoopTest, EachDecisionIsCountedOnceByVerdict) {
 
 TEST(HealthProberTest, ProbesAHalfOpenCircuitWhenDueAndClosesIt) {
   ManualClock clock;
+  ManualTimer timer(clock);
   prometheus::Registry registry;
   auto config = ParseConfig(
       "providers:\n  a: {type: mock, health_check: {interval: 1s}}\nroutes:\n"
@@ -985,7 +1253,7 @@ TEST(HealthProberTest, ProbesAHalfOpenCircuitWhenDueAndClosesIt) {
   auto table = detail::BuildRouteTable(
       *config, metrics,
       [&](const ProviderConfig& p) {
-        return std::make_unique<FakeProvider>(p.name, script, clock, false, log, log_mu);
+        return std::make_unique<FakeProvider>(p.name, script, clock, timer, false, log, log_mu);
       },
       nullptr, clock.Now());
   ASSERT_OK(table);

@@ -206,22 +206,25 @@ class GatewayImpl final : public Gateway {
 
   // Makes the attempt Next chose, blocking.
   Result<ChatResult> CallTarget(Call& c, Kind kind, const ChunkSink* sink) {
-    loop_->Prepare(c);
+    loop_->Prepare(c, timer());
     Provider& provider = *c.target->provider->provider;
+    const ChatRequest& req = c.attempt_request();
     switch (kind) {
       case Kind::kChat:
-        return provider.Chat(c.body, c.req, c.left);
+        return provider.Chat(c.body, req, c.left);
       case Kind::kEmbed:
-        return provider.Embed(c.body, c.req, c.left);
+        return provider.Embed(c.body, req, c.left);
       case Kind::kStream:
         break;
     }
     const bool include_usage = WantsUsage(c.req.body);
-    return provider.ChatStream(c.body, c.req, c.left, [&](const json::object& chunk) {
+    const AttemptLoop::ChunkOut out = [sink](const json::object& chunk) { return (*sink)(chunk); };
+    auto r = provider.ChatStream(c.body, req, c.left, [&](const json::object& chunk) {
       if (UsageOnly(chunk) && !include_usage) return true;
-      if (!c.forwarded) loop_->OnFirstChunk(c);
-      return (*sink)(chunk);
+      return loop_->Relay(c, chunk, out);
     });
+    if (r.ok()) loop_->Flush(c, out);
+    return r;
   }
 
   // The asynchronous loop: a backoff is a timer and a call holds no thread, unless the
@@ -278,45 +281,51 @@ class GatewayImpl final : public Gateway {
 
   void Attempt(std::shared_ptr<AsyncCall> a) {
     Call& c = a->call;
-    loop_->Prepare(c);
+    detail::ExecutorTimer executor_timer(a->executor);
+    loop_->Prepare(c, deps_.timer != nullptr ? *deps_.timer : executor_timer);
     Provider& provider = *c.target->provider->provider;
+    const ChatRequest& req = c.attempt_request();
     auto on_result = [this, a](Result<ChatResult> r) {
+      if (r.ok() && a->kind == Kind::kStream) {
+        loop_->Flush(a->call, [&a](const json::object& chunk) { return a->sink->OnChunk(chunk); });
+      }
       loop_->OnResult(a->call, std::move(r));
       Step(a);
     };
     if (provider.async()) {
       switch (a->kind) {
         case Kind::kChat:
-          return provider.ChatAsync(c.body, a->req, c.left, a->executor, std::move(on_result));
+          return provider.ChatAsync(c.body, req, c.left, a->executor, std::move(on_result));
         case Kind::kEmbed:
-          return provider.EmbedAsync(c.body, a->req, c.left, a->executor, std::move(on_result));
+          return provider.EmbedAsync(c.body, req, c.left, a->executor, std::move(on_result));
         case Kind::kStream:
-          return provider.ChatStreamAsync(c.body, a->req, c.left, a->executor,
+          return provider.ChatStreamAsync(c.body, req, c.left, a->executor,
                                           std::make_shared<AttemptSink>(this, a),
                                           std::move(on_result));
       }
     }
-    const bool queued = blocking_ && blocking_->Submit([this, &provider, a, on_result]() mutable {
-      Result<ChatResult> r = Error(ErrorCode::kInternal, "not called");
-      switch (a->kind) {
-        case Kind::kChat:
-          r = provider.Chat(a->call.body, a->req, a->call.left);
-          break;
-        case Kind::kEmbed:
-          r = provider.Embed(a->call.body, a->req, a->call.left);
-          break;
-        case Kind::kStream: {
-          auto bridge = std::make_shared<StreamBridge>(std::make_shared<AttemptSink>(this, a),
-                                                       a->executor, stopping_);
-          r = provider.ChatStream(
-              a->call.body, a->req, a->call.left,
-              [&bridge](const json::object& chunk) { return bridge->Relay(chunk); });
-          break;
-        }
-      }
-      boost::asio::post(a->executor, [on_result = std::move(on_result),
-                                      r = std::move(r)]() mutable { on_result(std::move(r)); });
-    });
+    const bool queued =
+        blocking_ && blocking_->Submit([this, &provider, &req, a, on_result]() mutable {
+          Result<ChatResult> r = Error(ErrorCode::kInternal, "not called");
+          switch (a->kind) {
+            case Kind::kChat:
+              r = provider.Chat(a->call.body, req, a->call.left);
+              break;
+            case Kind::kEmbed:
+              r = provider.Embed(a->call.body, req, a->call.left);
+              break;
+            case Kind::kStream: {
+              auto bridge = std::make_shared<StreamBridge>(std::make_shared<AttemptSink>(this, a),
+                                                           a->executor, stopping_);
+              r = provider.ChatStream(
+                  a->call.body, req, a->call.left,
+                  [&bridge](const json::object& chunk) { return bridge->Relay(chunk); });
+              break;
+            }
+          }
+          boost::asio::post(a->executor, [on_result = std::move(on_result),
+                                          r = std::move(r)]() mutable { on_result(std::move(r)); });
+        });
     if (!queued) {
       Error e(ErrorCode::kOverloaded,
               "keel is overloaded (too many blocking provider calls waiting); retry later");
@@ -333,8 +342,9 @@ class GatewayImpl final : public Gateway {
         : g_(g), a_(std::move(a)), include_usage_(WantsUsage(a_->req.body)) {}
     bool OnChunk(const json::object& chunk) override {
       if (UsageOnly(chunk) && !include_usage_) return true;
-      if (!a_->call.forwarded) g_->loop_->OnFirstChunk(a_->call);
-      return a_->sink->OnChunk(chunk);
+      auto& sink = a_->sink;
+      return g_->loop_->Relay(a_->call, chunk,
+                              [&sink](const json::object& c) { return sink->OnChunk(c); });
     }
     bool Full() const override { return a_->sink->Full(); }
     void WhenReady(std::function<void()> ready) override { a_->sink->WhenReady(std::move(ready)); }

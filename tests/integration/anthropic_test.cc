@@ -154,10 +154,11 @@ TEST_F(AnthropicTest, AnInvalidRequestFailsFast) {
   EXPECT_EQ(json::parse(s.raw).at("error").at("type").as_string(), "auth");
   EXPECT_EQ(MockTotal(a.url()) + MockTotal(b.url()), 2);
 
-  // "prompt is too long": context_length, and no target has a larger window.
+  // "prompt is too long": context_length. Neither window is configured (a guess), so b
+  // is asked too, once; it fails the same way (docs/gateway.md, "Same target or another").
   auto c = Call("r", "#mock fail=context_length");
   EXPECT_EQ(c.body.at("error").at("type").as_string(), "context_length") << c.raw;
-  EXPECT_EQ(MockTotal(a.url()) + MockTotal(b.url()), 3);
+  EXPECT_EQ(MockTotal(a.url()) + MockTotal(b.url()), 4);
 }
 
 TEST_F(AnthropicTest, GarbageIsInvalidOutputAndFailsOver) {

@@ -32,6 +32,11 @@ struct TimeoutConfig {
   Duration first_byte{20000};
   /// Streaming: between two chunks of the answer. Default: 10s.
   Duration idle{10000};
+  /// Streaming: from the request to the first chunk that carries part of the answer
+  /// (content, a tool call, a refusal or a finish reason), not the headers nor a role-only
+  /// chunk. Past it the attempt is abandoned as a timeout before anything reached the
+  /// caller, and the call fails over (docs/gateway.md). 0: off. Default: 0 (off).
+  Duration first_token{0};
 };
 
 struct LimitsConfig {
@@ -65,6 +70,10 @@ struct ProviderConfig {
   std::string model;
   /// Tokens. Default: 128000. Range: >= 1.
   int64_t context_window = 128000;
+  /// Whether context_window was configured (false: the default, a guess). A context_length
+  /// error from a target whose window is a guess moves on to the next target whatever its
+  /// window. Default: false.
+  bool context_window_set = false;
   TimeoutConfig timeout;
   LimitsConfig limits;
   CostConfig cost;
@@ -124,6 +133,14 @@ struct RouteConfig {
   RetryConfig retry{3, BackoffPolicy{Duration(200), 2.0, Duration(5000), JitterMode::kProportional, 0.2}};
   RetryBudgetConfig retry_budget;
   BreakerConfig circuit_breaker;
+  /// retry.same_target_retry_after_max: a 429 whose Retry-After is at most this (and fits
+  /// the deadline) retries the same target after it instead of failing over. 0: a 429
+  /// always fails over first. Default: 5s. Range: 0..1h.
+  Duration same_target_retry_after_max{5000};
+  /// retry.same_target_on_5xx: a server_error (500, 502, 504) retries the same target this
+  /// many times in a row, after a backoff, before the call fails over. Default: 1.
+  /// Range: 0..10.
+  int same_target_on_5xx = 1;
   /// Distinct targets one call may try. Default: 3. Range: 1..10.
   int max_failover = 3;
   /// Bound on a call, retries included. Default: 120s.
