@@ -227,7 +227,7 @@ class ApiServerImpl final : public ApiServer {
       return;
     }
     if (h == &ApiServerImpl::PollTask) {
-      PollTaskEntry(req, respond);
+      PollTaskEntry(std::move(req), respond);
       return;
     }
     auto shared = std::make_shared<HttpRequest>(std::move(req));
@@ -569,8 +569,8 @@ class ApiServerImpl final : public ApiServer {
   // POST /v1/tasks/poll {"queue", "worker_id", "wait_ms"}: a long poll; 200 with a task,
   // or 204 when none came within wait_ms (at most 60000). The first look runs on the
   // handler pool; a poll that has to wait then waits in polls_, holding no thread.
-  void PollTaskEntry(const HttpRequest& req, const net::Responder& respond) {
-    auto shared = std::make_shared<HttpRequest>(req);
+  void PollTaskEntry(HttpRequest&& req, const net::Responder& respond) {
+    auto shared = std::make_shared<HttpRequest>(std::move(req));
     const bool queued = pool_.Submit([this, shared, respond] {
       auto body = TaskBody(*shared, true);
       if (!body.ok()) return respond(Answer("poll_task", ErrorResponse(body.error())));

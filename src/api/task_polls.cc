@@ -216,25 +216,19 @@ void TaskPolls::Stop() {
     std::lock_guard lock(mu_);
     if (stopped_) return;
     stopped_ = true;
-    for (auto& [name, q] : queues_) {
-      for (const auto& w : q) {
-        if (w->state == Waiter::State::kWaiting) {
-          w->state = Waiter::State::kEnded;
-          w->listed = false;
-          ended.push_back(w);
-        }
-      }
-    }
     // What a sweep is leasing for stays listed until the sweep ends it.
     for (auto it = queues_.begin(); it != queues_.end();) {
       Queue& q = it->second;
       for (auto w = q.begin(); w != q.end();) {
-        if (!(*w)->listed) {
-          w = q.erase(w);
-          --waiting_;
-        } else {
+        if ((*w)->state != Waiter::State::kWaiting) {
           ++w;
+          continue;
         }
+        (*w)->state = Waiter::State::kEnded;
+        (*w)->listed = false;
+        ended.push_back(*w);
+        w = q.erase(w);
+        --waiting_;
       }
       it = q.empty() ? queues_.erase(it) : std::next(it);
     }
